@@ -1,0 +1,3 @@
+from sslt_cli.cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""The ``sslt`` command line: parses, calls, prints. The only Typer module.
+
+Heavy libraries (torch, mlflow, cv2, av) are imported inside the commands so ``sslt --help`` is instant.
+Results go to stdout; progress and diagnostics to stderr.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from sslt_cli.errors import SsltError
+
+out = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="sslt",
+    help="Self-supervised visual sound-source localisation: prepare data, train SSL-TIE and baselines, evaluate "
+         "under every published protocol, retrieve, ablate.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    epilog="Example: sslt prepare synthetic --out data/synthetic && sslt train recipes/quickstart.yaml",
+)
+prepare_app = typer.Typer(
+    help="Prepare data sets in the layouts train/eval read (writes a manifest; never crawls at train time).",
+    no_args_is_help=True,
+    epilog="Example: sslt prepare synthetic --out data/synthetic",
+)
+app.add_typer(prepare_app, name="prepare")
+
+
+def _example(text: str) -> str:
+    return f"Example: {text}"
+
+
+# ---------------------------------------------------------------------------------------------------------- prepare
+
+@prepare_app.command("synthetic", epilog=_example("sslt prepare synthetic --out data/synthetic --train 2000 --seed 0"))
+def prepare_synthetic(
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (created)."),
+    n_train: int = typer.Option(2000, "--train", min=1, help="Training clips."),
+    n_val: int = typer.Option(200, "--val", min=1, help="Validation clips (with boxes; never the test set)."),
+    n_test: int = typer.Option(500, "--test", min=1, help="VGG-SS-style test clips."),
+    n_flickr: int = typer.Option(250, "--flickr", min=1, help="Flickr-style test clips."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
+    image_size: int = typer.Option(224, "--image-size", min=32, help="Frame size in pixels (square)."),
+    sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Audio sample rate (Hz)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count, at most 4)."),
+    force: bool = typer.Option(False, help="Regenerate into a folder made with other parameters."),
+) -> None:
+    """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
+    from sslt_cli.data.synthetic import generate
+
+    summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
+                       image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
+    _print_mapping("synthetic benchmark", summary)
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+
+@app.command(epilog=_example("sslt train recipes/quickstart.yaml optim.epochs=2 --dry-run"))
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the run folder; do nothing."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
+) -> None:
+    """Train SSL-TIE (or a baseline) from a recipe; writes a run folder and mirrors it to MLflow."""
+    from sslt_cli.config import dump_yaml, load_recipe, recipe_dict
+
+    overrides = list(overrides or [])
+    if resume is not None:
+        from sslt_cli.runs import Run
+
+        run = Run.open(resume)
+        if overrides:
+            raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
+                            [f"got {' '.join(overrides)}; start a new run to change the recipe"])
+        if dry_run:
+            out.print(dump_yaml(recipe_dict(run.recipe())), end="")
+            err.print(f"would resume {run.dir}")
+            return
+        from sslt_cli.train import train as run_training
+
+        run_training(run.recipe(), resume_run=run, console=err, out=out)
+        return
+    resolved = load_recipe(recipe, overrides)
+    if dry_run:
+        out.print(dump_yaml(recipe_dict(resolved)), end="", markup=False, highlight=False)
+        err.print(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}")
+        return
+    from sslt_cli.train import train as run_training
+
+    run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
+
+
+# ------------------------------------------------------------------------------------------------------------- runs
+
+@app.command(epilog=_example("sslt runs --runs-dir runs"))
+def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder holding run folders.")) -> None:
+    """A table of runs (name, recipe, status, key metrics) read from the run folders."""
+    from rich.table import Table
+
+    from sslt_cli.runs import list_runs
+
+    found = list_runs(runs_dir)
+    if not found:
+        err.print(f"no runs under {runs_dir}")
+        return
+    table = Table(title=f"runs in {runs_dir}")
+    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test cIoU", "test AUC"):
+        table.add_column(col)
+    for run in found:
+        meta = run.meta()
+        records = run.metrics()
+        steps = [r.get("step", 0) for r in records if r.get("kind") == "train"]
+        val = [r for r in records if r.get("kind") == "val" and "ciou" in r]
+        test = [r for r in records if r.get("kind") == "test" and "ciou" in r]
+        best_val = max((r["ciou"] for r in val), default=None)
+        last_test = test[-1] if test else {}
+        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), str(meta.get("status", "")),
+                      str(max(steps) if steps else 0), _fmt(best_val), _fmt(last_test.get("ciou")),
+                      _fmt(last_test.get("auc")))
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------------------- ui
+
+@app.command(epilog=_example("sslt ui --port 5000"))
+def ui(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(5000, help="Port."),
+) -> None:
+    """Start the MLflow UI on the project's tracking store and print its URL."""
+    import subprocess
+
+    from sslt_cli.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
+        out.print(f"MLFLOW_TRACKING_URI points at a server ({uri}): open it in a browser; nothing to start.")
+        return
+    err.print(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _print_mapping(title: str, mapping: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for k, v in mapping.items():
+        table.add_row(str(k), _fmt(v) if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items()))
+    out.print(table)
+
+
+def main() -> None:
+    """Console entry point: user errors print one message on stderr and exit 1, without a traceback."""
+    try:
+        app()
+    except SsltError as exc:
+        from rich.markup import escape
+
+        err.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

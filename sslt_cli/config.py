@@ -1,0 +1,439 @@
+"""Recipes: YAML validated into a typed, frozen schema, with dotted overrides.
+
+Precedence: schema defaults < recipe file < command-line overrides (``optim.lr=3e-4``). Every problem in a recipe and
+its overrides is collected and reported together as a :class:`RecipeError` naming the file, the dotted key, the bad
+value and, for an unknown key, the closest valid key.
+
+YAML 1.1 (PyYAML) reads ``2e-5`` as a string and ``off``/``no``/``yes`` as booleans; the loader here follows YAML 1.2
+instead (only ``true``/``false`` are booleans, ``2e-5`` is a number), and the schema coerces values to each field's type.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sslt_cli.errors import RecipeError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the prepared sets are (see ``data/manifest.py``) and how they are read."""
+
+    root: str = "data/synthetic"
+    train: str = "train"
+    val: str | None = "val"
+    test: dict[str, str] = Field(default_factory=lambda: {"vggss": "test_vggss", "flickr": "test_flickr"})
+    labels: str | None = "vggsound.csv"
+    image_size: int = Field(224, ge=32)
+    num_workers: int = Field(2, ge=0)
+    limit_train: int | None = Field(None, ge=1)
+    limit_val: int | None = Field(None, ge=1)
+    holdout_classes: list[str] = Field(default_factory=list)
+    cache_spectrograms: bool = True
+
+
+class AudioConfig(_Strict):
+    """Log-mel front end (REFERENCE.md section 4): the waveform is tiled to ``clip_seconds`` and cut."""
+
+    sample_rate: int = Field(16000, ge=1000)
+    clip_seconds: float = Field(10.0, gt=0)
+    n_fft: int = Field(512, ge=16)
+    hop_length: int = Field(239, ge=1)
+    n_mels: int = Field(257, ge=1)
+    normalized: bool = True
+
+    @model_validator(mode="after")
+    def _fits(self) -> "AudioConfig":
+        if self.n_mels > self.n_fft // 2 + 1:
+            raise ValueError(f"n_mels={self.n_mels} exceeds the {self.n_fft // 2 + 1} frequency bins of n_fft={self.n_fft}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """``vision_init``: ``scratch`` (official code) or a local torchvision ResNet-18 state_dict file."""
+
+    vision_init: str = "scratch"
+    audio_init: str = "scratch"
+
+
+class LossConfig(_Strict):
+    """L_cl (tri-map hard-way contrastive) and the weights of the total loss (REFERENCE.md sections 2-3)."""
+
+    objective: Literal["tie", "ezvsl"] = "tie"
+    eps_pos: float = 0.65
+    eps_neg: float = 0.40
+    tau: float = Field(0.03, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    cl_weight: float = Field(0.5, ge=0)
+    geo_weight: float = Field(1.0, ge=0)
+
+
+class AppearanceConfig(_Strict):
+    """T_app: colour jitter, grayscale, Gaussian blur (invariance)."""
+
+    enabled: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    gray_p: float = Field(0.2, ge=0, le=1)
+    blur_p: float = Field(0.5, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+
+class GeometricConfig(_Strict):
+    """T_geo as invariance: random resized crop, rotation, horizontal flip."""
+
+    enabled: bool = True
+    crop: bool = True
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    rotation: float = Field(0.0, ge=0, le=180)
+    flip: bool = True
+
+
+class MaskConfig(_Strict):
+    """T_mask: SpecAugment time then frequency masking on the mel power spectrogram."""
+
+    enabled: bool = True
+    p: float = Field(0.8, ge=0, le=1)
+    time: int = Field(180, ge=0)
+    freq: int = Field(35, ge=0)
+
+
+class MixConfig(_Strict):
+    """T_mix: mixing with a retrieved, semantically similar clip; neighbours refreshed after each epoch."""
+
+    enabled: bool = True
+    start_epoch: int = Field(1, ge=1)
+    queue: int = Field(4000, ge=2)
+
+
+class EquivarianceConfig(_Strict):
+    """L_geo: equivariance of the localisation map under rotation, scale and flip."""
+
+    enabled: bool = True
+    max_rotation: int = Field(30, ge=0, le=180)
+    scales: tuple[float, ...] = (1.0, 0.5)
+    scale_p: float = Field(0.5, ge=0, le=1)
+    flip_p: float = Field(0.5, ge=0, le=1)
+
+
+class TransformsConfig(_Strict):
+    """The four transformation groups and L_geo; ``views``: ``paper`` (two independent views) or ``code``."""
+
+    views: Literal["paper", "code"] = "paper"
+    app: AppearanceConfig = AppearanceConfig()
+    geo: GeometricConfig = GeometricConfig()
+    mask: MaskConfig = MaskConfig()
+    mix: MixConfig = MixConfig()
+    equivariance: EquivarianceConfig = EquivarianceConfig()
+
+
+class OptimConfig(_Strict):
+    """Adam with weight decay (REFERENCE.md section 4)."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=2)
+    epochs: int = Field(100, ge=1)
+    schedule: Literal["none", "cosine"] = "none"
+    warmup_epochs: float = Field(0.0, ge=0)
+    max_steps: int | None = Field(None, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class TrainConfig(_Strict):
+    """Device, precision, validation cadence and checkpointing."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    val_every: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+    keep_last: int = Field(2, ge=1)
+    deterministic: bool = True
+
+
+class EvalConfig(_Strict):
+    """Protocol for validation and the final test evaluation."""
+
+    protocol: Literal["ssltie", "lvs", "ezvsl", "fnac", "sspl"] = "ssltie"
+    batch_size: int = Field(32, ge=1)
+
+
+class TrackingConfig(_Strict):
+    """MLflow; the store is ``MLFLOW_TRACKING_URI`` or the project's ``sqlite:///mlflow.db``."""
+
+    enabled: bool = True
+    experiment: str = "sslt"
+
+
+class Recipe(_Strict):
+    """A whole training recipe."""
+
+    name: str = "run"
+    seed: int = 4
+    runs_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    audio: AudioConfig = AudioConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    transforms: TransformsConfig = TransformsConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.\-]+", value):
+            raise ValueError("use letters, digits, '_', '.' and '-' only (it names the run folder)")
+        return value
+
+
+# --- YAML 1.2-style loading -------------------------------------------------------------------------------------
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans (true/false only) and floats such as ``2e-5`` and ``1e4``."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
+def _construct_float_or_int(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    text = loader.construct_scalar(node)
+    if re.fullmatch(r"[-+]?[0-9]+", text):
+        return int(text)
+    return loader.construct_yaml_float(node)
+
+
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float_or_int)
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """Parse YAML with the 1.2-style rules above; a syntax error becomes a RecipeError naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML", [str(exc).replace("\n", " ")]) from None
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text for a plain structure (tuples as lists), keys in schema order."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return yaml.safe_dump(plain(data), sort_keys=False, default_flow_style=None, width=120)
+
+
+# --- keys, suggestions, overrides ------------------------------------------------------------------------------
+
+def _model_for_path(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
+    """The sub-model at ``path`` (None where the path leaves the schema or reaches a leaf)."""
+    current: Any = model
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = current.model_fields[part].annotation
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def valid_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, leaves and sections."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += valid_keys(ann, dotted + ".")
+    return keys
+
+
+def closest_key(bad: str, model: type[BaseModel] = Recipe) -> str | None:
+    """The valid dotted key closest to ``bad``: same section first, then anywhere."""
+    parts = bad.split(".")
+    section = _model_for_path(model, tuple(parts[:-1]))
+    if section is not None:
+        prefix = ".".join(parts[:-1])
+        siblings = list(section.model_fields)
+        match = difflib.get_close_matches(parts[-1], siblings, n=1, cutoff=0.5)
+        if match:
+            return f"{prefix}.{match[0]}" if prefix else match[0]
+    keys = valid_keys(model)
+    match = difflib.get_close_matches(bad, keys, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    leaf = [k for k in keys if k.split(".")[-1] == parts[-1]]
+    return leaf[0] if leaf else None
+
+
+def _describe_type(error: dict) -> str:
+    kind = error.get("type", "")
+    return {
+        "float_parsing": "a number", "float_type": "a number", "int_parsing": "an integer",
+        "int_type": "an integer", "int_from_float": "an integer", "bool_parsing": "true or false",
+        "bool_type": "true or false", "string_type": "a string", "literal_error": "one of the allowed values",
+        "dict_type": "a mapping", "list_type": "a list", "tuple_type": "a list",
+    }.get(kind, "")
+
+
+def _format_errors(exc: ValidationError, source: str, model: type[BaseModel],
+                   overrides: dict[str, str] | None = None) -> list[str]:
+    problems = []
+    overrides = overrides or {}
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        dotted = ".".join(loc)
+        origin = f" (from override {overrides[dotted]!r})" if dotted in overrides else ""
+        if error["type"] == "extra_forbidden":
+            hint = closest_key(dotted, model)
+            suffix = f" (did you mean '{hint}'?)" if hint else ""
+            problems.append(f"{source}: unknown key '{dotted}'{suffix}{origin}")
+            continue
+        value = error.get("input")
+        expected = _describe_type(error)
+        msg = error["msg"]
+        if error["type"] == "literal_error":
+            detail = msg.replace("Input should be ", "expected ")
+        elif expected:
+            detail = f"expected {expected}"
+        else:
+            detail = msg[0].lower() + msg[1:] if msg else "invalid"
+            detail = detail.removeprefix("value error, ")
+        where = f"key '{dotted}'" if dotted else "recipe"
+        problems.append(f"{source}: {where}: {detail}, got {value!r}{origin}")
+    return problems
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``'optim.lr=3e-4'`` -> ``('optim.lr', 0.0003)``; the value is read as YAML 1.2 (lists, numbers, null)."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r} is not of the form key=value",
+                          ["write overrides as dotted.key=value, e.g. optim.lr=3e-4 data.root=/data/vggsound"])
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise RecipeError(f"override {text!r}: {key!r} is not a dotted key such as optim.lr")
+    value = parse_yaml(raw, f"override {text!r}") if raw.strip() else ""
+    return key, value
+
+
+def validate_tree(tree: dict, source: str, model: type[BaseModel] = Recipe,
+                  overrides: list[str] | None = None) -> BaseModel:
+    """Validate a plain tree into ``model`` or raise RecipeError listing every problem.
+
+    ``overrides`` (the ``key=value`` texts applied to ``tree``) let a problem say it came from the command line.
+    """
+    by_key = {t.split("=", 1)[0].strip(): t for t in overrides or [] if "=" in t}
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        problems = _format_errors(exc, source, model, by_key)
+        raise RecipeError(f"{source}: {len(problems)} problem(s) in the recipe", problems) from None
+
+
+def load_tree(path: str | Path) -> dict:
+    """The raw mapping of a YAML recipe file (no validation)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a folder, expected a recipe .yaml file") from None
+    tree = parse_yaml(text, str(path)) or {}
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+    return tree
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """A deep copy of ``tree`` with the dotted overrides applied in order."""
+    import copy
+
+    out = copy.deepcopy(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(out, key, value)
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe; raises RecipeError with every problem found."""
+    tree = load_tree(path)
+    overrides = list(overrides or [])
+    problems: list[str] = []
+    usable = []
+    for text in overrides:
+        try:
+            parse_override(text)
+            usable.append(text)
+        except RecipeError as exc:
+            problems.append(exc.message if not exc.problems else f"{exc.message}: {exc.problems[0]}")
+    tree = apply_overrides(tree, usable)
+    source = str(path)
+    try:
+        recipe = validate_tree(tree, source, overrides=overrides)
+    except RecipeError as exc:
+        problems += exc.problems
+        recipe = None
+    if problems:
+        raise RecipeError(f"{source}: {len(problems)} problem(s) in the recipe", problems)
+    assert recipe is not None
+    return recipe  # type: ignore[return-value]
+
+
+def recipe_dict(recipe: BaseModel) -> dict:
+    """The resolved recipe as a plain, YAML-ready mapping (tuples as lists)."""
+    return yaml.safe_load(dump_yaml(recipe.model_dump(mode="python")))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{'optim': {'lr': 1e-4}}`` -> ``{'optim.lr': 1e-4}`` (lists and dicts of strings kept as their text)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            out.update(flatten(value, dotted + "."))
+        elif isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            out.update(flatten(value, dotted + "."))
+        elif isinstance(value, dict):
+            if value:
+                out.update(flatten(value, dotted + "."))
+            else:
+                out[dotted] = "{}"
+        else:
+            out[dotted] = value
+    return out

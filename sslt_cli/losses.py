@@ -1,0 +1,124 @@
+"""Training objectives: SSL-TIE's tri-map contrastive loss L_cl, the equivariance loss L_geo, and EZ-VSL's baseline.
+
+Pure torch; no project module is imported. Every contrastive objective takes the L2-normalised visual map
+``v: (B, C, h, w)`` and audio embedding ``a: (B, C)`` and returns ``(loss, parts)`` where ``parts["map"]`` is the
+``(B, 1, h, w)`` cosine map of each image with its own audio (kept in the graph so L_geo can reuse it) and the other
+entries are detached scalar tensors for logging (no host sync here: the caller decides when to call ``.item()``).
+:data:`LOSSES` maps a recipe's objective name to its function.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Parts = dict[str, torch.Tensor]
+
+
+def _masked_mean(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum(mask * values) / sum(mask) over the two spatial dims: (..., h, w) -> (...)."""
+    # The denominator can only reach 0 through float underflow of every mask entry (inputs far outside [-1, 1]);
+    # the numerator is then 0 too, and the clamp turns 0/0 into 0 instead of a NaN that would stop the run.
+    return (mask * values).sum(dim=(-2, -1)) / mask.sum(dim=(-2, -1)).clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def tie_contrastive_loss(
+    v: torch.Tensor,
+    a: torch.Tensor,
+    eps_pos: float = 0.65,
+    eps_neg: float = 0.40,
+    tau: float = 0.03,
+    temperature: float = 0.07,
+    hard_negative: bool = True,
+) -> tuple[torch.Tensor, Parts]:
+    """L_cl: LVS's "hard way" contrastive loss with SSL-TIE's tri-map (REFERENCE.md section 2).
+
+    v: (B, C, h, w) visual map, L2-normalised over C; a: (B, C) audio embeddings, L2-normalised.
+    With A0[i, j] = cos(v_i(h, w), a_j): (B, B, h, w) and A = its diagonal (B, 1, h, w):
+
+    - positive mask P = sigmoid((A - eps_pos) / tau); pos_i = sum(P * A) / sum(P)
+    - negative mask N = 1 - sigmoid((A - eps_neg) / tau); hard_neg_i = sum(N * A) / sum(N) (the image's background)
+    - easy negatives: easy_ij = sum(P_ij * A0_ij) / sum(P_ij), P_ij = sigmoid((A0_ij - eps_pos) / tau), multiplied
+      by (1 - 100 * I) so the diagonal (the positive pair itself) becomes -99 * easy_ii and drops out of the softmax
+    - logits = [pos, easy (B), hard_neg] / temperature: (B, B + 2); cross-entropy with target 0.
+
+    ``hard_negative=False`` drops the hard-negative column (the official code's ``Neg`` switch).
+    Returns ``(loss, parts)``: ``parts["map"]`` = A (B, 1, h, w) in the autograd graph, ``parts["logits"]``
+    (B, B + 2) detached, and detached scalars ``acc1`` (share of rows whose largest logit is the positive),
+    ``pos``, ``hard_neg`` (batch means) and ``pos_area`` (mean share of map cells in P).
+    The computation runs in float32 whatever the input dtype (autocast-safe): the sigmoid masks with tau = 0.03 need it.
+    """
+    v = v.float()
+    a = a.float()
+    batch = v.shape[0]
+    all_pairs = torch.einsum("nchw,kc->nkhw", v, a)
+    own = torch.diagonal(all_pairs, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
+
+    pos_mask = torch.sigmoid((own - eps_pos) / tau)
+    # 1 - sigmoid(x) == sigmoid(-x); the latter keeps its precision where the map is close to 1.
+    neg_mask = torch.sigmoid(-(own - eps_neg) / tau)
+    pos = _masked_mean(pos_mask, own)
+    hard_neg = _masked_mean(neg_mask, own)
+
+    easy = _masked_mean(torch.sigmoid((all_pairs - eps_pos) / tau), all_pairs)
+    easy = easy * (1.0 - 100.0 * torch.eye(batch, device=v.device, dtype=easy.dtype))
+
+    columns = [pos, easy, hard_neg] if hard_negative else [pos, easy]
+    logits = torch.cat(columns, dim=1) / temperature
+    target = torch.zeros(batch, dtype=torch.long, device=v.device)
+    loss = F.cross_entropy(logits, target)
+    parts = {
+        "map": own,
+        "logits": logits.detach(),
+        "acc1": (logits.detach().argmax(dim=1) == 0).float().mean(),
+        "pos": pos.detach().mean(),
+        "hard_neg": hard_neg.detach().mean(),
+        "pos_area": pos_mask.detach().mean(),
+    }
+    return loss, parts
+
+
+def ezvsl_loss(v: torch.Tensor, a: torch.Tensor, temperature: float = 0.03) -> tuple[torch.Tensor, Parts]:
+    """EZ-VSL's multiple-instance contrastive loss (ECCV 2022), a baseline objective.
+
+    v: (B, C, h, w) L2-normalised visual map; a: (B, C) L2-normalised audio. The image-audio score is the max over the
+    map of cos(v_i(h, w), a_j) / temperature: (B, B); InfoNCE in both directions (image->audio and audio->image) with
+    the matching pair on the diagonal, the two terms summed as EZ-VSL does.
+    Returns ``(loss, parts)`` with ``parts["map"]`` = the own-audio cosine map (B, 1, h, w), ``logits`` (B, B)
+    detached and ``acc1`` (share of images whose best audio is their own).
+    """
+    v = v.float()
+    a = a.float()
+    all_pairs = torch.einsum("nchw,kc->nkhw", v, a)
+    logits = all_pairs.flatten(2).amax(dim=2) / temperature
+    target = torch.arange(v.shape[0], device=v.device)
+    loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
+    own = torch.diagonal(all_pairs, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
+    parts = {
+        "map": own,
+        "logits": logits.detach(),
+        "acc1": (logits.detach().argmax(dim=1) == target).float().mean(),
+    }
+    return loss, parts
+
+
+def equivariance_loss(pred_map: torch.Tensor, target_map: torch.Tensor) -> torch.Tensor:
+    """L_geo: mean squared error between the map of the transformed view and the transformed map of view 1.
+
+    pred_map: (B, 1, h, w), the model's map on T(image); target_map: (B, 1, h', w'), T applied to view 1's map
+    (see ``data.augment.apply_geo_transform``). Where the sizes differ (a scaled view whose map size is not exactly
+    the scaled size, e.g. 112 px -> 4 x 4 but 7 * 0.5 -> 3), the target is resized bilinearly to the prediction's size,
+    as the official code does. Gradients flow into both maps (the official default).
+    """
+    if target_map.shape[-2:] != pred_map.shape[-2:]:
+        target_map = F.interpolate(target_map, size=pred_map.shape[-2:], mode="bilinear", align_corners=False)
+    return F.mse_loss(pred_map.float(), target_map.float())
+
+
+LossFn = Callable[..., tuple[torch.Tensor, Parts]]
+
+LOSSES: dict[str, LossFn] = {
+    "tie": tie_contrastive_loss,
+    "ezvsl": ezvsl_loss,
+}
