@@ -1,0 +1,287 @@
+"""Box annotations in the formats the field uses, read and written faithfully, defects reported.
+
+Two kinds of annotation exist:
+
+* ``vggss``: boxes normalised to [0, 1] on the full frame, ``(xmin, ymin, xmax, ymax)``; several boxes of one clip are
+  united into a binary ground truth. Sources: the public ``vggss.json`` (a list of ``{"file", "class", "bbox"}``) or the
+  per-clip XML that SSL-TIE's loader reads: ``<annotation><bbox><box><xmin/><ymin/><xmax/><ymax/></box>...</bbox>``
+  (root > ``bbox`` > one element per box > four coordinate elements in that order).
+* ``flickr``: one box per annotator on a 256 x 256 grid (integers); the ground truth is a consensus map. XML as the
+  SSL-TIE and LVS loaders read it: every ``bbox`` element that is a grandchild of the root is one annotator box; its
+  first child is skipped and the next four are integer xmin, ymin, xmax, ymax.
+
+Nothing here clips or drops boxes: that is the evaluation protocol's business (see ``metrics``), and what the
+protocol does with a defective box is reported there. Parsing only counts defects so the user sees them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+from sslt_cli.errors import DataError
+
+AnnotationKind = Literal["vggss", "flickr"]
+FLICKR_GRID = 256
+
+
+@dataclass(frozen=True)
+class Annotation:
+    """The boxes of one clip.
+
+    ``boxes``: tuple of ``(xmin, ymin, xmax, ymax)``; normalised floats for ``vggss``, 256-grid ints for ``flickr``
+    (one box per annotator).
+    """
+
+    clip_id: str
+    kind: AnnotationKind
+    boxes: tuple[tuple[float, float, float, float], ...]
+    label: str | None = None
+
+
+@dataclass
+class DefectReport:
+    """Defects found while parsing annotations, each with the clip id and the offending box."""
+
+    non_finite_or_huge: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+    degenerate: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+    out_of_range: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
+    duplicate_ids: list[str] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        """One line per non-empty defect category."""
+        lines = []
+        if self.non_finite_or_huge:
+            lines.append(f"{len(self.non_finite_or_huge)} boxes hold a non-finite or huge coordinate "
+                         f"(e.g. {self.non_finite_or_huge[0][0]}: {list(self.non_finite_or_huge[0][1])})")
+        if self.degenerate:
+            lines.append(f"{len(self.degenerate)} boxes are degenerate (xmax <= xmin or ymax <= ymin), "
+                         f"e.g. {self.degenerate[0][0]}: {list(self.degenerate[0][1])}")
+        if self.out_of_range:
+            lines.append(f"{len(self.out_of_range)} boxes have a finite coordinate outside [0, 1] "
+                         f"(e.g. {self.out_of_range[0][0]}: {list(self.out_of_range[0][1])})")
+        if self.duplicate_ids:
+            lines.append(f"{len(self.duplicate_ids)} clip ids appear more than once (kept the first): "
+                         f"{', '.join(self.duplicate_ids[:5])}")
+        return lines
+
+    def to_dict(self) -> dict:
+        return {
+            "non_finite_or_huge": [[c, list(b)] for c, b in self.non_finite_or_huge],
+            "degenerate": [[c, list(b)] for c, b in self.degenerate],
+            "out_of_range": [[c, list(b)] for c, b in self.out_of_range],
+            "duplicate_ids": list(self.duplicate_ids),
+        }
+
+
+HUGE = 1e3  # a normalised coordinate beyond this is a corrupt value (vggss.json holds -2.88e16)
+
+
+def _check_box(clip_id: str, box: tuple[float, ...], report: DefectReport, normalised: bool) -> None:
+    if any((not math.isfinite(v)) or abs(v) > (HUGE if normalised else HUGE * FLICKR_GRID) for v in box):
+        report.non_finite_or_huge.append((clip_id, box))
+    elif normalised and any(v < 0.0 or v > 1.0 for v in box):
+        report.out_of_range.append((clip_id, box))
+    if not (box[2] > box[0] and box[3] > box[1]):
+        report.degenerate.append((clip_id, box))
+
+
+def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectReport]:
+    """Parse the public ``vggss.json``: ``{clip id: Annotation}`` (file order kept) and the defects found."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file (expected the VGG-SS box file vggss.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); expected the VGG-SS box file vggss.json") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of {{'file', 'class', 'bbox'}} records, got {type(records).__name__}")
+    out: dict[str, Annotation] = {}
+    report = DefectReport()
+    for index, rec in enumerate(records):
+        if not isinstance(rec, dict) or "file" not in rec or "bbox" not in rec:
+            raise DataError(f"{path}: record {index} lacks 'file' or 'bbox': {str(rec)[:120]}")
+        clip_id = str(rec["file"])
+        boxes = []
+        for raw in rec["bbox"]:
+            if not isinstance(raw, (list, tuple)) or len(raw) != 4:
+                raise DataError(f"{path}: clip {clip_id}: a box must be 4 numbers [xmin, ymin, xmax, ymax], got {raw!r}")
+            box = tuple(float(v) for v in raw)
+            _check_box(clip_id, box, report, normalised=True)
+            boxes.append(box)
+        if clip_id in out:
+            report.duplicate_ids.append(clip_id)
+            continue
+        out[clip_id] = Annotation(clip_id, "vggss", tuple(boxes), rec.get("class"))
+    return out, report
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _indent(root: ET.Element) -> str:
+    ET.indent(root, space="  ")
+    return ET.tostring(root, encoding="unicode") + "\n"
+
+
+def vggss_xml_text(annotation: Annotation) -> str:
+    """The SSL-TIE per-clip XML for a ``vggss`` annotation (coordinates written with ``repr`` so they round-trip)."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "filename").text = annotation.clip_id
+    if annotation.label is not None:
+        ET.SubElement(root, "class").text = annotation.label
+    bbox = ET.SubElement(root, "bbox")
+    for box in annotation.boxes:
+        b = ET.SubElement(bbox, "box")
+        for name, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            ET.SubElement(b, name).text = repr(float(value))
+    return _indent(root)
+
+
+def flickr_xml_text(annotation: Annotation) -> str:
+    """The Flickr-SoundNet-style XML: one ``<object><bbox>`` per annotator, 256-grid integers.
+
+    Every grandchild of the root is a ``bbox`` (the SSL-TIE loader appends an empty box for any other grandchild).
+    """
+    root = ET.Element("annotation")
+    for i, box in enumerate(annotation.boxes):
+        obj = ET.SubElement(root, "object")
+        b = ET.SubElement(obj, "bbox")
+        ET.SubElement(b, "annotator").text = str(i)
+        for name, value in zip(("xmin", "ymin", "xmax", "ymax"), box):
+            ET.SubElement(b, name).text = str(int(round(value)))
+    return _indent(root)
+
+
+def write_annotation_xml(path: str | Path, annotation: Annotation) -> None:
+    """Write one clip's XML atomically, in the format of its kind."""
+    text = vggss_xml_text(annotation) if annotation.kind == "vggss" else flickr_xml_text(annotation)
+    _atomic_write_text(Path(path), text)
+
+
+def _parse_xml(path: Path) -> ET.Element:
+    try:
+        return ET.parse(path).getroot()
+    except FileNotFoundError:
+        raise DataError(f"{path}: annotation file missing") from None
+    except ET.ParseError as exc:
+        raise DataError(f"{path}: not valid XML ({exc})") from None
+
+
+def read_vggss_xml(path: str | Path, clip_id: str | None = None,
+                   report: DefectReport | None = None) -> Annotation:
+    """Read a per-clip VGG-SS XML as SSL-TIE does (root > bbox > box > 4 coordinates)."""
+    path = Path(path)
+    clip_id = clip_id or path.stem
+    root = _parse_xml(path)
+    label_el = root.find("class")
+    boxes = []
+    for child in root:
+        if child.tag != "bbox":
+            continue
+        for box_el in child:
+            try:
+                box = tuple(float(x.text) for x in box_el)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: clip {clip_id}: a box holds a non-number") from None
+            if len(box) != 4:
+                raise DataError(f"{path}: clip {clip_id}: a box has {len(box)} coordinates, expected 4")
+            if report is not None:
+                _check_box(clip_id, box, report, normalised=True)
+            boxes.append(box)
+    return Annotation(clip_id, "vggss", tuple(boxes), label_el.text if label_el is not None else None)
+
+
+def read_flickr_xml(path: str | Path, clip_id: str | None = None,
+                    report: DefectReport | None = None) -> Annotation:
+    """Read a Flickr-SoundNet XML: each root grandchild ``bbox`` is one annotator box (first child skipped)."""
+    path = Path(path)
+    clip_id = clip_id or path.stem
+    root = _parse_xml(path)
+    boxes = []
+    for child in root:
+        for grandchild in child:
+            if grandchild.tag != "bbox":
+                continue
+            values = list(grandchild)[1:5]
+            try:
+                box = tuple(float(int(float(v.text))) for v in values)
+            except (TypeError, ValueError):
+                raise DataError(f"{path}: clip {clip_id}: a bbox holds a non-integer coordinate") from None
+            if len(box) != 4:
+                raise DataError(f"{path}: clip {clip_id}: a bbox has {len(box)} coordinates after its first child, expected 4")
+            if report is not None:
+                _check_box(clip_id, box, report, normalised=False)
+            boxes.append(box)
+    return Annotation(clip_id, "flickr", tuple(boxes))
+
+
+def read_annotation(path: str | Path, kind: AnnotationKind, clip_id: str | None = None,
+                    report: DefectReport | None = None) -> Annotation:
+    """Read one clip's XML of the given kind."""
+    if kind == "vggss":
+        return read_vggss_xml(path, clip_id, report)
+    if kind == "flickr":
+        return read_flickr_xml(path, clip_id, report)
+    raise ValueError(f"unknown annotation kind {kind!r}")
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Clip ids from a published test list, whatever its form.
+
+    Accepts one id per line (``zpWuikVorYg_000032``), ids with an image suffix (``10000130166.jpg``), CSV rows whose
+    first column is the id (``10000130166,202``), and SLAVC-style CSV with a ``video,audio,label`` header. Blank lines
+    are ignored; order is kept; duplicates are kept once.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: test list not found") from None
+    ids: list[str] = []
+    seen = set()
+    for n, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        first = line.split(",")[0].strip()
+        if n == 0 and first.lower() in {"video", "id", "file", "ytid", "clip_id"}:
+            continue
+        for suffix in (".jpg", ".png", ".wav", ".mp4", ".mp3"):
+            if first.endswith(suffix):
+                first = first[: -len(suffix)]
+        if first not in seen:
+            seen.add(first)
+            ids.append(first)
+    return ids
+
+
+def write_annotations(directory: str | Path, annotations: Iterable[Annotation]) -> int:
+    """Write every annotation as ``<directory>/<clip id>.xml``; returns the count."""
+    directory = Path(directory)
+    n = 0
+    for ann in annotations:
+        write_annotation_xml(directory / f"{ann.clip_id}.xml", ann)
+        n += 1
+    return n
+
+
+def annotations_to_vggss_json(annotations: Iterable[Annotation]) -> list[dict]:
+    """The ``vggss.json`` records for ``vggss`` annotations (the inverse of :func:`load_vggss_json`)."""
+    return [{"file": a.clip_id, "class": a.label, "bbox": [list(b) for b in a.boxes]} for a in annotations]
