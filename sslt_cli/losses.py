@@ -40,7 +40,8 @@ def tie_contrastive_loss(
     - positive mask P = sigmoid((A - eps_pos) / tau); pos_i = sum(P * A) / sum(P)
     - negative mask N = 1 - sigmoid((A - eps_neg) / tau); hard_neg_i = sum(N * A) / sum(N) (the image's background)
     - easy negatives: easy_ij = sum(P_ij * A0_ij) / sum(P_ij), P_ij = sigmoid((A0_ij - eps_pos) / tau), multiplied
-      by (1 - 100 * I) so the diagonal (the positive pair itself) becomes -99 * easy_ii and drops out of the softmax
+      by (1 - 100 * I): the diagonal (the positive pair itself) becomes -99 * easy_ii, far below every other logit
+      whenever easy_ii > 0, which is how the official code removes it from the negatives
     - logits = [pos, easy (B), hard_neg] / temperature: (B, B + 2); cross-entropy with target 0.
 
     ``hard_negative=False`` drops the hard-negative column (the official code's ``Neg`` switch).

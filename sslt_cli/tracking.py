@@ -9,6 +9,7 @@ directory, which ``sslt ui`` and a plain ``mlflow ui`` started from the same dir
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import sys
@@ -16,7 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_METRIC_NAME = re.compile(r"[^/\w.\- ]")
+_BAD_NAME_CHARACTER = re.compile(r"[^/\w.\- ]")
+_MAX_NAME_LENGTH = 250  # MLflow's limit on metric, parameter and tag keys
 
 
 def tracking_uri() -> str:
@@ -25,8 +27,18 @@ def tracking_uri() -> str:
 
 
 def metric_name(name: str) -> str:
-    """A name MLflow accepts (``^[/\\w.\\- ]*$``): ``P@1`` -> ``P_at_1``, other characters -> ``_``."""
-    return _METRIC_NAME.sub("_", name.replace("@", "_at_"))
+    """A metric, parameter or tag name MLflow accepts: ``P@1`` -> ``P_at_1``, other characters outside
+    ``[/\\w.\\- ]`` -> ``_``.
+
+    MLflow also refuses a name that ``posixpath.normpath`` would change or that starts with ``/`` or ``..``
+    (``test/``, ``a//b``, ``./a``, ``a/../b``): one refused name would end tracking for the whole run, so empty and
+    ``.`` segments are dropped and a ``..`` segment or prefix becomes ``__``.
+    """
+    text = _BAD_NAME_CHARACTER.sub("_", name.replace("@", "_at_"))[:_MAX_NAME_LENGTH]
+    cleaned = "/".join("__" if part == ".." else part for part in text.split("/") if part not in ("", "."))
+    if cleaned.startswith(".."):
+        cleaned = "__" + cleaned[2:]
+    return cleaned or "_"
 
 
 def _warn(message: str) -> None:
@@ -70,33 +82,39 @@ class Tracker:
                 return run_id
             exp = self._client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
-            all_tags = {"mlflow.runName": run_name, **(tags or {})}
+            all_tags = {metric_name(k): str(v) for k, v in (tags or {}).items()}
+            all_tags["mlflow.runName"] = run_name
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = self._client.create_run(exp_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
             if params:
                 self.log_params(params)
-            return self.run_id
+            return self.run_id if self.enabled else None
         except Exception as exc:  # any store failure must not stop training
             self._fail("starting the run", exc)
             return None
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log parameters (values as text, truncated to MLflow's limit), in batches."""
+        """Log parameters in batches: names made MLflow-safe, values as text truncated to MLflow's limit."""
         if not self.enabled or self.run_id is None:
             return
         try:
             from mlflow.entities import Param
 
-            items = [Param(str(k)[:250], str(v)[:6000]) for k, v in params.items()]
+            # A dict, so two names that clean to the same key do not make MLflow refuse the whole batch.
+            cleaned = {metric_name(str(k)): str(v)[:6000] for k, v in params.items()}
+            items = [Param(k, v) for k, v in cleaned.items()]
             for i in range(0, len(items), 100):
                 self._client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as exc:
             self._fail("logging parameters", exc)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log finite numeric metrics at ``step`` in one batch; names are made MLflow-safe."""
+        """Log the finite real values at ``step`` in batches; names are made MLflow-safe.
+
+        Python and numpy scalars count; anything else (a tensor: pass ``.item()``, a string, NaN, inf) is left out.
+        """
         if not self.enabled or self.run_id is None:
             return
         try:
@@ -107,7 +125,7 @@ class Tracker:
 
             now = int(time.time() * 1000)
             items = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and math.isfinite(float(v))]
+                     if isinstance(v, numbers.Real) and math.isfinite(float(v))]
             for i in range(0, len(items), 500):
                 self._client.log_batch(self.run_id, metrics=items[i:i + 500])
         except Exception as exc:
@@ -127,11 +145,12 @@ class Tracker:
             self._fail(f"uploading {path}", exc)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        """Set tags on the run (names made MLflow-safe, values as text)."""
         if not self.enabled or self.run_id is None:
             return
         try:
             for k, v in tags.items():
-                self._client.set_tag(self.run_id, k, str(v))
+                self._client.set_tag(self.run_id, metric_name(str(k)), str(v))
         except Exception as exc:
             self._fail("setting tags", exc)
 

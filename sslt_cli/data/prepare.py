@@ -1,0 +1,984 @@
+"""Prepare the real benchmarks from what users download: VGGSound clips, the VGG-SS boxes, the Flickr-SoundNet archive.
+
+Every function writes a *set* (``set.json`` + ``manifest.csv``, see :mod:`sslt_cli.data.manifest`) in one of the real
+layouts, decoding with PyAV (no ffmpeg binary):
+
+* :func:`prepare_vggsound` ``split="train"`` -> ``vggsound_train``: the frame nearest to ``t = frame_index / fps``
+  (frame 125 of 25 fps: t = 5 s, the middle frame VGG-SS boxes are drawn on) as ``total_video_frames/<id>/125.jpg``
+  and the 3 s of audio centred on it (3.5-6.5 s) as ``total_video_3s_audio/<id>.wav``. SSL-TIE's released code reads
+  a ready-made 3 s wav and never says which 3 s; EZ-VSL, which cuts its 3 s at load time, centres them on the clip's
+  middle, which for a 10 s clip is this window. The official frame script dumps every frame with ffmpeg's 1-based
+  names, so its ``125.jpg`` is the frame at 4.96 s, one frame before the one taken here (``frame_index=124`` gives it).
+* :func:`prepare_vggsound` ``split="test"`` -> ``vggss_test``: the same frame, the clip's first 10 s of audio and
+  ``anno/<id>.xml`` from ``vggss.json``.
+* :func:`prepare_flickr` -> ``flickr_test`` / ``flickr_train`` from the Flickr-SoundNet archive.
+* :func:`prepare_vggss_annotations` / :func:`collect_vggss_json`: ``vggss.json`` to per-clip XML and back.
+* :func:`index_existing`: a set for a folder already laid out by other tools (the official VGG-SS test folder, ...).
+
+Audio is always mono (mean of the channels) at one sample rate, 16-bit PCM wav.
+
+Each clip gets a manifest status; ``reason`` says the detail:
+
+=================== ==================================================================================================
+``ok``              prepared (this run or an earlier one)
+``missing``         the id is listed but its source file is not there (e.g. a vanished YouTube video)
+``no video stream`` / ``no audio stream``: the file lacks that stream
+``corrupt``         the file cannot be opened, or its data stops before the duration its header declares (truncated)
+``decode error``    a packet of the file fails to decode
+``too short``       the clip really is shorter than needed: no frame within half a frame period of t, or audio that
+                    ends before the window (train: t + 1.5 s; test and Flickr: there is no audio at all before t / 0 s)
+``no annotation``   a test clip without boxes (not in ``vggss.json``; empty or missing Flickr XML)
+=================== ==================================================================================================
+
+Runs are resumable and idempotent: every output is written through a temp file and ``os.replace``, a clip whose
+outputs all exist and are complete is skipped, each finished clip's status is appended to ``.prepare_state.jsonl``
+in the output folder, and a failed clip is not decoded again while its source file keeps its size and mtime (delete
+the journal to retry every failure). A re-run with nothing new to do writes nothing.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Union
+
+from sslt_cli.data.annotations import (
+    Annotation,
+    DefectReport,
+    annotations_to_vggss_json,
+    load_vggss_json,
+    read_flickr_xml,
+    read_id_list,
+    read_vggss_xml,
+    vggss_xml_text,
+    write_annotation_xml,
+)
+from sslt_cli.data.manifest import (
+    COLUMNS,
+    LAYOUTS,
+    MANIFEST,
+    SET_INFO,
+    Clip,
+    atomic_write_bytes,
+    layout_paths,
+    write_set,
+)
+from sslt_cli.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+OK = "ok"
+MISSING = "missing"
+NO_VIDEO = "no video stream"
+NO_AUDIO = "no audio stream"
+CORRUPT = "corrupt"
+DECODE_ERROR = "decode error"
+TOO_SHORT = "too short"
+NO_ANNOTATION = "no annotation"
+
+STATE_FILE = ".prepare_state.jsonl"
+STATE_FORMAT = "sslt-prepare-state/1"
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm")
+JPEG_QUALITY = 95
+TRAIN_AUDIO_SECONDS = 3.0
+CLIP_SECONDS = 10.0
+FLICKR_TRAIN_FRAME = "00000003.jpg"
+# A decoded stream may stop this much short of a window and still count as covering it: AAC and MP3 work in frames of
+# ~23 ms, and container durations are rounded. The gap is filled with silence.
+AUDIO_TOLERANCE_S = 0.05
+# Data that stops more than this before the declared duration is a truncated file, not a short clip.
+TRUNCATION_TOLERANCE_S = 0.1
+
+# YouTube ids are 11 characters of [A-Za-z0-9_-], so an id may itself contain '_' or start with '-'.
+_CLIP_NAME = re.compile(r"^(?P<ytid>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a prepare run did. ``failed`` maps a failure status (``corrupt``, ``too short``, ...) to its count;
+    ``notes`` are diagnostics worth showing (ignored files, annotation defects)."""
+
+    out: Path
+    layout: str
+    manifest: Path
+    requested: int
+    prepared: int
+    already_done: int
+    missing: int
+    failed: dict[str, int]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> int:
+        """Usable clips in the set: prepared now plus already done."""
+        return self.prepared + self.already_done
+
+    @property
+    def failed_total(self) -> int:
+        return sum(self.failed.values())
+
+
+@dataclass(frozen=True)
+class AnnotationReport:
+    """What :func:`prepare_vggss_annotations` / :func:`collect_vggss_json` did, with the defects found."""
+
+    path: Path
+    clips: int
+    boxes: int
+    written: int
+    unchanged: int
+    defects: DefectReport
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clip ids and labels
+
+
+def clip_id_from_name(stem: str) -> str | None:
+    """The VGGSound id ``<ytid>_<start, 6 digits>`` of a file stem, or None if the stem is not a clip name.
+
+    Accepts ``<ytid>_<start>`` and ``<ytid>_<start>_<end>`` (some mirrors), start and end in whole seconds:
+    ``__2MwJ2uHu0_4`` and ``__2MwJ2uHu0_000004_000014`` both give ``__2MwJ2uHu0_000004``.
+    """
+    match = _CLIP_NAME.match(stem)
+    if match is None:
+        return None
+    return f"{match['ytid']}_{int(match['start']):06d}"
+
+
+def read_labels(path: Path) -> dict[str, str]:
+    """Class labels by clip id from a VGGSound CSV (``ytid,start,label,split``), a two-column ``id,label`` CSV
+    (ACL-SSL's VGG-SS list) or a ``vggss.json``."""
+    path = Path(path)
+    if path.suffix == ".json":
+        annotations, _ = load_vggss_json(path)
+        return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: label file not found (expected VGGSound's vggsound.csv: ytid,start,label,split)") from None
+    labels: dict[str, str] = {}
+    for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or not row[0].strip():
+            continue
+        if len(row) >= 4:
+            ytid, start, label = row[0].strip(), row[1].strip(), row[2].strip()
+            if not start.isdigit():
+                if n == 1:
+                    continue  # a header row
+                raise DataError(f"{path}: line {n}: start {start!r} is not whole seconds; expected ytid,start,label,split")
+            labels[f"{ytid}_{int(start):06d}"] = label
+        elif len(row) >= 2:
+            labels[clip_id_from_name(row[0].strip()) or row[0].strip()] = row[1].strip()
+        else:
+            raise DataError(f"{path}: line {n}: expected ytid,start,label,split or id,label, got {','.join(row)!r}")
+    return labels
+
+
+def _requested_ids(id_list: Path | None, default: Iterable[str]) -> list[str]:
+    """The ids to prepare, in order: the list's (normalised to ``<ytid>_<start 6 digits>`` where they are clip names)
+    or ``default``."""
+    if id_list is None:
+        return list(default)
+    ids = []
+    seen = set()
+    for raw in read_id_list(id_list):
+        clip_id = clip_id_from_name(raw) or raw
+        if clip_id not in seen:
+            seen.add(clip_id)
+            ids.append(clip_id)
+    if not ids:
+        raise DataError(f"{id_list}: the id list is empty")
+    return ids
+
+
+def _index_videos(videos: Path) -> tuple[dict[str, Path], list[str]]:
+    """``{clip id: video file}`` for the clip-named videos in ``videos``, and notes on the files that were not used."""
+    if not videos.is_dir():
+        raise DataError(f"{videos}: no such folder (expected VGGSound clips named <ytid>_<start>.mp4)")
+    found: dict[str, Path] = {}
+    ignored: list[str] = []
+    duplicates: list[str] = []
+    for path in sorted(videos.iterdir()):
+        if not path.is_file() or path.suffix.lower() not in VIDEO_SUFFIXES or path.name.startswith("."):
+            continue
+        clip_id = clip_id_from_name(path.stem)
+        if clip_id is None:
+            ignored.append(path.name)
+        elif clip_id in found:
+            duplicates.append(f"{path.name} (kept {found[clip_id].name})")
+        else:
+            found[clip_id] = path
+    notes = []
+    if ignored:
+        notes.append(f"{len(ignored)} video file(s) in {videos} are not named <ytid>_<start>[_<end>] and were ignored: "
+                     f"{', '.join(ignored[:5])}")
+    if duplicates:
+        notes.append(f"{len(duplicates)} video file(s) name a clip already found: {', '.join(duplicates[:5])}")
+    return found, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding (runs in worker processes; av, numpy, PIL and soundfile are imported here, not at start-up)
+
+
+class _ClipFailure(Exception):
+    """A clip cannot be prepared; carries its manifest status and reason."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _open_media(path: Path):
+    import av
+
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as exc:
+        raise _ClipFailure(CORRUPT, f"cannot open {path.name}: {exc}") from None
+
+
+def _declared_end(stream, container) -> float | None:
+    """The stream's duration from its header, in seconds from its start (the container's where the stream has none)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / 1_000_000
+    return None
+
+
+def _stream_origin(stream) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _nearest_frames(container, stream, origin: float, targets: list[float], fallback_fps: float) -> list:
+    """Decode ``stream`` around ``targets`` (seconds from ``origin``) and return, for each, the frame whose timestamp is
+    nearest; raises ``_ClipFailure`` where no frame lies within half a frame period of a target."""
+    rate = stream.average_rate or stream.guessed_rate
+    period = 1.0 / float(rate) if rate else 1.0 / fallback_fps
+    # Seek to the last keyframe before the first target: decoding starts there, not at the clip's first frame.
+    start = origin + max(min(targets) - period, 0.0)
+    container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+    best: list = [None] * len(targets)
+    best_distance = [math.inf] * len(targets)
+    stop = max(targets) + period
+    last_time = None
+    for frame in container.decode(stream):
+        if frame.time is None:
+            continue
+        last_time = frame.time - origin
+        for i, target in enumerate(targets):
+            distance = abs(last_time - target)
+            if distance < best_distance[i]:
+                best[i], best_distance[i] = frame, distance
+        if last_time >= stop:
+            break
+    for target, distance in zip(targets, best_distance):
+        if distance > period / 2 + 1e-3:
+            declared = _declared_end(stream, container)
+            ended = f"frames end at {last_time:.2f} s" if last_time is not None else "data stops before that point"
+            if declared is not None and declared > target + period / 2:
+                raise _ClipFailure(CORRUPT, f"truncated: no frame near t = {target:.2f} s (video {ended}) but the "
+                                            f"header declares {declared:.2f} s")
+            raise _ClipFailure(TOO_SHORT, f"video {ended}, before the frame at t = {target:.2f} s")
+    return best
+
+
+def _decode_audio(container, stream, start: float, end: float | None, sample_rate: int,
+                  need_until: float) -> "np.ndarray":
+    """Mono float32 samples at ``sample_rate`` for ``[start, end)`` seconds from the stream's start (``end=None``: to
+    the stream's declared end, capped at its data), decoded from the current position of ``container``.
+
+    Raises ``_ClipFailure`` if the audio ends before ``need_until``: ``corrupt`` if the header declares more,
+    ``too short`` otherwise. A decoded stream longer than declared (AAC and MP3 pad their last frame) is cut to the
+    declared length.
+    """
+    import av
+    import numpy as np
+
+    origin = _stream_origin(stream)
+    declared = _declared_end(stream, container)
+    stop = end if end is not None else declared
+    # Convert any sample format/layout to planar float at the stream's own rate; the downmix is a plain channel mean.
+    to_planar = None
+    chunks: list[np.ndarray] = []
+    first_time: float | None = None
+    native_rate = None
+    decoded = 0
+    for frame in container.decode(stream):
+        if to_planar is None:
+            native_rate = frame.sample_rate
+            to_planar = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=native_rate)
+            first_time = (frame.time - origin) if frame.time is not None else 0.0
+        for planar in to_planar.resample(frame):
+            samples = planar.to_ndarray().astype(np.float32, copy=False)
+            chunks.append(samples.mean(axis=0))
+            decoded += samples.shape[1]
+        if stop is not None and first_time + decoded / native_rate >= stop + 0.1:
+            break
+    if not chunks:
+        if declared:
+            raise _ClipFailure(CORRUPT, f"truncated: the audio stream has no data but the header declares {declared:.2f} s")
+        raise _ClipFailure(TOO_SHORT, "the audio stream is empty")
+    mono = np.concatenate(chunks)
+    data_end = first_time + len(mono) / native_rate
+    if declared is not None and data_end > declared:
+        mono = mono[: max(0, int(round((declared - first_time) * native_rate)))]
+        data_end = declared
+    if data_end < need_until - AUDIO_TOLERANCE_S:
+        if declared is not None and declared >= need_until:
+            raise _ClipFailure(CORRUPT, f"truncated: audio data ends at {data_end:.2f} s but the header declares "
+                                        f"{declared:.2f} s")
+        raise _ClipFailure(TOO_SHORT, f"audio ends at {data_end:.2f} s, before {need_until:.2f} s")
+    if native_rate != sample_rate:
+        mono = _resample(mono, native_rate, sample_rate)
+    # A stream that stops just short of the window (within the tolerance) is padded to its full length.
+    stop = data_end if end is None or data_end < end - AUDIO_TOLERANCE_S else end
+    first = int(round((start - first_time) * sample_rate))
+    length = int(round((stop - start) * sample_rate))
+    # Audio that starts after the window (late stream start) or stops inside the tolerance is padded with silence.
+    if first < 0:
+        mono = np.concatenate([np.zeros(-first, np.float32), mono])
+        first = 0
+    window = mono[first: first + length]
+    if len(window) < length:
+        window = np.concatenate([window, np.zeros(length - len(window), np.float32)])
+    return window
+
+
+def _resample(mono: "np.ndarray", rate_in: int, rate_out: int) -> "np.ndarray":
+    """Resample a mono float32 signal with libswresample (through PyAV)."""
+    import av
+    import numpy as np
+
+    frame = av.AudioFrame.from_ndarray(mono[None, :], format="flt", layout="mono")
+    frame.sample_rate = rate_in
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate_out)
+    out = [f.to_ndarray()[0] for f in resampler.resample(frame)]
+    out += [f.to_ndarray()[0] for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, np.float32)
+
+
+def _jpeg_bytes(frame, size: tuple[int, int] | None) -> bytes:
+    from PIL import Image
+
+    if size is not None:
+        frame = frame.reformat(width=size[0], height=size[1], interpolation="BICUBIC")
+    buf = io.BytesIO()
+    Image.fromarray(frame.to_ndarray(format="rgb24")).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _wav_bytes(samples: "np.ndarray", sample_rate: int) -> bytes:
+    import numpy as np
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Jobs: one per clip, picklable, run in worker processes
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    clip_id: str
+    status: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class _VideoJob:
+    """Frame(s) + audio (+ annotation XML) of one VGGSound clip."""
+
+    clip_id: str
+    label: str
+    source: Path
+    out: Path
+    frame: str
+    audio: str
+    anno: str
+    annotation: Annotation | None
+    neighbours: tuple[tuple[int, str], ...]  # (frame index, relative path)
+    frame_index: int
+    fps: float
+    sample_rate: int
+    train: bool
+    frame_size: tuple[int, int] | None
+
+    def outputs(self) -> list[tuple[str, int | None]]:
+        """Relative output paths with the expected wav length in samples (None: not a wav, or length not fixed)."""
+        wav_length = int(round(TRAIN_AUDIO_SECONDS * self.sample_rate)) if self.train else None
+        outs = [(self.frame, None), (self.audio, wav_length)] + [(rel, None) for _, rel in self.neighbours]
+        return outs + ([(self.anno, None)] if self.anno else [])
+
+    def run(self) -> _Outcome:
+        t = self.frame_index / self.fps
+        targets = [t] + [index / self.fps for index, _ in self.neighbours]
+        try:
+            container = _open_media(self.source)
+            with container:
+                if not container.streams.video:
+                    raise _ClipFailure(NO_VIDEO, f"{self.source.name} has no video stream")
+                if not container.streams.audio:
+                    raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
+                video, audio = container.streams.video[0], container.streams.audio[0]
+                try:
+                    frames = _nearest_frames(container, video, _stream_origin(video), targets, self.fps)
+                    jpegs = [_jpeg_bytes(f, self.frame_size) for f in frames]
+                    container.seek(0)
+                    if self.train:
+                        half = TRAIN_AUDIO_SECONDS / 2
+                        samples = _decode_audio(container, audio, t - half, t + half, self.sample_rate, t + half)
+                    else:
+                        samples = _decode_audio(container, audio, 0.0, CLIP_SECONDS, self.sample_rate, t)
+                except _ClipFailure:
+                    raise
+                except Exception as exc:  # any decoder failure is this clip's problem, never the run's
+                    raise _ClipFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+        except _ClipFailure as failure:
+            return _Outcome(self.clip_id, failure.status, failure.reason)
+        atomic_write_bytes(self.out / self.audio, _wav_bytes(samples, self.sample_rate))
+        for (_, rel), data in zip(self.neighbours, jpegs[1:]):
+            atomic_write_bytes(self.out / rel, data)
+        if self.annotation is not None:
+            write_annotation_xml(self.out / self.anno, self.annotation)
+        # The main frame last: its presence is what makes a clip look done to a reader that only checks it.
+        atomic_write_bytes(self.out / self.frame, jpegs[0])
+        return _Outcome(self.clip_id, OK)
+
+
+@dataclass(frozen=True)
+class _FlickrJob:
+    """Image + first seconds of audio (+ the annotators' XML, copied) of one Flickr-SoundNet pair."""
+
+    clip_id: str
+    label: str
+    source: Path  # the audio file
+    image: Path
+    anno_source: Path | None
+    out: Path
+    frame: str
+    audio: str
+    anno: str
+    seconds: float
+    sample_rate: int
+
+    def outputs(self) -> list[tuple[str, int | None]]:
+        return [(self.frame, None), (self.audio, None)] + ([(self.anno, None)] if self.anno else [])
+
+    def run(self) -> _Outcome:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            image_bytes = self.image.read_bytes()
+            try:
+                with Image.open(io.BytesIO(image_bytes)) as img:
+                    img.load()
+                    if img.format != "JPEG":
+                        buf = io.BytesIO()
+                        img.convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+                        image_bytes = buf.getvalue()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise _ClipFailure(CORRUPT, f"image {self.image.name}: {exc}") from None
+            container = _open_media(self.source)
+            with container:
+                if not container.streams.audio:
+                    raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
+                try:
+                    samples = _decode_audio(container, container.streams.audio[0], 0.0, self.seconds,
+                                            self.sample_rate, 1.0 / self.sample_rate)
+                except _ClipFailure:
+                    raise
+                except Exception as exc:  # any decoder failure is this clip's problem, never the run's
+                    raise _ClipFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+        except _ClipFailure as failure:
+            return _Outcome(self.clip_id, failure.status, failure.reason)
+        atomic_write_bytes(self.out / self.audio, _wav_bytes(samples, self.sample_rate))
+        if self.anno_source is not None:
+            atomic_write_bytes(self.out / self.anno, self.anno_source.read_bytes())
+        atomic_write_bytes(self.out / self.frame, image_bytes)
+        return _Outcome(self.clip_id, OK)
+
+
+_Job = Union[_VideoJob, _FlickrJob]
+
+
+def _run_job(job: _Job) -> _Outcome:
+    return job.run()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The engine shared by every prepare: skip what is done, run the rest in a process pool, journal, manifest
+
+
+def _output_complete(path: Path, sample_rate: int, wav_length: int | None) -> bool:
+    """True if ``path`` is a whole output file: a JPEG ending with its end-of-image marker, a mono wav at
+    ``sample_rate`` (of ``wav_length`` samples where given), any other file non-empty."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if size == 0:
+        return False
+    if path.suffix == ".jpg":
+        with open(path, "rb") as f:
+            f.seek(-2, os.SEEK_END)
+            return f.read(2) == b"\xff\xd9"
+    if path.suffix == ".wav":
+        import soundfile as sf
+
+        try:
+            info = sf.info(str(path))
+        except (RuntimeError, sf.LibsndfileError):
+            return False
+        return (info.samplerate == sample_rate and info.channels == 1 and info.frames > 0
+                and (wav_length is None or info.frames == wav_length))
+    return True
+
+
+def _fingerprint(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+class _Journal:
+    """``.prepare_state.jsonl``: a header with the settings, then one line per finished clip (appended as it ends)."""
+
+    def __init__(self, out: Path, settings: dict):
+        self.path = out / STATE_FILE
+        self.settings = settings
+        self.entries: dict[str, dict] = {}
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            parsed = []
+            for line in lines:
+                try:
+                    parsed.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a kill
+            header = parsed[0] if parsed and parsed[0].get("format") == STATE_FORMAT else None
+            if header is None:
+                raise DataError(f"{self.path}: not a prepare journal sslt can read; delete it to start the journal afresh "
+                                "(finished outputs are kept and recognised)")
+            if header.get("settings") != settings:
+                changed = sorted(k for k in set(settings) | set(header.get("settings", {}))
+                                 if settings.get(k) != header.get("settings", {}).get(k))
+                details = ", ".join(f"{k} {header.get('settings', {}).get(k)!r} -> {settings.get(k)!r}" for k in changed)
+                raise DataError(f"{out}: already holds clips prepared with other settings ({details}); "
+                                "use another --out folder, or delete this one to prepare it again")
+            for entry in parsed[1:]:
+                if "id" in entry:
+                    self.entries[entry["id"]] = entry
+        self._file = None
+
+    def append(self, outcome: _Outcome, fingerprint: list[int] | None) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a")
+            if fresh:
+                self._file.write(json.dumps({"format": STATE_FORMAT, "settings": self.settings}) + "\n")
+            elif not self.path.read_bytes().endswith(b"\n"):
+                self._file.write("\n")  # close a line cut short by a kill so the next one parses
+        entry = {"id": outcome.clip_id, "status": outcome.status, "reason": outcome.reason, "source": fingerprint}
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+        self.entries[outcome.clip_id] = entry
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@contextmanager
+def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr (clips done, clips/s, elapsed, ETA); yields the function that advances it."""
+    if not enabled or total == 0:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class _Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed:.1f} clips/s" if task.speed else "- clips/s")
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda: bar.advance(task)
+
+
+def _run_jobs(jobs: list[_Job], workers: int | None) -> Iterator[_Outcome]:
+    """Run ``jobs`` in a process pool (inline for one worker), yielding outcomes as clips finish."""
+    n = min(workers or os.cpu_count() or 1, len(jobs))
+    if n <= 1:
+        for job in jobs:
+            yield job.run()
+        return
+    # spawn, not fork: the parent runs a progress thread, and forking a threaded process can deadlock.
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: set[Future] = set()
+        queue = iter(jobs)
+        # A bounded number in flight keeps memory flat on 190k clips.
+        for job in queue:
+            pending.add(pool.submit(_run_job, job))
+            if len(pending) >= 4 * n:
+                break
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+                nxt = next(queue, None)
+                if nxt is not None:
+                    pending.add(pool.submit(_run_job, nxt))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed: dict[str, Clip], jobs: list[_Job],
+             sample_rate: int, workers: int | None, progress: bool, description: str, info: dict,
+             notes: list[str]) -> PrepareResult:
+    """Skip finished clips, run the others, journal each outcome, then write the set for ``order``.
+
+    ``fixed`` holds the rows decided without decoding (``missing``, ``no annotation``); ``jobs`` the clips to decode.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    journal = _Journal(out, settings)
+    rows: dict[str, Clip] = dict(fixed)
+    to_run: list[_Job] = []
+    already_done = 0
+    for job in jobs:
+        entry = journal.entries.get(job.clip_id)
+        if all(_output_complete(out / rel, sample_rate, length) for rel, length in job.outputs()):
+            rows[job.clip_id] = _ok_row(job)
+            already_done += 1
+        elif entry and entry["status"] != OK and entry.get("source") == _fingerprint(job.source):
+            rows[job.clip_id] = Clip(job.clip_id, job.label, status=entry["status"], reason=entry["reason"])
+        else:
+            to_run.append(job)
+    by_id = {job.clip_id: job for job in to_run}
+    prepared = 0
+    try:
+        with _progress_bar(len(to_run), description, progress) as advance:
+            for outcome in _run_jobs(to_run, workers):
+                job = by_id[outcome.clip_id]
+                journal.append(outcome, _fingerprint(job.source))
+                if outcome.status == OK:
+                    rows[job.clip_id] = _ok_row(job)
+                    prepared += 1
+                else:
+                    rows[job.clip_id] = Clip(job.clip_id, job.label, status=outcome.status, reason=outcome.reason)
+                advance()
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write the prepared files ({exc}); free some space or fix the permissions, "
+                        "then run the same command again: finished clips are kept") from None
+    finally:
+        journal.close()
+    ordered = [rows[clip_id] for clip_id in order]
+    counts = Counter(row.status for row in ordered)
+    failed = {status: n for status, n in sorted(counts.items()) if status not in (OK, MISSING)}
+    manifest = _write_set_if_changed(out, layout, ordered, {**info, "settings": settings, "counts": dict(sorted(counts.items()))})
+    return PrepareResult(out=out, layout=layout, manifest=manifest, requested=len(order), prepared=prepared,
+                         already_done=already_done, missing=counts.get(MISSING, 0), failed=failed, notes=tuple(notes))
+
+
+def _ok_row(job: _Job) -> Clip:
+    return Clip(job.clip_id, job.label, frame=job.frame, audio=job.audio, anno=job.anno)
+
+
+def _write_set_if_changed(out: Path, layout: str, clips: list[Clip], info: dict) -> Path:
+    """``write_set`` unless the folder already holds exactly this set (a re-run then writes nothing)."""
+    try:
+        with open(out / MANIFEST, newline="") as f:
+            rows = [tuple(row[col] for col in COLUMNS) for row in csv.DictReader(f)]
+        meta = json.loads((out / SET_INFO).read_text())
+    except (OSError, KeyError, json.JSONDecodeError):
+        return write_set(out, layout, clips, info)
+    same_info = meta.get("layout") == layout and all(meta.get(k) == json.loads(json.dumps(v)) for k, v in info.items())
+    if same_info and rows == [tuple(getattr(c, col) for col in COLUMNS) for c in clips]:
+        return out / MANIFEST
+    return write_set(out, layout, clips, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public prepare functions
+
+
+def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"], id_list: Path | None = None,
+                     vggss_json: Path | None = None, labels: Path | None = None, sample_rate: int = 16000,
+                     frame_index: int = 125, fps: float = 25.0, neighbours: int = 0,
+                     frame_size: tuple[int, int] | None = None, workers: int | None = None,
+                     progress: bool = True) -> PrepareResult:
+    """Prepare VGGSound clips (``<ytid>_<start>.mp4`` or ``<ytid>_<start>_<end>.mp4`` in ``videos``) into ``out``.
+
+    ``split="train"``: layout ``vggsound_train``, frame + the 3 s of audio centred on it.
+    ``split="test"``: layout ``vggss_test``, frame + the first 10 s of audio + ``anno/<id>.xml`` from ``vggss_json``.
+    The frame is the one whose timestamp is nearest ``frame_index / fps`` seconds after the video's first frame (any
+    frame rate); ``neighbours`` more frames either side (``t +- k / fps``) go to ``neighbours/<id>/<index>.jpg``.
+    ``frame_size=(W, H)`` resizes frames (bicubic; the official training frames are 299x299), None keeps the video's.
+    Audio: mono, ``sample_rate`` Hz, 16-bit wav, ``(3 * sample_rate,)`` samples for train.
+
+    Clips requested: ``id_list`` (any form :func:`read_id_list` reads), else for test the ids of ``vggss_json``, else
+    every clip-named video. Labels from ``labels`` (see :func:`read_labels`), else from ``vggss_json``'s classes.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r} is not one of train, test")
+    if frame_index < 0 or fps <= 0 or neighbours < 0 or sample_rate <= 0:
+        raise DataError(f"frame_index ({frame_index}), fps ({fps}), neighbours ({neighbours}) and sample_rate "
+                        f"({sample_rate}) must be positive (frame_index and neighbours may be 0)")
+    if frame_index - neighbours < 0:
+        raise DataError(f"{neighbours} neighbours before frame {frame_index} would start before the clip's first frame")
+    videos, out = Path(videos).expanduser(), Path(out).expanduser()
+    layout = "vggsound_train" if split == "train" else "vggss_test"
+    found, notes = _index_videos(videos)
+    annotations: dict[str, Annotation] = {}
+    if vggss_json is not None:
+        annotations, defects = load_vggss_json(vggss_json)
+        notes += [f"{vggss_json}: {line}" for line in defects.summary()]
+    default = list(annotations) if (split == "test" and annotations) else sorted(found)
+    order = _requested_ids(id_list, default)
+    label_of = read_labels(labels) if labels is not None else {k: a.label for k, a in annotations.items() if a.label}
+    fixed: dict[str, Clip] = {}
+    jobs: list[_Job] = []
+    for clip_id in order:
+        label = label_of.get(clip_id, "")
+        source = found.get(clip_id)
+        if source is None:
+            fixed[clip_id] = Clip(clip_id, label, status=MISSING, reason=f"no video {clip_id}.mp4 in {videos}")
+            continue
+        annotation = None
+        if split == "test" and vggss_json is not None:
+            annotation = annotations.get(clip_id)
+            if annotation is None:
+                fixed[clip_id] = Clip(clip_id, label, status=NO_ANNOTATION, reason=f"{clip_id} has no boxes in {vggss_json}")
+                continue
+        frame, audio, anno = layout_paths(layout, clip_id)
+        jobs.append(_VideoJob(
+            clip_id=clip_id, label=label, source=source, out=out, frame=frame, audio=audio,
+            anno=anno if annotation is not None else "", annotation=annotation,
+            neighbours=tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg")
+                             for i in range(frame_index - neighbours, frame_index + neighbours + 1) if i != frame_index),
+            frame_index=frame_index, fps=fps, sample_rate=sample_rate, train=split == "train",
+            frame_size=tuple(frame_size) if frame_size else None,
+        ))
+    if split == "test" and vggss_json is None:
+        notes.append("no --vggss-json given: the test set has no boxes (anno column empty); it can be used for "
+                     "validation losses, not for localisation metrics")
+    settings = {"kind": "vggsound", "split": split, "sample_rate": sample_rate, "frame_index": frame_index,
+                "fps": fps, "neighbours": neighbours, "frame_size": list(frame_size) if frame_size else None,
+                "audio_seconds": TRAIN_AUDIO_SECONDS if split == "train" else CLIP_SECONDS}
+    info = {"source": "vggsound", "videos": str(videos),
+            "audio_window": "3 s centred on the frame" if split == "train" else "first 10 s"}
+    return _execute(out=out, layout=layout, settings=settings, order=order, fixed=fixed, jobs=jobs,
+                    sample_rate=sample_rate, workers=workers, progress=progress,
+                    description=f"vggsound {split}", info=info, notes=notes)
+
+
+def _first_existing(archive: Path, candidates: Iterable[str]) -> Path | None:
+    for rel in candidates:
+        path = archive / rel
+        if path.is_file():
+            return path
+    return None
+
+
+def _flickr_sources(archive: Path, clip_id: str, train: bool) -> tuple[Path | None, Path | None, list[str], list[str]]:
+    """The image and audio files of a Flickr-SoundNet pair, and the places looked at for each.
+
+    The test archive ships ``Data/<id>.jpg`` + ``Data/<id>.mp3`` (some copies keep a folder per pair:
+    ``Data/<id>/<id>.*``); training copies follow SSL-TIE's ``frames/<id>/00000003.jpg`` + ``mp3/<id>.mp3``; folders
+    re-laid by other tools use ``frames/`` or ``frame/`` and ``audio/``.
+    """
+    images = ([f"frames/{clip_id}/{FLICKR_TRAIN_FRAME}"] if train else []) + [
+        f"Data/{clip_id}.jpg", f"Data/{clip_id}/{clip_id}.jpg", f"frames/{clip_id}.jpg", f"frame/{clip_id}.jpg"]
+    audios = [f"Data/{clip_id}.mp3", f"Data/{clip_id}.wav", f"Data/{clip_id}/{clip_id}.mp3",
+              f"Data/{clip_id}/{clip_id}.wav", f"mp3/{clip_id}.mp3", f"audio/{clip_id}.wav", f"audio/{clip_id}.mp3"]
+    return _first_existing(archive, images), _first_existing(archive, audios), images, audios
+
+
+def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] = "test", id_list: Path | None = None,
+                   sample_rate: int = 16000, seconds: float | None = None, workers: int | None = None,
+                   progress: bool = True) -> PrepareResult:
+    """Prepare Flickr-SoundNet pairs from ``archive`` into ``out``.
+
+    ``split="test"``: layout ``flickr_test``: ``frame/<id>.jpg`` (the archive's JPEG, copied byte for byte),
+    ``audio/<id>.wav`` (the first ``seconds``, default 10: what SSL-TIE's and LVS's loaders keep) and ``anno/<id>.xml``
+    (``Annotations/<id>.xml``, the three annotators' 256-grid boxes, copied after checking it parses).
+    ``split="train"``: layout ``flickr_train``: ``frames/<id>/00000003.jpg`` and the first ``seconds`` of audio
+    (default 4: SSL-TIE trains on the first 4 s of each Flickr mp3).
+    Audio: mono, ``sample_rate`` Hz, 16-bit wav (up to ``(seconds * sample_rate,)`` samples; shorter audio is kept
+    whole, the loaders tile it). Ids: ``id_list``, else every ``Annotations/*.xml`` (test) or audio file (train).
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r} is not one of test, train")
+    archive, out = Path(archive).expanduser(), Path(out).expanduser()
+    if not archive.is_dir():
+        raise DataError(f"{archive}: no such folder (expected the Flickr-SoundNet archive with Annotations/ and Data/)")
+    train = split == "train"
+    seconds = seconds if seconds is not None else (4.0 if train else CLIP_SECONDS)
+    if seconds <= 0 or sample_rate <= 0:
+        raise DataError(f"seconds ({seconds}) and sample_rate ({sample_rate}) must be positive")
+    layout = "flickr_train" if train else "flickr_test"
+    if id_list is None:
+        if train:
+            folder = next((archive / d for d in ("mp3", "Data", "audio") if (archive / d).is_dir()), None)
+            default = sorted({p.stem for p in folder.iterdir() if p.suffix in (".mp3", ".wav")}) if folder else []
+        else:
+            anno_dir = archive / "Annotations"
+            default = sorted(p.stem for p in anno_dir.glob("*.xml")) if anno_dir.is_dir() else []
+        if not default:
+            raise DataError(f"{archive}: found no pairs to prepare (looked in "
+                            f"{'mp3/, Data/, audio/' if train else 'Annotations/*.xml'}); pass --list with the ids")
+    order = _requested_ids(id_list, default if id_list is None else ())
+    fixed: dict[str, Clip] = {}
+    jobs: list[_Job] = []
+    notes: list[str] = []
+    defects = DefectReport()
+    for clip_id in order:
+        image, audio, image_candidates, audio_candidates = _flickr_sources(archive, clip_id, train)
+        anno_source = None if train else archive / "Annotations" / f"{clip_id}.xml"
+        absent = ([f"image ({' | '.join(image_candidates[:2])})"] if image is None else []) + \
+                 ([f"audio ({' | '.join(audio_candidates[:2])})"] if audio is None else []) + \
+                 ([f"annotation (Annotations/{clip_id}.xml)"] if anno_source is not None and not anno_source.is_file() else [])
+        if absent:
+            fixed[clip_id] = Clip(clip_id, status=MISSING, reason=f"not in {archive}: {'; '.join(absent)}")
+            continue
+        if anno_source is not None:
+            try:
+                annotation = read_flickr_xml(anno_source, clip_id, defects)
+            except DataError as exc:
+                fixed[clip_id] = Clip(clip_id, status=CORRUPT, reason=exc.message)
+                continue
+            if not annotation.boxes:
+                fixed[clip_id] = Clip(clip_id, status=NO_ANNOTATION, reason=f"{anno_source} holds no bbox")
+                continue
+        frame, audio_rel, anno = layout_paths(layout, clip_id)
+        jobs.append(_FlickrJob(clip_id=clip_id, label="", source=audio, image=image, anno_source=anno_source, out=out,
+                               frame=frame, audio=audio_rel, anno=anno, seconds=seconds, sample_rate=sample_rate))
+    notes += [f"Annotations: {line}" for line in defects.summary()]
+    settings = {"kind": "flickr", "split": split, "sample_rate": sample_rate, "seconds": seconds}
+    info = {"source": "flickr-soundnet", "archive": str(archive), "audio_window": f"first {seconds:g} s"}
+    return _execute(out=out, layout=layout, settings=settings, order=order, fixed=fixed, jobs=jobs,
+                    sample_rate=sample_rate, workers=workers, progress=progress,
+                    description=f"flickr {split}", info=info, notes=notes)
+
+
+def prepare_vggss_annotations(json_path: Path, out_dir: Path) -> AnnotationReport:
+    """Write ``<out_dir>/<id>.xml`` (the per-clip XML SSL-TIE's loader reads) for every clip of ``vggss.json``.
+
+    Boxes are written as they are, defects included (the evaluation protocol decides what to do with them); the
+    report lists the defects. An XML that already holds the same content is not rewritten.
+    """
+    json_path, out_dir = Path(json_path).expanduser(), Path(out_dir).expanduser()
+    annotations, defects = load_vggss_json(json_path)
+    written = unchanged = 0
+    for clip_id, annotation in annotations.items():
+        path = out_dir / f"{clip_id}.xml"
+        if path.is_file() and path.read_text() == vggss_xml_text(annotation):
+            unchanged += 1
+            continue
+        write_annotation_xml(path, annotation)
+        written += 1
+    return AnnotationReport(path=out_dir, clips=len(annotations), boxes=sum(len(a.boxes) for a in annotations.values()),
+                            written=written, unchanged=unchanged, defects=defects)
+
+
+def collect_vggss_json(anno_dir: Path, out_json: Path, *, id_list: Path | None = None) -> AnnotationReport:
+    """The reverse of :func:`prepare_vggss_annotations`: one ``vggss.json`` (``[{"file", "class", "bbox"}]``) from the
+    per-clip XMLs of ``anno_dir``, in ``id_list`` order if given (every id must have its XML), else sorted by id."""
+    anno_dir, out_json = Path(anno_dir).expanduser(), Path(out_json).expanduser()
+    if not anno_dir.is_dir():
+        raise DataError(f"{anno_dir}: no such folder (expected per-clip VGG-SS XML files <id>.xml)")
+    ids = read_id_list(id_list) if id_list is not None else sorted(p.stem for p in anno_dir.glob("*.xml"))
+    if not ids:
+        raise DataError(f"{anno_dir}: holds no .xml file")
+    defects = DefectReport()
+    annotations = [read_vggss_xml(anno_dir / f"{clip_id}.xml", clip_id, defects) for clip_id in ids]
+    text = json.dumps(annotations_to_vggss_json(annotations))
+    unchanged = out_json.is_file() and out_json.read_text() == text
+    if not unchanged:
+        atomic_write_bytes(out_json, text.encode())
+    return AnnotationReport(path=out_json, clips=len(annotations), boxes=sum(len(a.boxes) for a in annotations),
+                            written=0 if unchanged else 1, unchanged=1 if unchanged else 0, defects=defects)
+
+
+_LISTING = {
+    # layout -> (folder whose entries name the clips, entries are folders?, suffix)
+    "vggsound_train": ("total_video_frames", True, ""),
+    "vggss_test": ("frame", False, ".jpg"),
+    "flickr_test": ("frame", False, ".jpg"),
+    "flickr_train": ("frames", True, ""),
+}
+
+
+def index_existing(root: Path, layout: str, id_list: Path | None = None, *, labels: Path | None = None) -> PrepareResult:
+    """Write ``set.json`` + ``manifest.csv`` for a folder already laid out by other tools (nothing else is written).
+
+    Clips: ``id_list``, else every clip found in the layout's frame folder (the one prepare command that lists a folder
+    it is given). A clip whose frame, audio or annotation file is absent or empty is ``missing``, its reason naming the
+    file(s). Labels from ``labels`` (see :func:`read_labels`).
+    """
+    root = Path(root).expanduser()
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    if id_list is None:
+        folder, dirs, suffix = _LISTING[layout]
+        base = root / folder
+        if not base.is_dir():
+            raise DataError(f"{root}: no {folder}/ folder, so this is not a {layout} folder "
+                            f"(expected {LAYOUTS[layout][0]}); pass --list to name the clips")
+        order = sorted(p.name if dirs else p.stem for p in base.iterdir()
+                       if not p.name.startswith(".") and (p.is_dir() if dirs else p.suffix == suffix))
+    else:
+        order = _requested_ids(id_list, ())
+    label_of = read_labels(labels) if labels is not None else {}
+    rows = []
+    for clip_id in order:
+        paths = [p for p in layout_paths(layout, clip_id) if p]
+        absent = [p for p in paths if not (root / p).is_file() or (root / p).stat().st_size == 0]
+        label = label_of.get(clip_id, "")
+        if absent:
+            rows.append(Clip(clip_id, label, status=MISSING, reason="no file " + ", ".join(absent)))
+        else:
+            frame, audio, anno = layout_paths(layout, clip_id)
+            rows.append(Clip(clip_id, label, frame=frame, audio=audio, anno=anno))
+    counts = Counter(row.status for row in rows)
+    manifest = _write_set_if_changed(root, layout, rows, {"source": "index", "counts": dict(sorted(counts.items()))})
+    return PrepareResult(out=root, layout=layout, manifest=manifest, requested=len(order), prepared=0,
+                         already_done=counts.get(OK, 0), missing=counts.get(MISSING, 0), failed={})
+
+
+__all__ = [
+    "AnnotationReport", "PrepareResult", "clip_id_from_name", "collect_vggss_json", "index_existing",
+    "prepare_flickr", "prepare_vggss_annotations", "prepare_vggsound", "read_labels",
+]

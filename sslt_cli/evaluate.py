@@ -1,0 +1,835 @@
+"""Evaluation: score localisation maps under a published protocol, beside honest baselines, with N accounted for.
+
+The pieces, in the order ``sslt eval`` uses them:
+
+* a test set: :func:`load_test_set` (a prepared ``vggss_test`` / ``flickr_test`` folder) or :func:`load_vggss_json_set`
+  (the public ``vggss.json``, optionally a published id list and a media folder); both report every listed clip whose
+  annotation, frame or audio cannot be used;
+* maps: :func:`maps_from_batches` (a model over batches of ``(ids, images, specs)``) or :func:`load_maps` (``--maps``:
+  a folder of ``<clip id>.npy`` or one ``.npz`` keyed by clip id, any map size);
+* :func:`score_maps`: per-clip IoU, pointing game and predicted area, cIoU / AUC / mean IoU, and on the same clips
+  the baselines: centre prior, uniform random maps, whole frame and the oracle ceiling of the protocol;
+* :func:`score_extended`: SLAVC's extended evaluation (AP and max-F1 with non-sounding pairs);
+* outputs: :func:`write_outputs` (``metrics.json``, ``per_clip.csv``, ``excluded.csv``, ``gallery.png``),
+  :func:`mlflow_metrics`, :func:`result_table`.
+
+How N is reached (``EvalResult.accounting``, in this order): the requested ids (the list, else every annotated clip),
+minus those without an annotation, minus those whose frame or audio is unavailable (model path only), minus those
+without a map, minus those excluded while scoring (empty ground truth, e.g. after clipping boxes to [0, 1]; an
+unusable box; a map that is not finite) = the scored clips. Every dropped id is listed with its stage and reason.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sslt_cli import metrics
+from sslt_cli.data.annotations import (
+    Annotation,
+    DefectReport,
+    load_vggss_json,
+    read_annotation,
+    read_id_list,
+)
+from sslt_cli.data.manifest import Clip, atomic_write_bytes, layout_paths, read_set
+from sslt_cli.errors import DataError, SsltError
+from sslt_cli.metrics import Protocol
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+CHUNK = 64  # clips per scoring batch: a (64, 224, 224) float32 tensor is 13 MB
+RANDOM_SEEDS = (0, 1, 2)
+MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
+STAGES = ("no annotation", "no frame/audio", "no map", "excluded")
+BASELINE_LABELS = {
+    "centre": "centre prior (disc, half frame)",
+    "random": "random map",
+    "whole_frame": "whole frame",
+    "oracle": "oracle ceiling",
+}
+
+
+def get_protocol(protocol: str | Protocol) -> Protocol:
+    """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given."""
+    if isinstance(protocol, Protocol):
+        return protocol
+    if protocol not in metrics.PROTOCOLS:
+        raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
+    return metrics.PROTOCOLS[protocol]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Test sets
+
+
+@dataclass
+class TestSet:
+    """Clips to evaluate: requested ids, their annotations and media, and why any of them cannot be used.
+
+    ``unavailable``: id -> why its frame or audio cannot be used (matters for the model path only);
+    ``annotation_problems``: id -> why it has no usable annotation; ``clips``: ids with frame and audio paths.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    name: str
+    anno_kind: str
+    ids: list[str]
+    annotations: dict[str, Annotation]
+    clips: dict[str, Clip] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    annotation_problems: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def frames(self) -> dict[str, str]:
+        """id -> frame path of every clip whose media are available."""
+        return {cid: clip.frame for cid, clip in self.clips.items() if clip.frame}
+
+
+def _media_problem(clip: Clip) -> str | None:
+    if not clip.frame or not os.path.isfile(clip.frame):
+        return f"frame file missing: {clip.frame or '(no path in the manifest)'}"
+    if not clip.audio or not os.path.isfile(clip.audio):
+        return f"audio file missing: {clip.audio or '(no path in the manifest)'}"
+    return None
+
+
+def load_test_set(root: str | Path, list_path: str | Path | None = None) -> TestSet:
+    """A prepared test set folder (layout ``vggss_test`` or ``flickr_test``), optionally restricted to an id list.
+
+    Without a list every manifest row is requested, the rows ``prepare`` could not use included (they are reported
+    with their manifest reason). Annotations are read from each clip's XML; frames and audio are checked on disk.
+    """
+    clip_set = read_set(root)
+    if clip_set.anno_kind not in ("vggss", "flickr"):
+        raise DataError(f"{clip_set.root}: layout {clip_set.layout!r} has no box annotations; evaluate on a "
+                        f"vggss_test or flickr_test set")
+    usable = {c.id: c for c in clip_set.clips}
+    unusable = {c.id: c for c in clip_set.unusable}
+    ids = read_id_list(list_path) if list_path else list(usable) + [i for i in unusable if i not in usable]
+    test = TestSet(name=clip_set.name, anno_kind=clip_set.anno_kind, ids=ids, annotations={})
+    report = DefectReport()
+    for cid in ids:
+        clip = usable.get(cid)
+        if clip is None:
+            bad = unusable.get(cid)
+            reason = (f"{bad.status}: {bad.reason}" if bad is not None
+                      else f"not in {clip_set.root / 'manifest.csv'}")
+            test.unavailable[cid] = reason
+            test.annotation_problems[cid] = reason
+            continue
+        if not clip.anno or not os.path.isfile(clip.anno):
+            test.annotation_problems[cid] = f"annotation file missing: {clip.anno or '(no path in the manifest)'}"
+        else:
+            try:
+                test.annotations[cid] = read_annotation(clip.anno, clip_set.anno_kind, cid, report)
+            except DataError as exc:
+                test.annotation_problems[cid] = f"annotation unreadable: {exc.message}"
+        problem = _media_problem(clip)
+        if problem:
+            test.unavailable[cid] = problem
+        else:
+            test.clips[cid] = clip
+    test.notes += report.summary()
+    return test
+
+
+def load_vggss_json_set(json_path: str | Path, list_path: str | Path | None = None,
+                        media_root: str | Path | None = None) -> TestSet:
+    """VGG-SS boxes from the public ``vggss.json``; the ids of ``list_path`` (default: every clip in the file).
+
+    ``media_root``, when given, is a folder in the ``vggss_test`` layout (``frame/<id>.jpg``, ``audio/<id>.wav``);
+    clips missing either are reported. The file's defects (huge or degenerate boxes) are summarised in ``notes``.
+    """
+    json_path = Path(json_path)
+    annotations, report = load_vggss_json(json_path)
+    ids = read_id_list(list_path) if list_path else list(annotations)
+    test = TestSet(name=Path(list_path).stem if list_path else json_path.stem, anno_kind="vggss", ids=ids,
+                   annotations={cid: annotations[cid] for cid in ids if cid in annotations})
+    for cid in ids:
+        if cid not in annotations:
+            test.annotation_problems[cid] = f"not in {json_path}"
+    if media_root is not None:
+        root = Path(media_root).expanduser()
+        for cid in ids:
+            frame, audio, _ = layout_paths("vggss_test", cid)
+            clip = Clip(id=cid, frame=str(root / frame), audio=str(root / audio))
+            problem = _media_problem(clip)
+            if problem:
+                test.unavailable[cid] = problem
+            else:
+                test.clips[cid] = clip
+    test.notes += [f"{json_path.name}: {line}" for line in report.summary()]
+    return test
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Maps
+
+
+def _as_map(array: np.ndarray, where: str) -> np.ndarray:
+    """A loaded array as one float32 (h, w) map; leading singleton axes ((1, h, w), (1, 1, h, w)) are dropped."""
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2 or 0 in array.shape:
+        raise DataError(f"{where}: a map must be a 2-D array (h, w), got shape {tuple(array.shape)}")
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+            or array.dtype == np.bool_):
+        raise DataError(f"{where}: dtype {array.dtype} is not a real number type; save maps as float arrays")
+    return array.astype(np.float32)
+
+
+def load_maps(path: str | Path) -> dict[str, np.ndarray]:
+    """Precomputed maps: a folder of ``<clip id>.npy`` or one ``.npz`` keyed by clip id -> {id: (h, w) float32}.
+
+    Any map size; (1, h, w) and (1, 1, h, w) arrays are accepted. Values are not checked here: a map with NaN or
+    inf is excluded (and listed) when scored. float64 maps are cast to float32 like the official pipelines do.
+    """
+    path = Path(path).expanduser()
+    hint = "--maps takes a folder of <clip id>.npy files or one .npz file keyed by clip id"
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder; {hint}")
+    maps: dict[str, np.ndarray] = {}
+    if path.is_dir():
+        files = sorted(path.glob("*.npy"))
+        if not files:
+            raise DataError(f"{path}: no .npy files in this folder; {hint}")
+        for file in files:
+            try:
+                array = np.load(file, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise DataError(f"{file}: not a readable .npy array ({exc})") from None
+            maps[file.stem] = _as_map(array, str(file))
+        return maps
+    if path.suffix != ".npz":
+        raise DataError(f"{path}: expected a folder of .npy files or a .npz file, not a "
+                        f"{path.suffix or 'file without extension'}; {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                maps[key] = _as_map(archive[key], f"{path}[{key}]")
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    if not maps:
+        raise DataError(f"{path}: the archive holds no arrays; {hint}")
+    return maps
+
+
+def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    """Write maps as one ``.npz`` keyed by clip id (what :func:`load_maps` reads), atomically."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{cid: np.asarray(m, dtype=np.float32) for cid, m in maps.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
+                      device: str | torch.device,
+                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Localisation maps of a model over test batches -> {clip id: (h, w) float32 cosine map}.
+
+    batches yield ``(ids, images (B, 3, H, W) normalised, specs (B, 1, n_mels, T) log-mel dB)``; the map of each
+    image with its own audio is ``localisation_map(model.embed_image(images), model.embed_audio(specs))``
+    (B, 1, h, w). The model is put in eval mode; ``progress`` is called with the clip count of each batch.
+    """
+    from sslt_cli.model import localisation_map
+
+    model.eval()
+    maps: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for ids, images, specs in batches:
+            v = model.embed_image(images.to(device, non_blocking=True))
+            a = model.embed_audio(specs.to(device, non_blocking=True))
+            batch_maps = localisation_map(v, a)[:, 0].float().cpu().numpy()
+            for cid, m in zip(ids, batch_maps):
+                if cid in maps:
+                    raise DataError(f"clip id {cid} appears twice in the evaluation batches; "
+                                    f"each test clip must be listed once")
+                maps[cid] = m
+            if progress is not None:
+                progress(len(ids))
+    return maps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class ClipScore:
+    """One scored clip: IoU, hit (IoU >= 0.5), GT area and predicted area (shares of the frame), pointing score."""
+
+    id: str
+    iou: float
+    hit: bool
+    gt_area: float
+    pointing: float
+    pred_area: float
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """A requested clip that was not scored: the stage where it dropped out (one of ``STAGES``) and why."""
+
+    id: str
+    stage: str
+    reason: str
+
+
+@dataclass
+class ExtendedResult:
+    """SLAVC-style extended evaluation over sounding pairs (with boxes) and non-sounding pairs (see score_extended)."""
+
+    protocol: str
+    value_range: tuple[float, float]
+    iou_threshold: float
+    n_sounding: int
+    n_silent: int
+    ap: float
+    ap_slavc: float
+    max_f1: float
+    max_f1_slavc: float
+    excluded: list[Exclusion] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["excluded"] = [dataclasses.asdict(e) for e in self.excluded]
+        return out
+
+
+@dataclass
+class EvalResult:
+    """Everything an evaluation produced: per-clip rows, summaries, baselines, the N accounting, exclusions.
+
+    ``method`` and each baseline are dicts of ``ciou``, ``auc``, ``mean_iou``, ``pointing``, ``pred_area`` (fractions)
+    and ``n``; ``random`` adds ``<metric>_std`` over its seeds and ``seeds``. ``method`` is None when only the
+    baselines were computed.
+    """
+
+    name: str
+    protocol: Protocol
+    rows: list[ClipScore]
+    method: dict[str, float] | None
+    baselines: dict[str, dict[str, Any]]
+    accounting: dict[str, int]
+    excluded: list[Exclusion]
+    notes: list[str] = field(default_factory=list)
+    extended: ExtendedResult | None = None
+
+    @property
+    def n(self) -> int:
+        """Clips scored."""
+        return self.accounting["scored"]
+
+    def n_explained(self) -> str:
+        """How N was reached, e.g. ``5158 requested - 2 excluded (empty ground truth ...) = 5156 scored``."""
+        a = self.accounting
+        parts = [f"{a['requested']} requested"]
+        for stage, key in zip(STAGES, ("no_annotation", "no_frame_audio", "no_map", "excluded")):
+            if a[key]:
+                kinds = Counter(_reason_kind(e.reason) for e in self.excluded if e.stage == stage)
+                detail = "; ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+                label = {"no annotation": "without annotation", "no frame/audio": "without frame/audio",
+                         "no map": "without a map", "excluded": "excluded"}[stage]
+                parts.append(f"- {a[key]} {label} ({detail})")
+        text = " ".join(parts) + f" = {a['scored']} scored"
+        if a.get("maps_unused"):
+            text += f" ({a['maps_unused']} maps for clips not requested were ignored)"
+        return text
+
+
+def _reason_kind(reason: str) -> str:
+    """The reason up to its first colon: groups 'frame file missing: /a' and 'frame file missing: /b'."""
+    return reason.split(":", 1)[0]
+
+
+def _dedupe(ids: Iterable[str]) -> tuple[list[str], int]:
+    seen: set[str] = set()
+    out = []
+    for cid in ids:
+        if cid not in seen:
+            seen.add(cid)
+            out.append(cid)
+    return out, sum(1 for _ in ids) - len(out) if isinstance(ids, Sequence) else 0
+
+
+def _map_problem(array: np.ndarray) -> str | None:
+    array = np.asarray(array)
+    if array.ndim != 2 or 0 in array.shape:
+        return f"invalid map: shape {tuple(array.shape)}, expected a 2-D (h, w) map"
+    bad = int(np.size(array) - np.isfinite(array).sum())
+    if bad:
+        return f"invalid map: {bad} non-finite values (NaN or inf)"
+    return None
+
+
+def _gt_for(annotation: Annotation, protocol: Protocol) -> np.ndarray:
+    return metrics.gt_map(annotation.boxes, annotation.kind, protocol.size, protocol.clip_boxes)
+
+
+def _gt_problem(annotation: Annotation, protocol: Protocol) -> str | None:
+    try:
+        gt = _gt_for(annotation, protocol)
+    except ValueError as exc:
+        return f"unusable box: {exc}"
+    if not gt.any():
+        boxes = [list(b) for b in annotation.boxes]
+        if annotation.kind == "vggss" and protocol.clip_boxes:
+            return f"empty ground truth after clipping boxes to [0, 1]: {boxes}"
+        return f"empty ground truth: {boxes}"
+    return None
+
+
+def _stage_summary(values: dict[str, np.ndarray]) -> dict[str, float]:
+    return metrics.summarise(values["iou"], values["pointing"], values["pred_area"])
+
+
+def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
+               protocol: str | Protocol, ids: Sequence[str] | None = None, *,
+               unavailable: Mapping[str, str] | None = None, annotation_problems: Mapping[str, str] | None = None,
+               baselines: bool = True, random_seeds: Sequence[int] = RANDOM_SEEDS, clip_boxes: bool | None = None,
+               name: str = "", notes: Sequence[str] = (),
+               progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Score maps (or only the baselines when ``maps`` is None) under a protocol, on the requested clips.
+
+    maps: {clip id: (h, w) map, any size}; ids: the requested clips (default: every annotated clip, in order).
+    ``unavailable``: id -> why its frame/audio is missing (model path); ``annotation_problems``: id -> why it has no
+    annotation (used as the reason text). ``clip_boxes`` overrides the protocol's VGG-SS clipping (False: SSL-TIE's
+    literal, unclipped ``int(x * 224)``). Baselines are computed on exactly the scored clips:
+
+    * ``centre``: :func:`metrics.centre_prior_map`, a centred Gaussian: every preset predicts a centred disc of about
+      half of the frame;
+    * ``random``: i.i.d. uniform maps at the protocol's ``map_size``, upsampled like a model's map; the mean (and
+      ``*_std``) over ``random_seeds``;
+    * ``whole_frame``: a constant map, which every preset binarises to the whole frame; IoU = GT area share;
+    * ``oracle``: :func:`metrics.oracle_ious`, the best IoU a prediction of the rule's area can reach (1 for ``sspl``).
+
+    Raises DataError when no clip can be scored (with the accounting).
+    """
+    proto = get_protocol(protocol)
+    if clip_boxes is not None:
+        proto = dataclasses.replace(proto, clip_boxes=clip_boxes)
+    unavailable = unavailable or {}
+    annotation_problems = annotation_problems or {}
+    requested_raw = list(ids) if ids is not None else list(annotations)
+    requested, duplicates = _dedupe(requested_raw)
+    notes = list(notes)
+    if duplicates:
+        notes.append(f"{duplicates} duplicate ids in the requested list were counted once")
+
+    excluded: list[Exclusion] = []
+    scored: list[str] = []
+    for cid in requested:
+        annotation = annotations.get(cid)
+        if annotation is None:
+            excluded.append(Exclusion(cid, "no annotation", annotation_problems.get(cid, "no annotation for this id")))
+        elif cid in unavailable:
+            excluded.append(Exclusion(cid, "no frame/audio", unavailable[cid]))
+        elif maps is not None and cid not in maps:
+            excluded.append(Exclusion(cid, "no map", "no map for this clip id"))
+        else:
+            problem = _gt_problem(annotation, proto) or (_map_problem(maps[cid]) if maps is not None else None)
+            if problem:
+                excluded.append(Exclusion(cid, "excluded", problem))
+            else:
+                scored.append(cid)
+
+    stage_counts = Counter(e.stage for e in excluded)
+    requested_set = set(requested)
+    accounting = {
+        "requested": len(requested),
+        "no_annotation": stage_counts["no annotation"],
+        "no_frame_audio": stage_counts["no frame/audio"],
+        "no_map": stage_counts["no map"],
+        "excluded": stage_counts["excluded"],
+        "scored": len(scored),
+        "maps_unused": sum(1 for cid in maps if cid not in requested_set) if maps is not None else 0,
+    }
+    if not scored:
+        kinds = Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in excluded)
+        raise DataError(f"no clip could be scored ({len(requested)} requested)",
+                        [f"{count} x {kind}" for kind, count in kinds.most_common()]
+                        or ["the requested id list is empty"])
+
+    rows, method_values, baseline_values = _score_scored(scored, maps, annotations, proto, baselines,
+                                                         random_seeds, progress)
+    baseline_summaries: dict[str, dict[str, Any]] = {}
+    if baselines:
+        for key in ("centre", "whole_frame", "oracle"):
+            baseline_summaries[key] = _stage_summary(baseline_values[key])
+        per_seed = [_stage_summary(baseline_values[f"random_{seed}"]) for seed in random_seeds]
+        random_summary: dict[str, Any] = {}
+        for metric in ("ciou", "auc", "mean_iou", "pointing", "pred_area"):
+            values = np.array([s[metric] for s in per_seed])
+            random_summary[metric] = float(values.mean())
+            random_summary[f"{metric}_std"] = float(values.std())
+        random_summary["n"] = len(scored)
+        random_summary["seeds"] = list(random_seeds)
+        baseline_summaries["random"] = random_summary
+        baseline_summaries = {k: baseline_summaries[k] for k in BASELINE_LABELS}
+    return EvalResult(
+        name=name, protocol=proto, rows=rows,
+        method=_stage_summary(method_values) if maps is not None else None,
+        baselines=baseline_summaries, accounting=accounting, excluded=excluded, notes=notes,
+    )
+
+
+def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
+                  proto: Protocol, baselines: bool, random_seeds: Sequence[int],
+                  progress: Callable[[int], None] | None
+                  ) -> tuple[list[ClipScore], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """The per-clip pass, CHUNK clips at a time; the ground truth of a chunk is built once and shared by all maps."""
+    size = proto.size
+    n = len(scored)
+    method = {k: np.empty(n) for k in ("iou", "pointing", "pred_area")}
+    gt_area = np.empty(n)
+    names = (["centre", "whole_frame", "oracle"] + [f"random_{s}" for s in random_seeds]) if baselines else []
+    base = {name: {k: np.empty(n) for k in ("iou", "pointing", "pred_area")} for name in names}
+    if baselines:
+        centre = torch.from_numpy(metrics.centre_prior_map(size))[None]
+        centre_mask = metrics.binarise(centre, proto.threshold)
+        centre_at_max = (centre == centre.amax())
+        random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
+                       for s in random_seeds}
+        nominal = metrics.nominal_predicted_pixels(proto.threshold, size * size)
+    for start in range(0, n, CHUNK):
+        chunk = scored[start:start + CHUNK]
+        sl = slice(start, start + len(chunk))
+        gt = torch.from_numpy(np.stack([_gt_for(annotations[cid], proto) for cid in chunk]))
+        gt_area[sl] = (gt > 0).reshape(len(chunk), -1).double().mean(dim=1).numpy()
+        if maps is not None:
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, cid in enumerate(chunk):
+                by_shape.setdefault(np.shape(maps[cid]), []).append(i)
+            for index in by_shape.values():
+                batch = torch.from_numpy(np.stack([np.asarray(maps[chunk[i]], dtype=np.float32) for i in index]))
+                scores = metrics.localisation_scores(batch, gt[index], proto)
+                rows_at = np.asarray(index) + start
+                method["iou"][rows_at] = scores.iou
+                method["pointing"][rows_at] = scores.pointing
+                method["pred_area"][rows_at] = scores.pred_area
+        if baselines:
+            b = len(chunk)
+            base["centre"]["iou"][sl] = metrics.iou_scores(centre_mask.expand(b, -1, -1), gt).numpy()
+            base["centre"]["pointing"][sl] = (
+                (centre_at_max & (gt > 0)).reshape(b, -1).sum(1).double() / centre_at_max.sum().double()).numpy()
+            base["centre"]["pred_area"][sl] = centre_mask.double().mean().item()
+            whole = torch.ones((b, size, size), dtype=torch.bool)
+            base["whole_frame"]["iou"][sl] = metrics.iou_scores(whole, gt).numpy()
+            base["whole_frame"]["pointing"][sl] = gt_area[sl]
+            base["whole_frame"]["pred_area"][sl] = 1.0
+            base["oracle"]["iou"][sl] = metrics.oracle_ious(gt, proto.threshold).numpy()
+            base["oracle"]["pointing"][sl] = 1.0
+            base["oracle"]["pred_area"][sl] = (nominal / (size * size) if nominal is not None
+                                               else gt_area[sl])
+            for s in random_seeds:
+                scores = metrics.localisation_scores(torch.from_numpy(random_maps[s][sl]), gt, proto)
+                base[f"random_{s}"]["iou"][sl] = scores.iou
+                base[f"random_{s}"]["pointing"][sl] = scores.pointing
+                base[f"random_{s}"]["pred_area"][sl] = scores.pred_area
+        if progress is not None:
+            progress(len(chunk))
+    rows = []
+    if maps is not None:
+        rows = [ClipScore(cid, float(method["iou"][i]), bool(method["iou"][i] >= metrics.CIOU_THRESHOLD),
+                          float(gt_area[i]), float(method["pointing"][i]), float(method["pred_area"][i]))
+                for i, cid in enumerate(scored)]
+    return rows, method, base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLAVC extended evaluation
+
+
+def silent_pair_key(video: str, audio: str) -> str:
+    """The map key of a non-sounding pair (frame of ``video`` with audio of ``audio``): ``<video>+<audio>``."""
+    return f"{video}+{audio}"
+
+
+def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """The non-sounding pairs of a SLAVC ``*_plus_silent.csv`` (``video,audio,label`` rows, label ``non-sounding``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{path}: non-sounding pairs list not found") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or [c.strip().lower() for c in rows[0][:3]] != ["video", "audio", "label"]:
+        raise DataError(f"{path}: expected a 'video,audio,label' header (SLAVC's *_plus_silent.csv), "
+                        f"got {','.join(rows[0]) if rows else 'an empty file'}")
+    pairs = []
+    for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) < 3:
+            raise DataError(f"{path}: line {number}: expected video,audio,label, got {','.join(row)}")
+        if row[2].strip() == "non-sounding":
+            pairs.append((row[0].strip(), row[1].strip()))
+    return pairs
+
+
+def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping[str, np.ndarray],
+                   annotations: Mapping[str, Annotation], *, protocol: str | Protocol = "slavc",
+                   value_range: tuple[float, float] = (-1.0, 1.0),
+                   iou_threshold: float = metrics.CIOU_THRESHOLD) -> ExtendedResult:
+    """SLAVC's extended evaluation: can the model tell sounding pairs from non-sounding ones, and localise the former?
+
+    sounding_maps: {clip id: (h, w) map of the frame with its own audio} (clips with boxes); silent_maps:
+    {pair key: (h, w) map} of the non-sounding pairs (:func:`silent_pair_key`). Every map is upsampled by the
+    protocol (SLAVC: bicubic, align_corners=True); its confidence is :func:`metrics.slavc_confidence` with the fixed
+    ``value_range`` of the raw map ((-1, 1) for cosine maps); a sounding pair's IoU uses the protocol's rule
+    (SLAVC: relative 50%, ``>= sorted[N/2]``). AP and max-F1 are over all distinct confidences (``ap``, ``max_f1``)
+    and with SLAVC's released threshold sampling (``ap_slavc``, ``max_f1_slavc``); see :func:`metrics.extended_ap`.
+    Sounding clips without annotation, with an empty ground truth or with a non-finite map are excluded and listed.
+    """
+    proto = get_protocol(protocol)
+    excluded: list[Exclusion] = []
+    confidence: list[np.ndarray] = []
+    ious: list[np.ndarray] = []
+    sounding_flags: list[np.ndarray] = []
+    for items, sounding in ((sounding_maps, True), (silent_maps, False)):
+        usable: list[str] = []
+        for key, m in items.items():
+            problem = _map_problem(m)
+            if sounding and problem is None:
+                annotation = annotations.get(key)
+                problem = (_gt_problem(annotation, proto) if annotation is not None
+                           else "no annotation for this id")
+            if problem:
+                excluded.append(Exclusion(key, "excluded", problem))
+            else:
+                usable.append(key)
+        for start in range(0, len(usable), CHUNK):
+            chunk = usable[start:start + CHUNK]
+            by_shape: dict[tuple[int, ...], list[str]] = {}
+            for key in chunk:
+                by_shape.setdefault(np.shape(items[key]), []).append(key)
+            for keys in by_shape.values():
+                up = metrics.upsample_maps(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
+                                                                      for k in keys])), proto.upsample, proto.size)
+                confidence.append(metrics.slavc_confidence(up, value_range).numpy())
+                sounding_flags.append(np.full(len(keys), sounding))
+                if sounding:
+                    gt = torch.from_numpy(np.stack([_gt_for(annotations[k], proto) for k in keys]))
+                    ious.append(metrics.iou_scores(metrics.binarise(up, proto.threshold), gt).numpy())
+                else:
+                    ious.append(np.zeros(len(keys)))
+    flags = np.concatenate(sounding_flags) if sounding_flags else np.zeros(0, bool)
+    n_sounding, n_silent = int(flags.sum()), int((~flags).sum())
+    if not n_sounding or not n_silent:
+        raise DataError(f"the extended evaluation needs both kinds of pairs; got {n_sounding} usable sounding and "
+                        f"{n_silent} usable non-sounding pairs ({len(excluded)} excluded)")
+    conf, iou = np.concatenate(confidence), np.concatenate(ious)
+    return ExtendedResult(
+        protocol=proto.name, value_range=tuple(value_range), iou_threshold=iou_threshold,
+        n_sounding=n_sounding, n_silent=n_silent,
+        ap=metrics.extended_ap(conf, iou, flags, iou_threshold, "all"),
+        ap_slavc=metrics.extended_ap(conf, iou, flags, iou_threshold, "slavc"),
+        max_f1=metrics.extended_max_f1(conf, iou, flags, iou_threshold, "all"),
+        max_f1_slavc=metrics.extended_max_f1(conf, iou, flags, iou_threshold, "slavc"),
+        excluded=excluded,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf become null so metrics.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def result_dict(result: EvalResult) -> dict[str, Any]:
+    """The content of ``metrics.json``: protocol settings, N accounting, method, baselines, extended, exclusions."""
+    return _json_safe({
+        "name": result.name,
+        "protocol": dataclasses.asdict(result.protocol),
+        "n": result.n,
+        "accounting": result.accounting,
+        "n_explained": result.n_explained(),
+        "method": result.method,
+        "baselines": result.baselines,
+        "extended": result.extended.to_dict() if result.extended is not None else None,
+        "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
+        "notes": result.notes,
+    })
+
+
+def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def write_outputs(result: EvalResult, out_dir: str | Path, *, maps: Mapping[str, np.ndarray] | None = None,
+                  frames: Mapping[str, str] | None = None, annotations: Mapping[str, Annotation] | None = None,
+                  gallery_count: int = 4) -> dict[str, Path]:
+    """Write ``metrics.json``, ``per_clip.csv``, ``excluded.csv`` and, when maps, frames and annotations are given
+    for scored clips, ``gallery.png`` (the ``gallery_count`` best and worst clips). Returns {kind: path}.
+
+    per_clip.csv: ``id,iou,hit,gt_area,pointing,pred_area,protocol`` (areas are shares of the 224 x 224 frame);
+    excluded.csv: ``id,stage,reason``. Every file is written atomically.
+    """
+    out_dir = Path(out_dir)
+    written = {"metrics": out_dir / "metrics.json", "per_clip": out_dir / "per_clip.csv",
+               "excluded": out_dir / "excluded.csv"}
+    atomic_write_bytes(written["metrics"], (json.dumps(result_dict(result), indent=2) + "\n").encode())
+    atomic_write_bytes(written["per_clip"], _csv_bytes(
+        ("id", "iou", "hit", "gt_area", "pointing", "pred_area", "protocol"),
+        ((r.id, repr(r.iou), int(r.hit), repr(r.gt_area), repr(r.pointing), repr(r.pred_area), result.protocol.name)
+         for r in result.rows)))
+    atomic_write_bytes(written["excluded"], _csv_bytes(
+        ("id", "stage", "reason"), ((e.id, e.stage, e.reason) for e in result.excluded)))
+    if maps is not None and frames and annotations is not None:
+        gallery = _write_gallery(result, maps, frames, annotations, out_dir / "gallery.png", gallery_count)
+        if gallery is not None:
+            written["gallery"] = gallery
+    return written
+
+
+def _load_frame(path: str, mode: str, size: int) -> np.ndarray:
+    """A frame as the model saw it: (size, size, 3) uint8 after the protocol's image pre-processing."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if mode == "resize_square":
+            image = image.resize((size, size), Image.BICUBIC)
+        else:
+            w, h = image.size
+            scale = size / min(w, h)
+            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            w, h = image.size
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+            image = image.crop((left, top, left + size, top + size))
+        return np.asarray(image)
+
+
+def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: Mapping[str, str],
+                   annotations: Mapping[str, Annotation], path: Path, count: int) -> Path | None:
+    """Best and worst clips: frame, normalised heatmap overlay, ground truth (green) and prediction (white) outlines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    candidates = [r for r in result.rows
+                  if r.id in maps and r.id in annotations and os.path.isfile(frames.get(r.id, ""))]
+    if not candidates:
+        return None
+    ranked = sorted(candidates, key=lambda r: (-r.iou, r.id))
+    picks = ranked[:count] + [r for r in ranked[::-1][:count] if r not in ranked[:count]]
+    proto = result.protocol
+    columns = min(len(picks), count)
+    rows = math.ceil(len(picks) / columns)
+    figure = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    FigureCanvasAgg(figure)
+    for i, row in enumerate(picks):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        up = metrics.upsample_maps(torch.from_numpy(np.asarray(maps[row.id], np.float32))[None], proto.upsample,
+                                   proto.size)
+        heat, _ = metrics.minmax_normalise(up)
+        mask = metrics.binarise(up, proto.threshold)[0].numpy()
+        gt = _gt_for(annotations[row.id], proto)
+        axes.imshow(_load_frame(frames[row.id], proto.image_preprocessing, proto.size))
+        axes.imshow(heat[0].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+        levels = [0.25, 0.75] if gt.max() > 0 and (gt == 0.5).any() else [0.5]
+        axes.contour(gt, levels=levels, colors="lime", linewidths=1.2)
+        if mask.any() and not mask.all():
+            axes.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.9, linestyles="dashed")
+        axes.set_title(f"{row.id}\nIoU {row.iou:.2f}", fontsize=7)
+        axes.set_axis_off()
+    figure.suptitle(f"{result.name or 'eval'} ({proto.name}): best and worst IoU; green = ground truth, "
+                    f"white = prediction", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _metric_name(prefix: str) -> str:
+    """A prefix MLflow accepts: characters outside [/\\w.\\- ] become '_'."""
+    return re.sub(r"[^/\w.\- ]", "_", prefix).strip("/") or "eval"
+
+
+def mlflow_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
+    """Finite metrics under names MLflow accepts: ``<prefix>/ciou``, ``<prefix>/baseline_centre/auc``,
+    ``<prefix>/oracle/ciou``, ``<prefix>/extended/ap``, ``<prefix>/n``, ...
+    """
+    base = _metric_name(prefix)
+    out: dict[str, float] = {f"{base}/n": float(result.n), f"{base}/n_requested": float(result.accounting["requested"])}
+    keys = ("ciou", "auc", "mean_iou", "pointing", "pred_area")
+    if result.method is not None:
+        out.update({f"{base}/{k}": result.method[k] for k in keys})
+    for name, summary in result.baselines.items():
+        group = "oracle" if name == "oracle" else f"baseline_{name}"
+        out.update({f"{base}/{group}/{k}": summary[k] for k in keys})
+    if result.extended is not None:
+        ext = result.extended
+        out.update({f"{base}/extended/{k}": float(getattr(ext, k))
+                    for k in ("ap", "ap_slavc", "max_f1", "max_f1_slavc", "n_sounding", "n_silent")})
+    out = {k: float(v) for k, v in out.items() if math.isfinite(v)}
+    assert all(MLFLOW_NAME.match(k) for k in out), "metric names must match MLflow's pattern"
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}"
+
+
+def result_table(result: EvalResult) -> "Table":
+    """A rich table: the maps (if any), the baselines and the oracle ceiling; cIoU, AUC, mean IoU, pointing and
+    predicted area in percent. The title names the set, the protocol and N; the caption says how N was reached.
+    """
+    from rich.table import Table
+
+    proto = result.protocol
+    table = Table(title=f"{result.name or 'evaluation'} · protocol {proto.name} · N = {result.n}",
+                  caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, min-max, "
+                           f"{proto.threshold.replace('_', ' ')}; frames {proto.image_preprocessing.replace('_', ' ')}"
+                           f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}"),
+                  caption_justify="left")
+    table.add_column("method")
+    for title in ("cIoU", "AUC", "mean IoU", "pointing", "pred. area"):
+        table.add_column(title, justify="right")
+    keys = ("ciou", "auc", "mean_iou", "pointing", "pred_area")
+    if result.method is not None:
+        table.add_row(result.name or "maps", *(_pct(result.method[k]) for k in keys))
+    for name, summary in result.baselines.items():
+        label = BASELINE_LABELS[name]
+        if name == "random":
+            label += f" ({len(summary['seeds'])} seeds, ± std)"
+            cells = [f"{_pct(summary[k])} ± {100 * summary[f'{k}_std']:.2f}" for k in keys]
+        else:
+            cells = [_pct(summary[k]) for k in keys]
+        table.add_row(label, *cells, style="dim" if name != "oracle" else "italic")
+    if result.extended is not None:
+        ext = result.extended
+        table.caption += (f"\nextended ({ext.protocol}, {ext.n_sounding} sounding + {ext.n_silent} non-sounding "
+                          f"pairs): AP {_pct(ext.ap)} (SLAVC sampling {_pct(ext.ap_slavc)}), max-F1 "
+                          f"{_pct(ext.max_f1)} (SLAVC sampling {_pct(ext.max_f1_slavc)})")
+    return table

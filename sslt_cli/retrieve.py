@@ -1,0 +1,740 @@
+"""Retrieval: audio->audio (a2a), audio->image (a2i) and image->audio (i2a), as in SSL-TIE section 4.5.
+
+No retrieval code was released with the paper, so sslt defines the protocol here.
+
+Protocol
+--------
+* **Clips.** Every usable clip of the chosen set whose id has a label (``--labels``: VGGSound's CSV
+  ``ytid,start,label,split`` with id ``<ytid>_<start:06d>``, a two-column ``id,label`` CSV, the VGG-SS JSON, or, with
+  no file, the manifest's ``label`` column). Clips without a label are counted and reported, never used.
+* **Classes.** ``all`` (every label present), ``novel`` (the classes the run's recipe held out of training,
+  ``data.holdout_classes``), or an explicit list (comma-separated or a file with one class per line).
+* **Gallery and queries.** The gallery is every labelled clip of the chosen classes; each of those clips in turn is
+  the query, and the query clip itself is left out of its own gallery in every task (for a2i/i2a that removes the
+  query's paired image/audio, so the task measures semantic retrieval, not instance matching). A gallery item is
+  *relevant* when it has the query's label. A query with no relevant item (its class has one clip) cannot score and is
+  counted in ``n_queries_without_relevant`` and left out of every mean.
+* **Embeddings.** Audio: the model's pooled, L2-normalised audio embedding (512-d). Image: the L2-normalised visual map
+  ``(512, h, w)``, pooled over positions either by averaging (``avg``, default) or by a channel-wise max (``max``), then
+  re-normalised.
+* **Scores.** a2a: cosine of audio embeddings. a2i/i2a: ``loc`` (default, used for the paper-style figures) = the
+  audio-visual localisation score, the maximum over positions of the cosine map between the image's map and the audio
+  embedding (the quantity the model is trained on: it only ever compares an audio embedding with map positions), or
+  ``pooled`` = cosine of the audio embedding and the pooled image embedding (cheaper: needs no maps).
+* **Ranking.** Descending score; ties are broken by ascending gallery index (a stable sort), so results are
+  deterministic. Ranking runs over chunks of queries so the (Q, G) matrix never exists whole; ``loc`` also chunks the
+  gallery so the (q x g x h x w) product stays within a fixed budget.
+* **Metrics** (means over the queries that have a relevant item; stored as fractions, printed x100):
+  A@k = a relevant item among the top k; P@k = relevant items in the top k / k; R@k = relevant items in the top k /
+  all relevant items; mAP = mean over queries of average precision over the full ranking,
+  ``AP = (1/m) sum over relevant items of (relevant items ranked at or above it) / its rank``.
+* **Random baseline**, exact in expectation over uniformly random orderings of the same gallery (no sampling noise),
+  with N gallery items of which m are relevant: A@k = 1 - C(N-m, k) / C(N, k); P@k = m / N; R@k = k / N;
+  E[AP] = H_N / N + (m - 1)(N - H_N) / (N (N - 1)), H_N the N-th harmonic number (from E[hit_r] = m/N and
+  E[hit_r hit_s] = m(m-1)/(N(N-1)) for r != s).
+
+The first part of this module holds the pure metric functions (torch and the standard library only); the rest embeds
+clips, caches the embeddings, and writes the tables, files and gallery.
+"""
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import torch
+
+from sslt_cli.data.annotations import load_vggss_json
+from sslt_cli.data.manifest import atomic_write_bytes
+from sslt_cli.errors import CheckpointError, DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from rich.table import Table
+
+TASKS = ("a2a", "a2i", "i2a")
+KS = (1, 5, 10)
+TOP_N = 5
+# Elements of one (queries x gallery) block: the sort keeps values + int64 indices + hits + a cumulative sum,
+# about 30 bytes an element, so 2**23 elements is ~250 MB whatever the gallery size.
+BLOCK_ELEMENTS = 2 ** 23
+EMBEDDINGS_FORMAT = "sslt-retrieval-embeddings/1"
+
+
+# ------------------------------------------------------------------------------------------- pure metric functions
+
+@dataclass
+class RankedQueries:
+    """Per-query ranking results.
+
+    ``top_indices``: (Q, top_n) gallery indices, best first. ``hits``: (Q, max_k) bool, a relevant item at rank 1..max_k.
+    ``n_relevant``: (Q,) relevant items in the query's gallery (itself excluded). ``gallery_size``: (Q,) items ranked
+    for the query (G, or G - 1 with self-exclusion). ``ap``: (Q,) float64 average precision, NaN where n_relevant is 0.
+    """
+
+    top_indices: torch.Tensor
+    hits: torch.Tensor
+    n_relevant: torch.Tensor
+    gallery_size: torch.Tensor
+    ap: torch.Tensor
+
+
+def rank_block(similarity: torch.Tensor, query_labels: torch.Tensor, gallery_labels: torch.Tensor,
+               exclude: torch.Tensor | None = None, max_k: int = max(KS), top_n: int = TOP_N) -> RankedQueries:
+    """Rank a gallery for each query of one block and score the ranking.
+
+    similarity: (Q, G) finite scores, higher is better. query_labels: (Q,) int class ids. gallery_labels: (G,) int
+    class ids. exclude: (Q,) gallery index each query leaves out (its own clip), -1 for none; None for no exclusion.
+    Ties are broken by ascending gallery index. Returns a :class:`RankedQueries` on the CPU.
+    """
+    n_queries, n_gallery = similarity.shape
+    if query_labels.shape != (n_queries,) or gallery_labels.shape != (n_gallery,):
+        raise ValueError(f"labels have shapes {tuple(query_labels.shape)} and {tuple(gallery_labels.shape)} for a "
+                         f"{n_queries} x {n_gallery} similarity")
+    if not bool(torch.isfinite(similarity).all()):
+        raise ValueError("similarity holds NaN or infinite values")
+    device = similarity.device
+    query_labels = query_labels.to(device)
+    gallery_labels = gallery_labels.to(device)
+    relevant = query_labels[:, None] == gallery_labels[None, :]
+    gallery_size = torch.full((n_queries,), n_gallery, dtype=torch.int64, device=device)
+    if exclude is not None:
+        exclude = exclude.to(device)
+        rows = torch.nonzero(exclude >= 0).squeeze(1)
+        # -inf sends the excluded item to the very end, behind every finite score, so it shifts no other rank.
+        similarity = similarity.clone()
+        similarity[rows, exclude[rows]] = -math.inf
+        relevant = relevant.clone()
+        relevant[rows, exclude[rows]] = False
+        gallery_size[rows] -= 1
+    if n_queries and int(gallery_size.min()) < max(max_k, top_n):
+        raise ValueError(f"a gallery of {int(gallery_size.min())} items is smaller than k = {max(max_k, top_n)}")
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices
+    hits_sorted = torch.gather(relevant, 1, order)
+    n_relevant = relevant.sum(dim=1)
+    found_so_far = hits_sorted.cumsum(dim=1, dtype=torch.int32)
+    ranks = torch.arange(1, n_gallery + 1, device=device, dtype=torch.float64)
+    precision_sum = (found_so_far.to(torch.float64) / ranks * hits_sorted).sum(dim=1)
+    ap = precision_sum / n_relevant.to(torch.float64)  # 0/0 -> NaN for queries with nothing to find
+    return RankedQueries(
+        top_indices=order[:, :top_n].cpu(), hits=hits_sorted[:, :max_k].cpu(), n_relevant=n_relevant.cpu(),
+        gallery_size=gallery_size.cpu(), ap=ap.cpu(),
+    )
+
+
+def block_rows(n_gallery: int, budget: int = BLOCK_ELEMENTS) -> int:
+    """Queries per block so a (queries x n_gallery) block holds about ``budget`` elements (at least 1)."""
+    return max(1, budget // max(1, n_gallery))
+
+
+def rank_in_chunks(score_rows: Callable[[int, int], torch.Tensor], n_queries: int, query_labels: torch.Tensor,
+                   gallery_labels: torch.Tensor, exclude: torch.Tensor | None = None, max_k: int = max(KS),
+                   top_n: int = TOP_N, rows_per_chunk: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> RankedQueries:
+    """:func:`rank_block` over chunks of queries, so the (Q, G) similarity never exists whole.
+
+    score_rows(start, stop): the (stop - start, G) similarity of queries start..stop-1 with the whole gallery.
+    rows_per_chunk: queries per chunk (default :func:`block_rows`). progress(n): called with the queries done so far.
+    Identical to one :func:`rank_block` call on the full matrix.
+    """
+    rows = rows_per_chunk or block_rows(len(gallery_labels))
+    parts = []
+    for start in range(0, n_queries, rows):
+        stop = min(n_queries, start + rows)
+        parts.append(rank_block(score_rows(start, stop), query_labels[start:stop], gallery_labels,
+                                None if exclude is None else exclude[start:stop], max_k=max_k, top_n=top_n))
+        if progress is not None:
+            progress(stop)
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return RankedQueries(torch.zeros(0, top_n, dtype=torch.int64), torch.zeros(0, max_k, dtype=torch.bool),
+                             empty, empty, torch.zeros(0, dtype=torch.float64))
+    return RankedQueries(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                           ("top_indices", "hits", "n_relevant", "gallery_size", "ap")))
+
+
+def summarise(ranked: RankedQueries, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Mean metrics over the queries with at least one relevant item: ``a_at_k``, ``p_at_k``, ``r_at_k`` for each k,
+    and ``map``; fractions in [0, 1]. NaN everywhere if no query has a relevant item."""
+    scored = ranked.n_relevant > 0
+    hits = ranked.hits[scored].to(torch.float64)
+    m = ranked.n_relevant[scored].to(torch.float64)
+    out: dict[str, float] = {}
+    for k in ks:
+        if k > hits.shape[1]:
+            raise ValueError(f"k = {k} exceeds the {hits.shape[1]} ranks kept")
+        found = hits[:, :k].sum(dim=1)
+        out[f"a_at_{k}"] = float((found > 0).to(torch.float64).mean())
+        out[f"p_at_{k}"] = float((found / k).mean())
+        out[f"r_at_{k}"] = float((found / m).mean())
+    out["map"] = float(ranked.ap[scored].mean())
+    return out
+
+
+def harmonic_number(n: int) -> float:
+    """H_n = 1 + 1/2 + ... + 1/n: the sum below n = 1000, the asymptotic expansion above (next term < 1e-20)."""
+    if n < 1000:
+        return math.fsum(1.0 / i for i in range(1, n + 1))
+    return math.log(n) + 0.5772156649015329 + 1 / (2 * n) - 1 / (12 * n ** 2) + 1 / (120 * n ** 4)
+
+
+def random_hit_probability(n_relevant: int, gallery_size: int, k: int) -> float:
+    """P(a relevant item among the top k) under a uniformly random order: 1 - C(N-m, k) / C(N, k)."""
+    miss = 1.0
+    for i in range(k):
+        if gallery_size - n_relevant - i <= 0:
+            return 1.0
+        miss *= (gallery_size - n_relevant - i) / (gallery_size - i)
+    return 1.0 - miss
+
+
+def random_average_precision(n_relevant: int, gallery_size: int) -> float:
+    """E[AP] under a uniformly random order of N items, m of them relevant: H_N/N + (m-1)(N-H_N)/(N(N-1))."""
+    n, m = gallery_size, n_relevant
+    if n == 1:
+        return 1.0
+    h = harmonic_number(n)
+    return h / n + (m - 1) * (n - h) / (n * (n - 1))
+
+
+def random_baseline(n_relevant: torch.Tensor, gallery_size: torch.Tensor,
+                    ks: Sequence[int] = KS) -> dict[str, float]:
+    """The exact expectation of :func:`summarise` under uniformly random rankings of the same galleries.
+
+    n_relevant: (Q,) relevant items per query; gallery_size: (Q,) items ranked per query. Queries with no relevant
+    item are left out, as in :func:`summarise`. Same keys as :func:`summarise`.
+    """
+    pairs = [(int(m), int(n)) for m, n in zip(n_relevant.tolist(), gallery_size.tolist()) if m > 0]
+    if not pairs:
+        return {**{f"{w}_at_{k}": math.nan for k in ks for w in "apr"}, "map": math.nan}
+    # Queries share a handful of (m, N) pairs (one per class), so each expectation is computed once per pair.
+    counts: dict[tuple[int, int], int] = {}
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
+    total = len(pairs)
+
+    def mean(f: Callable[[int, int], float]) -> float:
+        return math.fsum(c * f(m, n) for (m, n), c in counts.items()) / total
+
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"a_at_{k}"] = mean(lambda m, n: random_hit_probability(m, n, k))
+        out[f"p_at_{k}"] = mean(lambda m, n: m / n)
+        out[f"r_at_{k}"] = mean(lambda m, n: min(k, n) / n)
+    out["map"] = mean(random_average_precision)
+    return out
+
+
+def cosine_rows(queries: torch.Tensor, gallery: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """score_rows for :func:`rank_in_chunks`: dot products of L2-normalised queries (Q, D) with a gallery (G, D)."""
+    def rows(start: int, stop: int) -> torch.Tensor:
+        return queries[start:stop].float() @ gallery.T.float()
+    return rows
+
+
+def localisation_rows(audio: torch.Tensor, maps: torch.Tensor, queries_are: str,
+                      budget: int = BLOCK_ELEMENTS) -> Callable[[int, int], torch.Tensor]:
+    """score_rows for the audio-visual localisation score: max over positions p of <maps[i, p], audio[j]>.
+
+    audio: (Na, D) L2-normalised audio embeddings. maps: (Ni, P, D) L2-normalised visual maps, positions flattened.
+    queries_are: ``audio`` (a2i: rows are audio, columns images) or ``image`` (i2a). The gallery is walked in chunks
+    so the (q x g x P) product stays within ``budget`` elements.
+    """
+    if queries_are not in ("audio", "image"):
+        raise ValueError(f"queries_are must be 'audio' or 'image', got {queries_are!r}")
+    n_positions = maps.shape[1]
+
+    def rows(start: int, stop: int) -> torch.Tensor:
+        n_rows = stop - start
+        if queries_are == "audio":
+            query_audio = audio[start:stop].float()
+            step = max(1, budget // max(1, n_rows * n_positions))
+            cols = []
+            for g in range(0, maps.shape[0], step):
+                chunk = maps[g:g + step].float()                              # (g, P, D)
+                cols.append((chunk @ query_audio.T).amax(dim=1).T)            # (g, P, q) -> (q, g)
+            return torch.cat(cols, dim=1)
+        query_maps = maps[start:stop].float()                                 # (q, P, D)
+        step = max(1, budget // max(1, n_rows * n_positions))
+        cols = []
+        for g in range(0, audio.shape[0], step):
+            cols.append((query_maps @ audio[g:g + step].float().T).amax(dim=1))  # (q, P, g) -> (q, g)
+        return torch.cat(cols, dim=1)
+
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- labels and classes
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """Clip labels from a file: ``{clip id: class}``.
+
+    Formats: VGGSound's CSV ``ytid,start,label,split`` (no header; id ``<ytid>_<start:06d>``; a label holding commas
+    is quoted, as in the real file, or spans the fields between start and split), a two-column ``id,label`` CSV (as
+    ACL-SSL's VGG-SS list), or the VGG-SS JSON (``{"file", "class", "bbox"}`` records). Blank lines and lines starting
+    with ``#`` are skipped; a row with an empty label gives no label. One id with two different labels is an error.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such label file; pass --labels with VGGSound's vggsound.csv "
+                        "(ytid,start,label,split), an id,label CSV or vggss.json")
+    if path.suffix.lower() == ".json":
+        annotations, _ = load_vggss_json(path)
+        return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
+    labels: dict[str, str] = {}
+    conflicts: list[str] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            fields = [x.strip() for x in row]
+            if len(fields) >= 3 and re.fullmatch(r"\d+", fields[1]):
+                clip_id = f"{fields[0]}_{int(fields[1]):06d}"
+                label = fields[2] if len(fields) <= 4 else ", ".join(fields[2:-1])
+            elif len(fields) == 2:
+                clip_id, label = fields
+            else:
+                raise DataError(f"{path}, line {line_no}: cannot read {','.join(row)[:120]!r}; expected VGGSound's "
+                                "ytid,start,label,split (start an integer) or id,label")
+            if not label:
+                continue
+            if labels.setdefault(clip_id, label) != label:
+                conflicts.append(f"{clip_id}: {labels[clip_id]!r} and {label!r}")
+    if conflicts:
+        raise DataError(f"{path}: {len(conflicts)} clip id(s) have two different labels; fix the file",
+                        conflicts[:5])
+    if not labels:
+        raise DataError(f"{path}: no labelled rows; expected VGGSound's ytid,start,label,split or id,label")
+    return labels
+
+
+def check_classes(names: Sequence[str], known: Sequence[str], where: str) -> list[str]:
+    """``names`` without repeats, once every one is a class of ``known``; else a DataError naming ``where``."""
+    known_set = set(known)
+    unknown = [n for n in names if n not in known_set]
+    if unknown:
+        hints = []
+        for name in unknown[:10]:
+            close = difflib.get_close_matches(name, list(known), n=1)
+            hints.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise DataError(f"{where}: {len(unknown)} class name(s) are not the label of any clip in the label file",
+                        hints)
+    if not names:
+        raise DataError(f"{where}: names no class; give 'all', 'novel', a comma list or a file with one per line")
+    return list(dict.fromkeys(names))
+
+
+def parse_class_list(spec: str, known: Sequence[str]) -> list[str]:
+    """Classes named by ``spec``: a file with one class per line, or a comma-separated list.
+
+    VGGSound class names can hold commas (``pigeon, dove cooing``): in a comma list, adjacent pieces are joined back
+    when together they name a known class (longest match first). Every name must be a class of ``known``.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        return check_classes([n for n in lines if n and not n.startswith("#")], known, str(path))
+    known_set = set(known)
+    pieces = [p.strip() for p in spec.split(",")]
+    names, i = [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i + 1, -1) if ", ".join(pieces[i:j]) in known_set), i + 1)
+        names.append(", ".join(pieces[i:j]))
+        i = j
+    return check_classes([n for n in names if n], known, "--classes")
+
+
+def select_classes(spec: str, present: Sequence[str], known: Sequence[str],
+                   holdout_classes: Sequence[str]) -> list[str]:
+    """The classes to retrieve on: ``all`` (the classes ``present`` in the set, sorted), ``novel``
+    (``holdout_classes``, those held out of training) or a list / file (:func:`parse_class_list`). Named classes are
+    checked against ``known`` (every class of the label file), so a class the set lacks is accepted and reported."""
+    if spec == "all":
+        return sorted(set(present))
+    if spec == "novel":
+        if not holdout_classes:
+            raise DataError("--classes novel: this run held no classes out of training (data.holdout_classes is "
+                            "empty); use --classes all, a comma list, or train with data.holdout_classes set")
+        return check_classes(list(holdout_classes), known, "data.holdout_classes")
+    return parse_class_list(spec, known)
+
+
+# --------------------------------------------------------------------------------------------------- embeddings
+
+@dataclass
+class ClipEmbeddings:
+    """Every embedded clip of a set, in loader order.
+
+    ``audio``: (N, D) pooled audio embeddings; ``image_avg`` / ``image_max``: (N, D) the visual map averaged /
+    max-pooled over positions and re-normalised; ``maps``: (N, h*w, D) float16 L2-normalised visual maps (positions
+    flattened, channels last), or None when not kept; ``map_size``: (h, w). ``skipped``: (id, reason) of clips the
+    loader could not read.
+    """
+
+    ids: list[str]
+    audio: torch.Tensor
+    image_avg: torch.Tensor
+    image_max: torch.Tensor
+    maps: torch.Tensor | None
+    map_size: tuple[int, int]
+    skipped: list[tuple[str, str]]
+
+
+def pool_visual_map(v: torch.Tensor, how: str) -> torch.Tensor:
+    """v: (B, D, h, w) L2-normalised map -> (B, D): the mean (``avg``) or channel-wise max (``max``) over positions,
+    re-normalised to unit length."""
+    if how == "avg":
+        pooled = v.mean(dim=(2, 3))
+    elif how == "max":
+        pooled = v.amax(dim=(2, 3))
+    else:
+        raise ValueError(f"image pooling must be 'avg' or 'max', got {how!r}")
+    return torch.nn.functional.normalize(pooled, dim=1)
+
+
+@torch.no_grad()
+def embed_clips(model: torch.nn.Module, loader: Iterable[dict], device: torch.device, keep_maps: bool,
+                progress: Callable[[int], None] | None = None) -> ClipEmbeddings:
+    """Embed every clip the loader yields, in batches, with ``model`` in eval mode.
+
+    loader: batches ``{"id": [str], "image": (B, 3, H, W), "spec": (B, 1, F, T), "skipped": [(id, reason)]}`` as
+    ``datasets.collate_skip_bad`` makes them (a batch of only unreadable clips holds just ``skipped``).
+    keep_maps: keep the (h*w, D) visual maps (float16) for the localisation score. progress(n): clips done in the
+    last batch. A non-finite embedding (a diverged checkpoint) is a CheckpointError naming the clip.
+    """
+    model.eval()
+    ids: list[str] = []
+    audio, image_avg, image_max, maps = [], [], [], []
+    skipped: list[tuple[str, str]] = []
+    map_size = (0, 0)
+    for batch in loader:
+        skipped += list(batch.get("skipped") or [])
+        if not batch.get("id"):  # every clip of the batch was unreadable
+            continue
+        v = model.embed_image(batch["image"].to(device, non_blocking=True)).float()
+        a = model.embed_audio(batch["spec"].to(device, non_blocking=True)).float()
+        bad = ~(torch.isfinite(v).flatten(1).all(dim=1) & torch.isfinite(a).all(dim=1))
+        if bool(bad.any()):
+            clip_id = batch["id"][int(torch.nonzero(bad)[0])]
+            raise CheckpointError(f"the model gives a non-finite embedding for clip {clip_id}; the checkpoint "
+                                  "has probably diverged: use an earlier checkpoint")
+        map_size = (v.shape[2], v.shape[3])
+        ids += list(batch["id"])
+        audio.append(a.cpu())
+        image_avg.append(pool_visual_map(v, "avg").cpu())
+        image_max.append(pool_visual_map(v, "max").cpu())
+        if keep_maps:
+            maps.append(v.flatten(2).transpose(1, 2).to(torch.float16).cpu())
+        if progress is not None:
+            progress(len(batch["id"]))
+    if not ids:
+        raise DataError(f"no clip could be embedded ({len(skipped)} skipped)",
+                        [f"{i}: {r}" for i, r in skipped[:10]])
+    return ClipEmbeddings(ids=ids, audio=torch.cat(audio), image_avg=torch.cat(image_avg),
+                          image_max=torch.cat(image_max), maps=torch.cat(maps) if keep_maps else None,
+                          map_size=map_size, skipped=skipped)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_embeddings(path: Path, embeddings: ClipEmbeddings, key: dict) -> None:
+    """Save to ``path`` atomically (temp file + ``os.replace``) with ``key``, the facts the embeddings depend on."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format": EMBEDDINGS_FORMAT, "key": key, "ids": embeddings.ids, "audio": embeddings.audio,
+             "image_avg": embeddings.image_avg, "image_max": embeddings.image_max, "maps": embeddings.maps,
+             "map_size": list(embeddings.map_size), "skipped": [list(s) for s in embeddings.skipped]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_embeddings(path: Path, key: dict, need_maps: bool) -> ClipEmbeddings | None:
+    """The cached embeddings at ``path`` if they were made under the same ``key`` (and hold maps when
+    ``need_maps``); None when absent, stale or unreadable, so the caller recomputes them."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a truncated or foreign file is only a cache miss: it is recomputed and replaced
+        return None
+    if not isinstance(state, dict) or state.get("format") != EMBEDDINGS_FORMAT or state.get("key") != key:
+        return None
+    if need_maps and state.get("maps") is None:
+        return None
+    return ClipEmbeddings(ids=list(state["ids"]), audio=state["audio"], image_avg=state["image_avg"],
+                          image_max=state["image_max"], maps=state["maps"] if need_maps else None,
+                          map_size=tuple(state["map_size"]), skipped=[tuple(s) for s in state["skipped"]])
+
+
+# ----------------------------------------------------------------------------------------------------- protocol
+
+@dataclass
+class TaskResult:
+    """One task's outcome. ``score``: ``cosine`` (a2a), ``loc`` or ``pooled-avg`` / ``pooled-max`` (a2i, i2a).
+    ``metrics`` / ``random``: :func:`summarise` of the ranking and the exact random baseline. ``gallery_size``: clips
+    in the gallery (each query ranks the others)."""
+
+    task: str
+    score: str
+    metrics: dict[str, float]
+    random: dict[str, float]
+    ranked: RankedQueries
+    n_queries: int
+    n_without_relevant: int
+    gallery_size: int
+    n_classes: int
+
+
+@dataclass
+class RetrievalReport:
+    """Everything :func:`run_retrieval` found. ``ids`` / ``labels``: the gallery clips (also the queries), in order.
+    ``unlabeled``: embedded clips without a label; ``skipped``: (id, reason) of clips that could not be embedded;
+    ``classes_without_clips``: chosen classes with no clip in the set."""
+
+    tasks: list[TaskResult]
+    ids: list[str]
+    labels: list[str]
+    classes: list[str]
+    classes_without_clips: list[str]
+    n_embedded: int
+    unlabeled: list[str]
+    n_other_classes: int
+    skipped: list[tuple[str, str]]
+
+
+def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], classes: str = "all",
+                  holdout_classes: Sequence[str] = (), tasks: Sequence[str] = TASKS, cross_score: str = "loc",
+                  image_pool: str = "avg", device: torch.device | str = "cpu",
+                  progress: Callable[[str, int, int], None] | None = None) -> RetrievalReport:
+    """Rank every chosen clip against the others for each task and score the rankings (protocol: module docstring).
+
+    clip_labels: {clip id: class}; known classes are its values. classes: ``all`` | ``novel`` | list | file.
+    cross_score: ``loc`` (needs ``embeddings.maps``) or ``pooled``. image_pool: ``avg`` | ``max`` (for ``pooled``).
+    progress(task, done, total): called after each chunk of queries.
+    """
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise DataError(f"--task: unknown task(s) {', '.join(unknown) or '(none)'}; use a2a, a2i, i2a or all")
+    if cross_score not in ("loc", "pooled"):
+        raise DataError(f"--score {cross_score!r}: use loc (max of the cosine map) or pooled")
+    if image_pool not in ("avg", "max"):
+        raise DataError(f"--image-pool {image_pool!r}: use avg or max")
+    if cross_score == "loc" and embeddings.maps is None and any(t != "a2a" for t in tasks):
+        raise ValueError("cross_score='loc' needs embeddings made with keep_maps=True")
+    device = torch.device(device)
+    labelled = [(i, clip_labels[c]) for i, c in enumerate(embeddings.ids) if c in clip_labels]
+    unlabeled = [c for c in embeddings.ids if c not in clip_labels]
+    present = sorted({label for _, label in labelled})
+    chosen = select_classes(classes, present, sorted(set(clip_labels.values())), holdout_classes)
+    class_index = {name: k for k, name in enumerate(chosen)}
+    rows = [(i, label) for i, label in labelled if label in class_index]
+    need = max(max(KS), TOP_N) + 1
+    if len(rows) < need:
+        raise DataError(f"retrieval needs at least {need} labelled clips of the chosen classes; found {len(rows)}",
+                        [f"{len(embeddings.ids)} clips embedded, {len(unlabeled)} without a label, "
+                         f"{len(labelled) - len(rows)} of other classes", "choose more classes or a bigger set"])
+    index = torch.tensor([i for i, _ in rows])
+    labels = torch.tensor([class_index[label] for _, label in rows])
+    exclude = torch.arange(len(rows))
+    audio = embeddings.audio[index].to(device)
+    pooled = (embeddings.image_avg if image_pool == "avg" else embeddings.image_max)[index].to(device)
+    maps = embeddings.maps[index].to(device) if cross_score == "loc" and embeddings.maps is not None else None
+    results = []
+    for task in tasks:
+        if task == "a2a":
+            score, score_rows = "cosine", cosine_rows(audio, audio)
+        elif maps is not None:
+            score, score_rows = "loc", localisation_rows(audio, maps, "audio" if task == "a2i" else "image")
+        else:
+            score = f"pooled-{image_pool}"
+            score_rows = cosine_rows(audio, pooled) if task == "a2i" else cosine_rows(pooled, audio)
+        report_progress = None if progress is None else (lambda done, t=task: progress(t, done, len(rows)))
+        ranked = rank_in_chunks(score_rows, len(rows), labels, labels, exclude, progress=report_progress)
+        results.append(TaskResult(
+            task=task, score=score, metrics=summarise(ranked), random=random_baseline(ranked.n_relevant,
+                                                                                      ranked.gallery_size),
+            ranked=ranked, n_queries=len(rows), n_without_relevant=int((ranked.n_relevant == 0).sum()),
+            gallery_size=len(rows), n_classes=len({label for _, label in rows})))
+    return RetrievalReport(
+        tasks=results, ids=[embeddings.ids[i] for i, _ in rows], labels=[label for _, label in rows],
+        classes=chosen, classes_without_clips=[c for c in chosen if c not in set(present)],
+        n_embedded=len(embeddings.ids), unlabeled=unlabeled, n_other_classes=len(labelled) - len(rows),
+        skipped=list(embeddings.skipped))
+
+
+# ------------------------------------------------------------------------------------------------------ outputs
+
+TABLE_METRICS = (("A@5", "a_at_5"), ("A@10", "a_at_10"), ("P@1", "p_at_1"), ("P@5", "p_at_5"), ("R@1", "r_at_1"),
+                 ("R@5", "r_at_5"), ("R@10", "r_at_10"), ("mAP", "map"))
+CORRECT, WRONG = "#1a9850", "#d73027"
+
+
+def task_summary(result: TaskResult, report: RetrievalReport, context: dict | None = None) -> dict:
+    """The JSON-ready record of one task: metrics, random baseline, counts and the protocol facts."""
+    return {
+        "task": result.task, "score": result.score, "metrics": result.metrics, "random": result.random,
+        "n_queries": result.n_queries, "n_queries_scored": result.n_queries - result.n_without_relevant,
+        "n_queries_without_relevant": result.n_without_relevant, "gallery_size": result.gallery_size,
+        "n_classes": result.n_classes, "classes": report.classes,
+        "classes_without_clips": report.classes_without_clips, "n_embedded": report.n_embedded,
+        "n_unlabeled": len(report.unlabeled), "n_other_classes": report.n_other_classes,
+        "n_skipped": len(report.skipped),
+        "protocol": "each clip of the chosen classes queries all the others (itself left out); ties broken by "
+                    "gallery index; means over queries with a relevant item; random = exact expectation",
+        **(context or {}),
+    }
+
+
+def write_task_outputs(out_dir: Path, result: TaskResult, report: RetrievalReport, context: dict | None = None) -> Path:
+    """Write ``<out_dir>/<task>/metrics.json`` and ``queries.csv`` (query id, label, relevant items, top-5 ids and
+    labels, hits as a 0/1 string best first, average precision). Returns the task folder."""
+    folder = out_dir / result.task
+    summary = task_summary(result, report, context)
+    atomic_write_bytes(folder / "metrics.json", (json.dumps(summary, indent=2, allow_nan=True) + "\n").encode())
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["query_id", "label", "n_relevant", *[f"top{r}_id" for r in range(1, TOP_N + 1)],
+                     *[f"top{r}_label" for r in range(1, TOP_N + 1)], f"hits_top{TOP_N}", "ap"])
+    ranked = result.ranked
+    for q, (clip_id, label) in enumerate(zip(report.ids, report.labels)):
+        top = ranked.top_indices[q].tolist()
+        hits = "".join(str(int(report.labels[g] == label)) for g in top)
+        ap = float(ranked.ap[q])
+        writer.writerow([clip_id, label, int(ranked.n_relevant[q]), *[report.ids[g] for g in top],
+                         *[report.labels[g] for g in top], hits, "" if math.isnan(ap) else f"{ap:.6f}"])
+    atomic_write_bytes(folder / "queries.csv", buf.getvalue().encode())
+    return folder
+
+
+def write_excluded(out_dir: Path, report: RetrievalReport) -> Path | None:
+    """``<out_dir>/excluded.csv``: every clip left out of retrieval for a data problem (id, reason); None if none."""
+    rows = [(c, "no label in the label file or manifest") for c in report.unlabeled]
+    rows += [(c, f"could not be read: {reason}") for c, reason in report.skipped]
+    if not rows:
+        return None
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "reason"])
+    writer.writerows(rows)
+    atomic_write_bytes(out_dir / "excluded.csv", buf.getvalue().encode())
+    return out_dir / "excluded.csv"
+
+
+def gallery_queries(result: TaskResult, report: RetrievalReport, n_rows: int, seed: int = 0) -> list[int]:
+    """Up to ``n_rows`` query indices for the picture, each of a different class: classes in a seeded random order,
+    the first scored query of each (deterministic for a given gallery and seed)."""
+    first_of_class: dict[str, int] = {}
+    for q, label in enumerate(report.labels):
+        if int(result.ranked.n_relevant[q]) > 0:
+            first_of_class.setdefault(label, q)
+    classes = sorted(first_of_class)
+    random.Random(seed).shuffle(classes)
+    return [first_of_class[c] for c in classes[:n_rows]]
+
+
+def save_gallery(path: Path, result: TaskResult, report: RetrievalReport,
+                 frame_of: Callable[[str], "np.ndarray"], spectrogram_of: Callable[[str], "np.ndarray"],
+                 n_rows: int = 6, seed: int = 0) -> list[list[bool]]:
+    """A PNG of a few queries (first column) and their top 5, frames for images and spectrograms for audio, each
+    result framed green (same class) or red. frame_of(id): (H, W, 3) uint8; spectrogram_of(id): (F, T) log-mel.
+    Returns the hit flags drawn, one list per row."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    query_kind, gallery_kind = {"a2a": ("audio", "audio"), "a2i": ("audio", "image"),
+                                "i2a": ("image", "audio")}[result.task]
+    queries = gallery_queries(result, report, n_rows, seed)
+    fig = Figure(figsize=(1.9 * (TOP_N + 1), 2.0 * max(1, len(queries))), dpi=100)
+    FigureCanvasAgg(fig)
+    drawn: list[list[bool]] = []
+
+    def show(ax, clip_id: str, kind: str, title: str, edge: str | None) -> None:
+        if kind == "image":
+            ax.imshow(frame_of(clip_id))
+        else:
+            ax.imshow(spectrogram_of(clip_id), origin="lower", aspect="auto", cmap="magma")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(edge or "black")
+            spine.set_linewidth(5 if edge else 1)
+
+    for row, q in enumerate(queries):
+        label = report.labels[q]
+        show(fig.add_subplot(len(queries), TOP_N + 1, row * (TOP_N + 1) + 1), report.ids[q], query_kind,
+             f"query\n{label[:22]}", None)
+        flags = []
+        for r, g in enumerate(result.ranked.top_indices[q].tolist(), start=1):
+            hit = report.labels[g] == label
+            flags.append(hit)
+            show(fig.add_subplot(len(queries), TOP_N + 1, row * (TOP_N + 1) + 1 + r), report.ids[g], gallery_kind,
+                 f"{r}. {report.labels[g][:22]}", CORRECT if hit else WRONG)
+        drawn.append(flags)
+    fig.suptitle(f"{result.task} ({result.score}): query, then the top {TOP_N}; green = same class, red = not",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return drawn
+
+
+def results_table(report: RetrievalReport, title: str = "retrieval") -> "Table":
+    """A rich table: per task, the model row and the random-baseline row (x100), queries, gallery, classes."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("task", "ranking", *[m for m, _ in TABLE_METRICS], "queries", "gallery", "classes"):
+        table.add_column(name, justify="left" if name in ("task", "ranking") else "right")
+    for result in report.tasks:
+        scored = result.n_queries - result.n_without_relevant
+        for name, values, style in ((result.score, result.metrics, None), ("random", result.random, "dim")):
+            table.add_row(result.task, name, *[f"{100 * values[k]:.2f}" for _, k in TABLE_METRICS],
+                          f"{scored}" + (f" (+{result.n_without_relevant})" if result.n_without_relevant else ""),
+                          str(result.gallery_size), str(result.n_classes), style=style)
+    notes = [f"{report.n_embedded} clips embedded", f"{len(report.unlabeled)} without a label",
+             f"{len(report.skipped)} unreadable"]
+    if report.n_other_classes:
+        notes.append(f"{report.n_other_classes} of other classes")
+    if report.classes_without_clips:
+        notes.append(f"{len(report.classes_without_clips)} chosen classes have no clip")
+    table.caption = ("metrics x100; queries = queries with a relevant item (+ those without, left out); "
+                     + ", ".join(notes))
+    return table
+
+
+def mlflow_metrics(report: RetrievalReport) -> dict[str, float]:
+    """Flat MLflow metrics: ``retrieve/<task>/<metric>``, ``retrieve/<task>/random/<metric>`` (fractions),
+    ``retrieve/<task>/n_queries`` and ``retrieve/<task>/gallery_size``; names match ``^[/\\w.\\- ]*$``."""
+    out: dict[str, float] = {}
+    for result in report.tasks:
+        prefix = f"retrieve/{result.task}"
+        out.update({f"{prefix}/{k}": v for k, v in result.metrics.items()})
+        out.update({f"{prefix}/random/{k}": v for k, v in result.random.items()})
+        out[f"{prefix}/n_queries"] = float(result.n_queries - result.n_without_relevant)
+        out[f"{prefix}/gallery_size"] = float(result.gallery_size)
+    return out

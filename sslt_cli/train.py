@@ -1,0 +1,667 @@
+"""The SSL-TIE training recipe, top to bottom.
+
+``train(recipe)`` wires data, model, objective, optimiser, tracker and an explicit loop:
+
+1. read the prepared sets (manifests), drop unreadable clips (counted, listed in ``skipped.csv``);
+2. build the model (visual ResNet-18 with a stride-1 ``layer4``, audio ResNet-18) and Adam;
+3. each step: two views (``paper``: independent appearance/audio augmentations, shared crop; ``code``: view 2 is
+   view 1 under the equivariance transform with the same spectrogram), L_cl on each view, L_geo between the
+   transformed map of view 1 and the map of the transformed view; total = cl_weight * (L_cl1 + L_cl2) + geo_weight * L_geo;
+4. after each epoch: T_mix neighbour refresh (from ``transforms.mix.start_epoch``), validation on the validation set
+   (never the test set), best checkpoint by validation cIoU, last checkpoints;
+5. at the end: evaluate the last and the best checkpoints on every test set, with baselines.
+
+It runs unchanged under ``torchrun`` (distributed sampler, DDP, rank-0 logging and checkpoints).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from sslt_cli.config import Recipe, flatten, recipe_dict
+from sslt_cli.data import augment
+from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
+from sslt_cli.data.manifest import Clip, read_set
+from sslt_cli.errors import DataError, TrainingError
+from sslt_cli.losses import LOSSES, equivariance_loss
+from sslt_cli.model import EMBED_DIM, build_model
+from sslt_cli.runs import SKIPPED, Run, load_checkpoint
+from sslt_cli.tracking import Tracker
+
+CHECKPOINT_FORMAT = "sslt-checkpoint/1"
+
+
+# ----------------------------------------------------------------------------------------------- environment
+
+@dataclass(frozen=True)
+class Dist:
+    """Process-group facts; a single process is rank 0 of world 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> Dist:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast (``auto`` and ``bf16``) on CPU and CUDA; ``fp32`` disables it."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, that can start part-way (for exact resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.epoch = 0
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def batches_per_epoch(self) -> int:
+        return (self.n // self.world) // self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g)
+        per_rank = self.n // self.world
+        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
+        usable = self.batches_per_epoch() * self.batch_size
+        return iter(mine[self.skip_batches * self.batch_size:usable].tolist())
+
+    def __len__(self) -> int:
+        return max(0, (self.batches_per_epoch() - self.skip_batches) * self.batch_size)
+
+
+def audio_args(recipe: Recipe) -> dict:
+    a = recipe.audio
+    return dict(sample_rate=a.sample_rate, clip_seconds=a.clip_seconds, n_fft=a.n_fft, hop_length=a.hop_length,
+                n_mels=a.n_mels, normalized=a.normalized)
+
+
+def resolve_set(recipe: Recipe, name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else Path(recipe.data.root) / path
+
+
+def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tuple[list[Clip], list[tuple[str, str]]]:
+    """Usable training clips after the manifest's own failures, held-out classes and a cheap existence check."""
+    clip_set = read_set(resolve_set(recipe, recipe.data.train))
+    clips = clip_set.clips
+    skipped = [(c.id, f"manifest status '{c.status}': {c.reason}") for c in clip_set.unusable]
+    if recipe.data.holdout_classes:
+        held = set(recipe.data.holdout_classes)
+        unknown = held - {c.label for c in clips}
+        if unknown:
+            console.print(f"warning: data.holdout_classes names classes absent from the training set: "
+                          f"{', '.join(sorted(unknown))}")
+        before = len(clips)
+        clips = [c for c in clips if c.label not in held]
+        console.print(f"held out {before - len(clips)} training clips of {len(held)} classes (data.holdout_classes)")
+    if recipe.data.limit_train:
+        clips = clips[: recipe.data.limit_train]
+    good, bad = precheck_clips(clips)
+    skipped += bad
+    if not good:
+        raise DataError(f"{clip_set.root}: no usable training clips ({len(skipped)} skipped)",
+                        [f"{i}: {r}" for i, r in skipped[:10]])
+    return good, skipped
+
+
+def write_skipped(run: Run, skipped: list[tuple[str, str]], stage: str) -> None:
+    """Append skipped clips with their reason to the run folder's skipped.csv."""
+    if not skipped:
+        return
+    path = run.dir / SKIPPED
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["id", "stage", "reason"])
+        for clip_id, reason in skipped:
+            w.writerow([clip_id, stage, reason])
+
+
+def make_loader(dataset, sampler, batch_size: int, workers: int, drop_last: bool, device: torch.device):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+        drop_last=drop_last, pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- steps
+
+def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: torch.device, channels_last: bool,
+                  amp) -> tuple[torch.Tensor, dict[str, float]]:
+    """One training step's loss: L_cl on both views and L_geo between them.
+
+    batch["images"]: (B, 2, 3, H, W) in ``paper`` mode or (B, 1, 3, H, W) in ``code`` mode; batch["specs"] likewise
+    (B, V, 1, F, T). Returns the total loss and detached scalars for logging.
+    """
+    t = recipe.transforms
+    loss_cfg = recipe.loss
+    objective = LOSSES[loss_cfg.objective]
+    loss_kwargs = (dict(eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
+                        temperature=loss_cfg.temperature) if loss_cfg.objective == "tie"
+                   else dict(temperature=loss_cfg.temperature))
+    images = batch["images"].to(device, non_blocking=True)
+    specs = batch["specs"].to(device, non_blocking=True)
+    view1, spec1 = images[:, 0], specs[:, 0]
+    spec2 = specs[:, 1] if specs.shape[1] > 1 else spec1
+    base2 = images[:, 1] if images.shape[1] > 1 else view1
+
+    use_geo = t.equivariance.enabled and recipe.loss.geo_weight > 0
+    if use_geo:
+        g = torch.Generator().manual_seed(step_seed)
+        eq = t.equivariance
+        transform = augment.sample_geo_transform(view1.shape[0], g, max_rotation=eq.max_rotation, scales=eq.scales,
+                                                 scale_p=eq.scale_p, flip_p=eq.flip_p)
+        view2 = augment.apply_geo_transform(base2, transform)
+    else:
+        transform = None
+        view2 = base2
+    if channels_last:
+        view1 = view1.contiguous(memory_format=torch.channels_last)
+        view2 = view2.contiguous(memory_format=torch.channels_last)
+    single_view = not use_geo and images.shape[1] == 1 and specs.shape[1] == 1
+    if single_view:
+        # Nothing differs between the two views (no second augmentation, no L_geo): one pass, and the loss keeps the
+        # scale of the two-view total, 2 * cl_weight * L_cl (= L_cl at the default weight 0.5).
+        with amp:
+            ((v1, a1),) = model((view1, spec1))
+        l_cl1, parts1 = objective(v1, a1, **loss_kwargs)
+        total = 2 * loss_cfg.cl_weight * l_cl1
+        logs = {"l_cl1": l_cl1.detach(), "acc1": parts1["acc1"], "loss": total.detach()}
+        return total, logs
+    # Two passes (as the official code makes), so BatchNorm sees each view's batch of B on its own; both run inside
+    # one call of the wrapper so DDP sees a single forward per backward.
+    with amp:
+        (v1, a1), (v2, a2) = model((view1, spec1), (view2, spec2))
+    l_cl1, parts1 = objective(v1, a1, **loss_kwargs)
+    l_cl2, parts2 = objective(v2, a2, **loss_kwargs)
+    total = loss_cfg.cl_weight * (l_cl1 + l_cl2)
+    logs = {"l_cl1": l_cl1.detach(), "l_cl2": l_cl2.detach(), "acc1": parts1["acc1"]}
+    if use_geo:
+        target = augment.apply_geo_transform(parts1["map"], transform, out_size=parts2["map"].shape[-2:],
+                                             upsample_to=view1.shape[-2:])
+        l_geo = equivariance_loss(parts2["map"], target)
+        total = total + loss_cfg.geo_weight * l_geo
+        logs["l_geo"] = l_geo.detach()
+    logs["loss"] = total.detach()
+    return total, logs
+
+
+class ModelForTraining(torch.nn.Module):
+    """Embeds any number of (images, specs) views in one call, so DDP sees one forward per backward."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *views: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """views: (images (B, 3, H, W), specs (B, 1, F, T)) pairs -> [(v (B, C, h, w), a (B, C)), ...]."""
+        return [(self.model.embed_image(images), self.model.embed_audio(specs)) for images, specs in views]
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_state(model, optimizer, scheduler, recipe: Recipe, *, step: int, epoch: int, batch_in_epoch: int,
+                     best: dict, mix_neighbours: np.ndarray | None, skipped_steps: int) -> dict:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "best": best,
+        "rng": rng_state(),
+        "recipe": recipe_dict(recipe),
+        "mix_neighbours": torch.from_numpy(mix_neighbours) if mix_neighbours is not None else None,
+        "skipped_steps": skipped_steps,
+    }
+
+
+def model_state_from_checkpoint(state: dict, path: Path) -> dict:
+    """The model state_dict inside an sslt checkpoint (CheckpointError when it is not one)."""
+    from sslt_cli.errors import CheckpointError
+
+    if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"{path}: not an sslt checkpoint (no format '{CHECKPOINT_FORMAT}' and 'model' entry); "
+                              "for official SSL-TIE weights use `sslt eval --checkpoint-format official`")
+    return state["model"]
+
+
+def lr_lambda_for(recipe: Recipe, steps_per_epoch: int):
+    o = recipe.optim
+    total = o.max_steps or o.epochs * steps_per_epoch
+    warm = int(o.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if o.schedule == "cosine":
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+# -------------------------------------------------------------------------------------------------- train
+
+def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run | None = None,
+          console: Console | None = None, out: Console | None = None, recipe_path: str | None = None,
+          stop_after_steps: int | None = None, evaluate_at_end: bool = True) -> Run:
+    """Train from ``recipe`` into a new run folder (or continue ``resume_run``); returns the run.
+
+    ``stop_after_steps`` stops cleanly after that many optimiser steps in this call, with a checkpoint, as an
+    interruption would (used to test exact resume).
+    """
+    console = console or Console(stderr=True)
+    out = out or Console()
+    device_kind = "cuda" if recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available()) else "cpu"
+    env = init_distributed(device_kind)
+    device = pick_device(recipe.train.device, env.local_rank)
+    seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
+    channels_last = recipe.train.channels_last == "on" or (recipe.train.channels_last == "auto")
+    amp = autocast_for(device, recipe.train.precision)
+
+    run = resume_run
+    if env.main and run is None:
+        run = Run.create(recipe, overrides=overrides, extra_meta={"recipe_path": recipe_path, "world_size": env.world})
+    if env.world > 1:
+        shared = [str(run.dir) if run else None]
+        dist.broadcast_object_list(shared, src=0)
+        run = Run(shared[0])
+    assert run is not None
+    say = (lambda msg: (console.print(msg), run.log(msg))) if env.main else (lambda msg: None)
+
+    # -- data
+    clips, skipped = load_training_clips(recipe, run, console)
+    if env.main:
+        write_skipped(run, skipped, "train")
+    a_args = audio_args(recipe)
+    t = recipe.transforms
+    paper_views = t.views == "paper"
+    image_transform = augment.build_image_transform(
+        recipe.data.image_size, app=t.app.enabled, geo=t.geo.enabled, crop=t.geo.crop, crop_scale=t.geo.crop_scale,
+        rotation=t.geo.rotation, flip=t.geo.flip, jitter=t.app.jitter, jitter_p=t.app.jitter_p, gray_p=t.app.gray_p,
+        blur_p=t.app.blur_p, blur_sigma=t.app.blur_sigma)
+    spec_augment = (dict(p=t.mask.p, time=t.mask.time, freq=t.mask.freq) if t.mask.enabled else None)
+    cache_dir = (run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None)
+    dataset = AudioVisualDataset(
+        clips, image_transform=image_transform, n_views=2 if paper_views else 1, shared_geometry=True,
+        audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir,
+        mix=t.mix.enabled)
+    batch_size = recipe.optim.batch_size // env.world
+    sampler = EpochSampler(len(dataset), batch_size, recipe.seed, env.rank, env.world)
+    steps_per_epoch = sampler.batches_per_epoch()
+    if steps_per_epoch == 0:
+        raise DataError(f"{len(dataset)} usable training clips are fewer than one batch of {batch_size}",
+                        ["lower optim.batch_size or prepare more clips"])
+    total_steps = recipe.optim.max_steps or recipe.optim.epochs * steps_per_epoch
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    val_clips, val_annotations = [], {}
+    if recipe.data.val:
+        from sslt_cli.evaluate import load_annotations_for_set
+
+        val_set = read_set(resolve_set(recipe, recipe.data.val))
+        val_clips = val_set.clips[: recipe.data.limit_val] if recipe.data.limit_val else val_set.clips
+        val_annotations = load_annotations_for_set(val_set)
+
+    # -- model and optimiser
+    base_model = build_model(vision_init=recipe.model.vision_init, audio_init=recipe.model.audio_init).to(device)
+    if channels_last:
+        base_model = base_model.to(memory_format=torch.channels_last)
+    net: torch.nn.Module = ModelForTraining(base_model)
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.Adam(base_model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(recipe, steps_per_epoch))
+
+    # -- state (fresh or resumed)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    best = {"ciou": -1.0, "epoch": None, "step": None}
+    mix_neighbours: np.ndarray | None = None
+    skipped_steps = 0
+    if resume_run is not None:
+        last = run.latest_checkpoint()
+        if last is None:
+            raise TrainingError(f"{run.dir}: nothing to resume (no checkpoints/last-*.pt)")
+        state = load_checkpoint(last)
+        base_model.load_state_dict(model_state_from_checkpoint(state, last))
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        best = state["best"]
+        skipped_steps = state.get("skipped_steps", 0)
+        if state.get("mix_neighbours") is not None:
+            mix_neighbours = state["mix_neighbours"].numpy()
+        set_rng_state(state["rng"])
+        if env.main:
+            run.truncate_metrics_after(step)
+        say(f"resuming {run.dir} from {last.name}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
+
+    tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
+                      warn=lambda m: say(f"warning: {m}"))
+    meta = run.meta() if env.main else {}
+    tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
+                  tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    if env.main:
+        run.update_meta(status="running", mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri,
+                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_clips=len(clips),
+                        skipped_train_clips=len(skipped), device=str(device), world_size=env.world)
+        tracker.log_artifacts(run.dir / "config.yaml")
+        say(f"run {run.dir}: {len(clips)} training clips ({len(skipped)} skipped), {len(val_clips)} validation clips, "
+            f"{steps_per_epoch} steps/epoch x {total_epochs} epochs, batch {recipe.optim.batch_size}, device {device}, "
+            f"precision {'fp32' if recipe.train.precision == 'fp32' else 'bf16 autocast'}")
+
+    stop_requested = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the current step, checkpoint, stop
+        stop_requested["signal"] = signum
+
+    old_handlers = {}
+    if env.main:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def save_last() -> Path | None:
+        if not env.main:
+            return None
+        state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
+                                 batch_in_epoch=batch_in_epoch, best=best, mix_neighbours=mix_neighbours,
+                                 skipped_steps=skipped_steps)
+        return run.save_checkpoint(state, f"last-{step:08d}", keep_last=recipe.train.keep_last)
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
+                        disable=not env.main, transient=False)
+    steps_this_call = 0
+    status = "finished"
+    last_logs: dict[str, float] = {}
+    try:
+        with progress:
+            task = progress.add_task("train", total=total_steps, completed=step, rate="", losses="")
+            while step < total_steps and status == "finished":
+                dataset.set_epoch(epoch)
+                k = epoch - t.mix.start_epoch + 1
+                if t.mix.enabled and mix_neighbours is not None and k >= 1:
+                    dataset.set_mix(mix_neighbours, k)
+                else:
+                    dataset.set_mix(None, 0)
+                sampler.set_epoch(epoch, skip_batches=batch_in_epoch)
+                loader = make_loader(dataset, sampler, batch_size, recipe.data.num_workers, True, device)
+                net.train()
+                window_start, window_samples = time.perf_counter(), 0
+                for batch in loader:
+                    if batch.get("skipped"):
+                        write_skipped(run, batch["skipped"], f"train epoch {epoch}") if env.main else None
+                        skipped_steps += 0
+                    if batch["images"].shape[0] < 2:
+                        skipped_steps += 1
+                        batch_in_epoch += 1
+                        continue
+                    loss, logs = forward_views(net, batch, recipe, recipe.seed * 1_000_003 + step, device,
+                                               channels_last, amp)
+                    if not torch.isfinite(loss):
+                        values = {k: float(v) for k, v in logs.items()}
+                        raise TrainingError(
+                            f"the loss became {float(loss)} at step {step} (epoch {epoch}); training stopped",
+                            [f"loss terms: {values}",
+                             f"last good checkpoint: {run.latest_checkpoint() or 'none yet'} (intact)",
+                             "try a lower optim.lr, train.precision=fp32, or optim.grad_clip"])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if recipe.optim.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(base_model.parameters(), recipe.optim.grad_clip)
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    steps_this_call += 1
+                    batch_in_epoch += 1
+                    window_samples += batch["images"].shape[0] * env.world
+                    if step % recipe.train.log_every == 0 or step == total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        rate = window_samples / elapsed if elapsed > 0 else 0.0
+                        last_logs = {k: float(v) for k, v in logs.items()}
+                        last_logs.update(lr=scheduler.get_last_lr()[0], samples_per_s=rate)
+                        if env.main:
+                            run.append_metrics({"kind": "train", "step": step, "epoch": epoch, **last_logs})
+                            tracker.log_metrics({f"train/{k}": v for k, v in last_logs.items()}, step)
+                        progress.update(task, rate=f"{rate:.1f} samples/s",
+                                        losses=" ".join(f"{k}={last_logs[k]:.3f}" for k in ("loss", "l_cl1", "l_geo")
+                                                        if k in last_logs))
+                        window_start, window_samples = time.perf_counter(), 0
+                    progress.update(task, completed=step)
+                    if stop_requested["signal"] is not None or (stop_after_steps and steps_this_call >= stop_after_steps):
+                        status = "interrupted"
+                        break
+                    if step >= total_steps:
+                        break
+                if status != "finished":
+                    break
+                # -- end of epoch
+                epoch += 1
+                batch_in_epoch = 0
+                if t.mix.enabled and epoch >= t.mix.start_epoch:
+                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env)
+                if val_clips and (epoch % recipe.train.val_every == 0 or step >= total_steps):
+                    metrics = validate(base_model, val_clips, val_annotations, recipe, device, amp, run, epoch, env)
+                    if env.main:
+                        run.append_metrics({"kind": "val", "step": step, "epoch": epoch, **metrics})
+                        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
+                        grid = run.dir / "val" / f"heatmaps-epoch{epoch:04d}.png"
+                        if grid.exists():
+                            tracker.log_artifacts(grid, "val")
+                        say(f"epoch {epoch}: val cIoU {metrics['ciou']:.4f} AUC {metrics['auc']:.4f} "
+                            f"L_cl {metrics.get('l_cl', float('nan')):.4f} (N={metrics['n']})")
+                        if metrics["ciou"] > best["ciou"]:
+                            best = {"ciou": metrics["ciou"], "auc": metrics["auc"], "epoch": epoch, "step": step}
+                            state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
+                                                     batch_in_epoch=0, best=best, mix_neighbours=mix_neighbours,
+                                                     skipped_steps=skipped_steps)
+                            run.save_checkpoint(state, "best")
+                save_last()
+            if status != "finished":
+                path = save_last()
+                say(f"stopped at step {step} ({'signal ' + str(stop_requested['signal']) if stop_requested['signal'] else 'as asked'}); "
+                    f"checkpoint {path}; continue with: sslt train --resume {run.dir}")
+    except BaseException as exc:
+        if env.main:
+            run.update_meta(status="failed", error=f"{type(exc).__name__}: {exc}", step=step)
+            run.log(f"failed at step {step}: {type(exc).__name__}: {exc}")
+        tracker.end("FAILED")
+        raise
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+
+    if env.main:
+        run.update_meta(status=status if status != "finished" else "trained", step=step, epoch=epoch, best=best)
+    if status == "finished" and evaluate_at_end and env.main:
+        from sslt_cli.evaluate import evaluate_run_checkpoints
+
+        results = evaluate_run_checkpoints(run, recipe, device=device, tracker=tracker, console=console, out=out)
+        run.update_meta(status="finished", test=results)
+    elif status == "finished" and env.main:
+        run.update_meta(status="finished")
+    if env.main:
+        end_table(run, recipe, best, last_logs, out)
+        tracker.log_artifacts(run.dir / "metrics.jsonl")
+        tracker.log_artifacts(run.dir / "train.log")
+        tracker.log_artifacts(run.dir / "meta.json")
+        if (run.dir / SKIPPED).exists():
+            tracker.log_artifacts(run.dir / SKIPPED)
+        tracker.end("FINISHED" if status == "finished" else "KILLED")
+    if env.world > 1:
+        dist.barrier()
+    return run
+
+
+# ------------------------------------------------------------------------------------- epoch-level helpers
+
+def eval_loader(clips: list[Clip], recipe: Recipe, device: torch.device, protocol_image_mode: str):
+    dataset = AudioVisualDataset(
+        clips, image_transform=augment.build_eval_transform(recipe.data.image_size, protocol_image_mode), n_views=1,
+        audio=audio_args(recipe), spec_augment=None, train=False, seed=recipe.seed, cache_dir=None)
+    return torch.utils.data.DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False,
+                                       num_workers=recipe.data.num_workers, collate_fn=collate_skip_bad,
+                                       pin_memory=device.type == "cuda")
+
+
+@torch.no_grad()
+def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
+                           env: Dist) -> np.ndarray:
+    """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour."""
+    dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
+                                 train=False, seed=recipe.seed, cache_dir=None, audio_only=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False,
+                                         num_workers=recipe.data.num_workers, collate_fn=collate_skip_bad)
+    model.eval()
+    embeddings = torch.zeros(len(clips), EMBED_DIM)
+    for batch in loader:
+        with amp:
+            a = model.embed_audio(batch["spec"].to(device))
+        embeddings[batch["index"]] = a.float().cpu()
+    model.train()
+    g = torch.Generator().manual_seed(recipe.seed * 7919 + len(clips))
+    return augment.find_mix_neighbours(F.normalize(embeddings, dim=1), queue_size=recipe.transforms.mix.queue,
+                                       generator=g).numpy()
+
+
+@torch.no_grad()
+def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, amp, run: Run,
+             epoch: int, env: Dist) -> dict[str, float]:
+    """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl."""
+    from sslt_cli.evaluate import PROTOCOLS, heatmap_grid, score_maps
+
+    protocol = PROTOCOLS[recipe.eval.protocol]
+    model.eval()
+    maps: dict[str, np.ndarray] = {}
+    losses, weights = 0.0, 0
+    first_batch = None
+    loss_cfg = recipe.loss
+    for batch in eval_loader(clips, recipe, device, protocol.image_preprocessing):
+        images = batch["image"].to(device)
+        specs = batch["spec"].to(device)
+        with amp:
+            v = model.embed_image(images)
+            a = model.embed_audio(specs)
+        if images.shape[0] >= 2 and loss_cfg.objective == "tie":
+            l, parts = LOSSES["tie"](v, a, eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
+                                     temperature=loss_cfg.temperature)
+            losses += float(l) * images.shape[0]
+            weights += images.shape[0]
+        A = torch.einsum("nchw,nc->nhw", v.float(), a.float())
+        for clip_id, m in zip(batch["id"], A.cpu().numpy()):
+            maps[clip_id] = m
+        if first_batch is None:
+            first_batch = (batch["id"], batch["image"], A.cpu())
+    model.train()
+    result = score_maps(maps, annotations, recipe.eval.protocol)
+    if env.main and first_batch is not None:
+        heatmap_grid(first_batch[1], first_batch[2], [annotations.get(i) for i in first_batch[0]],
+                     run.dir / "val" / f"heatmaps-epoch{epoch:04d}.png", title=f"validation, epoch {epoch}")
+    metrics = {"ciou": result.summary["ciou"], "auc": result.summary["auc"], "mean_iou": result.summary["mean_iou"],
+               "n": result.n_scored}
+    if weights:
+        metrics["l_cl"] = losses / weights
+    return metrics
+
+
+def end_table(run: Run, recipe: Recipe, best: dict, last_logs: dict, out: Console) -> None:
+    meta = run.meta()
+    table = Table(title=f"run {run.dir.name}")
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("status", str(meta.get("status")))
+    table.add_row("steps / epochs", f"{meta.get('step')} / {meta.get('epoch')}")
+    for k in ("loss", "l_cl1", "l_cl2", "l_geo", "samples_per_s"):
+        if k in last_logs:
+            table.add_row(f"last {k}", f"{last_logs[k]:.4f}")
+    if best.get("epoch") is not None:
+        table.add_row("best val cIoU", f"{best['ciou']:.4f} (epoch {best['epoch']}, step {best['step']})")
+    table.add_row("run folder", str(run.dir))
+    out.print(table)

@@ -1,0 +1,271 @@
+"""MLflow tracking: safe names, a real sqlite store, an unreachable store, a store failing mid-run, a real server."""
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from sslt_cli.tracking import DEFAULT_URI, Tracker, metric_name, tracking_uri
+
+MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
+
+
+def mlflow_accepts(name: str) -> bool:
+    """MLflow's rules for metric, parameter and tag names: its characters, and a path that normalises to itself."""
+    normalised = posixpath.normpath(name)
+    return (bool(MLFLOW_NAME.fullmatch(name)) and normalised == name and normalised != "."
+            and not normalised.startswith(("..", "/")))
+
+
+class Warnings(list):
+    """Collects the tracker's warnings (used as its ``warn`` callback)."""
+
+    def __call__(self, message: str) -> None:
+        self.append(message)
+
+
+# --- names ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    ("P@1", "P_at_1"), ("test/a2i_P@10", "test/a2i_P_at_10"), ("val/ciou", "val/ciou"), ("loss (total)", "loss _total_"),
+    ("mAP%", "mAP_"), ("test/", "test"), ("a//b", "a/b"), ("./a", "a"), ("a/../b", "a/__/b"), ("/abs", "abs"),
+    ("..x", "__x"), ("", "_"), (".", "_"), ("a:b", "a_b"), ("line\nbreak", "line_break"),
+])
+def test_metric_name(raw: str, clean: str) -> None:
+    assert metric_name(raw) == clean
+    assert mlflow_accepts(clean)
+
+
+def test_metric_names_are_always_accepted() -> None:
+    rng = random.Random(0)
+    alphabet = "ab/.@ -_:%\n\té1"
+    for _ in range(2000):
+        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+        assert mlflow_accepts(metric_name(raw)), (raw, metric_name(raw))
+    assert len(metric_name("x" * 400)) == 250
+
+
+def test_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking_uri() == "http://example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri() == DEFAULT_URI == "sqlite:///mlflow.db"
+
+
+# --- a real sqlite store --------------------------------------------------------------------------------------------
+
+def test_params_metrics_and_artifacts_arrive(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    warnings = Warnings()
+    tracker = Tracker(experiment="unit", uri=uri, warn=warnings)
+    params = {"optim.lr": 1e-4, "optim.batch_size": 32, "data.holdout_classes": ["dog", "cat"],
+              "data.test.vgg@ss": "a"}
+    run_id = tracker.start("run-1", params=params, tags={"sslt.run_dir": "/x/run-1"})
+    assert run_id is not None and tracker.run_id == run_id
+    tracker.log_metrics({"train/loss": 1.5, "val/cIoU@0.5": np.float32(0.25), "test/": 2, "nan": math.nan,
+                         "text": "x"}, step=3)
+    tracker.log_metrics({"train/loss": 1.25}, step=4)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "a.txt").write_text("a")
+    (tmp_path / "config.yaml").write_text("name: t\n")
+    tracker.log_artifacts(tmp_path / "config.yaml")
+    tracker.log_artifacts(tmp_path / "folder", "eval")
+    tracker.set_tags({"sslt.status": "done"})
+    tracker.end()
+    assert warnings == []
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.params == {"optim.lr": "0.0001", "optim.batch_size": "32", "data.holdout_classes": "['dog', 'cat']",
+                               "data.test.vgg_at_ss": "a"}
+    assert run.data.metrics == {"train/loss": 1.25, "val/cIoU_at_0.5": 0.25, "test": 2.0}
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(3, 1.5), (4, 1.25)]
+    assert (run.info.status, run.info.run_name) == ("FINISHED", "run-1")
+    assert run.data.tags["sslt.run_dir"] == "/x/run-1" and run.data.tags["sslt.status"] == "done"
+    assert client.get_experiment(run.info.experiment_id).name == "unit"
+    assert sorted(f.path for f in client.list_artifacts(run_id)) == ["config.yaml", "eval"]
+    assert [f.path for f in client.list_artifacts(run_id, "eval")] == ["eval/a.txt"]
+
+    resumed = Tracker(experiment="unit", uri=uri, warn=warnings)
+    assert resumed.start("run-1", run_id=run_id) == run_id
+    resumed.log_metrics({"train/loss": 1.0}, step=5)
+    resumed.end("KILLED")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [3, 4, 5]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert warnings == []
+
+
+def test_a_disabled_tracker_does_nothing(tmp_path: Path) -> None:
+    warnings = Warnings()
+    tracker = Tracker(enabled=False, warn=warnings)
+    assert tracker.start("run", params={"a": 1}) is None
+    tracker.log_metrics({"a": 1.0}, step=1)
+    tracker.end()
+    assert warnings == [] and not (tmp_path / "mlflow.db").exists()
+
+
+# --- failures -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_retry_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset MLflow's HTTP retry settings (the tracker sets its own) and restore them after the test."""
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("port", ["closed", "9"])
+def test_an_unreachable_store_warns_once_and_does_not_hang(port: str, free_port: int, no_retry_settings,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    uri = f"http://127.0.0.1:{free_port if port == 'closed' else port}"
+    tracker = Tracker(uri=uri)
+    began = time.monotonic()
+    assert tracker.start("run", params={"optim.lr": 1e-4}) is None
+    # MLflow's default (7 retries with exponential backoff) would take minutes.
+    assert time.monotonic() - began < 30
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+    tracker.log_params({"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_artifacts(Path(__file__))
+    tracker.set_tags({"a": "b"})
+    tracker.end("FAILED")
+    assert tracker.run_id is None and not tracker.enabled
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"warning: MLflow tracking at {uri} failed while starting the run (")
+    assert lines[0].endswith("); the run goes on and keeps every number in its run folder")
+
+
+def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    warnings = Warnings()
+    tracker = Tracker(experiment="unit", uri=uri, warn=warnings)
+    run_id = tracker.start("run", params={"a": 1})
+    tracker.log_metrics({"loss": 2.0}, step=1)
+
+    calls = []
+
+    def store_gone(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionError("store went away\nsecond line")
+
+    for method in ("log_batch", "log_artifact", "log_artifacts", "set_tag", "set_terminated"):
+        monkeypatch.setattr(tracker._client, method, store_gone)
+    tracker.log_metrics({"loss": 1.0}, step=2)
+    tracker.log_metrics({"loss": 0.5}, step=3)
+    tracker.log_params({"b": 2})
+    tracker.log_artifacts(Path(__file__))
+    tracker.set_tags({"a": "b"})
+    tracker.end()
+    assert len(calls) == 1
+    assert warnings == [f"MLflow tracking at {uri} failed while logging metrics (ConnectionError: store went away); "
+                        "the run goes on and keeps every number in its run folder"]
+    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(1, 2.0)]
+
+
+def test_a_failure_while_logging_start_params_returns_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow.tracking
+
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", refuse)
+    warnings = Warnings()
+    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'store.db'}", warn=warnings)
+    assert tracker.start("run", params={"a": 1}) is None
+    assert len(warnings) == 1 and "failed while logging parameters (RuntimeError: refused)" in warnings[0]
+
+
+# --- a real MLflow server on loopback -------------------------------------------------------------------------------
+
+def wait_for_http(url: str, process: subprocess.Popen, log: Path, deadline_s: float = 120) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if the process dies or time runs out."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{url} did not answer within {deadline_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's whole process group (it starts workers), then SIGKILL what is left."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # workers that outlived their parent
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=15)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, free_port: int):
+    """``mlflow server`` on 127.0.0.1 with a sqlite store in tmp_path; yields its base URL and always stops it."""
+    log = tmp_path / "server.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(free_port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--default-artifact-root", str(tmp_path / "artifacts")],
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{free_port}"
+        wait_for_http(f"{base}/health", process, log)
+        yield base
+    finally:
+        stop_process_group(process)
+
+
+@pytest.mark.timeout(240)
+def test_a_run_arrives_at_a_real_mlflow_server(mlflow_server: str, tmp_path: Path) -> None:
+    warnings = Warnings()
+    tracker = Tracker(experiment="server-test", uri=mlflow_server, warn=warnings)
+    run_id = tracker.start("served", params={"optim.lr": 1e-4, "seed": 4})
+    assert run_id is not None, warnings
+    tracker.log_metrics({"train/loss": 2.0, "test/a2i_P@1": 0.5}, step=1)
+    tracker.log_metrics({"train/loss": 1.5}, step=2)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    tracker.log_artifacts(tmp_path / "metrics.jsonl")
+    tracker.end()
+    assert warnings == []
+
+    run = requests.get(f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10).json()["run"]
+    assert {p["key"]: p["value"] for p in run["data"]["params"]} == {"optim.lr": "0.0001", "seed": "4"}
+    assert {m["key"]: (m["value"], m["step"]) for m in run["data"]["metrics"]} == {
+        "train/loss": (1.5, 2), "test/a2i_P_at_1": (0.5, 1)}
+    assert run["info"]["status"] == "FINISHED"
+    history = requests.get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history",
+                           params={"run_id": run_id, "metric_key": "train/loss"}, timeout=10).json()["metrics"]
+    assert sorted((m["step"], m["value"]) for m in history) == [(1, 2.0), (2, 1.5)]
+    files = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id},
+                         timeout=10).json()["files"]
+    assert [f["path"] for f in files] == ["metrics.jsonl"]
