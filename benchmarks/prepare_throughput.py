@@ -10,7 +10,8 @@ number of worker processes measures:
   encoder and quality so only the strategy differs: decode all 250 frames and write each as a JPEG, plus the same
   3 s wav.
 
-Prints clips/s, seconds per clip and bytes written per clip for both, and the ratios.
+Prints clips/s (median of alternated runs, with the range), seconds per clip and bytes written per clip for both,
+and the ratios.
 
     .venv/bin/python benchmarks/prepare_throughput.py --clips 40 --size 640x360 --workers 2
 """
@@ -20,6 +21,7 @@ import argparse
 import io
 import multiprocessing
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -81,7 +83,9 @@ def naive_clip(video: Path, out: Path) -> int:
             (frame_dir / f"{n:03d}.jpg").write_bytes(buf.getvalue())
             written += buf.tell()
         container.seek(0)
-        samples = prep._decode_audio(container, container.streams.audio[0], 3.5, 6.5, 16000, 6.5)
+        video = container.streams.video[0]
+        samples = prep._decode_audio(container, container.streams.audio[0], prep._stream_origin(video), 3.5, 6.5,
+                                     16000, 6.5)
     wav = prep._wav_bytes(samples, 16000)
     (out / "audio").mkdir(exist_ok=True)
     (out / "audio" / f"{clip_id}.wav").write_bytes(wav)
@@ -97,6 +101,7 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=40)
     parser.add_argument("--size", default="640x360", help="WxH of the generated clips")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each pass, alternated; medians reported")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the generated clips here and reuse them (default: a temp folder, removed)")
     args = parser.parse_args()
@@ -114,30 +119,35 @@ def main() -> None:
         sources = sorted(videos.glob("*.mp4"))
         source_bytes = sum(p.stat().st_size for p in sources) / len(sources)
 
-        out_sslt = workdir / "out_sslt"
-        shutil.rmtree(out_sslt, ignore_errors=True)
-        started = time.perf_counter()
-        result = prep.prepare_vggsound(videos, out_sslt, split="train", workers=args.workers, progress=False)
-        sslt_s = time.perf_counter() - started
-        assert result.prepared == len(sources), result
-        sslt_bytes = (folder_bytes(out_sslt) - sum((out_sslt / f).stat().st_size
-                                                   for f in ("set.json", "manifest.csv", prep.STATE_FILE))) / len(sources)
+        # Alternate the two passes and keep the median of each: the machine may be shared, and load drifts.
+        sslt_times, naive_times = [], []
+        for _ in range(args.repeats):
+            out_sslt = workdir / "out_sslt"
+            shutil.rmtree(out_sslt, ignore_errors=True)
+            started = time.perf_counter()
+            result = prep.prepare_vggsound(videos, out_sslt, split="train", workers=args.workers, progress=False)
+            sslt_times.append(time.perf_counter() - started)
+            assert result.prepared == len(sources), result
+            sslt_bytes = folder_bytes(out_sslt) / len(sources)  # manifest, set.json and journal included
 
-        out_naive = workdir / "out_naive"
-        shutil.rmtree(out_naive, ignore_errors=True)
-        out_naive.mkdir()
-        started = time.perf_counter()
-        with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            naive_total = sum(pool.map(naive_clip, sources, [out_naive] * len(sources)))
-        naive_s = time.perf_counter() - started
-        naive_bytes = naive_total / len(sources)
+            out_naive = workdir / "out_naive"
+            shutil.rmtree(out_naive, ignore_errors=True)
+            out_naive.mkdir()
+            started = time.perf_counter()
+            with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                naive_total = sum(pool.map(naive_clip, sources, [out_naive] * len(sources)))
+            naive_times.append(time.perf_counter() - started)
+            naive_bytes = naive_total / len(sources)
 
         n = len(sources)
+        sslt_s, naive_s = statistics.median(sslt_times), statistics.median(naive_times)
         print(f"{n} clips, 10 s, 25 fps, {args.size}, H.264 + AAC ({source_bytes / 1e6:.2f} MB each), "
-              f"{args.workers} worker processes")
-        print(f"{'pass':<8}{'clips/s':>10}{'s/clip':>10}{'bytes written/clip':>22}")
-        print(f"{'sslt':<8}{n / sslt_s:>10.2f}{sslt_s / n:>10.3f}{sslt_bytes:>22,.0f}")
-        print(f"{'naive':<8}{n / naive_s:>10.2f}{naive_s / n:>10.3f}{naive_bytes:>22,.0f}")
+              f"{args.workers} worker processes (pool start-up included), median of {args.repeats} runs")
+        print(f"{'pass':<8}{'clips/s':>10}{'(range)':>16}{'s/clip':>10}{'bytes written/clip':>22}")
+        for name, seconds, runs, size in (("sslt", sslt_s, sslt_times, sslt_bytes),
+                                          ("naive", naive_s, naive_times, naive_bytes)):
+            spread = f"{n / max(runs):.1f}-{n / min(runs):.1f}"
+            print(f"{name:<8}{n / seconds:>10.2f}{spread:>16}{seconds / n:>10.3f}{size:>22,.0f}")
         print(f"speed-up {naive_s / sslt_s:.1f}x, {naive_bytes / sslt_bytes:.0f}x fewer bytes written")
     finally:
         if args.workdir is None:

@@ -63,6 +63,86 @@ def prepare_synthetic(
     _print_mapping("synthetic benchmark", summary)
 
 
+@prepare_app.command("vggsound", epilog=_example(
+    "sslt prepare vggsound --videos ~/vggsound/video --out data/vggsound/train --split train --workers 8"))
+def prepare_vggsound(
+    videos: Path = typer.Option(..., "--videos", help="Folder of VGGSound clips (<ytid>_<start>.mp4 or <ytid>_<start>_<end>.mp4)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
+    split: str = typer.Option("train", help="train (frame 125 + 3 s audio) or test (VGG-SS layout, 10 s audio, boxes)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (a published list); missing videos are reported."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes for --split test (anno/<id>.xml)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv (ytid,start,label,split) for the label column."),
+    sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
+    neighbours: int = typer.Option(0, min=0, help="Also write this many frames either side of frame 125."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count)."),
+) -> None:
+    """Prepare VGGSound clips: frame 125 (t = 5 s) as JPEG and the audio window, with a manifest; resumable."""
+    from sslt_cli.data.prepare import prepare_vggsound as run
+
+    if split not in ("train", "test"):
+        raise SsltError(f"--split must be train or test, got {split!r}")
+    _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
+                       sample_rate=sample_rate, neighbours=neighbours, workers=workers, progress=True))
+
+
+@prepare_app.command("flickr", epilog=_example(
+    "sslt prepare flickr --archive ~/Flickr-SoundNet --out data/flickr/test_flickr --split test "
+    "--list ../shared/realdata/flickr_test_249.csv"))
+def prepare_flickr(
+    archive: Path = typer.Option(..., "--archive", help="The Flickr-SoundNet download (Annotations/ + Data/)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
+    split: str = typer.Option("test", help="test (frames, audio, 3-annotator boxes) or train."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (e.g. the 249/250 test list)."),
+    sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
+    seconds: Optional[float] = typer.Option(None, help="Audio seconds kept (default: 10 for test, 4 for train)."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Worker processes."),
+) -> None:
+    """Prepare the Flickr-SoundNet test set (or training pairs) from the downloaded archive, with a manifest."""
+    from sslt_cli.data.prepare import prepare_flickr as run
+
+    if split not in ("train", "test"):
+        raise SsltError(f"--split must be train or test, got {split!r}")
+    _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
+                       workers=workers, progress=True))
+
+
+@prepare_app.command("vggss-annotations", epilog=_example(
+    "sslt prepare vggss-annotations --json ../shared/realdata/vggss.json --out data/vggss/anno"))
+def prepare_vggss_annotations(
+    json_path: Optional[Path] = typer.Option(None, "--json", help="vggss.json to convert into per-clip XML."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for <id>.xml files."),
+    from_xml: Optional[Path] = typer.Option(None, "--from-xml", help="The reverse: a folder of <id>.xml ..."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="... collected into this vggss.json."),
+) -> None:
+    """Convert VGG-SS boxes between the public JSON and SSL-TIE's per-clip XML; defects are reported."""
+    from sslt_cli.data.prepare import collect_vggss_json, prepare_vggss_annotations as run
+
+    if json_path and out_dir:
+        report = run(json_path, out_dir)
+    elif from_xml and json_out:
+        report = collect_vggss_json(from_xml, json_out)
+    else:
+        raise SsltError("give --json FILE --out DIR (JSON -> XML) or --from-xml DIR --json-out FILE (XML -> JSON)")
+    _print_mapping("VGG-SS annotations", {"written to": str(report.path), "clips": report.clips, "boxes": report.boxes,
+                                          "files written": report.written, "files unchanged": report.unchanged})
+    for line in report.defects.summary():
+        err.print(f"defect: {line}", highlight=False)
+
+
+@prepare_app.command("index", epilog=_example(
+    "sslt prepare index ~/vggss_test --layout vggss_test --list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+def prepare_index(
+    root: Path = typer.Argument(..., help="A folder already in one of the layouts (made by other tools)."),
+    layout: str = typer.Option(..., help="vggsound_train | vggss_test | flickr_test | flickr_train."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected (default: every clip found)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv or id,label CSV."),
+) -> None:
+    """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
+    from sslt_cli.data.prepare import index_existing
+
+    _print_prepare(index_existing(root, layout, id_list, labels=labels))
+
+
 # ------------------------------------------------------------------------------------------------------------ train
 
 @app.command(epilog=_example("sslt train recipes/quickstart.yaml optim.epochs=2 --dry-run"))
@@ -176,6 +256,26 @@ def _print_mapping(title: str, mapping: dict) -> None:
     out.print(table)
 
 
+def _print_prepare(result) -> None:
+    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason."""
+    from rich.table import Table
+
+    for note in result.notes:
+        err.print(f"note: {note}", highlight=False)
+    table = Table(title=f"prepared {result.out} ({result.layout})")
+    table.add_column("clips")
+    table.add_column("count", justify="right")
+    table.add_row("requested", str(result.requested))
+    table.add_row("prepared now", str(result.prepared))
+    table.add_row("already done", str(result.already_done))
+    table.add_row("missing (no source video)", str(result.missing))
+    for reason, count in sorted(result.failed.items()):
+        table.add_row(f"failed: {reason}", str(count))
+    table.add_row("usable", str(result.ok))
+    out.print(table)
+    err.print(f"manifest: {result.manifest}")
+
+
 def main() -> None:
     """Console entry point: user errors print one message on stderr and exit 1, without a traceback."""
     try:
@@ -186,7 +286,8 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted; finished work is kept: run the same command again to continue "
+                  "(for training: sslt train --resume RUN_DIR)")
         sys.exit(130)
 
 

@@ -350,7 +350,7 @@ class EvalResult:
                 parts.append(f"- {a[key]} {label} ({detail})")
         text = " ".join(parts) + f" = {a['scored']} scored"
         if a.get("maps_unused"):
-            text += f" ({a['maps_unused']} maps for clips not requested were ignored)"
+            text += f" (ignored the maps of {a['maps_unused']} clips that were not requested)"
         return text
 
 
@@ -359,14 +359,10 @@ def _reason_kind(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def _dedupe(ids: Iterable[str]) -> tuple[list[str], int]:
-    seen: set[str] = set()
-    out = []
-    for cid in ids:
-        if cid not in seen:
-            seen.add(cid)
-            out.append(cid)
-    return out, sum(1 for _ in ids) - len(out) if isinstance(ids, Sequence) else 0
+def _dedupe(ids: Sequence[str]) -> tuple[list[str], int]:
+    """Ids in first-seen order, and how many repeats were dropped."""
+    unique = list(dict.fromkeys(ids))
+    return unique, len(ids) - len(unique)
 
 
 def _map_problem(array: np.ndarray) -> str | None:
@@ -404,19 +400,20 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
                protocol: str | Protocol, ids: Sequence[str] | None = None, *,
                unavailable: Mapping[str, str] | None = None, annotation_problems: Mapping[str, str] | None = None,
                baselines: bool = True, random_seeds: Sequence[int] = RANDOM_SEEDS, clip_boxes: bool | None = None,
-               name: str = "", notes: Sequence[str] = (),
+               name: str = "", notes: Sequence[str] = (), device: str | torch.device = "cpu",
                progress: Callable[[int], None] | None = None) -> EvalResult:
     """Score maps (or only the baselines when ``maps`` is None) under a protocol, on the requested clips.
 
     maps: {clip id: (h, w) map, any size}; ids: the requested clips (default: every annotated clip, in order).
     ``unavailable``: id -> why its frame/audio is missing (model path); ``annotation_problems``: id -> why it has no
     annotation (used as the reason text). ``clip_boxes`` overrides the protocol's VGG-SS clipping (False: SSL-TIE's
-    literal, unclipped ``int(x * 224)``). Baselines are computed on exactly the scored clips:
+    literal, unclipped ``int(x * 224)``). ``device``: where the batched metric computation runs (``cuda`` works).
+    Baselines are computed on exactly the scored clips:
 
     * ``centre``: :func:`metrics.centre_prior_map`, a centred Gaussian: every preset predicts a centred disc of about
       half of the frame;
     * ``random``: i.i.d. uniform maps at the protocol's ``map_size``, upsampled like a model's map; the mean (and
-      ``*_std``) over ``random_seeds``;
+      ``*_std``) over ``random_seeds`` (none: no random baseline);
     * ``whole_frame``: a constant map, which every preset binarises to the whole frame; IoU = GT area share;
     * ``oracle``: :func:`metrics.oracle_ious`, the best IoU a prediction of the rule's area can reach (1 for ``sspl``).
 
@@ -468,21 +465,22 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
                         or ["the requested id list is empty"])
 
     rows, method_values, baseline_values = _score_scored(scored, maps, annotations, proto, baselines,
-                                                         random_seeds, progress)
+                                                         random_seeds, torch.device(device), progress)
     baseline_summaries: dict[str, dict[str, Any]] = {}
     if baselines:
         for key in ("centre", "whole_frame", "oracle"):
             baseline_summaries[key] = _stage_summary(baseline_values[key])
-        per_seed = [_stage_summary(baseline_values[f"random_{seed}"]) for seed in random_seeds]
-        random_summary: dict[str, Any] = {}
-        for metric in ("ciou", "auc", "mean_iou", "pointing", "pred_area"):
-            values = np.array([s[metric] for s in per_seed])
-            random_summary[metric] = float(values.mean())
-            random_summary[f"{metric}_std"] = float(values.std())
-        random_summary["n"] = len(scored)
-        random_summary["seeds"] = list(random_seeds)
-        baseline_summaries["random"] = random_summary
-        baseline_summaries = {k: baseline_summaries[k] for k in BASELINE_LABELS}
+        if random_seeds:
+            per_seed = [_stage_summary(baseline_values[f"random_{seed}"]) for seed in random_seeds]
+            random_summary: dict[str, Any] = {}
+            for metric in ("ciou", "auc", "mean_iou", "pointing", "pred_area"):
+                values = np.array([s[metric] for s in per_seed])
+                random_summary[metric] = float(values.mean())
+                random_summary[f"{metric}_std"] = float(values.std())
+            random_summary["n"] = len(scored)
+            random_summary["seeds"] = list(random_seeds)
+            baseline_summaries["random"] = random_summary
+        baseline_summaries = {k: baseline_summaries[k] for k in BASELINE_LABELS if k in baseline_summaries}
     return EvalResult(
         name=name, protocol=proto, rows=rows,
         method=_stage_summary(method_values) if maps is not None else None,
@@ -491,7 +489,7 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
 
 
 def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
-                  proto: Protocol, baselines: bool, random_seeds: Sequence[int],
+                  proto: Protocol, baselines: bool, random_seeds: Sequence[int], device: torch.device,
                   progress: Callable[[int], None] | None
                   ) -> tuple[list[ClipScore], dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """The per-clip pass, CHUNK clips at a time; the ground truth of a chunk is built once and shared by all maps."""
@@ -502,7 +500,7 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
     names = (["centre", "whole_frame", "oracle"] + [f"random_{s}" for s in random_seeds]) if baselines else []
     base = {name: {k: np.empty(n) for k in ("iou", "pointing", "pred_area")} for name in names}
     if baselines:
-        centre = torch.from_numpy(metrics.centre_prior_map(size))[None]
+        centre = torch.from_numpy(metrics.centre_prior_map(size))[None].to(device)
         centre_mask = metrics.binarise(centre, proto.threshold)
         centre_at_max = (centre == centre.amax())
         random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
@@ -511,35 +509,35 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
     for start in range(0, n, CHUNK):
         chunk = scored[start:start + CHUNK]
         sl = slice(start, start + len(chunk))
-        gt = torch.from_numpy(np.stack([_gt_for(annotations[cid], proto) for cid in chunk]))
-        gt_area[sl] = (gt > 0).reshape(len(chunk), -1).double().mean(dim=1).numpy()
+        gt = torch.from_numpy(np.stack([_gt_for(annotations[cid], proto) for cid in chunk])).to(device)
+        gt_area[sl] = (torch.count_nonzero((gt > 0).reshape(len(chunk), -1), dim=1).double() / size ** 2).cpu().numpy()
         if maps is not None:
             by_shape: dict[tuple[int, ...], list[int]] = {}
             for i, cid in enumerate(chunk):
                 by_shape.setdefault(np.shape(maps[cid]), []).append(i)
             for index in by_shape.values():
                 batch = torch.from_numpy(np.stack([np.asarray(maps[chunk[i]], dtype=np.float32) for i in index]))
-                scores = metrics.localisation_scores(batch, gt[index], proto)
+                scores = metrics.localisation_scores(batch.to(device), gt[index], proto)
                 rows_at = np.asarray(index) + start
                 method["iou"][rows_at] = scores.iou
                 method["pointing"][rows_at] = scores.pointing
                 method["pred_area"][rows_at] = scores.pred_area
         if baselines:
             b = len(chunk)
-            base["centre"]["iou"][sl] = metrics.iou_scores(centre_mask.expand(b, -1, -1), gt).numpy()
+            base["centre"]["iou"][sl] = metrics.iou_scores(centre_mask.expand(b, -1, -1), gt).cpu().numpy()
             base["centre"]["pointing"][sl] = (
-                (centre_at_max & (gt > 0)).reshape(b, -1).sum(1).double() / centre_at_max.sum().double()).numpy()
+                (centre_at_max & (gt > 0)).reshape(b, -1).sum(1).double() / centre_at_max.sum().double()).cpu().numpy()
             base["centre"]["pred_area"][sl] = centre_mask.double().mean().item()
-            whole = torch.ones((b, size, size), dtype=torch.bool)
-            base["whole_frame"]["iou"][sl] = metrics.iou_scores(whole, gt).numpy()
+            whole = torch.ones((b, size, size), dtype=torch.bool, device=device)
+            base["whole_frame"]["iou"][sl] = metrics.iou_scores(whole, gt).cpu().numpy()
             base["whole_frame"]["pointing"][sl] = gt_area[sl]
             base["whole_frame"]["pred_area"][sl] = 1.0
-            base["oracle"]["iou"][sl] = metrics.oracle_ious(gt, proto.threshold).numpy()
+            base["oracle"]["iou"][sl] = metrics.oracle_ious(gt, proto.threshold).cpu().numpy()
             base["oracle"]["pointing"][sl] = 1.0
             base["oracle"]["pred_area"][sl] = (nominal / (size * size) if nominal is not None
                                                else gt_area[sl])
             for s in random_seeds:
-                scores = metrics.localisation_scores(torch.from_numpy(random_maps[s][sl]), gt, proto)
+                scores = metrics.localisation_scores(torch.from_numpy(random_maps[s][sl]).to(device), gt, proto)
                 base[f"random_{s}"]["iou"][sl] = scores.iou
                 base[f"random_{s}"]["pointing"][sl] = scores.pointing
                 base[f"random_{s}"]["pred_area"][sl] = scores.pred_area
@@ -722,8 +720,9 @@ def _load_frame(path: str, mode: str, size: int) -> np.ndarray:
             image = image.resize((size, size), Image.BICUBIC)
         else:
             w, h = image.size
-            scale = size / min(w, h)
-            image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+            # torchvision Resize(int): the short side becomes size, the long side int(size * long / short)
+            new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+            image = image.resize(new, Image.BICUBIC)
             w, h = image.size
             left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
             image = image.crop((left, top, left + size, top + size))
@@ -745,7 +744,7 @@ def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: M
     proto = result.protocol
     columns = min(len(picks), count)
     rows = math.ceil(len(picks) / columns)
-    figure = Figure(figsize=(2.6 * columns, 2.9 * rows))
+    figure = Figure(figsize=(2.6 * columns, 3.0 * rows), layout="constrained")
     FigureCanvasAgg(figure)
     for i, row in enumerate(picks):
         axes = figure.add_subplot(rows, columns, i + 1)
@@ -764,7 +763,6 @@ def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: M
         axes.set_axis_off()
     figure.suptitle(f"{result.name or 'eval'} ({proto.name}): best and worst IoU; green = ground truth, "
                     f"white = prediction", fontsize=8)
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     atomic_write_bytes(path, buffer.getvalue())

@@ -254,13 +254,16 @@ def nominal_predicted_pixels(rule: ThresholdRule, n_pixels: int) -> int | None:
 def iou_scores(masks: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Per-image IoU. masks: (B, S, S) bool, gt: (B, S, S) float weights in [0, 1] -> (B,) float64.
 
-    IoU = sum(pred * gt) / (sum(gt) + sum(pred * [gt == 0])). The sums are exact (multiples of 0.5 below 2^23);
-    the ratio is taken in float64 like numpy does. An empty ground truth with an empty prediction gives NaN.
+    IoU = sum(pred * gt) / (sum(gt) + sum(pred * [gt == 0])). The sums run as batched dot products; they are exact
+    in float32 whatever the order (every partial sum is a multiple of 0.5 below 2^23); the ratio is taken in float64
+    like numpy does. An empty ground truth with an empty prediction gives NaN.
     """
-    m = masks.to(gt.dtype)
-    inter = (m * gt).sum(dim=(1, 2)).double()
-    union = gt.sum(dim=(1, 2)).double() + (m * (gt == 0)).sum(dim=(1, 2)).double()
-    return inter / union
+    b = gt.shape[0]
+    weights = gt.reshape(b, 1, -1)
+    pred = masks.reshape(b, -1)
+    inter = torch.bmm(weights, pred[:, :, None].to(gt.dtype)).flatten().double()
+    outside = torch.count_nonzero(pred, dim=1) - torch.count_nonzero(pred & (weights[:, 0] > 0), dim=1)
+    return inter / (weights.sum(dim=(1, 2)).double() + outside.double())
 
 
 def pointing_scores(up: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -272,8 +275,8 @@ def pointing_scores(up: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """
     flat = up.reshape(up.shape[0], -1)
     at_max = flat == flat.amax(dim=1, keepdim=True)
-    inside = at_max & (gt.reshape(gt.shape[0], -1) > 0)
-    return inside.sum(dim=1).double() / at_max.sum(dim=1).double()
+    inside = torch.count_nonzero(at_max & (gt.reshape(gt.shape[0], -1) > 0), dim=1)
+    return inside.double() / torch.count_nonzero(at_max, dim=1).double()
 
 
 @dataclass
@@ -288,15 +291,16 @@ class LocalisationScores:
 def localisation_scores(maps: torch.Tensor, gt: torch.Tensor, protocol: Protocol) -> LocalisationScores:
     """Score a batch of raw maps under a protocol. maps: (B, h, w) any size, gt: (B, S, S) float -> per-image scores.
 
-    ``S`` is taken from ``gt`` (224 in every protocol; tests use smaller grids). Maps must be finite.
+    ``S`` is taken from ``gt`` (224 in every protocol; tests use smaller grids). Maps must be finite; both tensors
+    on the same device (CPU or CUDA).
     """
     size = gt.shape[-1]
     up = upsample_maps(maps, protocol.upsample, size)
     masks = binarise(up, protocol.threshold)
     return LocalisationScores(
-        iou=iou_scores(masks, gt).numpy(),
-        pointing=pointing_scores(up, gt).numpy(),
-        pred_area=masks.reshape(masks.shape[0], -1).double().mean(dim=1).numpy(),
+        iou=iou_scores(masks, gt).cpu().numpy(),
+        pointing=pointing_scores(up, gt).cpu().numpy(),
+        pred_area=(torch.count_nonzero(masks.reshape(masks.shape[0], -1), dim=1).double() / size ** 2).cpu().numpy(),
     )
 
 
@@ -453,8 +457,9 @@ def extended_ap(confidence: np.ndarray, iou: np.ndarray, sounding: np.ndarray,
     ``all``: every distinct confidence is a threshold (highest first); AP = sum_i (R_i - R_{i-1}) * max_{j>=i} P_j
     with R_{-1} = 0 (the all-points interpolated AP of PASCAL VOC).
     ``slavc``: SLAVC's released ``calc_ap``: thresholds ``sort(conf)[:-1][::-max(1, P // 200)]`` (the top confidence
-    left out), AP = sum_i max_{j>=i} P_j * (R_{i+1} - R_i); it leaves out the stretch below the first recall and
-    weights each step by the precision at its start, so it differs from ``all`` by a few points.
+    left out), AP = sum_i max_{j>=i} P_j * (R_{i+1} - R_i); it leaves out the stretch below its first recall and
+    weights each step by the envelope at its start. On thousands of pairs the two agree to about 1e-3; on a handful
+    they can differ a lot (0.667 against 0.25 on the 5-pair case of the tests).
     """
     confidence = np.asarray(confidence, dtype=np.float64)
     if sampling == "all":

@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
+from rich.progress import ProgressColumn, Task as ProgressTask
+from rich.text import Text
 
 from sslt_cli.data.annotations import load_vggss_json
 from sslt_cli.data.manifest import atomic_write_bytes
@@ -60,7 +62,12 @@ from sslt_cli.errors import CheckpointError, DataError
 
 if TYPE_CHECKING:
     import numpy as np
+    from rich.console import Console
     from rich.table import Table
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.data.manifest import ClipSet
+    from sslt_cli.runs import Run
 
 TASKS = ("a2a", "a2i", "i2a")
 KS = (1, 5, 10)
@@ -89,13 +96,31 @@ class RankedQueries:
     ap: torch.Tensor
 
 
+def ranking_keys(similarity: torch.Tensor) -> torch.Tensor:
+    """(Q, G) scores -> (Q, G) int64 keys, all distinct in a row, whose descending order is the ranking: the float32
+    score's bits made order-preserving in the high 32 bits, the gallery index reversed in the low 32 bits, so equal
+    scores rank by ascending gallery index. (-0.0 counts as 0.0; scores are compared in float32.)"""
+    n_gallery = similarity.shape[1]
+    if n_gallery >= 2 ** 32:
+        raise ValueError(f"a gallery of {n_gallery} items exceeds the 2**32 that ranking keys can hold")
+    bits = (similarity.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0 (and copies)
+    # Negative floats order backwards as integers: flipping their magnitude bits restores the order.
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = bits.to(torch.int64).bitwise_left_shift_(32)
+    return keys.bitwise_or_((2 ** 32 - 1) - torch.arange(n_gallery, device=similarity.device, dtype=torch.int64))
+
+
 def rank_block(similarity: torch.Tensor, query_labels: torch.Tensor, gallery_labels: torch.Tensor,
                exclude: torch.Tensor | None = None, max_k: int = max(KS), top_n: int = TOP_N) -> RankedQueries:
     """Rank a gallery for each query of one block and score the ranking.
 
     similarity: (Q, G) finite scores, higher is better. query_labels: (Q,) int class ids. gallery_labels: (G,) int
     class ids. exclude: (Q,) gallery index each query leaves out (its own clip), -1 for none; None for no exclusion.
-    Ties are broken by ascending gallery index. Returns a :class:`RankedQueries` on the CPU.
+    Ties are broken by ascending gallery index (:func:`ranking_keys`). Returns a :class:`RankedQueries` on the CPU.
+
+    No row is sorted whole: the top ranks come from ``topk``, and average precision needs only the rank of each
+    relevant item, 1 + the number of items with a greater key, counted for all m relevant items at once by a
+    ``searchsorted`` of every key among the row's m sorted relevant keys (O(G log m) instead of O(G log G)).
     """
     n_queries, n_gallery = similarity.shape
     if query_labels.shape != (n_queries,) or gallery_labels.shape != (n_gallery,):
@@ -104,32 +129,42 @@ def rank_block(similarity: torch.Tensor, query_labels: torch.Tensor, gallery_lab
     if not bool(torch.isfinite(similarity).all()):
         raise ValueError("similarity holds NaN or infinite values")
     device = similarity.device
-    query_labels = query_labels.to(device)
-    gallery_labels = gallery_labels.to(device)
-    relevant = query_labels[:, None] == gallery_labels[None, :]
+    keys = ranking_keys(similarity)
+    relevant = query_labels.to(device)[:, None] == gallery_labels.to(device)[None, :]
     gallery_size = torch.full((n_queries,), n_gallery, dtype=torch.int64, device=device)
     if exclude is not None:
         exclude = exclude.to(device)
         rows = torch.nonzero(exclude >= 0).squeeze(1)
-        # -inf sends the excluded item to the very end, behind every finite score, so it shifts no other rank.
-        similarity = similarity.clone()
-        similarity[rows, exclude[rows]] = -math.inf
-        relevant = relevant.clone()
+        # The smallest key ranks the excluded item behind every other one, so it shifts no other rank.
+        keys[rows, exclude[rows]] = torch.iinfo(torch.int64).min
         relevant[rows, exclude[rows]] = False
         gallery_size[rows] -= 1
     if n_queries and int(gallery_size.min()) < max(max_k, top_n):
         raise ValueError(f"a gallery of {int(gallery_size.min())} items is smaller than k = {max(max_k, top_n)}")
-    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices
-    hits_sorted = torch.gather(relevant, 1, order)
+    top = torch.topk(keys, max(max_k, top_n), dim=1, sorted=True).indices
+    hits = torch.gather(relevant, 1, top[:, :max_k])
     n_relevant = relevant.sum(dim=1)
-    found_so_far = hits_sorted.cumsum(dim=1, dtype=torch.int32)
-    ranks = torch.arange(1, n_gallery + 1, device=device, dtype=torch.float64)
-    precision_sum = (found_so_far.to(torch.float64) / ranks * hits_sorted).sum(dim=1)
-    ap = precision_sum / n_relevant.to(torch.float64)  # 0/0 -> NaN for queries with nothing to find
-    return RankedQueries(
-        top_indices=order[:, :top_n].cpu(), hits=hits_sorted[:, :max_k].cpu(), n_relevant=n_relevant.cpu(),
-        gallery_size=gallery_size.cpu(), ap=ap.cpu(),
-    )
+
+    # The relevant keys of each row, ascending, padded on the right with the largest int64 (never below a key).
+    most = int(n_relevant.max()) if n_queries else 0
+    row_of, col_of = torch.nonzero(relevant, as_tuple=True)
+    first_of_row = torch.cumsum(n_relevant, dim=0) - n_relevant
+    slot = torch.arange(row_of.numel(), device=device) - first_of_row[row_of]
+    relevant_keys = torch.full((n_queries, max(most, 1)), torch.iinfo(torch.int64).max, device=device)
+    relevant_keys[row_of, slot] = keys[row_of, col_of]
+    relevant_keys = torch.sort(relevant_keys, dim=1).values
+    # below[i] = relevant keys smaller than item i's; the relevant item at ascending slot p has exactly
+    # (items with below > p) items ranked above it.
+    below = torch.searchsorted(relevant_keys, keys)
+    counts = torch.zeros(n_queries, max(most, 1) + 1, dtype=torch.int64, device=device)
+    counts.scatter_add_(1, below, torch.ones_like(below))
+    above = counts.flip(1).cumsum(dim=1).flip(1)[:, 1:]                     # (Q, most): items above slot p
+    slots = torch.arange(max(most, 1), device=device)[None, :]
+    found = (n_relevant[:, None] - slots).to(torch.float64)                 # relevant items at or above slot p
+    precision = torch.where(slots < n_relevant[:, None], found / (above + 1).to(torch.float64), 0.0)
+    ap = precision.sum(dim=1) / n_relevant.to(torch.float64)                # 0/0 -> NaN: nothing to find
+    return RankedQueries(top_indices=top[:, :top_n].cpu(), hits=hits.cpu(), n_relevant=n_relevant.cpu(),
+                         gallery_size=gallery_size.cpu(), ap=ap.cpu())
 
 
 def block_rows(n_gallery: int, budget: int = BLOCK_ELEMENTS) -> int:
@@ -556,6 +591,9 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
         raise DataError(f"retrieval needs at least {need} labelled clips of the chosen classes; found {len(rows)}",
                         [f"{len(embeddings.ids)} clips embedded, {len(unlabeled)} without a label, "
                          f"{len(labelled) - len(rows)} of other classes", "choose more classes or a bigger set"])
+    if len({label for _, label in rows}) < 2:
+        raise DataError(f"retrieval within a single class is trivial (every gallery item is relevant); the chosen "
+                        f"classes have clips of only {rows[0][1]!r} in this set: choose at least 2 classes")
     index = torch.tensor([i for i, _ in rows])
     labels = torch.tensor([class_index[label] for _, label in rows])
     exclude = torch.arange(len(rows))
@@ -590,6 +628,7 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
 TABLE_METRICS = (("A@5", "a_at_5"), ("A@10", "a_at_10"), ("P@1", "p_at_1"), ("P@5", "p_at_5"), ("R@1", "r_at_1"),
                  ("R@5", "r_at_5"), ("R@10", "r_at_10"), ("mAP", "map"))
 CORRECT, WRONG = "#1a9850", "#d73027"
+MARK = {True: "\u2713", False: "\u2717"}  # check / cross beside the colour, for readers who cannot tell them apart
 
 
 def task_summary(result: TaskResult, report: RetrievalReport, context: dict | None = None) -> dict:
@@ -692,7 +731,7 @@ def save_gallery(path: Path, result: TaskResult, report: RetrievalReport,
             hit = report.labels[g] == label
             flags.append(hit)
             show(fig.add_subplot(len(queries), TOP_N + 1, row * (TOP_N + 1) + 1 + r), report.ids[g], gallery_kind,
-                 f"{r}. {report.labels[g][:22]}", CORRECT if hit else WRONG)
+                 f"{r}. {MARK[hit]} {report.labels[g][:22]}", CORRECT if hit else WRONG)
         drawn.append(flags)
     fig.suptitle(f"{result.task} ({result.score}): query, then the top {TOP_N}; green = same class, red = not",
                  fontsize=9)
@@ -704,37 +743,246 @@ def save_gallery(path: Path, result: TaskResult, report: RetrievalReport,
 
 
 def results_table(report: RetrievalReport, title: str = "retrieval") -> "Table":
-    """A rich table: per task, the model row and the random-baseline row (x100), queries, gallery, classes."""
+    """A rich table: per task, the model's row and the random baseline's (x100) and the queries scored; the gallery,
+    class and data-problem counts go in the caption."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title)
-    for name in ("task", "ranking", *[m for m, _ in TABLE_METRICS], "queries", "gallery", "classes"):
-        table.add_column(name, justify="left" if name in ("task", "ranking") else "right")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1))
+    for name in ("task", "score", *[m for m, _ in TABLE_METRICS], "queries"):
+        table.add_column(name, justify="left" if name in ("task", "score") else "right", no_wrap=True)
     for result in report.tasks:
         scored = result.n_queries - result.n_without_relevant
         for name, values, style in ((result.score, result.metrics, None), ("random", result.random, "dim")):
-            table.add_row(result.task, name, *[f"{100 * values[k]:.2f}" for _, k in TABLE_METRICS],
-                          f"{scored}" + (f" (+{result.n_without_relevant})" if result.n_without_relevant else ""),
-                          str(result.gallery_size), str(result.n_classes), style=style)
-    notes = [f"{report.n_embedded} clips embedded", f"{len(report.unlabeled)} without a label",
+            table.add_row(result.task, name, *[f"{100 * values[k]:.2f}" for _, k in TABLE_METRICS], str(scored),
+                          style=style)
+    first = report.tasks[0]
+    notes = [f"gallery {first.gallery_size} clips of {first.n_classes} classes, each query ranks the others",
+             f"{report.n_embedded} clips embedded", f"{len(report.unlabeled)} without a label",
              f"{len(report.skipped)} unreadable"]
+    if first.n_without_relevant:
+        notes.append(f"{first.n_without_relevant} queries alone in their class (not scored)")
     if report.n_other_classes:
         notes.append(f"{report.n_other_classes} of other classes")
     if report.classes_without_clips:
         notes.append(f"{len(report.classes_without_clips)} chosen classes have no clip")
-    table.caption = ("metrics x100; queries = queries with a relevant item (+ those without, left out); "
-                     + ", ".join(notes))
+    table.caption = "metrics x100; random = exact expectation; " + "; ".join(notes)
     return table
 
 
-def mlflow_metrics(report: RetrievalReport) -> dict[str, float]:
-    """Flat MLflow metrics: ``retrieve/<task>/<metric>``, ``retrieve/<task>/random/<metric>`` (fractions),
-    ``retrieve/<task>/n_queries`` and ``retrieve/<task>/gallery_size``; names match ``^[/\\w.\\- ]*$``."""
+def mlflow_metrics(report: RetrievalReport, prefix: str = "retrieve") -> dict[str, float]:
+    """Flat MLflow metrics: ``<prefix>/<task>/<metric>``, ``<prefix>/<task>/random/<metric>`` (fractions),
+    ``<prefix>/<task>/n_queries`` (scored) and ``<prefix>/<task>/gallery_size``; names match ``^[/\\w.\\- ]*$``."""
     out: dict[str, float] = {}
     for result in report.tasks:
-        prefix = f"retrieve/{result.task}"
-        out.update({f"{prefix}/{k}": v for k, v in result.metrics.items()})
-        out.update({f"{prefix}/random/{k}": v for k, v in result.random.items()})
-        out[f"{prefix}/n_queries"] = float(result.n_queries - result.n_without_relevant)
-        out[f"{prefix}/gallery_size"] = float(result.gallery_size)
+        task_prefix = f"{prefix}/{result.task}"
+        out.update({f"{task_prefix}/{k}": v for k, v in result.metrics.items()})
+        out.update({f"{task_prefix}/random/{k}": v for k, v in result.random.items()})
+        out[f"{task_prefix}/n_queries"] = float(result.n_queries - result.n_without_relevant)
+        out[f"{task_prefix}/gallery_size"] = float(result.gallery_size)
     return out
+
+
+# ---------------------------------------------------------------------------------------- sslt retrieve, end to end
+
+class _RateColumn(ProgressColumn):
+    """Items per second of a progress bar (empty until rich has measured it)."""
+
+    def render(self, task: ProgressTask) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "")
+
+
+@dataclass
+class Target:
+    """What ``sslt retrieve`` runs: a model with its weights, the recipe it was trained with, the checkpoint file
+    (and its SHA-256, which keys the embedding cache), the run folder if any, and where outputs go."""
+
+    model: torch.nn.Module
+    recipe: "Recipe"
+    checkpoint: Path
+    checkpoint_sha256: str
+    step: int | None
+    run: "Run | None"
+    out_dir: Path
+
+
+def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None) -> Target:
+    """A run folder (its ``best.pt``, else its latest ``last-*.pt``) or a checkpoint file: an sslt checkpoint (its
+    own recipe; outputs in its run folder when it lies in one) or an official SSL-TIE checkpoint (default recipe).
+    Outputs go to ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside it."""
+    from sslt_cli.config import Recipe, validate_tree
+    from sslt_cli.model import build_model, load_official_checkpoint
+    from sslt_cli.runs import CONFIG, META, Run, load_checkpoint
+    from sslt_cli.train import CHECKPOINT_FORMAT, model_state_from_checkpoint
+
+    path = Path(target).expanduser()
+    run = None
+    if path.is_dir():
+        run = Run.open(path)
+        checkpoint = run.best_checkpoint() or run.latest_checkpoint()
+        if checkpoint is None:
+            raise CheckpointError(f"{path}: the run has no checkpoint yet (checkpoints/best.pt or last-*.pt); "
+                                  "train it first or pass a checkpoint file")
+    elif path.is_file():
+        checkpoint = path
+        folder = path.parent.parent
+        if path.parent.name == "checkpoints" and (folder / CONFIG).is_file() and (folder / META).is_file():
+            run = Run(folder)
+    else:
+        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
+    state = load_checkpoint(checkpoint)
+    model = build_model()
+    if state.get("format") == CHECKPOINT_FORMAT:
+        recipe = validate_tree(state["recipe"], f"{checkpoint} (its recipe)")
+        model.load_state_dict(model_state_from_checkpoint(state, checkpoint))
+        step = int(state["step"])
+    else:
+        model.load_state_dict(load_official_checkpoint(checkpoint))
+        recipe, step = Recipe(), None
+    if out_dir is not None:
+        where = Path(out_dir)
+    elif run is not None:
+        where = run.dir / "retrieve"
+    else:
+        where = checkpoint.parent / f"{checkpoint.stem}-retrieve"
+    return Target(model=model.to(device), recipe=recipe, checkpoint=checkpoint,
+                  checkpoint_sha256=file_sha256(checkpoint), step=step, run=run, out_dir=where)
+
+
+def clip_labels_for(clip_set: "ClipSet", labels_path: Path | None) -> tuple[dict[str, str], str]:
+    """{clip id: class} from ``labels_path`` (:func:`read_labels`) or, with none, from the manifest's ``label``
+    column; and a description of the source."""
+    if labels_path is not None:
+        return read_labels(labels_path), str(labels_path)
+    return {c.id: c.label for c in clip_set.clips if c.label}, f"{clip_set.root / 'manifest.csv'} (label column)"
+
+
+def output_scope(set_name: str, default_set: bool, classes: str) -> str:
+    """The sub-folder (and MLflow prefix part) of one retrieval setting, so settings never overwrite each other:
+    '' for all classes of the recipe's test set, else the set's name when it is another set, then ``novel`` or
+    ``classes-<8 hex of the list>``; joined by '/'."""
+    parts = [] if default_set else [set_name]
+    if classes == "novel":
+        parts.append("novel")
+    elif classes != "all":
+        parts.append("classes-" + hashlib.sha256(classes.encode()).hexdigest()[:8])
+    return "/".join(parts)
+
+
+def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
+             tasks: str = "all", classes: str = "all", cross_score: str = "loc", image_pool: str = "avg",
+             device: str = "auto", out_dir: str | Path | None = None, gallery_rows: int = 6, refresh: bool = False,
+             console: "Console | None" = None, out: "Console | None" = None) -> RetrievalReport:
+    """``sslt retrieve``: embed a set with a trained model (cached), run every task, write and log the results.
+
+    target: run folder or checkpoint (:func:`load_target`). data: a prepared set folder (default: the recipe's
+    first test set). labels: a label file (default: the recipe's ``data.labels`` under ``data.root`` when it exists,
+    else the manifest's labels). tasks: ``all`` or a comma list of a2a, a2i, i2a. classes: ``all`` | ``novel`` |
+    list | file. cross_score: ``loc`` | ``pooled``; image_pool: ``avg`` | ``max``. refresh: embed even when the
+    cache is current. Writes ``<out>/embeddings_<set>.pt``, ``<out>/<scope>/<task>/{metrics.json, queries.csv,
+    gallery.png}`` and ``<out>/<scope>/excluded.csv`` (:func:`output_scope`: empty for all classes of the recipe's
+    test set); prints the table on ``out``; logs ``retrieve/<scope>/<task>/...`` to MLflow and the run's
+    ``metrics.jsonl``.
+    """
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from sslt_cli.data.datasets import AudioVisualDataset, read_frame
+    from sslt_cli.data.manifest import read_set
+    from sslt_cli.tracking import Tracker
+    from sslt_cli.train import audio_args, eval_loader, pick_device
+
+    console = console or Console(stderr=True)
+    out = out or Console()
+    task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    torch_device = pick_device(device)
+    t = load_target(target, torch_device, out_dir)
+    recipe = t.recipe
+    root = Path(recipe.data.root)
+    default_set = root / next(iter(recipe.data.test.values()))
+    clip_set = read_set(Path(data) if data is not None else default_set)
+    scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), classes)
+    task_root = t.out_dir / scope if scope else t.out_dir
+    prefix = f"retrieve/{scope}" if scope else "retrieve"
+    if labels is None and recipe.data.labels and (root / recipe.data.labels).is_file():
+        labels = root / recipe.data.labels
+    clip_labels, label_source = clip_labels_for(clip_set, Path(labels) if labels is not None else None)
+    console.print(f"retrieval with {t.checkpoint} (step {t.step if t.step is not None else 'n/a'}) on "
+                  f"{clip_set.root} ({len(clip_set.clips)} clips, {len(clip_set.unusable)} unusable in the "
+                  f"manifest); labels from {label_source}; device {torch_device}")
+
+    need_maps = cross_score == "loc" and any(task != "a2a" for task in task_list)
+    cache = t.out_dir / f"embeddings_{clip_set.name}.pt"
+    key = {"checkpoint_sha256": t.checkpoint_sha256, "step": t.step, "set": str(clip_set.root.resolve()),
+           "manifest_sha256": file_sha256(clip_set.root / "manifest.csv"), "image_size": recipe.data.image_size,
+           "audio": audio_args(recipe), "image_mode": "resize_centercrop"}
+    embeddings = None if refresh else load_embeddings(cache, key, need_maps)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        _RateColumn(), TimeRemainingColumn(), console=console)
+    with progress:
+        if embeddings is None:
+            bar = progress.add_task("embed clips", total=len(clip_set.clips))
+            # SSL-TIE's test pre-processing (Resize + CenterCrop); retrieval does not depend on an eval protocol.
+            loader = eval_loader(clip_set.clips, recipe, torch_device, "resize_centercrop")
+            embeddings = embed_clips(t.model, loader, torch_device, keep_maps=need_maps,
+                                     progress=lambda n: progress.advance(bar, n))
+            save_embeddings(cache, embeddings, key)
+        else:
+            console.print(f"embeddings from the cache {cache} (same checkpoint, set and settings)")
+        bars: dict[str, int] = {}
+
+        def ranked_so_far(task: str, done: int, total: int) -> None:
+            if task not in bars:
+                bars[task] = progress.add_task(f"rank {task}", total=total)
+            progress.update(bars[task], completed=done)
+
+        report = run_retrieval(embeddings, clip_labels, classes=classes, holdout_classes=recipe.data.holdout_classes,
+                               tasks=task_list, cross_score=cross_score, image_pool=image_pool, device=torch_device,
+                               progress=ranked_so_far)
+
+    context = {"checkpoint": str(t.checkpoint), "step": t.step, "set": str(clip_set.root), "labels": label_source,
+               "classes_spec": classes, "cross_score": cross_score, "image_pool": image_pool}
+    clips_by_id = {c.id: c for c in clip_set.clips}
+    shown = AudioVisualDataset([clips_by_id[i] for i in report.ids], image_transform=None, audio=audio_args(recipe),
+                               train=False)
+    position = {clip_id: k for k, clip_id in enumerate(report.ids)}
+
+    def frame_of(clip_id: str) -> np.ndarray:
+        return np.asarray(read_frame(clips_by_id[clip_id].frame))
+
+    def spectrogram_of(clip_id: str) -> np.ndarray:
+        item = shown[position[clip_id]]
+        if not isinstance(item, dict):  # a clip that embedded fine is readable; say so if it stopped being
+            raise DataError(f"clip {clip_id}: cannot draw its spectrogram ({item.reason})")
+        return item["spec"][0].numpy()
+
+    for result in report.tasks:
+        folder = write_task_outputs(task_root, result, report, context)
+        save_gallery(folder / "gallery.png", result, report, frame_of, spectrogram_of, n_rows=gallery_rows)
+    excluded = write_excluded(task_root, report)
+    out.print(results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
+    if report.unlabeled or report.skipped:
+        console.print(f"{len(report.unlabeled)} clips without a label and {len(report.skipped)} unreadable clips "
+                      f"were left out; listed in {excluded}")
+    if report.classes_without_clips:
+        console.print(f"{len(report.classes_without_clips)} chosen classes have no clip in this set: "
+                      f"{', '.join(report.classes_without_clips[:10])}")
+
+    flat = mlflow_metrics(report, prefix)
+    step = t.step or 0
+    if t.run is not None:
+        t.run.append_metrics({"kind": "retrieve", "step": step, "set": clip_set.name, "classes": classes, **flat})
+    tracker = Tracker(enabled=recipe.tracking.enabled, experiment=recipe.tracking.experiment,
+                      warn=lambda m: console.print(f"warning: {m}"))
+    run_id = t.run.meta().get("mlflow_run_id") if t.run is not None else None
+    tracker.start(t.run.dir.name if t.run is not None else f"retrieve-{t.checkpoint.stem}", run_id=run_id,
+                  tags={"sslt.checkpoint": str(t.checkpoint)})
+    tracker.log_metrics(flat, step)
+    for result in report.tasks:
+        tracker.log_artifacts(task_root / result.task, f"{prefix}/{result.task}")
+    if excluded is not None:
+        tracker.log_artifacts(excluded, prefix)
+    tracker.end("FINISHED")
+    console.print(f"retrieval outputs in {task_root}")
+    return report

@@ -40,7 +40,7 @@ from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, prechec
 from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.losses import LOSSES, equivariance_loss
-from sslt_cli.model import EMBED_DIM, build_model
+from sslt_cli.model import EMBED_DIM, build_model, localisation_map
 from sslt_cli.runs import SKIPPED, Run, load_checkpoint
 from sslt_cli.tracking import Tracker
 
@@ -365,8 +365,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     cache_dir = (run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None)
     dataset = AudioVisualDataset(
         clips, image_transform=image_transform, n_views=2 if paper_views else 1, shared_geometry=True,
-        audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir,
-        mix=t.mix.enabled)
+        audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir)
     batch_size = recipe.optim.batch_size // env.world
     sampler = EpochSampler(len(dataset), batch_size, recipe.seed, env.rank, env.world)
     steps_per_epoch = sampler.batches_per_epoch()
@@ -378,11 +377,14 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
     val_clips, val_annotations = [], {}
     if recipe.data.val:
-        from sslt_cli.evaluate import load_annotations_for_set
+        from sslt_cli.evaluate import load_test_set
 
-        val_set = read_set(resolve_set(recipe, recipe.data.val))
-        val_clips = val_set.clips[: recipe.data.limit_val] if recipe.data.limit_val else val_set.clips
-        val_annotations = load_annotations_for_set(val_set)
+        val_set = load_test_set(resolve_set(recipe, recipe.data.val))
+        val_clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
+        val_clips = val_clips[: recipe.data.limit_val] if recipe.data.limit_val else val_clips
+        val_annotations = val_set.annotations
+        if env.main:
+            write_skipped(run, [(i, r) for i, r in {**val_set.annotation_problems, **val_set.unavailable}.items()], "val")
 
     # -- model and optimiser
     base_model = build_model(vision_init=recipe.model.vision_init, audio_init=recipe.model.audio_init).to(device)
@@ -526,7 +528,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                 epoch += 1
                 batch_in_epoch = 0
                 if t.mix.enabled and epoch >= t.mix.start_epoch:
-                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env)
+                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env, cache_dir)
                 if val_clips and (epoch % recipe.train.val_every == 0 or step >= total_steps):
                     metrics = validate(base_model, val_clips, val_annotations, recipe, device, amp, run, epoch, env)
                     if env.main:
@@ -593,62 +595,110 @@ def eval_loader(clips: list[Clip], recipe: Recipe, device: torch.device, protoco
 
 @torch.no_grad()
 def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
-                           env: Dist) -> np.ndarray:
+                           env: Dist, cache_dir: Path | None) -> np.ndarray:
     """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour."""
     dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
-                                 train=False, seed=recipe.seed, cache_dir=None, audio_only=True)
+                                 train=False, seed=recipe.seed, cache_dir=cache_dir)
     loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False,
                                          num_workers=recipe.data.num_workers, collate_fn=collate_skip_bad)
     model.eval()
     embeddings = torch.zeros(len(clips), EMBED_DIM)
+    decoded = torch.zeros(len(clips), dtype=torch.bool)
     for batch in loader:
+        if "spec" not in batch:
+            continue
         with amp:
             a = model.embed_audio(batch["spec"].to(device))
-        embeddings[batch["index"]] = a.float().cpu()
+        index = torch.as_tensor(batch["index"])
+        embeddings[index] = a.float().cpu()
+        decoded[index] = True
     model.train()
     g = torch.Generator().manual_seed(recipe.seed * 7919 + len(clips))
-    return augment.find_mix_neighbours(F.normalize(embeddings, dim=1), queue_size=recipe.transforms.mix.queue,
-                                       generator=g).numpy()
+    neighbours = augment.find_mix_neighbours(F.normalize(embeddings, dim=1), queue_size=recipe.transforms.mix.queue,
+                                             generator=g)
+    # a clip whose audio could not be decoded is neither mixed nor mixed into another clip
+    neighbours[~decoded] = -1
+    neighbours[~decoded[neighbours.clamp_min(0)]] = -1
+    return neighbours.numpy()
 
 
 @torch.no_grad()
 def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, amp, run: Run,
              epoch: int, env: Dist) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl."""
-    from sslt_cli.evaluate import PROTOCOLS, heatmap_grid, score_maps
+    from sslt_cli.evaluate import get_protocol, score_maps
 
-    protocol = PROTOCOLS[recipe.eval.protocol]
+    protocol = get_protocol(recipe.eval.protocol)
     model.eval()
     maps: dict[str, np.ndarray] = {}
     losses, weights = 0.0, 0
-    first_batch = None
+    shown: tuple | None = None
     loss_cfg = recipe.loss
     for batch in eval_loader(clips, recipe, device, protocol.image_preprocessing):
+        if "image" not in batch:
+            continue
         images = batch["image"].to(device)
         specs = batch["spec"].to(device)
         with amp:
             v = model.embed_image(images)
             a = model.embed_audio(specs)
         if images.shape[0] >= 2 and loss_cfg.objective == "tie":
-            l, parts = LOSSES["tie"](v, a, eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
-                                     temperature=loss_cfg.temperature)
+            l, _ = LOSSES["tie"](v, a, eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
+                                 temperature=loss_cfg.temperature)
             losses += float(l) * images.shape[0]
             weights += images.shape[0]
-        A = torch.einsum("nchw,nc->nhw", v.float(), a.float())
-        for clip_id, m in zip(batch["id"], A.cpu().numpy()):
+        A = localisation_map(v.float(), a.float())[:, 0].cpu()
+        for clip_id, m in zip(batch["id"], A.numpy()):
             maps[clip_id] = m
-        if first_batch is None:
-            first_batch = (batch["id"], batch["image"], A.cpu())
+        if shown is None:
+            shown = (list(batch["id"]), batch["image"][:8], A[:8])
     model.train()
-    result = score_maps(maps, annotations, recipe.eval.protocol)
-    if env.main and first_batch is not None:
-        heatmap_grid(first_batch[1], first_batch[2], [annotations.get(i) for i in first_batch[0]],
+    result = score_maps(maps, annotations, protocol, [c.id for c in clips], baselines=False, name="val")
+    if env.main and shown is not None:
+        heatmap_grid(shown[1], shown[2], [annotations.get(i) for i in shown[0]],
                      run.dir / "val" / f"heatmaps-epoch{epoch:04d}.png", title=f"validation, epoch {epoch}")
-    metrics = {"ciou": result.summary["ciou"], "auc": result.summary["auc"], "mean_iou": result.summary["mean_iou"],
-               "n": result.n_scored}
+    method = result.method or {}
+    metrics = {"ciou": method.get("ciou", 0.0), "auc": method.get("auc", 0.0), "mean_iou": method.get("mean_iou", 0.0),
+               "n": result.n}
     if weights:
         metrics["l_cl"] = losses / weights
     return metrics
+
+
+def heatmap_grid(images: torch.Tensor, maps: torch.Tensor, annotations: list, path: Path, title: str) -> Path:
+    """A PNG grid: each validation frame with its localisation map overlaid and its boxes drawn.
+
+    images: (B, 3, H, W) ImageNet-normalised; maps: (B, h, w) cosine maps.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    n = images.shape[0]
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.5), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        frame = (images[i].float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+        size = frame.shape[0]
+        up = F.interpolate(maps[i][None, None].float(), size=frame.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        ax.imshow(frame)
+        ax.imshow(up.numpy(), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
+        ann = annotations[i]
+        if ann is not None:
+            for box in ann.boxes:
+                scale = size if ann.kind == "vggss" else size / 256.0
+                x0, y0, x1, y1 = (float(b) * scale for b in box)
+                if all(math.isfinite(b) and abs(b) < 1e3 for b in (x0, y0, x1, y1)):
+                    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.2))
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def end_table(run: Run, recipe: Recipe, best: dict, last_logs: dict, out: Console) -> None:

@@ -6,7 +6,11 @@ under ``./mlruns`` of the working directory). Refer to repository files through 
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +38,54 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def serve(tmp_path: Path):
+    """Start a server command in its own process group and wait until ``url`` answers HTTP 200.
+
+    Call as ``serve(cmd, url, env=None)``; returns the Popen and the path of its combined stdout/stderr log. Every
+    server started is stopped at teardown with its whole process group (MLflow starts worker processes), pass or fail.
+    """
+    import requests
+
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], url: str, env: dict[str, str] | None = None,
+              deadline_s: float = 180) -> tuple[subprocess.Popen, Path]:
+        log = tmp_path / f"server-{len(started)}.log"
+        with open(log, "wb") as sink:
+            process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                                       start_new_session=True)
+        started.append(process)
+        end = time.monotonic() + deadline_s
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"{cmd} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > end:
+                pytest.fail(f"{url} did not answer within {deadline_s} s:\n{log.read_text()[-3000:]}")
+            try:
+                if requests.get(url, timeout=5).status_code == 200:
+                    return process, log
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
+                pass
+            time.sleep(0.3)
+
+    yield start
+    for process in started:
+        _stop_process_group(process)
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the process group, give it 15 s, then SIGKILL whatever is left of it (orphaned workers included)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=15)

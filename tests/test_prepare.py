@@ -133,6 +133,24 @@ def test_clip_names_map_to_vggsound_ids():
     assert prep.clip_id_from_name("zpWuikVorYg") is None
 
 
+def test_labels_from_vggsound_csv_two_column_csv_and_json(tmp_path: Path):
+    vggsound = tmp_path / "vggsound.csv"
+    vggsound.write_text('---g-f_I2yQ,1,people marching,test\n--0PQM4-hqg,30,"female speech, woman speaking",train\n')
+    assert prep.read_labels(vggsound) == {"---g-f_I2yQ_000001": "people marching",
+                                          "--0PQM4-hqg_000030": "female speech, woman speaking"}
+    acl = tmp_path / "acl.csv"
+    acl.write_text("-0BIyqJj9ZU_000030,people belly laughing\n")
+    assert prep.read_labels(acl) == {"-0BIyqJj9ZU_000030": "people belly laughing"}
+    vggss = tmp_path / "vggss.json"
+    vggss.write_text(json.dumps([{"file": "zpWuikVorYg_000032", "class": "elk bugling", "bbox": [[0, 0, 1, 1]]}]))
+    assert prep.read_labels(vggss) == {"zpWuikVorYg_000032": "elk bugling"}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b,c,d\nzpWuikVorYg,3.5,elk bugling,test\n")
+    with pytest.raises(DataError) as err:
+        prep.read_labels(bad)
+    assert err.value.message == f"{bad}: line 2: start '3.5' is not whole seconds; expected ytid,start,label,split"
+
+
 def test_train_split_frame_audio_and_statuses(media: Path, tmp_path: Path):
     out = tmp_path / "train"
     result = prep.prepare_vggsound(media, out, split="train", neighbours=1, workers=1, progress=False)
@@ -173,14 +191,15 @@ def test_train_split_frame_audio_and_statuses(media: Path, tmp_path: Path):
 def test_test_split_full_audio_annotations_labels_and_missing(media: Path, tmp_path: Path):
     videos = copy_videos(media, tmp_path / "videos", GOOD)
     make_clip(videos / "seven_secs__000000.mp4", seconds=7.0)
-    boxes = {"good_clip_1_000030": [[0.1, 0.2, 0.5, 0.6]], "-good-clip2_000004": [[0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.3, 0.4]],
+    boxes = {"good_clip_1_000030": [[0.1, 0.2, 0.5, 0.6]],
+             "-good-clip2_000004": [[0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.3, 0.4]],
              "vanished_id_000001": [[0.1, 0.1, 0.2, 0.2]], "seven_secs__000000": [[0.3, 0.3, 0.4, 0.4]]}
     vggss = tmp_path / "vggss.json"
     vggss.write_text(json.dumps([{"file": k, "class": "dog barking", "bbox": v} for k, v in boxes.items()]))
     labels = tmp_path / "vggsound.csv"
     labels.write_text('good_clip_1,30,"female speech, woman speaking",test\n-good-clip2,4,dog barking,test\n')
-    id_list = write_list(tmp_path / "list.txt", ["good_clip_1_000030", "-good-clip2_000004_000014", "vanished_id_000001",
-                                                 "fps30_clip__000120", "seven_secs__000000"])
+    id_list = write_list(tmp_path / "list.txt", ["good_clip_1_000030", "-good-clip2_000004_000014",
+                                                 "vanished_id_000001", "fps30_clip__000120", "seven_secs__000000"])
     out = tmp_path / "test"
     result = prep.prepare_vggsound(videos, out, split="test", id_list=id_list, vggss_json=vggss, labels=labels,
                                    workers=1, progress=False)
@@ -233,7 +252,8 @@ def test_resume_redoes_only_incomplete_clips_and_a_rerun_writes_nothing(media: P
     assert mtimes(out) == after  # manifest, set.json and journal included
 
 
-def test_an_interrupted_run_keeps_the_statuses_it_finished(media: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_an_interrupted_run_keeps_the_statuses_it_finished(media: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch):
     videos = copy_videos(media, tmp_path / "videos", GOOD + ["silent_clip_000000"])
     out = tmp_path / "out"
     real_run = prep._VideoJob.run
@@ -275,8 +295,9 @@ def test_changed_settings_are_refused(media: Path, tmp_path: Path):
     prep.prepare_vggsound(videos, out, split="train", workers=1, progress=False)
     with pytest.raises(DataError) as err:
         prep.prepare_vggsound(videos, out, split="train", sample_rate=22050, workers=1, progress=False)
-    assert err.value.message == (f"{out}: already holds clips prepared with other settings (sample_rate 16000 -> 22050); "
-                                 "use another --out folder, or delete this one to prepare it again")
+    assert err.value.message == (f"{out}: already holds clips prepared with other settings "
+                                 "(sample_rate 16000 -> 22050); use another --out folder, or delete this one to "
+                                 "prepare it again")
 
 
 def test_two_workers_write_the_same_files_as_one(media: Path, tmp_path: Path):
@@ -287,6 +308,15 @@ def test_two_workers_write_the_same_files_as_one(media: Path, tmp_path: Path):
     for rel in ["manifest.csv"] + [f"total_video_frames/{i}/125.jpg" for i in GOOD] + \
                [f"total_video_3s_audio/{i}.wav" for i in GOOD]:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_frame_size_resizes_the_frame(media: Path, tmp_path: Path):
+    videos = copy_videos(media, tmp_path / "videos", GOOD[:1])
+    prep.prepare_vggsound(videos, tmp_path / "out", split="train", frame_size=(96, 72), workers=1, progress=False)
+    image = Image.open(tmp_path / "out" / "total_video_frames" / GOOD[0] / "125.jpg")
+    assert image.size == (96, 72)
+    # Stripes scale with the frame: read them on a 64-wide copy.
+    assert read_index(np.asarray(image.resize((W, H), Image.NEAREST))) == 125
 
 
 def test_progress_bar_reports_rate_on_stderr(media: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
@@ -332,8 +362,11 @@ def test_flickr_test_archive(tmp_path: Path):
     boxes = {"10000130166": ((10, 20, 100, 200), (12, 18, 98, 190), (0, 0, 255, 255)),
              "10007936344": ((50, 50, 60, 60), (40, 40, 70, 70), (45, 45, 65, 65))}
     for clip_id, clip_boxes in boxes.items():
-        (archive / "Annotations" / f"{clip_id}.xml").write_text(flickr_xml_text(Annotation(clip_id, "flickr", clip_boxes)))
+        xml = flickr_xml_text(Annotation(clip_id, "flickr", clip_boxes))
+        (archive / "Annotations" / f"{clip_id}.xml").write_text(xml)
         Image.fromarray(frame_image(7)).save(archive / "Data" / f"{clip_id}.jpg", quality=80)
+        with open(archive / "Data" / f"{clip_id}.jpg", "ab") as f:
+            f.write(b"\x00" * 16)  # bytes after the end-of-image marker, as some cameras and editors leave
         make_mp3(archive / "Data" / f"{clip_id}.mp3", seconds=12.0)
     (archive / "Annotations" / "10008553263.xml").write_text("<annotation><object>")  # broken XML
     (archive / "Data" / "10008553263.jpg").write_bytes((archive / "Data" / "10000130166.jpg").read_bytes())
@@ -348,12 +381,16 @@ def test_flickr_test_archive(tmp_path: Path):
     rows = manifest_rows(out)
     assert list(rows) == ["10000130166", "10007936344", "3908875357", "10008553263"]
     assert rows["3908875357"]["status"] == "missing"
-    assert rows["3908875357"]["reason"] == (f"not in {archive}: image (Data/3908875357.jpg | Data/3908875357/3908875357.jpg); "
+    assert rows["3908875357"]["reason"] == (f"not in {archive}: "
+                                            "image (Data/3908875357.jpg | Data/3908875357/3908875357.jpg); "
                                             "audio (Data/3908875357.mp3 | Data/3908875357.wav); "
                                             "annotation (Annotations/3908875357.xml)")
     assert rows["10008553263"]["reason"].startswith(f"{archive / 'Annotations' / '10008553263.xml'}: not valid XML")
     clips = read_set(out)
     assert clips.layout == "flickr_test" and clips.anno_kind == "flickr"
+    before = mtimes(out)
+    again = prep.prepare_flickr(archive, out, split="test", id_list=id_list, workers=1, progress=False)
+    assert (again.prepared, again.already_done) == (0, 2) and mtimes(out) == before
     for clip in clips.clips:
         assert Path(clip.frame).read_bytes() == (archive / "Data" / f"{clip.id}.jpg").read_bytes()
         assert read_flickr_xml(clip.anno).boxes == tuple(tuple(map(float, b)) for b in boxes[clip.id])
@@ -424,15 +461,16 @@ def test_index_existing_checks_each_listed_clip(tmp_path: Path):
     ids = write_list(tmp_path / "list.txt", ["aaaaaaaaaaa_000001.jpg", "ccccccccccc_000003"])
     named = prep.index_existing(root, "vggss_test", ids)
     assert (named.requested, named.already_done, named.missing) == (2, 1, 1)
-    assert manifest_rows(root)["ccccccccccc_000003"]["reason"] == ("no file frame/ccccccccccc_000003.jpg, "
-                                                                   "audio/ccccccccccc_000003.wav, anno/ccccccccccc_000003.xml")
+    assert manifest_rows(root)["ccccccccccc_000003"]["reason"] == (
+        "no file frame/ccccccccccc_000003.jpg, audio/ccccccccccc_000003.wav, anno/ccccccccccc_000003.xml")
     assert [c.id for c in read_set(root).clips] == ["aaaaaaaaaaa_000001"]
 
 
 def test_user_errors_name_the_problem(tmp_path: Path):
     with pytest.raises(DataError) as err:
         prep.prepare_vggsound(tmp_path / "nowhere", tmp_path / "out", split="train", progress=False)
-    assert err.value.message == f"{tmp_path / 'nowhere'}: no such folder (expected VGGSound clips named <ytid>_<start>.mp4)"
+    assert err.value.message == (f"{tmp_path / 'nowhere'}: no such folder "
+                                 "(expected VGGSound clips named <ytid>_<start>.mp4)")
     with pytest.raises(DataError) as err:
         prep.prepare_vggsound(tmp_path, tmp_path / "out", split="val", progress=False)  # type: ignore[arg-type]
     assert err.value.message == "split 'val' is not one of train, test"

@@ -442,3 +442,108 @@ def test_run_retrieval_novel_classes_and_errors():
     with pytest.raises(R.DataError) as exc:
         R.run_retrieval(emb, labels, tasks=["a2b"])
     assert exc.value.message == "--task: unknown task(s) a2b; use a2a, a2i, i2a or all"
+
+
+# ---------------------------------------------------------------------------- sslt retrieve on an untrained model
+
+@pytest.fixture(scope="module")
+def synthetic_test_set(tmp_path_factory):
+    from sslt_cli.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(root, n_train=0, n_val=0, n_test=40, n_flickr=0, image_size=64, workers=1, progress=False)
+    return root
+
+
+def _untrained_run(tmp_path, data_root, step=7, holdout=("rain falling", "horn honking", "siren wailing")):
+    from sslt_cli.config import recipe_dict, validate_tree
+    from sslt_cli.model import build_model
+    from sslt_cli.runs import Run
+    from sslt_cli.train import CHECKPOINT_FORMAT
+
+    recipe = validate_tree({
+        "name": "tiny", "runs_dir": str(tmp_path / "runs"),
+        "data": {"root": str(data_root), "val": None, "test": {"vggss": "test_vggss"}, "image_size": 64,
+                 "num_workers": 0, "holdout_classes": list(holdout)},
+        "audio": {"clip_seconds": 1.0, "n_mels": 32}, "eval": {"batch_size": 16}}, "test recipe")
+    run = Run.create(recipe)
+    torch.manual_seed(step)
+    state = {"format": CHECKPOINT_FORMAT, "model": build_model().state_dict(), "step": step,
+             "recipe": recipe_dict(recipe)}
+    return run, run.save_checkpoint(state, f"last-{step:08d}")
+
+
+def _quiet():
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=200)
+
+
+def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set):
+    import csv
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    run, checkpoint = _untrained_run(tmp_path, synthetic_test_set)
+    console, out = _quiet(), _quiet()
+    report = R.retrieve(run.dir, device="cpu", console=console, out=out, gallery_rows=2)
+    folder = run.dir / "retrieve"
+    assert (folder / "embeddings_test_vggss.pt").is_file()
+    labels = {r["id"]: r["label"] for r in csv.DictReader(open(synthetic_test_set / "test_vggss" / "manifest.csv"))}
+    assert sorted(report.ids) == sorted(labels) and report.labels == [labels[i] for i in report.ids]
+    for task in R.TASKS:
+        saved = json.loads((folder / task / "metrics.json").read_text())
+        assert saved["step"] == 7 and saved["checkpoint"] == str(checkpoint)
+        assert saved["gallery_size"] == 40 and saved["score"] == ("cosine" if task == "a2a" else "loc")
+        assert (folder / task / "gallery.png").stat().st_size > 1000
+        assert len((folder / task / "queries.csv").read_text().splitlines()) == 41
+    assert "random" in out.file.getvalue() and "embeddings from the cache" not in console.file.getvalue()
+    record = [r for r in run.metrics() if r.get("kind") == "retrieve"][-1]
+    assert record["retrieve/a2a/p_at_1"] == report.tasks[0].metrics["p_at_1"]
+    mlflow_run = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("sslt").experiment_id])[0]
+    assert mlflow_run.data.metrics["retrieve/i2a/map"] == pytest.approx(report.tasks[2].metrics["map"])
+
+    # Same checkpoint again: the cached embeddings give the same numbers; novel classes go to their own folder.
+    console = _quiet()
+    again = R.retrieve(run.dir, device="cpu", console=console, out=_quiet(), classes="novel", gallery_rows=1)
+    assert "embeddings from the cache" in console.file.getvalue()
+    assert again.classes == ["rain falling", "horn honking", "siren wailing"] and len(again.ids) == 12
+    assert (folder / "novel" / "a2a" / "metrics.json").is_file()
+    assert json.loads((folder / "a2a" / "metrics.json").read_text())["classes_spec"] == "all"
+    chosen = [i for i, label in zip(report.ids, report.labels) if label in again.classes]
+    assert again.ids == chosen
+
+
+def test_retrieve_recomputes_for_another_checkpoint(tmp_path, synthetic_test_set):
+    run, _ = _untrained_run(tmp_path, synthetic_test_set, step=3)
+    first = R.retrieve(run.dir, device="cpu", console=_quiet(), out=_quiet(), tasks="a2a", gallery_rows=1)
+    _, newer = _untrained_run(tmp_path, synthetic_test_set, step=5)
+    target = run.dir / "checkpoints" / newer.name
+    target.write_bytes(newer.read_bytes())   # a later checkpoint of the same run: best.pt is absent, so it wins
+    console = _quiet()
+    second = R.retrieve(run.dir, device="cpu", console=console, out=_quiet(), tasks="a2a", gallery_rows=1)
+    assert "embeddings from the cache" not in console.file.getvalue()
+    assert second.tasks[0].metrics != first.tasks[0].metrics
+
+
+def test_load_target_errors_and_official_checkpoints(tmp_path):
+    from sslt_cli.model import build_model, save_official_checkpoint
+
+    run, checkpoint = _untrained_run(tmp_path, tmp_path / "nowhere")
+    checkpoint.unlink()
+    with pytest.raises(R.CheckpointError) as exc:
+        R.load_target(run.dir, torch.device("cpu"))
+    assert exc.value.message == (f"{run.dir}: the run has no checkpoint yet (checkpoints/best.pt or last-*.pt); "
+                                 "train it first or pass a checkpoint file")
+    with pytest.raises(R.CheckpointError) as exc:
+        R.load_target(tmp_path / "missing.pt", torch.device("cpu"))
+    assert exc.value.message == f"{tmp_path / 'missing.pt'}: no such run folder or checkpoint file"
+    official = tmp_path / "ssltie_vggsound.pth.tar"
+    save_official_checkpoint(build_model(), official)
+    target = R.load_target(official, torch.device("cpu"))
+    assert target.step is None and target.run is None and target.recipe.data.image_size == 224
+    assert target.out_dir == tmp_path / "ssltie_vggsound.pth-retrieve"

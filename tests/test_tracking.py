@@ -6,8 +6,6 @@ import os
 import posixpath
 import random
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,8 @@ class Warnings(list):
 # --- names ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("raw", "clean"), [
-    ("P@1", "P_at_1"), ("test/a2i_P@10", "test/a2i_P_at_10"), ("val/ciou", "val/ciou"), ("loss (total)", "loss _total_"),
+    ("P@1", "P_at_1"), ("test/a2i_P@10", "test/a2i_P_at_10"), ("val/ciou", "val/ciou"),
+    ("loss (total)", "loss _total_"),
     ("mAP%", "mAP_"), ("test/", "test"), ("a//b", "a/b"), ("./a", "a"), ("a/../b", "a/__/b"), ("/abs", "abs"),
     ("..x", "__x"), ("", "_"), (".", "_"), ("a:b", "a_b"), ("line\nbreak", "line_break"),
 ])
@@ -65,12 +64,18 @@ def test_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- a real sqlite store --------------------------------------------------------------------------------------------
 
-def test_params_metrics_and_artifacts_arrive(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the module (creating its tables takes seconds); each test uses its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+
+
+def test_params_metrics_and_artifacts_arrive(store_uri: str, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = store_uri
     warnings = Warnings()
-    tracker = Tracker(experiment="unit", uri=uri, warn=warnings)
+    tracker = Tracker(experiment="arrive", uri=uri, warn=warnings)
     params = {"optim.lr": 1e-4, "optim.batch_size": 32, "data.holdout_classes": ["dog", "cat"],
               "data.test.vgg@ss": "a"}
     run_id = tracker.start("run-1", params=params, tags={"sslt.run_dir": "/x/run-1"})
@@ -96,11 +101,11 @@ def test_params_metrics_and_artifacts_arrive(tmp_path: Path) -> None:
     assert sorted((m.step, m.value) for m in history) == [(3, 1.5), (4, 1.25)]
     assert (run.info.status, run.info.run_name) == ("FINISHED", "run-1")
     assert run.data.tags["sslt.run_dir"] == "/x/run-1" and run.data.tags["sslt.status"] == "done"
-    assert client.get_experiment(run.info.experiment_id).name == "unit"
+    assert client.get_experiment(run.info.experiment_id).name == "arrive"
     assert sorted(f.path for f in client.list_artifacts(run_id)) == ["config.yaml", "eval"]
     assert [f.path for f in client.list_artifacts(run_id, "eval")] == ["eval/a.txt"]
 
-    resumed = Tracker(experiment="unit", uri=uri, warn=warnings)
+    resumed = Tracker(experiment="arrive", uri=uri, warn=warnings)
     assert resumed.start("run-1", run_id=run_id) == run_id
     resumed.log_metrics({"train/loss": 1.0}, step=5)
     resumed.end("KILLED")
@@ -151,13 +156,13 @@ def test_an_unreachable_store_warns_once_and_does_not_hang(port: str, free_port:
     assert lines[0].endswith("); the run goes on and keeps every number in its run folder")
 
 
-def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(tmp_path: Path,
+def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(store_uri: str,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = store_uri
     warnings = Warnings()
-    tracker = Tracker(experiment="unit", uri=uri, warn=warnings)
+    tracker = Tracker(experiment="mid-run", uri=uri, warn=warnings)
     run_id = tracker.start("run", params={"a": 1})
     tracker.log_metrics({"loss": 2.0}, step=1)
 
@@ -182,7 +187,7 @@ def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(tmp_path: Path,
     assert [(m.step, m.value) for m in history] == [(1, 2.0)]
 
 
-def test_a_failure_while_logging_start_params_returns_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_while_logging_start_params_returns_none(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow.tracking
 
     def refuse(self, *args, **kwargs):
@@ -190,59 +195,21 @@ def test_a_failure_while_logging_start_params_returns_none(tmp_path: Path, monke
 
     monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_batch", refuse)
     warnings = Warnings()
-    tracker = Tracker(uri=f"sqlite:///{tmp_path / 'store.db'}", warn=warnings)
+    tracker = Tracker(experiment="start-params", uri=store_uri, warn=warnings)
     assert tracker.start("run", params={"a": 1}) is None
     assert len(warnings) == 1 and "failed while logging parameters (RuntimeError: refused)" in warnings[0]
 
 
 # --- a real MLflow server on loopback -------------------------------------------------------------------------------
 
-def wait_for_http(url: str, process: subprocess.Popen, log: Path, deadline_s: float = 120) -> None:
-    """Poll ``url`` until it answers 200; fail with the server's log if the process dies or time runs out."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url} did not answer within {deadline_s} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's whole process group (it starts workers), then SIGKILL what is left."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # workers that outlived their parent
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=15)
-
-
 @pytest.fixture
-def mlflow_server(tmp_path: Path, free_port: int):
-    """``mlflow server`` on 127.0.0.1 with a sqlite store in tmp_path; yields its base URL and always stops it."""
-    log = tmp_path / "server.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(free_port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-             "--default-artifact-root", str(tmp_path / "artifacts")],
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    try:
-        base = f"http://127.0.0.1:{free_port}"
-        wait_for_http(f"{base}/health", process, log)
-        yield base
-    finally:
-        stop_process_group(process)
+def mlflow_server(serve, tmp_path: Path, free_port: int) -> str:
+    """``mlflow server`` on 127.0.0.1 with a sqlite store in tmp_path; its base URL (stopped at teardown)."""
+    base = f"http://127.0.0.1:{free_port}"
+    serve([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(free_port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--default-artifact-root", str(tmp_path / "artifacts")], f"{base}/health")
+    return base
 
 
 @pytest.mark.timeout(240)

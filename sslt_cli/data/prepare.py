@@ -19,16 +19,17 @@ Audio is always mono (mean of the channels) at one sample rate, 16-bit PCM wav.
 
 Each clip gets a manifest status; ``reason`` says the detail:
 
-=================== ==================================================================================================
-``ok``              prepared (this run or an earlier one)
-``missing``         the id is listed but its source file is not there (e.g. a vanished YouTube video)
-``no video stream`` / ``no audio stream``: the file lacks that stream
-``corrupt``         the file cannot be opened, or its data stops before the duration its header declares (truncated)
-``decode error``    a packet of the file fails to decode
-``too short``       the clip really is shorter than needed: no frame within half a frame period of t, or audio that
-                    ends before the window (train: t + 1.5 s; test and Flickr: there is no audio at all before t / 0 s)
-``no annotation``   a test clip without boxes (not in ``vggss.json``; empty or missing Flickr XML)
-=================== ==================================================================================================
+===================== ================================================================================================
+``ok``                prepared (this run or an earlier one)
+``missing``           the id is listed but its source file is not there (e.g. a vanished YouTube video)
+``no video stream``   the file has no video stream
+``no audio stream``   the file has no audio stream
+``corrupt``           the file cannot be opened, or its data stops before the duration its header declares (truncated)
+``decode error``      a packet of the file fails to decode
+``too short``         the clip really is shorter than needed: no frame within half a frame period of t, or audio that
+                      ends before it is needed (train: the end of the 3 s window, t + 1.5 s; test: t; Flickr: any)
+``no annotation``     a test clip without boxes (not in ``vggss.json``; a Flickr XML without any ``bbox``)
+===================== ================================================================================================
 
 Runs are resumable and idempotent: every output is written through a temp file and ``os.replace``, a clip whose
 outputs all exist and are complete is skipped, each finished clip's status is appended to ``.prepare_state.jsonl``
@@ -96,8 +97,8 @@ FLICKR_TRAIN_FRAME = "00000003.jpg"
 # A decoded stream may stop this much short of a window and still count as covering it: AAC and MP3 work in frames of
 # ~23 ms, and container durations are rounded. The gap is filled with silence.
 AUDIO_TOLERANCE_S = 0.05
-# Data that stops more than this before the declared duration is a truncated file, not a short clip.
-TRUNCATION_TOLERANCE_S = 0.1
+# Non-reference frames whose presentation time is this far before the first wanted frame are not decoded.
+SKIP_MARGIN_S = 0.5
 
 # YouTube ids are 11 characters of [A-Za-z0-9_-], so an id may itself contain '_' or start with '-'.
 _CLIP_NAME = re.compile(r"^(?P<ytid>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
@@ -166,7 +167,8 @@ def read_labels(path: Path) -> dict[str, str]:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise DataError(f"{path}: label file not found (expected VGGSound's vggsound.csv: ytid,start,label,split)") from None
+        raise DataError(f"{path}: label file not found "
+                        "(expected VGGSound's vggsound.csv: ytid,start,label,split)") from None
     labels: dict[str, str] = {}
     for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or not row[0].strip():
@@ -176,7 +178,8 @@ def read_labels(path: Path) -> dict[str, str]:
             if not start.isdigit():
                 if n == 1:
                     continue  # a header row
-                raise DataError(f"{path}: line {n}: start {start!r} is not whole seconds; expected ytid,start,label,split")
+                raise DataError(f"{path}: line {n}: start {start!r} is not whole seconds; "
+                                "expected ytid,start,label,split")
             labels[f"{ytid}_{int(start):06d}"] = label
         elif len(row) >= 2:
             labels[clip_id_from_name(row[0].strip()) or row[0].strip()] = row[1].strip()
@@ -274,16 +277,24 @@ def _nearest_frames(container, stream, origin: float, targets: list[float], fall
     best: list = [None] * len(targets)
     best_distance = [math.inf] * len(targets)
     stop = max(targets) + period
+    skip_until = min(targets) - SKIP_MARGIN_S
+    codec = stream.codec_context
     last_time = None
-    for frame in container.decode(stream):
-        if frame.time is None:
-            continue
-        last_time = frame.time - origin
-        for i, target in enumerate(targets):
-            distance = abs(last_time - target)
-            if distance < best_distance[i]:
-                best[i], best_distance[i] = frame, distance
-        if last_time >= stop:
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            # Frames no other frame refers to (most B-frames) are skipped well before the targets: about a third less
+            # decoding, and the frames kept are bit-identical. Decided per packet, by presentation time, so no frame
+            # near a target is ever skipped whatever the decoder's reordering delay.
+            codec.skip_frame = "NONREF" if float(packet.pts * stream.time_base) - origin < skip_until else "DEFAULT"
+        for frame in packet.decode():
+            if frame.time is None:
+                continue
+            last_time = frame.time - origin
+            for i, target in enumerate(targets):
+                distance = abs(last_time - target)
+                if distance < best_distance[i]:
+                    best[i], best_distance[i] = frame, distance
+        if last_time is not None and last_time >= stop:
             break
     for target, distance in zip(targets, best_distance):
         if distance > period / 2 + 1e-3:
@@ -296,41 +307,44 @@ def _nearest_frames(container, stream, origin: float, targets: list[float], fall
     return best
 
 
-def _decode_audio(container, stream, start: float, end: float | None, sample_rate: int,
+def _decode_audio(container, stream, origin: float, start: float, end: float, sample_rate: int,
                   need_until: float) -> "np.ndarray":
-    """Mono float32 samples at ``sample_rate`` for ``[start, end)`` seconds from the stream's start (``end=None``: to
-    the stream's declared end, capped at its data), decoded from the current position of ``container``.
+    """Mono float32 samples at ``sample_rate`` for ``[start, end)`` seconds after ``origin`` (the video's first frame,
+    so audio and frame stay in sync), decoded from the current position of ``container``: ``(n,)`` with
+    ``n = (end - start) * sample_rate``, or fewer where the stream ends earlier (its declared end, not the padding
+    AAC and MP3 add to their last frame).
 
     Raises ``_ClipFailure`` if the audio ends before ``need_until``: ``corrupt`` if the header declares more,
-    ``too short`` otherwise. A decoded stream longer than declared (AAC and MP3 pad their last frame) is cut to the
-    declared length.
+    ``too short`` otherwise.
     """
     import av
     import numpy as np
 
-    origin = _stream_origin(stream)
     declared = _declared_end(stream, container)
-    stop = end if end is not None else declared
+    if declared is not None:
+        declared += _stream_origin(stream) - origin
     # Convert any sample format/layout to planar float at the stream's own rate; the downmix is a plain channel mean.
     to_planar = None
     chunks: list[np.ndarray] = []
-    first_time: float | None = None
-    native_rate = None
+    first_time = 0.0
+    native_rate = 0
     decoded = 0
     for frame in container.decode(stream):
         if to_planar is None:
             native_rate = frame.sample_rate
             to_planar = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=native_rate)
-            first_time = (frame.time - origin) if frame.time is not None else 0.0
+            first_time = (frame.time - origin) if frame.time is not None else _stream_origin(stream) - origin
         for planar in to_planar.resample(frame):
             samples = planar.to_ndarray().astype(np.float32, copy=False)
             chunks.append(samples.mean(axis=0))
             decoded += samples.shape[1]
-        if stop is not None and first_time + decoded / native_rate >= stop + 0.1:
+        # A little past the window, so the resampler's filter sees real signal at the window's end.
+        if first_time + decoded / native_rate >= end + 0.1:
             break
     if not chunks:
         if declared:
-            raise _ClipFailure(CORRUPT, f"truncated: the audio stream has no data but the header declares {declared:.2f} s")
+            raise _ClipFailure(CORRUPT, f"truncated: the audio stream has no data but the header declares "
+                                        f"{declared:.2f} s")
         raise _ClipFailure(TOO_SHORT, "the audio stream is empty")
     mono = np.concatenate(chunks)
     data_end = first_time + len(mono) / native_rate
@@ -344,11 +358,10 @@ def _decode_audio(container, stream, start: float, end: float | None, sample_rat
         raise _ClipFailure(TOO_SHORT, f"audio ends at {data_end:.2f} s, before {need_until:.2f} s")
     if native_rate != sample_rate:
         mono = _resample(mono, native_rate, sample_rate)
-    # A stream that stops just short of the window (within the tolerance) is padded to its full length.
-    stop = data_end if end is None or data_end < end - AUDIO_TOLERANCE_S else end
+    # Audio that starts after ``start`` (a late stream) or stops within the tolerance of ``end`` is padded with silence.
+    stop = end if data_end >= end - AUDIO_TOLERANCE_S else data_end
     first = int(round((start - first_time) * sample_rate))
     length = int(round((stop - start) * sample_rate))
-    # Audio that starts after the window (late stream start) or stops inside the tolerance is padded with silence.
     if first < 0:
         mono = np.concatenate([np.zeros(-first, np.float32), mono])
         first = 0
@@ -438,14 +451,14 @@ class _VideoJob:
                     raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
                 video, audio = container.streams.video[0], container.streams.audio[0]
                 try:
-                    frames = _nearest_frames(container, video, _stream_origin(video), targets, self.fps)
+                    origin = _stream_origin(video)
+                    frames = _nearest_frames(container, video, origin, targets, self.fps)
                     jpegs = [_jpeg_bytes(f, self.frame_size) for f in frames]
                     container.seek(0)
-                    if self.train:
-                        half = TRAIN_AUDIO_SECONDS / 2
-                        samples = _decode_audio(container, audio, t - half, t + half, self.sample_rate, t + half)
-                    else:
-                        samples = _decode_audio(container, audio, 0.0, CLIP_SECONDS, self.sample_rate, t)
+                    # train: the 3 s centred on the frame, all needed; test: the first 10 s, needed up to the frame
+                    half = TRAIN_AUDIO_SECONDS / 2
+                    start, end, need = (t - half, t + half, t + half) if self.train else (0.0, CLIP_SECONDS, t)
+                    samples = _decode_audio(container, audio, origin, start, end, self.sample_rate, need)
                 except _ClipFailure:
                     raise
                 except Exception as exc:  # any decoder failure is this clip's problem, never the run's
@@ -479,14 +492,23 @@ class _FlickrJob:
     sample_rate: int
 
     def outputs(self) -> list[tuple[str, int | None]]:
+        """Relative output paths with the expected wav length in samples (None: not a wav, or length not fixed)."""
         return [(self.frame, None), (self.audio, None)] + ([(self.anno, None)] if self.anno else [])
+
+    def copied(self) -> dict[str, int]:
+        """Outputs copied byte for byte, with their sources' sizes: a copy of that size is complete (a JPEG may
+        carry bytes after its end-of-image marker, so the marker check alone would redo it on every run)."""
+        sizes = {self.frame: self.image.stat().st_size}
+        if self.anno_source is not None:
+            sizes[self.anno] = self.anno_source.stat().st_size
+        return sizes
 
     def run(self) -> _Outcome:
         from PIL import Image, UnidentifiedImageError
 
         try:
-            image_bytes = self.image.read_bytes()
             try:
+                image_bytes = self.image.read_bytes()
                 with Image.open(io.BytesIO(image_bytes)) as img:
                     img.load()
                     if img.format != "JPEG":
@@ -499,9 +521,10 @@ class _FlickrJob:
             with container:
                 if not container.streams.audio:
                     raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
+                stream = container.streams.audio[0]
                 try:
-                    samples = _decode_audio(container, container.streams.audio[0], 0.0, self.seconds,
-                                            self.sample_rate, 1.0 / self.sample_rate)
+                    samples = _decode_audio(container, stream, _stream_origin(stream), 0.0, self.seconds,
+                                            self.sample_rate, 0.0)
                 except _ClipFailure:
                     raise
                 except Exception as exc:  # any decoder failure is this clip's problem, never the run's
@@ -526,15 +549,17 @@ def _run_job(job: _Job) -> _Outcome:
 # The engine shared by every prepare: skip what is done, run the rest in a process pool, journal, manifest
 
 
-def _output_complete(path: Path, sample_rate: int, wav_length: int | None) -> bool:
-    """True if ``path`` is a whole output file: a JPEG ending with its end-of-image marker, a mono wav at
-    ``sample_rate`` (of ``wav_length`` samples where given), any other file non-empty."""
+def _output_complete(path: Path, sample_rate: int, wav_length: int | None, copy_size: int | None = None) -> bool:
+    """True if ``path`` is a whole output file: a copy of ``copy_size`` bytes, a JPEG ending with its end-of-image
+    marker, a mono wav at ``sample_rate`` (of ``wav_length`` samples where given), any other file non-empty."""
     try:
         size = path.stat().st_size
     except OSError:
         return False
     if size == 0:
         return False
+    if copy_size is not None and size == copy_size:
+        return True
     if path.suffix == ".jpg":
         with open(path, "rb") as f:
             f.seek(-2, os.SEEK_END)
@@ -551,9 +576,17 @@ def _output_complete(path: Path, sample_rate: int, wav_length: int | None) -> bo
     return True
 
 
-def _fingerprint(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
+def _fingerprint(job: _Job) -> list[list[int] | None]:
+    """(size, mtime) of each source file of a clip: a failed clip is retried only when one of them changed."""
+    sources = [job.source] + ([job.image] if isinstance(job, _FlickrJob) else [])
+    stamps: list[list[int] | None] = []
+    for path in sources:
+        try:
+            stat = path.stat()
+            stamps.append([stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stamps.append(None)
+    return stamps
 
 
 class _Journal:
@@ -573,12 +606,12 @@ class _Journal:
                     continue  # a line cut short by a kill
             header = parsed[0] if parsed and parsed[0].get("format") == STATE_FORMAT else None
             if header is None:
-                raise DataError(f"{self.path}: not a prepare journal sslt can read; delete it to start the journal afresh "
-                                "(finished outputs are kept and recognised)")
-            if header.get("settings") != settings:
-                changed = sorted(k for k in set(settings) | set(header.get("settings", {}))
-                                 if settings.get(k) != header.get("settings", {}).get(k))
-                details = ", ".join(f"{k} {header.get('settings', {}).get(k)!r} -> {settings.get(k)!r}" for k in changed)
+                raise DataError(f"{self.path}: not a prepare journal sslt can read; delete it to start the journal "
+                                "afresh (finished outputs are kept and recognised)")
+            previous = header.get("settings", {})
+            if previous != settings:
+                changed = sorted(k for k in set(settings) | set(previous) if settings.get(k) != previous.get(k))
+                details = ", ".join(f"{k} {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
                 raise DataError(f"{out}: already holds clips prepared with other settings ({details}); "
                                 "use another --out folder, or delete this one to prepare it again")
             for entry in parsed[1:]:
@@ -586,7 +619,7 @@ class _Journal:
                     self.entries[entry["id"]] = entry
         self._file = None
 
-    def append(self, outcome: _Outcome, fingerprint: list[int] | None) -> None:
+    def append(self, outcome: _Outcome, fingerprint: list[list[int] | None]) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.exists() or self.path.stat().st_size == 0
@@ -595,7 +628,7 @@ class _Journal:
                 self._file.write(json.dumps({"format": STATE_FORMAT, "settings": self.settings}) + "\n")
             elif not self.path.read_bytes().endswith(b"\n"):
                 self._file.write("\n")  # close a line cut short by a kill so the next one parses
-        entry = {"id": outcome.clip_id, "status": outcome.status, "reason": outcome.reason, "source": fingerprint}
+        entry = {"id": outcome.clip_id, "status": outcome.status, "reason": outcome.reason, "sources": fingerprint}
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
         self.entries[outcome.clip_id] = entry
@@ -677,10 +710,11 @@ def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed:
     already_done = 0
     for job in jobs:
         entry = journal.entries.get(job.clip_id)
-        if all(_output_complete(out / rel, sample_rate, length) for rel, length in job.outputs()):
+        copies = job.copied() if isinstance(job, _FlickrJob) else {}
+        if all(_output_complete(out / rel, sample_rate, length, copies.get(rel)) for rel, length in job.outputs()):
             rows[job.clip_id] = _ok_row(job)
             already_done += 1
-        elif entry and entry["status"] != OK and entry.get("source") == _fingerprint(job.source):
+        elif entry and entry["status"] != OK and entry.get("sources") == _fingerprint(job):
             rows[job.clip_id] = Clip(job.clip_id, job.label, status=entry["status"], reason=entry["reason"])
         else:
             to_run.append(job)
@@ -690,7 +724,7 @@ def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed:
         with _progress_bar(len(to_run), description, progress) as advance:
             for outcome in _run_jobs(to_run, workers):
                 job = by_id[outcome.clip_id]
-                journal.append(outcome, _fingerprint(job.source))
+                journal.append(outcome, _fingerprint(job))
                 if outcome.status == OK:
                     rows[job.clip_id] = _ok_row(job)
                     prepared += 1
@@ -705,7 +739,8 @@ def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed:
     ordered = [rows[clip_id] for clip_id in order]
     counts = Counter(row.status for row in ordered)
     failed = {status: n for status, n in sorted(counts.items()) if status not in (OK, MISSING)}
-    manifest = _write_set_if_changed(out, layout, ordered, {**info, "settings": settings, "counts": dict(sorted(counts.items()))})
+    info = {**info, "settings": settings, "counts": dict(sorted(counts.items()))}
+    manifest = _write_set_if_changed(out, layout, ordered, info)
     return PrepareResult(out=out, layout=layout, manifest=manifest, requested=len(order), prepared=prepared,
                          already_done=already_done, missing=counts.get(MISSING, 0), failed=failed, notes=tuple(notes))
 
@@ -778,20 +813,22 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
         if split == "test" and vggss_json is not None:
             annotation = annotations.get(clip_id)
             if annotation is None:
-                fixed[clip_id] = Clip(clip_id, label, status=NO_ANNOTATION, reason=f"{clip_id} has no boxes in {vggss_json}")
+                fixed[clip_id] = Clip(clip_id, label, status=NO_ANNOTATION,
+                                      reason=f"{clip_id} has no boxes in {vggss_json}")
                 continue
         frame, audio, anno = layout_paths(layout, clip_id)
         jobs.append(_VideoJob(
             clip_id=clip_id, label=label, source=source, out=out, frame=frame, audio=audio,
             anno=anno if annotation is not None else "", annotation=annotation,
-            neighbours=tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg")
-                             for i in range(frame_index - neighbours, frame_index + neighbours + 1) if i != frame_index),
+            neighbours=tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg") for i in range(frame_index - neighbours,
+                                                                                     frame_index + neighbours + 1)
+                             if i != frame_index),
             frame_index=frame_index, fps=fps, sample_rate=sample_rate, train=split == "train",
             frame_size=tuple(frame_size) if frame_size else None,
         ))
     if split == "test" and vggss_json is None:
-        notes.append("no --vggss-json given: the test set has no boxes (anno column empty); it can be used for "
-                     "validation losses, not for localisation metrics")
+        notes.append("no VGG-SS box file (vggss.json) given: the test set has no boxes (anno column empty); it can "
+                     "serve as a validation set, not for localisation metrics")
     settings = {"kind": "vggsound", "split": split, "sample_rate": sample_rate, "frame_index": frame_index,
                 "fps": fps, "neighbours": neighbours, "frame_size": list(frame_size) if frame_size else None,
                 "audio_seconds": TRAIN_AUDIO_SECONDS if split == "train" else CLIP_SECONDS}
@@ -865,9 +902,13 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
     for clip_id in order:
         image, audio, image_candidates, audio_candidates = _flickr_sources(archive, clip_id, train)
         anno_source = None if train else archive / "Annotations" / f"{clip_id}.xml"
-        absent = ([f"image ({' | '.join(image_candidates[:2])})"] if image is None else []) + \
-                 ([f"audio ({' | '.join(audio_candidates[:2])})"] if audio is None else []) + \
-                 ([f"annotation (Annotations/{clip_id}.xml)"] if anno_source is not None and not anno_source.is_file() else [])
+        absent = []
+        if image is None:
+            absent.append(f"image ({' | '.join(image_candidates[:2])})")
+        if audio is None:
+            absent.append(f"audio ({' | '.join(audio_candidates[:2])})")
+        if anno_source is not None and not anno_source.is_file():
+            absent.append(f"annotation (Annotations/{clip_id}.xml)")
         if absent:
             fixed[clip_id] = Clip(clip_id, status=MISSING, reason=f"not in {archive}: {'; '.join(absent)}")
             continue
@@ -939,7 +980,8 @@ _LISTING = {
 }
 
 
-def index_existing(root: Path, layout: str, id_list: Path | None = None, *, labels: Path | None = None) -> PrepareResult:
+def index_existing(root: Path, layout: str, id_list: Path | None = None, *,
+                   labels: Path | None = None) -> PrepareResult:
     """Write ``set.json`` + ``manifest.csv`` for a folder already laid out by other tools (nothing else is written).
 
     Clips: ``id_list``, else every clip found in the layout's frame folder (the one prepare command that lists a folder

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import math
+import multiprocessing
 import os
 import string
 import tempfile
@@ -769,7 +770,9 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
                 records[job["set"]] += done
                 bar.advance(tasks[job["set"]], len(done))
         else:
-            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) as pool:
+            # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang inside cv2.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
                 futures = {pool.submit(_make_clips, job): job["set"] for job in jobs}
                 for future in as_completed(futures):
                     done = future.result()
