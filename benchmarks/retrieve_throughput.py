@@ -11,13 +11,13 @@ A@k / P@k / R@k / mAP and the exact random baseline. Optionally the localisation
 
 Memory: the gallery takes G x 512 x 4 bytes (100k: 205 MB; VGGSound's 200k: 410 MB); ranking adds one block of about
 ``BLOCK_ELEMENTS`` (2**23) elements x ~30 bytes (~250 MB) whatever G is, because queries are ranked in chunks of
-2**23 / G rows. The figure printed as "peak" is the process's peak resident memory (CPU) or peak allocated memory (CUDA).
+2**23 / G rows. The figure printed as "peak" is the process's peak resident memory (CPU) or peak allocated memory
+(CUDA).
 """
 from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import time
 
 import torch
@@ -26,7 +26,8 @@ from sslt_cli.retrieve import (BLOCK_ELEMENTS, block_rows, cosine_rows, localisa
                                rank_in_chunks, summarise)
 
 
-def clustered(n: int, dim: int, per_class: int, noise: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def clustered(n: int, dim: int, per_class: int, noise: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """n unit vectors in ``n // per_class`` clusters: (n, dim) embeddings and (n,) class ids."""
     n_classes = max(2, n // per_class)
     labels = torch.randint(0, n_classes, (n,), generator=generator)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'':>8}{'':>10}{'':>8}{r['peak_mb']:>10.0f}", flush=True)
     full = args.galleries[-1]
     print(f"all {full} clips of the {full}-clip gallery as queries: about {full / last_qps:.0f} s at that rate")
+    print(f"memory: gallery {full} x {args.dim} x 4 B = {full * args.dim * 4 / 2 ** 20:.0f} MB; one ranking block "
+          f"{BLOCK_ELEMENTS} elements x ~30 B = {BLOCK_ELEMENTS * 30 / 2 ** 20:.0f} MB whatever the gallery size")
 
 if __name__ == "__main__":
     main()

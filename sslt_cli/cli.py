@@ -51,7 +51,7 @@ def prepare_synthetic(
     n_flickr: int = typer.Option(250, "--flickr", min=1, help="Flickr-style test clips."),
     seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
     image_size: int = typer.Option(224, "--image-size", min=32, help="Frame size in pixels (square)."),
-    sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Audio sample rate (Hz)."),
+    sample_rate: int = typer.Option(16000, "--sample-rate", min=16000, max=48000, help="Audio sample rate (Hz; the sounds reach 7 kHz)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count, at most 4)."),
     force: bool = typer.Option(False, help="Regenerate into a folder made with other parameters."),
 ) -> None:

@@ -39,6 +39,11 @@ class DataConfig(_Strict):
     holdout_classes: list[str] = Field(default_factory=list)
     cache_spectrograms: bool = True
 
+    def set_path(self, name: str) -> Path:
+        """A set named in the recipe: absolute as written, else relative to ``root``."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else Path(self.root).expanduser() / path
+
 
 class AudioConfig(_Strict):
     """Log-mel front end (REFERENCE.md section 4): the waveform is tiled to ``clip_seconds`` and cut."""

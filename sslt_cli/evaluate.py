@@ -20,6 +20,7 @@ unusable box; a map that is not finite) = the scored clips. Every dropped id is 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -369,7 +370,8 @@ def _map_problem(array: np.ndarray) -> str | None:
     array = np.asarray(array)
     if array.ndim != 2 or 0 in array.shape:
         return f"invalid map: shape {tuple(array.shape)}, expected a 2-D (h, w) map"
-    bad = int(np.size(array) - np.isfinite(array).sum())
+    with np.errstate(over="ignore", invalid="ignore"):  # scored in float32: 1e300 becomes inf there
+        bad = int(array.size - np.isfinite(array.astype(np.float32)).sum())
     if bad:
         return f"invalid map: {bad} non-finite values (NaN or inf)"
     return None
@@ -831,3 +833,199 @@ def result_table(result: EvalResult) -> "Table":
                           f"pairs): AP {_pct(ext.ap)} (SLAVC sampling {_pct(ext.ap_slavc)}), max-F1 "
                           f"{_pct(ext.max_f1)} (SLAVC sampling {_pct(ext.max_f1_slavc)})")
     return table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model path: checkpoints -> maps -> results
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with the recipe that describes its inputs and where it came from."""
+
+    model: torch.nn.Module
+    recipe: Any
+    label: str
+    source: Path
+    step: int | None = None
+
+
+def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
+    """(recipe or None, [(label, checkpoint path)], run folder or None) for a run folder or a checkpoint file.
+
+    ``which``: ``best``, ``last`` or ``both`` (for run folders). A checkpoint file inside ``<run>/checkpoints/``
+    belongs to that run.
+    """
+    from sslt_cli.runs import Run
+
+    target = Path(target)
+    if target.is_dir():
+        run = Run.open(target)
+        recipe = run.recipe()
+        found: list[tuple[str, Path]] = []
+        last, best = run.latest_checkpoint(), run.best_checkpoint()
+        if which in ("last", "both") and last is not None:
+            found.append(("last", last))
+        if which in ("best", "both") and best is not None:
+            found.append(("best", best))
+        if not found:
+            raise DataError(f"{target}: no {'checkpoint' if which == 'both' else which + ' checkpoint'} in "
+                            f"{target / 'checkpoints'}; train first, or pass --which last/best")
+        return recipe, found, run.dir
+    if not target.is_file():
+        raise DataError(f"{target}: neither a run folder nor a checkpoint file")
+    run_dir = target.parent.parent if target.parent.name == "checkpoints" and (target.parent.parent / "meta.json").is_file() else None
+    return None, [(target.stem, target)], run_dir
+
+
+def load_model(path: str | Path, recipe: Any = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model and load weights from an sslt checkpoint or an official SSL-TIE checkpoint.
+
+    The recipe (for image size and audio front end) comes from, in order: the argument, the sslt checkpoint, the
+    schema's defaults (the paper's settings, which the official weights were trained with).
+    """
+    from sslt_cli.config import Recipe, validate_tree
+    from sslt_cli.model import build_model, load_official_checkpoint
+    from sslt_cli.runs import load_checkpoint
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    step = None
+    if state.get("format") == "sslt-checkpoint/1" and "model" in state:
+        weights = state["model"]
+        step = int(state.get("step", 0))
+        if recipe is None and isinstance(state.get("recipe"), dict):
+            recipe = validate_tree(state["recipe"], f"{path} (saved recipe)")
+        label = "sslt"
+    else:
+        weights = load_official_checkpoint(path)
+        label = "official SSL-TIE"
+    recipe = recipe or Recipe()
+    model = build_model()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        from sslt_cli.errors import CheckpointError
+
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the model",
+                              [f"missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}" if missing else "",
+                               f"unexpected: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"
+                               if unexpected else ""])
+    model.to(device).eval()
+    return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step)
+
+
+def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, protocol: Protocol,
+                 device: str | torch.device, *, batch_size: int | None = None, num_workers: int | None = None,
+                 pairs: Sequence[tuple[str, Clip, Clip]] | None = None,
+                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Maps of ``model`` on ``clips`` (each frame with its own audio), or on ``pairs`` (key, frame clip, audio clip).
+
+    Frames get the protocol's image pre-processing at ``recipe.data.image_size``; audio gets the recipe's front end.
+    Returns ({key: (h, w) map}, [(key, reason)] for clips that could not be decoded).
+    """
+    from sslt_cli.data import augment
+    from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad
+
+    a = recipe.audio
+    audio = dict(sample_rate=a.sample_rate, clip_seconds=a.clip_seconds, n_fft=a.n_fft, hop_length=a.hop_length,
+                 n_mels=a.n_mels, normalized=a.normalized)
+    transform = augment.build_eval_transform(recipe.data.image_size, protocol.image_preprocessing)
+    if pairs is None:
+        items = list(clips)
+        keys = [c.id for c in items]
+    else:
+        # a pair's frame comes from one clip and its audio from another: a synthetic Clip carries both paths
+        items = [Clip(id=key, frame=fc.frame, audio=ac.audio) for key, fc, ac in pairs]
+        keys = [key for key, _, _ in pairs]
+    dataset = AudioVisualDataset(items, image_transform=transform, n_views=1, audio=audio, spec_augment=None,
+                                 train=False, seed=0, cache_dir=None)
+    workers = recipe.data.num_workers if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or recipe.eval.batch_size, shuffle=False,
+                                         num_workers=workers, collate_fn=collate_skip_bad)
+    skipped: list[tuple[str, str]] = []
+
+    def batches():
+        for batch in loader:
+            skipped.extend(batch.get("skipped", []))
+            if "image" in batch:
+                yield [keys[int(i)] for i in batch["index"]], batch["image"], batch["spec"]
+
+    device = torch.device(device)
+    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+           if recipe.train.precision != "fp32" else contextlib.nullcontext())
+    with amp:
+        maps = maps_from_batches(model, batches(), device, progress)
+    return maps, skipped
+
+
+def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Protocol, out_dir: Path, *,
+                          device: str | torch.device = "cpu", batch_size: int | None = None,
+                          num_workers: int | None = None, clip_boxes: bool | None = None,
+                          extended: tuple[list[tuple[str, str]], TestSet] | None = None,
+                          progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Predict maps for the test set's clips, score them with baselines, and write the outputs to ``out_dir``."""
+    proto = get_protocol(protocol)
+    clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
+    maps, skipped = predict_maps(loaded.model, clips, loaded.recipe, proto, device, batch_size=batch_size,
+                                 num_workers=num_workers, progress=progress)
+    unavailable = dict(test.unavailable)
+    unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
+    result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
+                        annotation_problems=test.annotation_problems, clip_boxes=clip_boxes, name=test.name,
+                        notes=test.notes, device=device)
+    if extended is not None:
+        silent_pairs, silent_set = extended
+        pairs, missing = [], []
+        for video, audio in silent_pairs:
+            fc, ac = silent_set.clips.get(video), silent_set.clips.get(audio)
+            if fc is None or ac is None:
+                missing.append((video, audio))
+                continue
+            pairs.append((silent_pair_key(video, audio), fc, ac))
+        if missing:
+            result.notes.append(f"extended evaluation: {len(missing)} non-sounding pairs have no frame/audio in "
+                                f"{silent_set.name} (e.g. {missing[0][0]}, {missing[0][1]}) and were left out")
+        silent_maps, _ = predict_maps(loaded.model, [], loaded.recipe, proto, device, batch_size=batch_size,
+                                      num_workers=num_workers, pairs=pairs)
+        result.extended = score_extended(maps, silent_maps, test.annotations)
+    write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations)
+    save_maps(maps, out_dir / "maps.npz")
+    return result
+
+
+def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.device, tracker: Any = None,
+                             console: Any = None, out: Any = None, which: str = "both",
+                             protocol: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Final test evaluation of a run: its last and best checkpoints on every test set of the recipe.
+
+    Writes ``eval/<set>-<which>-<protocol>/`` in the run folder, appends ``kind: test`` records to metrics.jsonl,
+    logs MLflow metrics ``test_<set>/<which>/...`` and prints a table per set and checkpoint. The best checkpoint was
+    chosen on the validation set, never on a test set.
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    out = out or Console()
+    proto = get_protocol(protocol or recipe.eval.protocol)
+    _, checkpoints, _ = resolve_checkpoints(run.dir, which)
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for set_name, set_path in recipe.data.test.items():
+        test = load_test_set(recipe.data.set_path(set_path))
+        for label, path in checkpoints:
+            loaded = load_model(path, recipe, device)
+            out_dir = run.dir / "eval" / f"{set_name}-{label}-{proto.name}"
+            result = evaluate_model_on_set(loaded, test, proto, out_dir, device=device)
+            method = result.method or {}
+            record = {"kind": "test", "set": set_name, "checkpoint": label, "step": loaded.step or 0,
+                      "protocol": proto.name, "n": result.n, **{k: method[k] for k in ("ciou", "auc", "mean_iou",
+                                                                                         "pointing") if k in method}}
+            run.append_metrics(record)
+            summary.setdefault(set_name, {})[label] = {k: v for k, v in record.items() if isinstance(v, float)}
+            if tracker is not None:
+                tracker.log_metrics(mlflow_metrics(result, f"test_{set_name}/{label}"), loaded.step or 0)
+                tracker.log_artifacts(out_dir, f"eval/{out_dir.name}")
+            table = result_table(result)
+            table.title = f"{set_name}: {label} checkpoint (step {loaded.step}), protocol {proto.name}"
+            out.print(table)
+            console.print(result.n_explained(), highlight=False)
+    return summary

@@ -254,9 +254,10 @@ def nominal_predicted_pixels(rule: ThresholdRule, n_pixels: int) -> int | None:
 def iou_scores(masks: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """Per-image IoU. masks: (B, S, S) bool, gt: (B, S, S) float weights in [0, 1] -> (B,) float64.
 
-    IoU = sum(pred * gt) / (sum(gt) + sum(pred * [gt == 0])). The sums run as batched dot products; they are exact
-    in float32 whatever the order (every partial sum is a multiple of 0.5 below 2^23); the ratio is taken in float64
-    like numpy does. An empty ground truth with an empty prediction gives NaN.
+    IoU = sum(pred * gt) / (sum(gt) + sum(pred * [gt == 0])). sum(pred * gt) is a batched dot product and sum(gt) a
+    float32 sum, both exact whatever the order (every partial sum is a multiple of 0.5 below 2^23); the last term is
+    a pixel count; the ratio is taken in float64 like numpy does. An empty ground truth with an empty prediction
+    gives NaN.
     """
     b = gt.shape[0]
     weights = gt.reshape(b, 1, -1)

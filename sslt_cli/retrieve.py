@@ -21,9 +21,11 @@ Protocol
   audio-visual localisation score, the maximum over positions of the cosine map between the image's map and the audio
   embedding (the quantity the model is trained on: it only ever compares an audio embedding with map positions), or
   ``pooled`` = cosine of the audio embedding and the pooled image embedding (cheaper: needs no maps).
-* **Ranking.** Descending score; ties are broken by ascending gallery index (a stable sort), so results are
-  deterministic. Ranking runs over chunks of queries so the (Q, G) matrix never exists whole; ``loc`` also chunks the
-  gallery so the (q x g x h x w) product stays within a fixed budget.
+* **Ranking.** Descending score (compared in float32); ties are broken by ascending gallery index, exactly (every
+  score becomes a unique int64 key), so results are deterministic. Ranking runs over chunks of queries so the (Q, G)
+  matrix never exists whole; ``loc`` also chunks the gallery so the (q x g x h x w) product stays within a fixed
+  budget. ``loc`` keeps every clip's map in memory (float16): N x h*w x 512 x 2 bytes, 1 GB for VGG-SS's 5k clips at
+  14 x 14; for galleries of 100k clips and more use ``pooled``.
 * **Metrics** (means over the queries that have a relevant item; stored as fractions, printed x100):
   A@k = a relevant item among the top k; P@k = relevant items in the top k / k; R@k = relevant items in the top k /
   all relevant items; mAP = mean over queries of average precision over the full ranking,
@@ -58,7 +60,7 @@ from rich.text import Text
 
 from sslt_cli.data.annotations import load_vggss_json
 from sslt_cli.data.manifest import atomic_write_bytes
-from sslt_cli.errors import CheckpointError, DataError
+from sslt_cli.errors import CheckpointError, DataError, SsltError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,8 +74,8 @@ if TYPE_CHECKING:
 TASKS = ("a2a", "a2i", "i2a")
 KS = (1, 5, 10)
 TOP_N = 5
-# Elements of one (queries x gallery) block: the sort keeps values + int64 indices + hits + a cumulative sum,
-# about 30 bytes an element, so 2**23 elements is ~250 MB whatever the gallery size.
+# Elements of one (queries x gallery) block: scores, their int64 ranking keys, relevance flags and searchsorted
+# counts take about 30 bytes an element at the peak, so 2**23 elements is ~250 MB whatever the gallery size.
 BLOCK_ELEMENTS = 2 ** 23
 EMBEDDINGS_FORMAT = "sslt-retrieval-embeddings/1"
 
@@ -84,8 +86,8 @@ EMBEDDINGS_FORMAT = "sslt-retrieval-embeddings/1"
 class RankedQueries:
     """Per-query ranking results.
 
-    ``top_indices``: (Q, top_n) gallery indices, best first. ``hits``: (Q, max_k) bool, a relevant item at rank 1..max_k.
-    ``n_relevant``: (Q,) relevant items in the query's gallery (itself excluded). ``gallery_size``: (Q,) items ranked
+    ``top_indices``: (Q, top_n) gallery indices, best first. ``hits``: (Q, max_k) bool, a relevant item at rank
+    1..max_k. ``n_relevant``: (Q,) relevant items in the query's gallery (itself excluded). ``gallery_size``: (Q,) items ranked
     for the query (G, or G - 1 with self-exclusion). ``ap``: (Q,) float64 average precision, NaN where n_relevant is 0.
     """
 
@@ -157,7 +159,7 @@ def rank_block(similarity: torch.Tensor, query_labels: torch.Tensor, gallery_lab
     # (items with below > p) items ranked above it.
     below = torch.searchsorted(relevant_keys, keys)
     counts = torch.zeros(n_queries, max(most, 1) + 1, dtype=torch.int64, device=device)
-    counts.scatter_add_(1, below, torch.ones_like(below))
+    counts.scatter_add_(1, below, torch.ones((), dtype=torch.int64, device=device).expand_as(below))
     above = counts.flip(1).cumsum(dim=1).flip(1)[:, 1:]                     # (Q, most): items above slot p
     slots = torch.arange(max(most, 1), device=device)[None, :]
     found = (n_relevant[:, None] - slots).to(torch.float64)                 # relevant items at or above slot p
@@ -290,20 +292,17 @@ def localisation_rows(audio: torch.Tensor, maps: torch.Tensor, queries_are: str,
     n_positions = maps.shape[1]
 
     def rows(start: int, stop: int) -> torch.Tensor:
-        n_rows = stop - start
+        step = max(1, budget // max(1, (stop - start) * n_positions))      # gallery items per product
+        cols = []
         if queries_are == "audio":
             query_audio = audio[start:stop].float()
-            step = max(1, budget // max(1, n_rows * n_positions))
-            cols = []
             for g in range(0, maps.shape[0], step):
                 chunk = maps[g:g + step].float()                              # (g, P, D)
                 cols.append((chunk @ query_audio.T).amax(dim=1).T)            # (g, P, q) -> (q, g)
-            return torch.cat(cols, dim=1)
-        query_maps = maps[start:stop].float()                                 # (q, P, D)
-        step = max(1, budget // max(1, n_rows * n_positions))
-        cols = []
-        for g in range(0, audio.shape[0], step):
-            cols.append((query_maps @ audio[g:g + step].float().T).amax(dim=1))  # (q, P, g) -> (q, g)
+        else:
+            query_maps = maps[start:stop].float()                             # (q, P, D)
+            for g in range(0, audio.shape[0], step):
+                cols.append((query_maps @ audio[g:g + step].float().T).amax(dim=1))  # (q, P, g) -> (q, g)
         return torch.cat(cols, dim=1)
 
     return rows
@@ -444,8 +443,8 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[dict], device: torch.de
 
     loader: batches ``{"id": [str], "image": (B, 3, H, W), "spec": (B, 1, F, T), "skipped": [(id, reason)]}`` as
     ``datasets.collate_skip_bad`` makes them (a batch of only unreadable clips holds just ``skipped``).
-    keep_maps: keep the (h*w, D) visual maps (float16) for the localisation score. progress(n): clips done in the
-    last batch. A non-finite embedding (a diverged checkpoint) is a CheckpointError naming the clip.
+    keep_maps: keep the (h*w, D) visual maps (float16) for the localisation score. progress(n): clips (embedded or
+    skipped) in the last batch. A non-finite embedding (a diverged checkpoint) is a CheckpointError naming the clip.
     """
     model.eval()
     ids: list[str] = []
@@ -453,8 +452,11 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[dict], device: torch.de
     skipped: list[tuple[str, str]] = []
     map_size = (0, 0)
     for batch in loader:
-        skipped += list(batch.get("skipped") or [])
+        bad_clips = list(batch.get("skipped") or [])
+        skipped += bad_clips
         if not batch.get("id"):  # every clip of the batch was unreadable
+            if progress is not None:
+                progress(len(bad_clips))
             continue
         v = model.embed_image(batch["image"].to(device, non_blocking=True)).float()
         a = model.embed_audio(batch["spec"].to(device, non_blocking=True)).float()
@@ -471,7 +473,7 @@ def embed_clips(model: torch.nn.Module, loader: Iterable[dict], device: torch.de
         if keep_maps:
             maps.append(v.flatten(2).transpose(1, 2).to(torch.float16).cpu())
         if progress is not None:
-            progress(len(batch["id"]))
+            progress(len(batch["id"]) + len(bad_clips))
     if not ids:
         raise DataError(f"no clip could be embedded ({len(skipped)} skipped)",
                         [f"{i}: {r}" for i, r in skipped[:10]])
@@ -560,6 +562,17 @@ class RetrievalReport:
     skipped: list[tuple[str, str]]
 
 
+def check_options(tasks: Sequence[str], cross_score: str, image_pool: str) -> None:
+    """DataError for an unknown task, cross-modal score or image pooling (before any work is done)."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise DataError(f"--task: unknown task(s) {', '.join(unknown) or '(none)'}; use a2a, a2i, i2a or all")
+    if cross_score not in ("loc", "pooled"):
+        raise DataError(f"--score {cross_score!r}: use loc (max of the cosine map) or pooled")
+    if image_pool not in ("avg", "max"):
+        raise DataError(f"--image-pool {image_pool!r}: use avg or max")
+
+
 def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], classes: str = "all",
                   holdout_classes: Sequence[str] = (), tasks: Sequence[str] = TASKS, cross_score: str = "loc",
                   image_pool: str = "avg", device: torch.device | str = "cpu",
@@ -570,13 +583,7 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
     cross_score: ``loc`` (needs ``embeddings.maps``) or ``pooled``. image_pool: ``avg`` | ``max`` (for ``pooled``).
     progress(task, done, total): called after each chunk of queries.
     """
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
-        raise DataError(f"--task: unknown task(s) {', '.join(unknown) or '(none)'}; use a2a, a2i, i2a or all")
-    if cross_score not in ("loc", "pooled"):
-        raise DataError(f"--score {cross_score!r}: use loc (max of the cosine map) or pooled")
-    if image_pool not in ("avg", "max"):
-        raise DataError(f"--image-pool {image_pool!r}: use avg or max")
+    check_options(tasks, cross_score, image_pool)
     if cross_score == "loc" and embeddings.maps is None and any(t != "a2a" for t in tasks):
         raise ValueError("cross_score='loc' needs embeddings made with keep_maps=True")
     device = torch.device(device)
@@ -591,15 +598,21 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
         raise DataError(f"retrieval needs at least {need} labelled clips of the chosen classes; found {len(rows)}",
                         [f"{len(embeddings.ids)} clips embedded, {len(unlabeled)} without a label, "
                          f"{len(labelled) - len(rows)} of other classes", "choose more classes or a bigger set"])
-    if len({label for _, label in rows}) < 2:
+    per_class: dict[str, int] = {}
+    for _, label in rows:
+        per_class[label] = per_class.get(label, 0) + 1
+    if len(per_class) < 2:
         raise DataError(f"retrieval within a single class is trivial (every gallery item is relevant); the chosen "
                         f"classes have clips of only {rows[0][1]!r} in this set: choose at least 2 classes")
+    if max(per_class.values()) < 2:
+        raise DataError(f"every chosen class has a single clip in this set ({len(per_class)} classes), so no query "
+                        "has a same-class item to find: choose classes with at least 2 clips")
     index = torch.tensor([i for i, _ in rows])
     labels = torch.tensor([class_index[label] for _, label in rows])
     exclude = torch.arange(len(rows))
     audio = embeddings.audio[index].to(device)
-    pooled = (embeddings.image_avg if image_pool == "avg" else embeddings.image_max)[index].to(device)
     maps = embeddings.maps[index].to(device) if cross_score == "loc" and embeddings.maps is not None else None
+    pooled = (embeddings.image_avg if image_pool == "avg" else embeddings.image_max)[index].to(device)
     results = []
     for task in tasks:
         if task == "a2a":
@@ -615,7 +628,7 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
             task=task, score=score, metrics=summarise(ranked), random=random_baseline(ranked.n_relevant,
                                                                                       ranked.gallery_size),
             ranked=ranked, n_queries=len(rows), n_without_relevant=int((ranked.n_relevant == 0).sum()),
-            gallery_size=len(rows), n_classes=len({label for _, label in rows})))
+            gallery_size=len(rows), n_classes=len(per_class)))
     return RetrievalReport(
         tasks=results, ids=[embeddings.ids[i] for i, _ in rows], labels=[label for _, label in rows],
         classes=chosen, classes_without_clips=[c for c in chosen if c not in set(present)],
@@ -668,11 +681,15 @@ def write_task_outputs(out_dir: Path, result: TaskResult, report: RetrievalRepor
     return folder
 
 
-def write_excluded(out_dir: Path, report: RetrievalReport) -> Path | None:
-    """``<out_dir>/excluded.csv``: every clip left out of retrieval for a data problem (id, reason); None if none."""
-    rows = [(c, "no label in the label file or manifest") for c in report.unlabeled]
+def write_excluded(out_dir: Path, report: RetrievalReport,
+                   unusable: Sequence[tuple[str, str]] = ()) -> Path | None:
+    """``<out_dir>/excluded.csv``: every clip left out of retrieval for a data problem (id, reason): ``unusable``
+    (rows the manifest marks unusable), then unreadable and unlabelled clips; None (and no file) if there are none."""
+    rows = list(unusable)
     rows += [(c, f"could not be read: {reason}") for c, reason in report.skipped]
+    rows += [(c, "no label in the label file or manifest") for c in report.unlabeled]
     if not rows:
+        (out_dir / "excluded.csv").unlink(missing_ok=True)  # a list from an earlier invocation would mislead
         return None
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -831,14 +848,18 @@ def load_target(target: str | Path, device: torch.device, out_dir: str | Path | 
     else:
         raise CheckpointError(f"{path}: no such run folder or checkpoint file")
     state = load_checkpoint(checkpoint)
-    model = build_model()
     if state.get("format") == CHECKPOINT_FORMAT:
         recipe = validate_tree(state["recipe"], f"{checkpoint} (its recipe)")
-        model.load_state_dict(model_state_from_checkpoint(state, checkpoint))
-        step = int(state["step"])
+        weights, step = model_state_from_checkpoint(state, checkpoint), int(state["step"])
     else:
-        model.load_state_dict(load_official_checkpoint(checkpoint))
-        recipe, step = Recipe(), None
+        recipe, weights, step = Recipe(), load_official_checkpoint(checkpoint), None
+    model = build_model()
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        # torch's message: a header line, then one long line per kind of mismatch (missing, unexpected, shape).
+        details = [line.strip()[:300] for line in str(exc).splitlines()[1:] if line.strip()]
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the SSL-TIE model", details) from None
     if out_dir is not None:
         where = Path(out_dir)
     elif run is not None:
@@ -896,6 +917,11 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     console = console or Console(stderr=True)
     out = out or Console()
     task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    check_options(task_list, cross_score, image_pool)
+    if device not in ("auto", "cpu", "cuda"):
+        raise SsltError(f"--device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SsltError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     torch_device = pick_device(device)
     t = load_target(target, torch_device, out_dir)
     recipe = t.recipe
@@ -908,6 +934,9 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     if labels is None and recipe.data.labels and (root / recipe.data.labels).is_file():
         labels = root / recipe.data.labels
     clip_labels, label_source = clip_labels_for(clip_set, Path(labels) if labels is not None else None)
+    # The class choice is checked before the (long) embedding; run_retrieval applies it.
+    select_classes(classes, [clip_labels[c.id] for c in clip_set.clips if c.id in clip_labels],
+                   sorted(set(clip_labels.values())), recipe.data.holdout_classes)
     console.print(f"retrieval with {t.checkpoint} (step {t.step if t.step is not None else 'n/a'}) on "
                   f"{clip_set.root} ({len(clip_set.clips)} clips, {len(clip_set.unusable)} unusable in the "
                   f"manifest); labels from {label_source}; device {torch_device}")
@@ -960,11 +989,12 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     for result in report.tasks:
         folder = write_task_outputs(task_root, result, report, context)
         save_gallery(folder / "gallery.png", result, report, frame_of, spectrogram_of, n_rows=gallery_rows)
-    excluded = write_excluded(task_root, report)
+    unusable = [(c.id, f"manifest status '{c.status}': {c.reason}") for c in clip_set.unusable]
+    excluded = write_excluded(task_root, report, unusable)
     out.print(results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
-    if report.unlabeled or report.skipped:
-        console.print(f"{len(report.unlabeled)} clips without a label and {len(report.skipped)} unreadable clips "
-                      f"were left out; listed in {excluded}")
+    if excluded is not None:
+        console.print(f"left out: {len(unusable)} clips the manifest marks unusable, {len(report.skipped)} "
+                      f"unreadable, {len(report.unlabeled)} without a label; listed in {excluded}")
     if report.classes_without_clips:
         console.print(f"{len(report.classes_without_clips)} chosen classes have no clip in this set: "
                       f"{', '.join(report.classes_without_clips[:10])}")
@@ -976,8 +1006,10 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     tracker = Tracker(enabled=recipe.tracking.enabled, experiment=recipe.tracking.experiment,
                       warn=lambda m: console.print(f"warning: {m}"))
     run_id = t.run.meta().get("mlflow_run_id") if t.run is not None else None
-    tracker.start(t.run.dir.name if t.run is not None else f"retrieve-{t.checkpoint.stem}", run_id=run_id,
-                  tags={"sslt.checkpoint": str(t.checkpoint)})
+    started = tracker.start(t.run.dir.name if t.run is not None else f"retrieve-{t.checkpoint.stem}", run_id=run_id,
+                            tags={"sslt.checkpoint": str(t.checkpoint)})
+    if t.run is not None and run_id is None and started is not None:
+        t.run.update_meta(mlflow_run_id=started, mlflow_uri=tracker.uri)  # later invocations log to the same run
     tracker.log_metrics(flat, step)
     for result in report.tasks:
         tracker.log_artifacts(task_root / result.task, f"{prefix}/{result.task}")

@@ -153,14 +153,9 @@ def audio_args(recipe: Recipe) -> dict:
                 n_mels=a.n_mels, normalized=a.normalized)
 
 
-def resolve_set(recipe: Recipe, name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() else Path(recipe.data.root) / path
-
-
 def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tuple[list[Clip], list[tuple[str, str]]]:
     """Usable training clips after the manifest's own failures, held-out classes and a cheap existence check."""
-    clip_set = read_set(resolve_set(recipe, recipe.data.train))
+    clip_set = read_set(recipe.data.set_path(recipe.data.train))
     clips = clip_set.clips
     skipped = [(c.id, f"manifest status '{c.status}': {c.reason}") for c in clip_set.unusable]
     if recipe.data.holdout_classes:
@@ -274,8 +269,17 @@ class ModelForTraining(torch.nn.Module):
         self.model = model
 
     def forward(self, *views: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """views: (images (B, 3, H, W), specs (B, 1, F, T)) pairs -> [(v (B, C, h, w), a (B, C)), ...]."""
-        return [(self.model.embed_image(images), self.model.embed_audio(specs)) for images, specs in views]
+        """views: (images (B, 3, H, W), specs (B, 1, F, T)) pairs -> [(v (B, C, h, w), a (B, C)), ...].
+
+        A spectrogram tensor shared by several views (``code`` views) is embedded once.
+        """
+        audio: dict[int, torch.Tensor] = {}
+        out = []
+        for images, specs in views:
+            if id(specs) not in audio:
+                audio[id(specs)] = self.model.embed_audio(specs)
+            out.append((self.model.embed_image(images), audio[id(specs)]))
+        return out
 
 
 # -------------------------------------------------------------------------------------------- checkpoints
@@ -379,7 +383,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     if recipe.data.val:
         from sslt_cli.evaluate import load_test_set
 
-        val_set = load_test_set(resolve_set(recipe, recipe.data.val))
+        val_set = load_test_set(recipe.data.set_path(recipe.data.val))
         val_clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
         val_clips = val_clips[: recipe.data.limit_val] if recipe.data.limit_val else val_clips
         val_annotations = val_set.annotations

@@ -102,8 +102,9 @@ def test_accounting_lists_every_dropped_clip_with_its_reason():
         "f": ann("f", (0.1, 0.1, 0.5, 0.5)),
         "g": ann("g", (0.1, 0.1, 0.5, 0.5)),
     }
-    bad_map = np.ones((14, 14), np.float32)
+    bad_map = np.ones((14, 14))
     bad_map[3, 4] = np.nan
+    bad_map[0, 0] = 1e300  # finite in float64, inf in float32
     maps = {**HAND_MAPS, "c": np.ones((7, 7)), "d": np.ones((7, 7)), "e": bad_map, "g": np.ones((7, 7)),
             "z": np.ones((7, 7))}
     ids = ["a", "b", "c", "d", "e", "f", "g", "h", "a"]
@@ -116,7 +117,7 @@ def test_accounting_lists_every_dropped_clip_with_its_reason():
     assert [(e.id, e.stage, e.reason) for e in result.excluded] == [
         ("c", "excluded", "empty ground truth after clipping boxes to [0, 1]: [[0.2, 1.0, 0.6, 1.0]]"),
         ("d", "excluded", "unusable box: box [0.1, nan, 0.5, 0.5] has a NaN coordinate"),
-        ("e", "excluded", "invalid map: 1 non-finite values (NaN or inf)"),
+        ("e", "excluded", "invalid map: 2 non-finite values (NaN or inf)"),
         ("f", "no map", "no map for this clip id"),
         ("g", "no frame/audio", "frame file missing: /x/g.jpg"),
         ("h", "no annotation", "no annotation for this id"),

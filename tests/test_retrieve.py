@@ -78,6 +78,13 @@ def test_ties_break_by_gallery_index():
     assert second.ap.tolist() == pytest.approx([(1 + 2 / 3) / 2])
 
 
+def test_ranking_keys_order_by_score_then_index():
+    sim = torch.tensor([[-1.0, -0.0, 0.0, -2.5, 3.0, 1e-30, -1e-30, -1.0, 3.0]])
+    order = torch.argsort(R.ranking_keys(sim), dim=1, descending=True)
+    assert order.tolist() == [[4, 8, 5, 1, 2, 6, 0, 7, 3]]
+    assert R.ranking_keys(sim).unique().numel() == sim.numel()
+
+
 def test_excluded_item_is_never_ranked_even_when_it_scores_best():
     ranked = _ranked([[0.9, 0.1, 0.2, 0.3]], [0], [0, 1, 1, 0], exclude=[0])
     assert ranked.top_indices.tolist() == [[3, 2, 1]]
@@ -135,8 +142,10 @@ def _naive(sim, q_labels, g_labels, exclude, ks):
 def test_chunked_equals_unchunked_equals_naive_with_ties(seed):
     g = torch.Generator().manual_seed(seed)
     n = 60
-    # Scores on a coarse grid, so many ties; some queries exclude nothing.
-    sim = torch.randint(0, 6, (n, n), generator=g).float() / 5
+    # Scores on a coarse grid around 0, so many ties (-0.0 among them); some queries exclude nothing.
+    sim = torch.randint(-3, 3, (n, n), generator=g).float() / 5
+    sim[(sim == 0) & torch.randint(0, 2, (n, n), generator=g).bool()] = -0.0
+    assert bool(torch.signbit(sim[sim == 0]).any()) and not bool(torch.signbit(sim[sim == 0]).all())
     labels = torch.randint(0, 4, (n,), generator=g)
     exclude = torch.arange(n)
     exclude[::7] = -1
@@ -393,10 +402,10 @@ def test_oracle_pipeline_beats_random_and_writes_everything(tmp_path, cross_scor
         assert rows[0]["label"] == "class 0" and rows[0]["top1_label"] == "class 0"
         assert rows[0]["top1_id"] != rows[0]["query_id"]
     excluded = (out / "excluded.csv").read_text() if R.write_excluded(out, report) else ""
-    assert excluded.splitlines() == ["id,reason", "clip00000040_000040,no label in the label file or manifest",
+    assert excluded.splitlines() == ["id,reason", "gone_000001,could not be read: decode error",
+                                     "clip00000040_000040,no label in the label file or manifest",
                                      "clip00000041_000041,no label in the label file or manifest",
-                                     "clip00000042_000042,no label in the label file or manifest",
-                                     "gone_000001,could not be read: decode error"]
+                                     "clip00000042_000042,no label in the label file or manifest"]
     metrics = R.mlflow_metrics(report)
     assert metrics["retrieve/a2a/p_at_1"] == 1.0
     assert metrics["retrieve/i2a/random/p_at_1"] == pytest.approx(7 / 39)
@@ -416,7 +425,8 @@ def test_gallery_marks_wrong_results_red_and_the_table_has_a_random_row(tmp_path
 
     emb, labels = _oracle_embeddings()
     # Relabel so the oracle's neighbours are of another class: every shown result is wrong.
-    shifted = {clip_id: f"class {(int(label.split()[1]) + i // 5) % 5}" for i, (clip_id, label) in enumerate(labels.items())}
+    shifted = {clip_id: f"class {(int(label.split()[1]) + i // 5) % 5}"
+               for i, (clip_id, label) in enumerate(labels.items())}
     report = R.run_retrieval(emb, shifted, tasks=["a2a"])
     png = tmp_path / "g.png"
     drawn = R.save_gallery(png, report.tasks[0], report, lambda c: np.zeros((8, 8, 3), np.uint8),
@@ -455,7 +465,8 @@ def synthetic_test_set(tmp_path_factory):
     return root
 
 
-def _untrained_run(tmp_path, data_root, step=7, holdout=("rain falling", "horn honking", "siren wailing")):
+def _untrained_run(tmp_path, data_root, step=7, holdout=("rain falling", "horn honking", "siren wailing"),
+                   tracking=True):
     from sslt_cli.config import recipe_dict, validate_tree
     from sslt_cli.model import build_model
     from sslt_cli.runs import Run
@@ -465,7 +476,8 @@ def _untrained_run(tmp_path, data_root, step=7, holdout=("rain falling", "horn h
         "name": "tiny", "runs_dir": str(tmp_path / "runs"),
         "data": {"root": str(data_root), "val": None, "test": {"vggss": "test_vggss"}, "image_size": 64,
                  "num_workers": 0, "holdout_classes": list(holdout)},
-        "audio": {"clip_seconds": 1.0, "n_mels": 32}, "eval": {"batch_size": 16}}, "test recipe")
+        "audio": {"clip_seconds": 1.0, "n_mels": 32}, "eval": {"batch_size": 16},
+        "tracking": {"enabled": tracking}}, "test recipe")
     run = Run.create(recipe)
     torch.manual_seed(step)
     state = {"format": CHECKPOINT_FORMAT, "model": build_model().state_dict(), "step": step,
@@ -503,8 +515,7 @@ def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set
     assert "random" in out.file.getvalue() and "embeddings from the cache" not in console.file.getvalue()
     record = [r for r in run.metrics() if r.get("kind") == "retrieve"][-1]
     assert record["retrieve/a2a/p_at_1"] == report.tasks[0].metrics["p_at_1"]
-    mlflow_run = MlflowClient().search_runs(
-        [MlflowClient().get_experiment_by_name("sslt").experiment_id])[0]
+    mlflow_run = MlflowClient().get_run(run.meta()["mlflow_run_id"])
     assert mlflow_run.data.metrics["retrieve/i2a/map"] == pytest.approx(report.tasks[2].metrics["map"])
 
     # Same checkpoint again: the cached embeddings give the same numbers; novel classes go to their own folder.
@@ -514,14 +525,16 @@ def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set
     assert again.classes == ["rain falling", "horn honking", "siren wailing"] and len(again.ids) == 12
     assert (folder / "novel" / "a2a" / "metrics.json").is_file()
     assert json.loads((folder / "a2a" / "metrics.json").read_text())["classes_spec"] == "all"
+    metrics = MlflowClient().get_run(run.meta()["mlflow_run_id"]).data.metrics
+    assert metrics["retrieve/novel/a2a/p_at_1"] == pytest.approx(again.tasks[0].metrics["p_at_1"])
     chosen = [i for i, label in zip(report.ids, report.labels) if label in again.classes]
     assert again.ids == chosen
 
 
 def test_retrieve_recomputes_for_another_checkpoint(tmp_path, synthetic_test_set):
-    run, _ = _untrained_run(tmp_path, synthetic_test_set, step=3)
+    run, _ = _untrained_run(tmp_path, synthetic_test_set, step=3, tracking=False)
     first = R.retrieve(run.dir, device="cpu", console=_quiet(), out=_quiet(), tasks="a2a", gallery_rows=1)
-    _, newer = _untrained_run(tmp_path, synthetic_test_set, step=5)
+    _, newer = _untrained_run(tmp_path, synthetic_test_set, step=5, tracking=False)
     target = run.dir / "checkpoints" / newer.name
     target.write_bytes(newer.read_bytes())   # a later checkpoint of the same run: best.pt is absent, so it wins
     console = _quiet()
@@ -533,7 +546,7 @@ def test_retrieve_recomputes_for_another_checkpoint(tmp_path, synthetic_test_set
 def test_load_target_errors_and_official_checkpoints(tmp_path):
     from sslt_cli.model import build_model, save_official_checkpoint
 
-    run, checkpoint = _untrained_run(tmp_path, tmp_path / "nowhere")
+    run, checkpoint = _untrained_run(tmp_path, tmp_path / "nowhere", tracking=False)
     checkpoint.unlink()
     with pytest.raises(R.CheckpointError) as exc:
         R.load_target(run.dir, torch.device("cpu"))
@@ -547,3 +560,18 @@ def test_load_target_errors_and_official_checkpoints(tmp_path):
     target = R.load_target(official, torch.device("cpu"))
     assert target.step is None and target.run is None and target.recipe.data.image_size == 224
     assert target.out_dir == tmp_path / "ssltie_vggsound.pth-retrieve"
+
+
+def test_checkpoint_with_foreign_weights_is_a_checkpoint_error(tmp_path):
+    from sslt_cli.config import recipe_dict
+    from sslt_cli.train import CHECKPOINT_FORMAT
+
+    run, checkpoint = _untrained_run(tmp_path, tmp_path / "nowhere", tracking=False)
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {"vision.conv1.weight": torch.zeros(1)}
+    torch.save({**state, "recipe": recipe_dict(run.recipe()), "format": CHECKPOINT_FORMAT}, checkpoint)
+    with pytest.raises(R.CheckpointError) as exc:
+        R.load_target(checkpoint, torch.device("cpu"))
+    assert exc.value.message == f"{checkpoint}: its weights do not fit the SSL-TIE model"
+    assert exc.value.problems[0].startswith('Missing key(s) in state_dict: "vision.bn1.weight"')
+    assert exc.value.problems[1].startswith("size mismatch for vision.conv1.weight")

@@ -110,7 +110,7 @@ def test_annotations_vggss_json_and_benchmark_json(bench: Path) -> None:
     assert [c["name"] for c in doc["classes"]] == list(CLASSES)
     assert {name: s["clips"] for name, s in doc["sets"].items()} == {"train": 12, "val": 4, "test_vggss": 6,
                                                                      "test_flickr": 4}
-    assert len({(c["shape"], c["hue_degrees"]) for c in doc["classes"]}) == len({c["shape"] for c in doc["classes"]}) == 10
+    assert len({c["shape"] for c in doc["classes"]}) == len({c["hue_degrees"] for c in doc["classes"]}) == 10
 
 
 def test_vggsound_csv_format(bench: Path) -> None:
@@ -141,12 +141,13 @@ def test_rendered_object_lies_exactly_in_its_box() -> None:
         scene = synthetic._Scene(k, (synthetic._Object(k, box, True),))
         jpeg = synthetic._render_frame(scene, size, np.random.default_rng(k))
         match = hue_match(cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR), category.hue)
-        rows, cols = np.flatnonzero(match.any(1)), np.flatnonzero(match.any(0))
-        x0, y0, x1, y1 = synthetic._pixel_box(box, size)
+        # The object is the largest blob of its colour (closing joins texture shades that JPEG split).
+        closed = cv2.morphologyEx(match.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+        _, _, stats, _ = cv2.connectedComponentsWithStats(closed)
+        x, y, w, h = stats[1 + np.argmax(stats[1:, cv2.CC_STAT_AREA]), :4]
         # JPEG chroma subsampling smears colour edges, and the sub-pixel tips of pointed shapes blend with the
         # background: up to 3 pixels either way.
-        assert abs(cols[0] - x0) <= 3 and abs(cols[-1] - (x1 - 1)) <= 3, (category.name, cols[[0, -1]], (x0, x1))
-        assert abs(rows[0] - y0) <= 3 and abs(rows[-1] - (y1 - 1)) <= 3, (category.name, rows[[0, -1]], (y0, y1))
+        np.testing.assert_allclose((x, y, x + w, y + h), synthetic._pixel_box(box, size), atol=3, err_msg=category.name)
 
 
 def test_sounding_colour_dominates_inside_the_annotated_boxes(tmp_path: Path) -> None:
@@ -188,7 +189,7 @@ def test_two_instance_rate_is_about_ten_percent(scenes: list) -> None:
 def test_union_box_area_quantiles_follow_vgg_ss(scenes: list) -> None:
     areas = [synthetic._union_area(s.sounding_boxes) for s in scenes]
     got = np.quantile(areas, [0.05, 0.25, 0.5, 0.75, 0.95])
-    np.testing.assert_allclose(got, [0.03, 0.12, 0.25, 0.46, 0.78], rtol=0.12)
+    np.testing.assert_allclose(got, [0.03, 0.12, 0.25, 0.46, 0.78], rtol=0.07)  # 3000 draws: within 4%
 
 
 def test_distractors_match_the_sounding_objects(scenes: list) -> None:
@@ -273,7 +274,7 @@ def test_rerun_writes_nothing(bench: Path) -> None:
     assert summary["sets"]["test_flickr"] == str(bench / "test_flickr")
 
 
-def test_interrupted_run_is_completed_with_identical_bytes(bench: Path, tmp_path: Path) -> None:
+def test_interrupted_run_is_completed_with_identical_bytes(tmp_path: Path) -> None:
     out = tmp_path / "b"
     generate(out, **TINY)
     reference = tree_hashes(out)

@@ -29,7 +29,7 @@ import wave
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -37,6 +37,9 @@ from sslt_cli.data.annotations import (FLICKR_GRID, Annotation, annotations_to_v
                                       vggss_xml_text)
 from sslt_cli.data.manifest import MANIFEST, SET_INFO, Clip, atomic_write_bytes, layout_paths, read_set, write_set
 from sslt_cli.errors import DataError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 # Bump whenever the generator's output changes: a finished folder is trusted as-is when its benchmark.json matches.
 FORMAT = "sslt-synthetic/1"
@@ -323,7 +326,8 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     proj = (proj - proj.min()) / max(1e-6, float(np.ptp(proj)))
     img = c1 + (c2 - c1) * proj[..., None]
     cells = int(rng.integers(3, 8))
-    blotches = rng.normal(0.0, 18.0, (cells, cells, 3)).astype(np.float32)
+    # Mostly brightness, little colour: the background stays muted so its hues are not mistaken for objects'.
+    blotches = (rng.normal(0.0, 18.0, (cells, cells, 1)) + rng.normal(0.0, 5.0, (cells, cells, 3))).astype(np.float32)
     img += cv2.resize(blotches, (size, size), interpolation=cv2.INTER_CUBIC)
     for _ in range(int(rng.integers(3, 9))):
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
@@ -656,6 +660,8 @@ def _remove_stale(root: Path, stale: set[Path]) -> int:
     """Delete files an earlier run listed that this run does not, and the folders they leave empty."""
     removed = 0
     for path in sorted(stale):
+        if root not in path.parents:  # a hand-edited manifest may point anywhere: touch only this set's folder
+            continue
         if path.is_file():
             path.unlink()
             removed += 1
@@ -686,7 +692,8 @@ def _vggsound_csv(records: dict[str, list[dict]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _progress(enabled: bool):
+def _progress(enabled: bool) -> Progress:
+    """One bar per set on stderr, with clips/s and ETA."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
@@ -774,10 +781,14 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
                 futures = {pool.submit(_make_clips, job): job["set"] for job in jobs}
-                for future in as_completed(futures):
-                    done = future.result()
-                    records[futures[future]] += done
-                    bar.advance(tasks[futures[future]], len(done))
+                try:
+                    for future in as_completed(futures):
+                        done = future.result()
+                        records[futures[future]] += done
+                        bar.advance(tasks[futures[future]], len(done))
+                except BaseException:  # a failed chunk or Ctrl-C: stop now rather than render every queued chunk
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
 
     total_files, removed, sets = 0, 0, {}
     for name, layout, _, _ in _SETS:
