@@ -181,6 +181,157 @@ def train(
     run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
 
 
+# ------------------------------------------------------------------------------------------------------------- eval
+
+PROTOCOL_NAMES = ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
+
+
+@app.command("eval", epilog=_example(
+    "sslt eval --baselines-only --vggss-json ../shared/realdata/vggss.json "
+    "--list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+def eval_cmd(
+    target: Optional[Path] = typer.Argument(None, help="Run folder, or checkpoint file (sslt or official SSL-TIE)."),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="Prepared test set folder(s) (vggss_test or "
+                                              "flickr_test layout). Default: the run recipe's data.test sets."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON."),
+    media: Optional[Path] = typer.Option(None, "--media", help="With --vggss-json: folder with frame/ and audio/."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Evaluate a published subset (e.g. the 4911 list)."),
+    protocol: Optional[str] = typer.Option(None, help=f"One of {', '.join(PROTOCOL_NAMES)} (default: the recipe's, "
+                                                      "else ssltie)."),
+    maps: Optional[Path] = typer.Option(None, "--maps", help="Score precomputed maps: a folder of <id>.npy or an .npz."),
+    baselines_only: bool = typer.Option(False, "--baselines-only", help="Only the baselines and the oracle ceiling."),
+    extended: Optional[Path] = typer.Option(None, "--extended", help="SLAVC *_plus_silent.csv: AP and max-F1 with "
+                                            "non-sounding pairs."),
+    silent_data: Optional[Path] = typer.Option(None, "--silent-data", help="With --extended: the prepared set holding "
+                                               "the non-sounding pairs' frames and audio (default: the test set)."),
+    silent_maps: Optional[Path] = typer.Option(None, "--silent-maps", help="With --extended and --maps: maps of the "
+                                               "non-sounding pairs keyed '<video>+<audio>'."),
+    which: str = typer.Option("both", help="For a run folder: best, last or both checkpoints."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run's eval/, else "
+                                           "./eval/<set>-<protocol>)."),
+    no_clip: bool = typer.Option(False, "--no-clip", help="SSL-TIE's literal unclipped VGG-SS boxes."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
+    from sslt_cli import evaluate as ev
+
+    if protocol is not None and protocol not in PROTOCOL_NAMES:
+        raise SsltError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOL_NAMES)}")
+    if which not in ("best", "last", "both"):
+        raise SsltError(f"--which must be best, last or both, got {which!r}")
+    modes = sum(x for x in (target is not None, maps is not None, baselines_only))
+    if modes != 1:
+        raise SsltError("give exactly one of: a run folder or checkpoint, --maps FILE_OR_DIR, or --baselines-only")
+    recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
+    if recipe is None and run_dir is not None:
+        from sslt_cli.runs import Run
+
+        recipe = Run.open(run_dir).recipe()
+    protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
+    clip_boxes = False if no_clip else None
+
+    tests = []
+    if vggss_json is not None:
+        tests.append(ev.load_vggss_json_set(vggss_json, id_list, media))
+    for folder in data or []:
+        tests.append(ev.load_test_set(folder, id_list))
+    if not tests and recipe is not None:
+        tests = [ev.load_test_set(recipe.data.set_path(p), id_list) for p in recipe.data.test.values()]
+    if not tests:
+        raise SsltError("no test set: pass --data DIR (a prepared set) or --vggss-json FILE")
+
+    from sslt_cli.tracking import Tracker
+
+    tracker = Tracker(enabled=recipe.tracking.enabled if recipe is not None else True,
+                      experiment=recipe.tracking.experiment if recipe is not None else "sslt")
+    run_meta = None
+    if run_dir is not None:
+        from sslt_cli.runs import Run
+
+        run_meta = Run.open(run_dir).meta()
+    tracker.start(f"eval-{(run_dir or Path('maps')).name}", run_id=(run_meta or {}).get("mlflow_run_id"),
+                  params={"eval.protocol": protocol_name} if run_meta is None else None)
+    dev = _device(device)
+    for test in tests:
+        for note in test.notes:
+            err.print(f"note: {note}", highlight=False)
+        if target is not None:
+            for label, path in checkpoints:
+                loaded = ev.load_model(path, recipe, dev)
+                where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
+                folder = where / f"{test.name}-{label}-{protocol_name}"
+                ext = None
+                if extended is not None:
+                    ext = (ev.read_silent_pairs(extended), ev.load_test_set(silent_data) if silent_data else test)
+                with _progress(f"{test.name} ({label})", len(test.clips)) as advance:
+                    result = ev.evaluate_model_on_set(loaded, test, protocol_name, folder, device=dev,
+                                                      batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
+                                                      progress=advance)
+                _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", tracker,
+                             f"eval_{test.name}/{label}", loaded.step or 0)
+        else:
+            loaded_maps = ev.load_maps(maps) if maps is not None else None
+            result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
+                                   unavailable=test.unavailable if loaded_maps is not None else None,
+                                   annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
+                                   name=test.name, notes=test.notes, device=dev)
+            if extended is not None and loaded_maps is not None:
+                if silent_maps is None:
+                    raise SsltError("--extended with --maps needs --silent-maps (maps keyed '<video>+<audio>')")
+                silent = ev.load_maps(silent_maps)
+                result.extended = ev.score_extended(loaded_maps, silent, test.annotations)
+            folder = out_dir or Path("eval") / f"{test.name}-{'maps' if maps else 'baselines'}-{protocol_name}"
+            ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations)
+            _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
+                         tracker, f"eval_{test.name}/{'maps' if maps else 'baselines'}", 0)
+    tracker.end("FINISHED")
+
+
+def _device(choice: str):
+    import torch
+
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SsltError("--device cuda but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class _progress:
+    """A rich progress bar on stderr for a known number of clips; yields the advance callback."""
+
+    def __init__(self, description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.speed} clips/s" if False else ""), TimeRemainingColumn(), console=err)
+        self.description, self.total = description, total
+
+    def __enter__(self):
+        self.bar.__enter__()
+        task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _report_eval(result, folder: Path, title: str, tracker, prefix: str, step: int) -> None:
+    from sslt_cli import evaluate as ev
+
+    table = ev.result_table(result)
+    table.title = title
+    out.print(table)
+    if result.extended is not None:
+        x = result.extended
+        out.print(f"extended ({x.protocol}): AP {x.ap:.4f} (SLAVC sampling {x.ap_slavc:.4f}), max-F1 {x.max_f1:.4f} "
+                  f"(SLAVC sampling {x.max_f1_slavc:.4f}); {x.n_sounding} sounding + {x.n_silent} non-sounding pairs")
+    err.print(f"outputs: {folder}")
+    tracker.log_metrics(ev.mlflow_metrics(result, prefix), step)
+    tracker.log_artifacts(folder, f"eval/{folder.name}")
+
+
 # ------------------------------------------------------------------------------------------------------------- runs
 
 @app.command(epilog=_example("sslt runs --runs-dir runs"))

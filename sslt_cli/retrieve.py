@@ -823,51 +823,30 @@ class Target:
     out_dir: Path
 
 
-def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None) -> Target:
-    """A run folder (its ``best.pt``, else its latest ``last-*.pt``) or a checkpoint file: an sslt checkpoint (its
-    own recipe; outputs in its run folder when it lies in one) or an official SSL-TIE checkpoint (default recipe).
-    Outputs go to ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside it."""
-    from sslt_cli.config import Recipe, validate_tree
-    from sslt_cli.model import build_model, load_official_checkpoint
-    from sslt_cli.runs import CONFIG, META, Run, load_checkpoint
-    from sslt_cli.train import CHECKPOINT_FORMAT, model_state_from_checkpoint
+def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None,
+                which: str = "auto") -> Target:
+    """A run folder or a checkpoint file (sslt or official SSL-TIE), resolved and loaded by ``evaluate``'s
+    :func:`~sslt_cli.evaluate.resolve_checkpoints` and :func:`~sslt_cli.evaluate.load_model`. which: for a run
+    folder, ``best`` / ``last`` checkpoint, or ``auto`` (best when the run has one, else last). Outputs go to
+    ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside the checkpoint."""
+    from sslt_cli.evaluate import load_model, resolve_checkpoints
+    from sslt_cli.runs import Run
 
-    path = Path(target).expanduser()
-    run = None
-    if path.is_dir():
-        run = Run.open(path)
-        checkpoint = run.best_checkpoint() or run.latest_checkpoint()
-        if checkpoint is None:
-            raise CheckpointError(f"{path}: the run has no checkpoint yet (checkpoints/best.pt or last-*.pt); "
-                                  "train it first or pass a checkpoint file")
-    elif path.is_file():
-        checkpoint = path
-        folder = path.parent.parent
-        if path.parent.name == "checkpoints" and (folder / CONFIG).is_file() and (folder / META).is_file():
-            run = Run(folder)
-    else:
-        raise CheckpointError(f"{path}: no such run folder or checkpoint file")
-    state = load_checkpoint(checkpoint)
-    if state.get("format") == CHECKPOINT_FORMAT:
-        recipe = validate_tree(state["recipe"], f"{checkpoint} (its recipe)")
-        weights, step = model_state_from_checkpoint(state, checkpoint), int(state["step"])
-    else:
-        recipe, weights, step = Recipe(), load_official_checkpoint(checkpoint), None
-    model = build_model()
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        # torch's message: a header line, then one long line per kind of mismatch (missing, unexpected, shape).
-        details = [line.strip()[:300] for line in str(exc).splitlines()[1:] if line.strip()]
-        raise CheckpointError(f"{checkpoint}: its weights do not fit the SSL-TIE model", details) from None
+    if which not in ("auto", "best", "last"):
+        raise SsltError(f"--which {which!r}: use auto (best, else last), best or last")
+    recipe, found, run_dir = resolve_checkpoints(target, "both" if which == "auto" else which)
+    by_label = dict(found)
+    checkpoint = by_label.get("best") or by_label.get("last") or found[0][1]
+    loaded = load_model(checkpoint, recipe, device)
+    run = Run(run_dir) if run_dir is not None else None
     if out_dir is not None:
         where = Path(out_dir)
     elif run is not None:
         where = run.dir / "retrieve"
     else:
         where = checkpoint.parent / f"{checkpoint.stem}-retrieve"
-    return Target(model=model.to(device), recipe=recipe, checkpoint=checkpoint,
-                  checkpoint_sha256=file_sha256(checkpoint), step=step, run=run, out_dir=where)
+    return Target(model=loaded.model, recipe=loaded.recipe, checkpoint=checkpoint,
+                  checkpoint_sha256=file_sha256(checkpoint), step=loaded.step, run=run, out_dir=where)
 
 
 def clip_labels_for(clip_set: "ClipSet", labels_path: Path | None) -> tuple[dict[str, str], str]:
@@ -892,18 +871,19 @@ def output_scope(set_name: str, default_set: bool, classes: str) -> str:
 
 def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
              tasks: str = "all", classes: str = "all", cross_score: str = "loc", image_pool: str = "avg",
-             device: str = "auto", out_dir: str | Path | None = None, gallery_rows: int = 6, refresh: bool = False,
-             console: "Console | None" = None, out: "Console | None" = None) -> RetrievalReport:
+             which: str = "auto", device: str = "auto", out_dir: str | Path | None = None, gallery_rows: int = 6,
+             refresh: bool = False, console: "Console | None" = None,
+             out: "Console | None" = None) -> RetrievalReport:
     """``sslt retrieve``: embed a set with a trained model (cached), run every task, write and log the results.
 
-    target: run folder or checkpoint (:func:`load_target`). data: a prepared set folder (default: the recipe's
-    first test set). labels: a label file (default: the recipe's ``data.labels`` under ``data.root`` when it exists,
-    else the manifest's labels). tasks: ``all`` or a comma list of a2a, a2i, i2a. classes: ``all`` | ``novel`` |
-    list | file. cross_score: ``loc`` | ``pooled``; image_pool: ``avg`` | ``max``. refresh: embed even when the
-    cache is current. Writes ``<out>/embeddings_<set>.pt``, ``<out>/<scope>/<task>/{metrics.json, queries.csv,
-    gallery.png}`` and ``<out>/<scope>/excluded.csv`` (:func:`output_scope`: empty for all classes of the recipe's
-    test set); prints the table on ``out``; logs ``retrieve/<scope>/<task>/...`` to MLflow and the run's
-    ``metrics.jsonl``.
+    target: run folder or checkpoint, which: its checkpoint (:func:`load_target`). data: a prepared set folder
+    (default: the recipe's first test set). labels: a label file (default: the recipe's ``data.labels`` when it
+    exists, else the manifest's labels). tasks: ``all`` or a comma list of a2a, a2i, i2a. classes: ``all`` |
+    ``novel`` | list | file. cross_score: ``loc`` | ``pooled``; image_pool: ``avg`` | ``max``. refresh: embed even
+    when the cache is current. Writes ``<out>/embeddings_<set>.pt``, ``<out>/<scope>/<task>/{metrics.json,
+    queries.csv, gallery.png}`` and ``<out>/<scope>/excluded.csv`` (:func:`output_scope`: empty for all classes of
+    the recipe's test set); prints the table on ``out``; logs ``retrieve/<scope>/<task>/...`` to MLflow and the
+    run's ``metrics.jsonl``.
     """
     import numpy as np
     from rich.console import Console
@@ -923,16 +903,15 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     if device == "cuda" and not torch.cuda.is_available():
         raise SsltError("--device cuda: no CUDA device is available here; use --device auto or cpu")
     torch_device = pick_device(device)
-    t = load_target(target, torch_device, out_dir)
+    t = load_target(target, torch_device, out_dir, which)
     recipe = t.recipe
-    root = Path(recipe.data.root)
-    default_set = root / next(iter(recipe.data.test.values()))
+    default_set = recipe.data.set_path(next(iter(recipe.data.test.values())))
     clip_set = read_set(Path(data) if data is not None else default_set)
     scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), classes)
     task_root = t.out_dir / scope if scope else t.out_dir
     prefix = f"retrieve/{scope}" if scope else "retrieve"
-    if labels is None and recipe.data.labels and (root / recipe.data.labels).is_file():
-        labels = root / recipe.data.labels
+    if labels is None and recipe.data.labels and recipe.data.set_path(recipe.data.labels).is_file():
+        labels = recipe.data.set_path(recipe.data.labels)
     clip_labels, label_source = clip_labels_for(clip_set, Path(labels) if labels is not None else None)
     # The class choice is checked before the (long) embedding; run_retrieval applies it.
     select_classes(classes, [clip_labels[c.id] for c in clip_set.clips if c.id in clip_labels],

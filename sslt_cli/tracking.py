@@ -73,6 +73,10 @@ class Tracker:
             if self.uri.startswith(("http://", "https://")):
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            import logging
+
+            # the store's own INFO lines (table creation, migrations) are noise on the user's console
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
             from mlflow.tracking import MlflowClient
 
             self._client = MlflowClient(tracking_uri=self.uri)
