@@ -164,8 +164,8 @@ def train(
             raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
                             [f"got {' '.join(overrides)}; start a new run to change the recipe"])
         if dry_run:
-            out.print(dump_yaml(recipe_dict(run.recipe())), end="")
-            err.print(f"would resume {run.dir}")
+            typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
+            typer.echo(f"would resume {run.dir}", err=True)
             return
         from sslt_cli.train import train as run_training
 
@@ -173,8 +173,8 @@ def train(
         return
     resolved = load_recipe(recipe, overrides)
     if dry_run:
-        out.print(dump_yaml(recipe_dict(resolved)), end="", markup=False, highlight=False)
-        err.print(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}")
+        typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
+        typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
     from sslt_cli.train import train as run_training
 
@@ -332,6 +332,32 @@ def _report_eval(result, folder: Path, title: str, tracker, prefix: str, step: i
     tracker.log_artifacts(folder, f"eval/{folder.name}")
 
 
+# --------------------------------------------------------------------------------------------------------- retrieve
+
+@app.command(epilog=_example("sslt retrieve runs/quickstart-20261125-101500 --task all --classes all"))
+def retrieve(
+    target: Path = typer.Argument(..., help="Run folder or checkpoint file."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared set to retrieve in (default: the recipe's "
+                                        "first test set)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: vggsound.csv (ytid,start,label,split), "
+                                          "id,label CSV or vggss.json (default: the recipe's data.labels)."),
+    task: str = typer.Option("all", "--task", help="all, or a comma list of a2a, a2i, i2a."),
+    classes: str = typer.Option("all", help="all | novel (the recipe's data.holdout_classes) | comma list | file."),
+    score: str = typer.Option("loc", help="Cross-modal score: loc (max of the cosine map) or pooled."),
+    image_pool: str = typer.Option("avg", "--image-pool", help="Pooling of the visual map: avg or max."),
+    which: str = typer.Option("auto", help="Checkpoint of a run folder: auto (best, else last), best or last."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run's retrieve/)."),
+    gallery_rows: int = typer.Option(6, "--gallery-rows", min=0, help="Queries shown in each gallery PNG."),
+    refresh: bool = typer.Option(False, help="Re-embed even when the cached embeddings are current."),
+) -> None:
+    """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
+    from sslt_cli.retrieve import retrieve as run
+
+    run(target, data=data, labels=labels, tasks=task, classes=classes, cross_score=score, image_pool=image_pool,
+        which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
+
+
 # ------------------------------------------------------------------------------------------------------------- runs
 
 @app.command(epilog=_example("sslt runs --runs-dir runs"))
@@ -378,7 +404,7 @@ def ui(
     if not uri.startswith(("sqlite:", "file:", "postgresql", "mysql")) and "://" in uri:
         out.print(f"MLFLOW_TRACKING_URI points at a server ({uri}): open it in a browser; nothing to start.")
         return
-    err.print(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)")
+    typer.echo(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)", err=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     try:
         subprocess.run(cmd, check=False)

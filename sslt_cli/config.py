@@ -21,7 +21,7 @@ from sslt_cli.errors import RecipeError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class DataConfig(_Strict):
@@ -206,37 +206,66 @@ class Recipe(_Strict):
 # --- YAML 1.2-style loading -------------------------------------------------------------------------------------
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans (true/false only) and floats such as ``2e-5`` and ``1e4``."""
+    """SafeLoader with YAML 1.2 core-schema scalars: booleans are only true/false, integers are decimal (or 0o/0x),
+    floats include ``2e-5`` and ``1e4``, and there are no implicit timestamps, base-60 numbers or leading-zero octals."""
 
 
+_DROPPED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"}
 _Yaml12Loader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    k: [(tag, rx) for tag, rx in v if tag not in _DROPPED]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
 
 
-def _construct_float_or_int(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+def _construct_int(loader: yaml.SafeLoader, node: yaml.Node) -> int:
     text = loader.construct_scalar(node)
-    if re.fullmatch(r"[-+]?[0-9]+", text):
-        return int(text)
-    return loader.construct_yaml_float(node)
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    if text.startswith("0x"):
+        return int(text[2:], 16)
+    return int(text)
 
 
-_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", _construct_float_or_int)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+_Yaml12Loader.add_constructor("tag:yaml.org,2002:float", yaml.SafeLoader.construct_yaml_float)
+
+
+class _Yaml12Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes every string our loader would read back as something else (``'2e-5'``, ``'off'``)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    plain_tag = _Yaml12Loader.resolve(_Yaml12Loader, yaml.ScalarNode, value, (True, False))
+    style = "'" if plain_tag != "tag:yaml.org,2002:str" or value != value.strip() else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Yaml12Dumper.add_representer(str, _represent_str)
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML with the 1.2-style rules above; a syntax error becomes a RecipeError naming ``source``."""
     try:
         return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.MarkedYAMLError as exc:
+        def at(mark: Any, text: str | None) -> str:
+            return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else str(text)
+        parts = []
+        if exc.context:
+            parts.append(at(exc.context_mark, exc.context))
+        if exc.problem:
+            parts.append(at(exc.problem_mark, exc.problem))
+        raise RecipeError(f"{source}: not valid YAML", ["; ".join(parts)]) from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: not valid YAML", [str(exc).replace("\n", " ")]) from None
+        raise RecipeError(f"{source}: not valid YAML", [" ".join(str(exc).split())]) from None
 
 
 def dump_yaml(data: Any) -> str:
@@ -247,7 +276,7 @@ def dump_yaml(data: Any) -> str:
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
-    return yaml.safe_dump(plain(data), sort_keys=False, default_flow_style=None, width=120)
+    return yaml.dump(plain(data), Dumper=_Yaml12Dumper, sort_keys=False, default_flow_style=None, width=120)
 
 
 # --- keys, suggestions, overrides ------------------------------------------------------------------------------
@@ -309,7 +338,8 @@ def _format_errors(exc: ValidationError, source: str, model: type[BaseModel],
     for error in exc.errors():
         loc = [str(p) for p in error["loc"]]
         dotted = ".".join(loc)
-        origin = f" (from override {overrides[dotted]!r})" if dotted in overrides else ""
+        origin = next((f" (from override {text!r})" for key, text in overrides.items()
+                       if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")), "")
         if error["type"] == "extra_forbidden":
             hint = closest_key(dotted, model)
             suffix = f" (did you mean '{hint}'?)" if hint else ""

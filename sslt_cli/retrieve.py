@@ -327,23 +327,28 @@ def read_labels(path: str | Path) -> dict[str, str]:
         return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
     labels: dict[str, str] = {}
     conflicts: list[str] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            fields = [x.strip() for x in row]
-            if len(fields) >= 3 and re.fullmatch(r"\d+", fields[1]):
-                clip_id = f"{fields[0]}_{int(fields[1]):06d}"
-                label = fields[2] if len(fields) <= 4 else ", ".join(fields[2:-1])
-            elif len(fields) == 2:
-                clip_id, label = fields
-            else:
-                raise DataError(f"{path}, line {line_no}: cannot read {','.join(row)[:120]!r}; expected VGGSound's "
-                                "ytid,start,label,split (start an integer) or id,label")
-            if not label:
-                continue
-            if labels.setdefault(clip_id, label) != label:
-                conflicts.append(f"{clip_id}: {labels[clip_id]!r} and {label!r}")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                fields = [x.strip() for x in row]
+                if len(fields) >= 3 and re.fullmatch(r"\d+", fields[1]):
+                    clip_id = f"{fields[0]}_{int(fields[1]):06d}"
+                    label = fields[2] if len(fields) <= 4 else ", ".join(fields[2:-1])
+                elif len(fields) == 2:
+                    clip_id, label = fields
+                else:
+                    raise DataError(f"{path}, line {reader.line_num}: cannot read {','.join(row)[:120]!r}; expected "
+                                    "VGGSound's ytid,start,label,split (start an integer) or id,label")
+                if not label:
+                    continue
+                if labels.setdefault(clip_id, label) != label:
+                    conflicts.append(f"{clip_id}: {labels[clip_id]!r} and {label!r}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a CSV label file") \
+            from None
     if conflicts:
         raise DataError(f"{path}: {len(conflicts)} clip id(s) have two different labels; fix the file",
                         conflicts[:5])
@@ -857,15 +862,18 @@ def clip_labels_for(clip_set: "ClipSet", labels_path: Path | None) -> tuple[dict
     return {c.id: c.label for c in clip_set.clips if c.label}, f"{clip_set.root / 'manifest.csv'} (label column)"
 
 
-def output_scope(set_name: str, default_set: bool, classes: str) -> str:
+def output_scope(set_name: str, default_set: bool, classes: str, cross_score: str = "loc",
+                 image_pool: str = "avg") -> str:
     """The sub-folder (and MLflow prefix part) of one retrieval setting, so settings never overwrite each other:
-    '' for all classes of the recipe's test set, else the set's name when it is another set, then ``novel`` or
-    ``classes-<8 hex of the list>``; joined by '/'."""
+    '' for all classes of the recipe's test set with the ``loc`` score; otherwise, joined by '/', the set's name when
+    it is another set, ``novel`` or ``classes-<8 hex of the list>``, and ``pooled-<pool>`` for the pooled score."""
     parts = [] if default_set else [set_name]
     if classes == "novel":
         parts.append("novel")
     elif classes != "all":
         parts.append("classes-" + hashlib.sha256(classes.encode()).hexdigest()[:8])
+    if cross_score != "loc":
+        parts.append(f"pooled-{image_pool}")
     return "/".join(parts)
 
 
@@ -907,7 +915,8 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     recipe = t.recipe
     default_set = recipe.data.set_path(next(iter(recipe.data.test.values())))
     clip_set = read_set(Path(data) if data is not None else default_set)
-    scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), classes)
+    scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), classes, cross_score,
+                         image_pool)
     task_root = t.out_dir / scope if scope else t.out_dir
     prefix = f"retrieve/{scope}" if scope else "retrieve"
     if labels is None and recipe.data.labels and recipe.data.set_path(recipe.data.labels).is_file():

@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -151,8 +152,15 @@ class Run:
 
     def append_metrics(self, record: dict) -> None:
         """Append one JSON record (``{'kind': 'train'|'val'|'test'|..., 'step': int, ...}``) to metrics.jsonl."""
-        with open(self.dir / METRICS, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        path = self.dir / METRICS
+        torn = False
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        with open(path, "a") as f:
+            # a kill can leave the last line without its newline: start on a fresh line so this record survives
+            f.write(("\n" if torn else "") + json.dumps(record, default=float) + "\n")
             f.flush()
 
     def metrics(self) -> list[dict]:
@@ -219,8 +227,6 @@ def _step_of(path: Path) -> int:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Load an sslt checkpoint with ``weights_only=True``; raises CheckpointError with what is wrong."""
-    import pickle
-
     import torch
 
     path = Path(path)
@@ -228,9 +234,13 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a checkpoint torch can load safely ({first[:200]})") from None
+    except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        first = text.splitlines()[0].strip() if text else type(exc).__name__
+        if len(first) > 300:
+            cut = first[:300]
+            first = cut[: cut.rfind(". ") + 1] if ". " in cut else cut.rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"{path}: not a checkpoint torch can load safely ({first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     return state
@@ -242,4 +252,6 @@ def list_runs(runs_dir: str | Path) -> list[Run]:
     if not base.is_dir():
         return []
     runs = [Run(p) for p in base.iterdir() if (p / CONFIG).is_file() and (p / META).is_file()]
-    return sorted(runs, key=lambda r: r.dir.stat().st_mtime, reverse=True)
+
+    # config.yaml is written once, when the run is created (folder mtimes move whenever meta.json is rewritten)
+    return sorted(runs, key=lambda r: ((r.dir / CONFIG).stat().st_mtime_ns, r.dir.name), reverse=True)

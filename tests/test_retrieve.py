@@ -273,6 +273,11 @@ def test_label_file_errors(tmp_path):
                                   "  - aaaaaaaaaaa_000001: 'dog' and 'cat'")
     with pytest.raises(R.DataError, match="no such label file"):
         R.read_labels(tmp_path / "missing.csv")
+    binary = tmp_path / "labels.csv"
+    binary.write_bytes(b"abc,1,\xff\xfe,train\n")
+    with pytest.raises(R.DataError) as exc:
+        R.read_labels(binary)
+    assert exc.value.message == f"{binary}: not UTF-8 text (invalid start byte at byte 6); expected a CSV label file"
 
 
 def test_class_selection(tmp_path):
@@ -448,6 +453,13 @@ def test_gallery_marks_wrong_results_red_and_the_table_has_a_random_row(tmp_path
     console.print(R.results_table(report))
     text = " ".join(console.export_text().split())
     assert "random" in text and "a2a" in text and "3 without a label" in text
+
+
+def test_output_scope_keeps_settings_apart():
+    assert R.output_scope("test_vggss", True, "all") == ""
+    assert R.output_scope("test_flickr", False, "novel") == "test_flickr/novel"
+    assert R.output_scope("test_vggss", True, "cat,dog", "pooled", "max") == \
+        "classes-" + hashlib.sha256(b"cat,dog").hexdigest()[:8] + "/pooled-max"
 
 
 def test_run_retrieval_novel_classes_and_errors():

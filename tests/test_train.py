@@ -1,0 +1,509 @@
+"""The training loop (issue 3) on a tiny synthetic benchmark, on CPU.
+
+Exact resume (a run stopped mid-epoch and resumed ends with the same weights as an uninterrupted one, T_mask and T_mix
+on), checkpoint contents and pruning, best-by-validation selection, the official checkpoint format round trip, a NaN
+loss, bad clips, loss descent, the final test evaluation with MLflow, and the three view modes.
+
+Every run uses 64 px frames, 3 s audio, 32 mels and batches of 8 so the whole file stays well under a minute and a
+half on a loaded 2-core CPU. Runs that several tests read are made once per session; a test that continues a run
+continues a hard-linked copy of it, so the shared folder is never changed.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from typer.testing import CliRunner
+
+from sslt_cli import train as train_module
+from sslt_cli.config import Recipe, load_recipe, recipe_dict
+from sslt_cli.errors import CheckpointError, TrainingError
+from sslt_cli.evaluate import get_protocol, load_model, load_test_set, predict_maps
+from sslt_cli.model import build_model, save_official_checkpoint, to_official_state_dict
+from sslt_cli.runs import Run, load_checkpoint
+from sslt_cli.train import train
+
+STEPS_PER_EPOCH = 4  # 32 training clips in batches of 8
+TOTAL_STEPS = 6  # one whole epoch, validation and T_mix refresh, then half of the next epoch
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: the CPU is shared, and bit-equal weights need the same count in both runs (the thread
+    count changes the order of float reductions)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_test() -> Iterator[None]:
+    # session fixtures are set up before this module fixture: they enter one_thread() themselves
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def bench(tmp_path_factory) -> Path:
+    """A tiny synthetic benchmark: 32 training, 8 validation, 8 VGG-SS-style and 4 Flickr-style test clips, 64 px."""
+    from sslt_cli.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("train-bench") / "bench"
+    generate(root, n_train=32, n_val=8, n_test=8, n_flickr=4, image_size=64, workers=1, progress=False)
+    return root
+
+
+def make_recipe(folder: Path, data_root: Path, *overrides: str) -> Recipe:
+    """The tiny recipe, written as YAML in ``folder`` and loaded the way ``sslt train`` loads one, plus overrides.
+
+    Everything the paper switches on stays on (paper views, T_app, T_geo, T_mask, T_mix, L_geo); runs go to
+    ``folder/runs``.
+    """
+    tree = {
+        "name": "tiny",
+        "seed": 4,
+        "runs_dir": str(folder / "runs"),
+        "data": {"root": str(data_root), "image_size": 64, "num_workers": 0,
+                 "test": {"vggss": "test_vggss", "flickr": "test_flickr"}},
+        "audio": {"clip_seconds": 3, "n_mels": 32},
+        "optim": {"batch_size": 8, "max_steps": TOTAL_STEPS},
+        "train": {"log_every": 1},
+        "eval": {"batch_size": 8},
+        "tracking": {"enabled": False},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return load_recipe(path, list(overrides))
+
+
+def quiet() -> dict[str, Console]:
+    """Consoles that keep the progress bar and tables out of the test output."""
+    sink = Console(file=io.StringIO(), width=120)
+    return {"console": sink, "out": sink}
+
+
+def only_run(runs_dir: Path) -> Run:
+    """The single run folder a test created under ``runs_dir``."""
+    found = [p for p in runs_dir.iterdir() if (p / "meta.json").is_file()]
+    assert len(found) == 1, found
+    return Run(found[0])
+
+
+def clone_run(source: Path, target: Path) -> Run:
+    """A copy of a run folder whose checkpoints are hard links: resuming the copy writes new files (atomic replace,
+    pruning unlinks) and never touches the source."""
+    shutil.copytree(source, target, copy_function=os.link)
+    return Run(target)
+
+
+def checkpoint_names(run: Run) -> set[str]:
+    return {p.name for p in run.checkpoints.iterdir()}
+
+
+def model_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
+
+
+def train_losses(run: Run) -> list[tuple[int, float, float, float]]:
+    """(step, loss, L_cl view 1, L_geo) of every train record."""
+    return [(r["step"], r["loss"], r["l_cl1"], r["l_geo"]) for r in run.metrics() if r["kind"] == "train"]
+
+
+# --- shared runs ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train-runs")
+
+
+@pytest.fixture(scope="session")
+def reference_run(bench, session_dir) -> Run:
+    """Run A: TOTAL_STEPS steps without interruption (validation after each epoch, T_mix refresh after epoch 0)."""
+    recipe = make_recipe(session_dir / "reference", bench)
+    with one_thread():
+        run = train(recipe, evaluate_at_end=False, **quiet())
+    assert run.meta()["status"] == "finished"
+    return run
+
+
+@dataclass
+class Interrupted:
+    """Run B stopped twice: after 3 steps (mid epoch 0) and, resumed, after 2 more (mid epoch 1, T_mix active)."""
+
+    run: Run
+    first_status: str
+    first_checkpoints: set[str]
+    second_status: str
+    second_checkpoints: set[str]
+
+
+@pytest.fixture(scope="session")
+def interrupted(bench, session_dir) -> Interrupted:
+    recipe = make_recipe(session_dir / "interrupted", bench)
+    with one_thread():
+        run = train(recipe, stop_after_steps=3, evaluate_at_end=False, **quiet())
+        first_status, first_checkpoints = run.meta()["status"], checkpoint_names(run)
+        train(run.recipe(), resume_run=run, stop_after_steps=2, evaluate_at_end=False, **quiet())
+    return Interrupted(run, first_status, first_checkpoints, run.meta()["status"], checkpoint_names(run))
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+
+def test_stopping_leaves_a_resumable_checkpoint_mid_epoch(interrupted) -> None:
+    assert interrupted.first_status == "interrupted"
+    assert interrupted.first_checkpoints == {"last-00000003.pt"}
+    assert interrupted.second_status == "interrupted"
+    # saved at step 4 (end of epoch 0, with best.pt after validation) and step 5; keep_last=2 pruned step 3
+    assert interrupted.second_checkpoints == {"last-00000004.pt", "last-00000005.pt", "best.pt"}
+    state = load_checkpoint(interrupted.run.checkpoints / "last-00000005.pt")
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (5, 1, 1)
+    # the T_mix neighbours drawn after epoch 0 travel with the checkpoint
+    neighbours = state["mix_neighbours"]
+    assert neighbours is not None and neighbours.shape == (32,)
+    assert ((neighbours >= 0) & (neighbours < 32) & (neighbours != torch.arange(32))).all()
+
+
+def test_resumed_run_ends_with_the_uninterrupted_weights(reference_run, interrupted, tmp_path) -> None:
+    run = clone_run(interrupted.run.dir, tmp_path / "resumed")
+    train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+
+    assert run.meta()["status"] == "finished"
+    final = f"last-{TOTAL_STEPS:08d}.pt"
+    assert_same_tensors(model_of(run.checkpoints / final), model_of(reference_run.checkpoints / final))
+    a, b = load_checkpoint(run.checkpoints / final), load_checkpoint(reference_run.checkpoints / final)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # every logged step, replayed or not, has the same losses, and nothing is logged twice
+    assert train_losses(run) == train_losses(reference_run)
+    assert [r["step"] for r in run.metrics() if r["kind"] == "train"] == list(range(1, TOTAL_STEPS + 1))
+    val = [(r["step"], r["ciou"], r["auc"], r["l_cl"]) for r in run.metrics() if r["kind"] == "val"]
+    assert val == [(r["step"], r["ciou"], r["auc"], r["l_cl"]) for r in reference_run.metrics() if r["kind"] == "val"]
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["train", "--resume"], marks=pytest.mark.xfail(strict=True, reason=(
+        "cli.py train(): the RECIPE argument is required (typer.Argument(...)), so `sslt train --resume RUN`, the "
+        "form train.py's stop message and the CLI's own hints print, exits 2 with \"Missing argument 'recipe'\""))),
+    ["train", "RECIPE", "--resume"],
+], ids=["documented-form", "with-recipe-argument"])
+def test_cli_resume_ends_with_the_uninterrupted_weights(reference_run, interrupted, tmp_path, argv) -> None:
+    from sslt_cli.cli import app
+
+    run = clone_run(interrupted.run.dir, tmp_path / "resumed")
+    args = [str(run.dir / "config.yaml") if a == "RECIPE" else a for a in argv] + [str(run.dir)]
+    result = CliRunner().invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    assert run.meta()["status"] == "finished"
+    final = f"last-{TOTAL_STEPS:08d}.pt"
+    assert_same_tensors(model_of(run.checkpoints / final), model_of(reference_run.checkpoints / final))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------
+
+def test_checkpoint_is_self_describing_and_loads_weights_only(reference_run) -> None:
+    path = reference_run.checkpoints / f"last-{TOTAL_STEPS:08d}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+
+    assert {"format", "model", "optimizer", "step", "epoch", "rng", "recipe"} <= state.keys()
+    assert state["format"] == "sslt-checkpoint/1"
+    assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (TOTAL_STEPS, 2, 0)
+    assert state["recipe"] == recipe_dict(reference_run.recipe())
+    expected = build_model().state_dict()
+    assert {k: v.shape for k, v in state["model"].items()} == {k: v.shape for k, v in expected.items()}
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    # Adam has stepped every trainable tensor TOTAL_STEPS times
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {float(TOTAL_STEPS)}
+    assert isinstance(state["rng"]["torch"], torch.Tensor) and state["rng"]["torch"].dtype == torch.uint8
+
+
+def test_best_checkpoint_is_the_best_validation_ciou_and_lasts_are_pruned(reference_run) -> None:
+    val = [r for r in reference_run.metrics() if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [STEPS_PER_EPOCH, TOTAL_STEPS]
+    best_record = max(val, key=lambda r: r["ciou"])  # the first of equal values: a later tie does not replace it
+    best = load_checkpoint(reference_run.checkpoints / "best.pt")
+
+    assert best["step"] == best_record["step"]
+    assert best["best"]["ciou"] == pytest.approx(best_record["ciou"])
+    assert_same_tensors(best["model"], model_of(reference_run.checkpoints / f"last-{best_record['step']:08d}.pt"))
+    # keep_last=2: the two last-*.pt of the epoch ends, nothing else, no temp file left behind
+    assert checkpoint_names(reference_run) == {"best.pt", "last-00000004.pt", "last-00000006.pt"}
+
+
+def test_official_format_round_trip_gives_identical_maps(reference_run, bench, tmp_path) -> None:
+    recipe = reference_run.recipe()
+    ours = load_model(reference_run.checkpoints / f"last-{TOTAL_STEPS:08d}.pt", recipe)
+    exported = save_official_checkpoint(ours.model, tmp_path / "official.pth", epoch=2, iteration=TOTAL_STEPS)
+    theirs = load_model(exported, recipe)
+
+    assert (ours.label, theirs.label) == ("sslt", "official SSL-TIE")
+    assert_same_tensors(ours.model.state_dict(), theirs.model.state_dict())
+    test = load_test_set(bench / "test_vggss")
+    clips = [test.clips[i] for i in test.ids[:4]]
+    protocol = get_protocol("ssltie")
+    maps_ours, skipped_ours = predict_maps(ours.model, clips, recipe, protocol, "cpu", num_workers=0)
+    maps_theirs, skipped_theirs = predict_maps(theirs.model, clips, recipe, protocol, "cpu", num_workers=0)
+    assert skipped_ours == skipped_theirs == []
+    assert sorted(maps_ours) == sorted(c.id for c in clips)
+    for clip_id, m in maps_ours.items():
+        assert m.shape == (4, 4)  # 64 px / 16
+        assert np.array_equal(m, maps_theirs[clip_id])
+
+
+def test_garbage_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"this is not a checkpoint" * 100)
+    with pytest.raises(CheckpointError, match="garbage.pth: not a checkpoint"):
+        load_model(garbage)
+
+    state = to_official_state_dict(build_model())
+    del state["conv3.weight"]
+    incomplete = tmp_path / "incomplete.pth"
+    torch.save({"epoch": 1, "state_dict": state, "best_miou": 0.3, "optimizer": None, "iteration": 1}, incomplete)
+    with pytest.raises(CheckpointError) as info:
+        load_model(incomplete)
+    assert "keys do not match the official SSL-TIE checkpoint" in info.value.message
+    assert info.value.problems == ["missing keys (1): conv3.weight"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "evaluate.py load_model() reads every file with runs.load_checkpoint (weights_only=True without the numpy-scalar "
+    "allow-list) before it tells the formats apart, so a published SSL-TIE checkpoint, whose best_miou is a "
+    "numpy.float64, fails with 'not a checkpoint torch can load safely (Weights only load failed...'; "
+    "model.load_official_checkpoint alone reads the same file"))
+def test_official_checkpoint_with_numpy_best_miou_loads(tmp_path) -> None:
+    model = build_model()
+    path = tmp_path / "published.pth.tar"
+    state = {f"module.{k}": v for k, v in to_official_state_dict(model).items()}
+    torch.save({"epoch": 99, "state_dict": state, "best_miou": np.float64(0.3863), "optimizer": None,
+                "iteration": 450000}, path)
+
+    loaded = load_model(path)
+    assert loaded.label == "official SSL-TIE"
+    assert_same_tensors(loaded.model.state_dict(), model.state_dict())
+
+
+# --- failures and bad data ----------------------------------------------------------------------------------------
+
+# two steps per epoch, no validation, one view per step: the cheapest run that checkpoints before step 3
+NAN_RUN = ("data.limit_train=16", "data.val=null", "optim.max_steps=4", "transforms.views=code",
+           "transforms.equivariance.enabled=false")
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, monkeypatch) -> None:
+    recipe = make_recipe(tmp_path, bench, *NAN_RUN)
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    real_save = Run.save_checkpoint
+
+    def remembering_save(self, state, name, keep_last=None):
+        saved[name] = copy.deepcopy(state["model"])
+        return real_save(self, state, name, keep_last)
+
+    calls = {"n": 0}
+    real_forward = train_module.forward_views
+
+    def nan_on_third_step(*args, **kwargs):
+        loss, logs = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), logs) if calls["n"] == 3 else (loss, logs)
+
+    monkeypatch.setattr(Run, "save_checkpoint", remembering_save)
+    monkeypatch.setattr(train_module, "forward_views", nan_on_third_step)
+    with pytest.raises(TrainingError) as info:
+        train(recipe, evaluate_at_end=False, **quiet())
+
+    run = only_run(tmp_path / "runs")
+    # two steps per epoch: updates 1 and 2 happen, the third forward (epoch 1) gives NaN; which number the message
+    # gives that step is pinned by test_nan_message_names_the_failing_step
+    assert re.search(r"^the loss became nan at step \d \(epoch 1\); training stopped$", info.value.message)
+    assert any("last-00000002.pt (intact)" in p for p in info.value.problems)
+    meta = run.meta()
+    assert meta["status"] == "failed" and "TrainingError" in meta["error"] and meta["step"] == 2
+    assert checkpoint_names(run) == {"last-00000002.pt"}
+    assert_same_tensors(model_of(run.checkpoints / "last-00000002.pt"), saved["last-00000002"])
+    assert [r["step"] for r in run.metrics() if r["kind"] == "train"] == [1, 2]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py: the NaN message says 'at step {step}' with step = updates already made, so the failing third update "
+    "is reported as 'step 2', the number metrics.jsonl and the checkpoint give the last good update; "
+    "say 'at step {step + 1}' (or 'after step {step}')"))
+def test_nan_message_names_the_failing_step(bench, tmp_path, monkeypatch) -> None:
+    recipe = make_recipe(tmp_path, bench, *NAN_RUN)
+    real_forward = train_module.forward_views
+    calls = {"n": 0}
+
+    def nan_on_third_step(*args, **kwargs):
+        loss, logs = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), logs) if calls["n"] == 3 else (loss, logs)
+
+    monkeypatch.setattr(train_module, "forward_views", nan_on_third_step)
+    with pytest.raises(TrainingError, match=r"at step 3 \(epoch 1\)"):
+        train(recipe, evaluate_at_end=False, **quiet())
+
+
+def test_bad_clips_are_skipped_and_listed(bench, tmp_path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(bench / "train", root / "train")
+    with open(root / "train" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    corrupt_frame, truncated_audio, missing_frame = rows[2], rows[5], rows[11]
+    (root / "train" / corrupt_frame["frame"]).write_bytes(b"\xff\xd8 not really a JPEG " * 40)
+    wav = root / "train" / truncated_audio["audio"]
+    wav.write_bytes(wav.read_bytes()[:20])  # cut inside the RIFF header
+    (root / "train" / missing_frame["frame"]).unlink()
+    # 17 clips: the precheck drops the missing one, leaving two full batches, so every clip is read in epoch 0
+    recipe = make_recipe(tmp_path, root, "data.limit_train=17", "data.val=null", "optim.max_steps=2")
+
+    run = train(recipe, evaluate_at_end=False, **quiet())
+
+    assert run.meta()["status"] == "finished" and run.meta()["step"] == 2
+    with open(run.dir / "skipped.csv", newline="") as f:
+        listed = {r["id"]: (r["stage"], r["reason"]) for r in csv.DictReader(f)}
+    assert sorted(listed) == sorted([corrupt_frame["id"], truncated_audio["id"], missing_frame["id"]])
+    assert listed[missing_frame["id"]] == ("train", f"missing frame file {root / 'train' / missing_frame['frame']}")
+    stage, reason = listed[corrupt_frame["id"]]
+    assert stage == "train epoch 0" and reason.startswith(f"unreadable frame {root / 'train' / corrupt_frame['frame']}")
+    stage, reason = listed[truncated_audio["id"]]
+    assert stage == "train epoch 0" and reason.startswith(f"unreadable audio {wav}: not a sound file")
+    assert run.meta()["skipped_train_clips"] == 1 and run.meta()["train_clips"] == 16
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "train.py train(): write_skipped(run, skipped, 'train') (after load_training_clips) runs again on --resume, so "
+    "every clip the precheck drops is appended to skipped.csv once more per resume and the listed N grows; write "
+    "the precheck rows only for a new run (resume_run is None), as truncate_metrics_after does for metrics.jsonl"))
+def test_resume_does_not_list_a_skipped_clip_twice(bench, tmp_path) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(bench / "train", root / "train")
+    with open(root / "train" / "manifest.csv", newline="") as f:
+        missing = list(csv.DictReader(f))[0]
+    (root / "train" / missing["frame"]).unlink()
+    recipe = make_recipe(tmp_path, root, "data.limit_train=9", "data.val=null", "optim.max_steps=2", *ROW_A)
+    run = train(recipe, stop_after_steps=1, evaluate_at_end=False, **quiet())
+    train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+
+    assert run.meta()["status"] == "finished"
+    with open(run.dir / "skipped.csv", newline="") as f:
+        assert [r["id"] for r in csv.DictReader(f)] == [missing["id"]]
+
+
+# --- learning -----------------------------------------------------------------------------------------------------
+
+def test_a_few_steps_lower_the_loss_from_chance(bench, tmp_path) -> None:
+    # Row A (no augmentation, one view) on one batch of 16 clips: every step sees the same inputs, so the logged
+    # loss is plain gradient descent on a fixed objective.
+    recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.batch_size=16", "data.val=null",
+                         "optim.max_steps=6", "transforms.views=code", "transforms.app.enabled=false",
+                         "transforms.geo.enabled=false", "transforms.mask.enabled=false",
+                         "transforms.mix.enabled=false", "transforms.equivariance.enabled=false")
+    run = train(recipe, evaluate_at_end=False, **quiet())
+
+    losses = [r["loss"] for r in run.metrics() if r["kind"] == "train"]
+    assert len(losses) == 6
+    # at initialisation the 18 logits (1 positive, 16 easy negatives, 1 hard negative) are nearly equal: ln 18
+    assert losses[0] == pytest.approx(math.log(18), abs=0.2)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.max_steps=2", "tracking.enabled=true",
+                         "tracking.experiment=tiny", "transforms.mix.enabled=false")
+    run = train(recipe, evaluate_at_end=True, **quiet())
+
+    assert run.meta()["status"] == "finished"
+    tests = [r for r in run.metrics() if r["kind"] == "test"]
+    assert sorted((r["set"], r["checkpoint"]) for r in tests) == [
+        ("flickr", "best"), ("flickr", "last"), ("vggss", "best"), ("vggss", "last")]
+    for record in tests:
+        written = json.loads((run.dir / "eval" / f"{record['set']}-{record['checkpoint']}-ssltie" / "metrics.json")
+                             .read_text())
+        assert written["n"] == record["n"] == (8 if record["set"] == "vggss" else 4)
+        assert written["method"]["ciou"] == pytest.approx(record["ciou"])
+        assert written["method"]["auc"] == pytest.approx(record["auc"])
+        assert record["step"] == 2
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    mlflow_run = client.get_run(run.meta()["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.params["optim.lr"] == "0.0001"
+    assert mlflow_run.data.params["transforms.views"] == "paper"
+    train_records = [r for r in run.metrics() if r["kind"] == "train"]
+    history = client.get_metric_history(mlflow_run.info.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["loss"]) for r in train_records]
+    val = [r for r in run.metrics() if r["kind"] == "val"]
+    ciou = client.get_metric_history(mlflow_run.info.run_id, "val/ciou")
+    assert [(m.step, m.value) for m in ciou] == [(r["step"], r["ciou"]) for r in val]
+    assert "test_vggss/best/ciou" in mlflow_run.data.metrics and "test_flickr/last/auc" in mlflow_run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert {"config.yaml", "metrics.jsonl"} <= artifacts
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(mlflow_run.info.run_id, "val"))
+
+
+# --- views ------------------------------------------------------------------------------------------------------
+
+ROW_A = ("transforms.views=code", "transforms.app.enabled=false", "transforms.geo.enabled=false",
+         "transforms.mask.enabled=false", "transforms.mix.enabled=false", "transforms.equivariance.enabled=false")
+
+
+@pytest.mark.parametrize("mode", ["paper", "code", "row-A"])
+def test_view_modes(bench, tmp_path, monkeypatch, mode) -> None:
+    overrides = ROW_A if mode == "row-A" else (f"transforms.views={mode}",)
+    recipe = make_recipe(tmp_path, bench, "data.limit_train=8", "data.val=null", "optim.max_steps=1", *overrides)
+    seen: list[tuple] = []
+    real_forward = train_module.ModelForTraining.forward
+
+    def recording_forward(self, *views):
+        seen.append(tuple((images.clone(), specs) for images, specs in views))
+        return real_forward(self, *views)
+
+    monkeypatch.setattr(train_module.ModelForTraining, "forward", recording_forward)
+    run = train(recipe, evaluate_at_end=False, **quiet())
+
+    assert len(seen) == 1
+    (record,) = [r for r in run.metrics() if r["kind"] == "train"]
+    if mode == "row-A":
+        ((images, specs),) = seen[0]
+        assert images.shape == (8, 3, 64, 64) and specs.shape[:2] == (8, 1)
+        assert "l_cl2" not in record and "l_geo" not in record
+        assert record["loss"] == pytest.approx(2 * 0.5 * record["l_cl1"], rel=1e-6)
+        return
+    (images1, specs1), (images2, specs2) = seen[0]
+    assert images1.shape == images2.shape == (8, 3, 64, 64)
+    assert not torch.equal(images1, images2)
+    if mode == "code":
+        assert specs2 is specs1  # view 2 is T_geo(view 1) with the same spectrogram
+    else:
+        assert specs2 is not specs1 and not torch.equal(specs1, specs2)  # independent T_mask draws
+    expected = 0.5 * (record["l_cl1"] + record["l_cl2"]) + 1.0 * record["l_geo"]
+    assert record["loss"] == pytest.approx(expected, rel=1e-5)
