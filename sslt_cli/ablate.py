@@ -128,7 +128,7 @@ class AblationSpec(_FileModel):
     """The ablation file. ``rows`` and ``grid`` are checked by :func:`load_ablation` (one of them, not empty)."""
 
     name: str | None = None
-    base: str
+    base: str | None = None
     overrides: list[str] = Field(default_factory=list)
     rows: dict[str, Any] | None = None
     grid: dict[str, Any] | None = None
@@ -217,6 +217,7 @@ class RowSummary:
     values: dict[str, list[float]]
 
     def mean(self, key: str) -> float | None:
+        """Mean over the seeds that have a result; None when none has."""
         vals = self.values.get(key) or []
         return sum(vals) / len(vals) if vals else None
 
@@ -229,13 +230,16 @@ class RowSummary:
         return math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
 
     def count(self, status: str) -> int:
+        """Cells of the row in ``status``."""
         return sum(1 for c in self.cells if c.status == status)
 
     @property
     def n_done(self) -> int:
+        """Cells of the row with a test result."""
         return sum(1 for c in self.cells if c.metrics)
 
     def paper(self, key: str) -> float | None:
+        """The paper's value of ``key`` for the row, if the file gives one."""
         return getattr(self.row.paper, key) if self.row.paper is not None else None
 
 
@@ -252,10 +256,12 @@ class AblationResult:
 
     @property
     def failed(self) -> list[CellResult]:
+        """Cells whose last attempt failed (their errors are in ``error``)."""
         return [c for c in self.cells if c.status == "failed"]
 
     @property
     def finished(self) -> list[CellResult]:
+        """Cells trained and evaluated (and retrieved, when asked)."""
         return [c for c in self.cells if c.status == "finished"]
 
 
@@ -269,10 +275,6 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def _override_key(text: str) -> str:
-    return text.split("=", 1)[0].strip()
-
-
 def resolve_base(value: str, ablation_path: Path) -> Path:
     """The base recipe file: ``value`` as a path relative to the ablation file's folder or the cwd, with or without
     ``.yaml``; a bare name (``quickstart``) is also looked up in the recipes folder above the ablation file and in
@@ -280,15 +282,15 @@ def resolve_base(value: str, ablation_path: Path) -> Path:
     raw = Path(value).expanduser()
     names = [raw] if raw.suffix in (".yaml", ".yml") else [raw.with_name(raw.name + ".yaml"), raw]
     here = ablation_path.parent
-    folders = [Path()] if raw.is_absolute() else [here, Path.cwd()]
+    folders = [Path()] if raw.is_absolute() else [here, Path()]
     if not raw.is_absolute() and len(raw.parts) == 1:
-        folders += [here.parent, Path.cwd() / "recipes"]
+        folders += [here.parent, Path("recipes")]
     tried: list[Path] = []
     for folder in folders:
         for name in names:
             candidate = folder / name
             if candidate.is_file():
-                return candidate
+                return Path(os.path.normpath(candidate))
             if candidate not in tried:
                 tried.append(candidate)
     raise RecipeError(f"{ablation_path}: base recipe {value!r} not found",
@@ -457,20 +459,11 @@ def cell_name(row: str, seed: int) -> str:
     return f"{row}-seed{seed}"
 
 
-def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> Ablation:
-    """Load and validate an ablation file with command-line overrides; every cell's recipe is validated.
-
-    ``overrides``: ``base=``, ``name=``, ``seeds=``, ``evaluate.set=``, ``evaluate.checkpoint=``, ``retrieve=`` change
-    the ablation; any other ``key=value`` is a recipe override applied to every cell (after the rows). Raises
-    RecipeError listing every problem found (file, row, dotted key, closest valid key).
-    """
-    path = Path(path)
-    source = str(path)
-    tree = _read_ablation_file(path)
-    problems: list[str] = []
+def _split_command_overrides(overrides: Sequence[str], problems: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line ``key=value`` texts: (those that change the ablation, the recipe overrides for every cell)."""
     ablation_texts: list[str] = []
     command: list[str] = []
-    for text in overrides or []:
+    for text in overrides:
         try:
             key, _ = parse_override(text)
         except RecipeError as exc:
@@ -482,20 +475,15 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
             problems.append(f"override {text!r}: {_per_cell_key_problem(key, in_row=False)}")
         else:
             command.append(text)
+    return ablation_texts, command
 
-    def fail() -> RecipeError:
-        return RecipeError(f"{source}: {len(problems)} problem(s) in the ablation", problems)
 
-    try:
-        spec = validate_tree(apply_overrides(tree, ablation_texts), source, AblationSpec, overrides=ablation_texts)
-    except RecipeError as exc:
-        problems += exc.problems
-        raise fail() from None
-    assert isinstance(spec, AblationSpec)
-    name = spec.name or path.stem
-    if not _FOLDER_NAME.fullmatch(name):
+def _check_spec(spec: AblationSpec, path: Path, problems: list[str]) -> tuple[list[Row], Path | None]:
+    """The file's own problems (name, rows or grid, overrides, base) added to ``problems``; its rows and base file."""
+    source = str(path)
+    if not _FOLDER_NAME.fullmatch(spec.name or path.stem):
         problems.append(f"{source}: key 'name': use letters, digits, '_', '.' and '-' only (it names the ablation's "
-                        f"folder), got {name!r}")
+                        f"folder), got {spec.name or path.stem!r}")
     if spec.rows is not None and spec.grid is not None:
         problems.append(f"{source}: give either rows (named cells) or grid (a cartesian product), not both")
     elif spec.rows is None and spec.grid is None:
@@ -511,57 +499,96 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
             problems.append(f"{source}: overrides: {text!r}: {why}")
     rows = (_parse_rows(spec.rows, source, problems) if spec.rows is not None
             else _parse_grid(spec.grid, source, problems) if spec.grid is not None else [])
-    base_path: Path | None = None
+    if spec.base is None:
+        problems.append(f"{source}: key 'base' is missing; name the base recipe, e.g. base: ../tie_full.yaml in the "
+                        "file or base=quickstart on the command line")
+        return rows, None
     try:
-        base_path = resolve_base(spec.base, path)
+        return rows, resolve_base(spec.base, path)
     except RecipeError as exc:
         problems.append(exc.message + "; " + "; ".join(exc.problems))
+        return rows, None
+
+
+def _check_common(spec: AblationSpec, base: Recipe, source: str, problems: list[str]) -> list[int]:
+    """The seeds, and the problems of ``seeds`` and ``evaluate`` against the base recipe."""
+    found = _seed_list(spec.seeds, base.seed)
+    if isinstance(found, str):
+        problems.append(f"{source}: key 'seeds': {found}")
+    if spec.evaluate.set not in base.data.test:
+        problems.append(f"{source}: key 'evaluate.set': {spec.evaluate.set!r} is not a test set of the base "
+                        f"recipe (data.test has {', '.join(base.data.test) or 'none'}); choose one of those")
+    if spec.evaluate.checkpoint == "best" and not base.data.val:
+        problems.append(f"{source}: key 'evaluate.checkpoint': 'best' is chosen on the validation set and the "
+                        "base recipe has none (data.val); use evaluate.checkpoint=last or set data.val")
+    return [] if isinstance(found, str) else found
+
+
+def _check_grid_values(spec: AblationSpec, base_tree: dict, command: list[str], source: str,
+                       problems: list[str]) -> None:
+    """Each grid value on its own, so an unknown key or a bad value is reported once, not once per combination."""
+    for key, values in (spec.grid or {}).items():
+        for value in values:
+            _, found = _validate(base_tree, [*spec.overrides, f"{key}={_yaml_value(value)}", *command],
+                                 f"{source}: grid")
+            problems += [p for p in found if p not in problems]
+            if any("unknown key" in p for p in found):
+                break
+
+
+def _where(source: str, mode: str, row: Row) -> str:
+    return f"{source}: row '{row.name}'" if mode == "rows" else f"{source}: grid cell '{row.label}'"
+
+
+def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> Ablation:
+    """Load and validate an ablation file with command-line overrides; every cell's recipe is validated.
+
+    ``overrides``: ``base=``, ``name=``, ``seeds=``, ``evaluate.set=``, ``evaluate.checkpoint=``, ``retrieve=`` change
+    the ablation; any other ``key=value`` is a recipe override applied to every cell (after the rows). Raises
+    RecipeError listing every problem found (file, row, dotted key, closest valid key). The checks run in stages
+    (the file, the base recipe, the common overrides, each row) and a stage runs only when the one before it passed,
+    so one mistake is reported once.
+    """
+    path = Path(path)
+    source = str(path)
+    tree = _read_ablation_file(path)
+    problems: list[str] = []
+    ablation_texts, command = _split_command_overrides(list(overrides or []), problems)
+
+    def fail() -> RecipeError:
+        return RecipeError(f"{source}: {len(problems)} problem(s) in the ablation", problems)
+
+    try:
+        spec = validate_tree(apply_overrides(tree, ablation_texts), source, AblationSpec, overrides=ablation_texts)
+    except RecipeError as exc:
+        problems += exc.problems
+        raise fail() from None
+    assert isinstance(spec, AblationSpec)
+    rows, base_path = _check_spec(spec, path, problems)
     if base_path is None:
         raise fail()
-
     base_tree = load_tree(base_path)
-    plain, base_problems = _validate(base_tree, [], str(base_path))
-    problems += base_problems
-    common = [*spec.overrides, *command]
-    base, common_problems = _validate(base_tree, common, source) if plain is not None else (None, [])
-    problems += common_problems
-    seeds: list[int] = []
-    if base is not None:
-        found = _seed_list(spec.seeds, base.seed)
-        if isinstance(found, str):
-            problems.append(f"{source}: key 'seeds': {found}")
-        else:
-            seeds = found
-        if spec.evaluate.set not in base.data.test:
-            problems.append(f"{source}: key 'evaluate.set': {spec.evaluate.set!r} is not a test set of the base "
-                            f"recipe (data.test has {', '.join(base.data.test) or 'none'}); choose one of those")
-        if spec.evaluate.checkpoint == "best" and not base.data.val:
-            problems.append(f"{source}: key 'evaluate.checkpoint': 'best' is chosen on the validation set and the "
-                            "base recipe has none (data.val); use evaluate.checkpoint=last or set data.val")
+    plain, found = _validate(base_tree, [], str(base_path))
+    problems += found
+    base, found = _validate(base_tree, [*spec.overrides, *command], source) if plain is not None else (None, [])
+    problems += found
+    seeds = _check_common(spec, base, source, problems) if base is not None else []
     if problems or base is None:
         raise fail()
 
-    folder = Path(base.runs_dir) / "ablations" / name
     mode: Literal["rows", "grid"] = "rows" if spec.rows is not None else "grid"
-    where = (lambda r: f"{source}: row '{r.name}'") if mode == "rows" else (lambda r: f"{source}: grid")
-    if mode == "grid":
-        # Each value on its own first, so an unknown key or a bad value is reported once, not once per combination.
-        for key, values in (spec.grid or {}).items():
-            for value in values:
-                _, found_problems = _validate(base_tree, [*spec.overrides, f"{key}={_yaml_value(value)}", *command],
-                                              f"{source}: grid")
-                problems += [p for p in found_problems if p not in problems]
-                if found_problems and any("unknown key" in p for p in found_problems):
-                    break
-        if problems:
-            raise fail()
+    _check_grid_values(spec, base_tree, command, source, problems)
+    if problems:
+        raise fail()
+    name = spec.name or path.stem
+    folder = Path(base.runs_dir) / "ablations" / name
     for row in rows:
         texts = _cell_overrides(spec.overrides, row, command, cell_name(row.name, seeds[0]), seeds[0], str(folder))
-        recipe, found_problems = _validate(base_tree, texts, where(row))
-        problems += [p for p in found_problems if p not in problems]
+        recipe, found = _validate(base_tree, texts, _where(source, mode, row))
+        problems += [p for p in found if p not in problems]
         if recipe is not None and spec.evaluate.set not in recipe.data.test:
-            problems.append(f"{where(row)}: evaluate.set {spec.evaluate.set!r} is not among this row's test sets "
-                            f"({', '.join(recipe.data.test)})")
+            problems.append(f"{_where(source, mode, row)}: evaluate.set {spec.evaluate.set!r} is not among its test "
+                            f"sets ({', '.join(recipe.data.test)})")
     if problems:
         raise fail()
     return Ablation(path=path, name=name, base_path=base_path, base_tree=base_tree, base=base,
@@ -600,7 +627,7 @@ def expand_cells(ablation: Ablation, seeds: int | Sequence[int] | None = None) -
             name = cell_name(row.name, seed)
             texts = _cell_overrides(ablation.file_overrides, row, ablation.command_overrides, name, seed,
                                     str(ablation.folder))
-            recipe, problems = _validate(ablation.base_tree, texts, f"{ablation.path}: row '{row.name}'")
+            recipe, problems = _validate(ablation.base_tree, texts, _where(str(ablation.path), ablation.mode, row))
             if recipe is None:
                 raise RecipeError(f"{ablation.path}: {len(problems)} problem(s) in the ablation", problems)
             cells.append(Cell(name=name, row=row.name, seed=seed, recipe=recipe, overrides=tuple(texts)))
@@ -712,6 +739,14 @@ def read_cell_metrics(run: Run, set_name: str, checkpoint: str) -> dict[str, flo
     if test is None:
         return {}
     out = {k: float(test[k]) for k in ("ciou", "auc", "mean_iou", "n") if isinstance(test.get(k), (int, float))}
+    # the centre-prior baseline of the same evaluation, printed beside the results (REFERENCE.md section 5)
+    evaluation = run.dir / "eval" / f"{set_name}-{checkpoint}-{test.get('protocol')}" / "metrics.json"
+    try:
+        centre = (json.loads(evaluation.read_text()).get("baselines") or {}).get("centre") or {}
+    except (OSError, json.JSONDecodeError):
+        centre = {}
+    out.update({f"baseline_centre/{k}": float(centre[k]) for k in ("ciou", "auc")
+                if isinstance(centre.get(k), (int, float))})
     if retrieval is not None:
         out.update({k: float(v) for k, v in retrieval.items() if k.startswith("retrieve/")
                     and isinstance(v, (int, float))})
@@ -794,10 +829,13 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     folder = ablation.folder
     entry = state["cells"].setdefault(cell.name, {})
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
-                 attempts=int(entry.get("attempts", 0)) + 1, run_dir=plan.run.dir.name if plan.run else None)
+                 attempts=int(entry.get("attempts", 0)) + 1,
+                 run_dir=plan.run.dir.name if plan.run is not None and plan.action != "train" else None)
     _save_state(folder, state)
     existing = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     run = plan.run if plan.action in ("resume", "retrieve") else None
+    # each run's own result tables stay in its folder; the ablation prints one line per cell and its own table
+    silent = Console(quiet=True)
 
     def new_run() -> Run | None:
         made = [r for r in _runs_of(cell, folder) if r.dir.name not in existing]
@@ -805,11 +843,11 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
 
     try:
         if plan.action == "train":
-            run = train_module.train(cell.recipe, overrides=list(cell.overrides), console=console, out=console,
+            run = train_module.train(cell.recipe, overrides=list(cell.overrides), console=console, out=silent,
                                      recipe_path=str(ablation.base_path))
         elif plan.action == "resume":
             assert run is not None
-            run = train_module.train(run.recipe(), resume_run=run, console=console, out=console)
+            run = train_module.train(run.recipe(), resume_run=run, console=console, out=silent)
         assert run is not None
         entry["run_dir"] = run.dir.name
         if run.meta().get("status") == "interrupted":
@@ -820,10 +858,14 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
             from sslt_cli.retrieve import retrieve
 
             retrieve(run.dir, which=ablation.checkpoint, device=cell.recipe.train.device, console=console,
-                     out=console)
-        if not read_cell_metrics(run, ablation.evaluate_set, ablation.checkpoint):
+                     out=silent)
+        metrics = read_cell_metrics(run, ablation.evaluate_set, ablation.checkpoint)
+        if not metrics:
             raise SsltError(f"{run.dir}: training finished but metrics.jsonl has no test record for set "
                             f"{ablation.evaluate_set!r}, checkpoint {ablation.checkpoint!r}")
+        shown = ", ".join(f"{header} {_x100(metrics[key])}" for header, key in ablation.metrics if key in metrics)
+        console.print(f"cell {cell.name} finished: {shown} ({ablation.evaluate_set}, {ablation.checkpoint} "
+                      f"checkpoint, N={int(metrics.get('n', 0))}); run {run.dir}", highlight=False, markup=False)
         entry["status"] = "finished"
         _link_child(run, parent_id, cell, ablation, "FINISHED", console)
         return "finished"
@@ -921,11 +963,14 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
         state = _load_state(ablation.folder)
         results = [inspect_cell(c, ablation, state) for c in cells]
         out.print(plan_table(ablation, results))
-        common = " ".join(ablation.file_overrides + ablation.command_overrides)
-        console.print(f"ablation folder: {ablation.folder}\nevery cell: sslt train {ablation.base_path} {common} "
-                      "<row overrides> name=<row>-seed<k> seed=<k> "
-                      f"runs_dir={ablation.folder}".replace("  ", " "), highlight=False, markup=False)
+        command = " ".join([str(ablation.base_path), *ablation.file_overrides, "<row overrides>",
+                            *ablation.command_overrides, "name=<row>-seed<k>", "seed=<k>", f"runs_dir={ablation.folder}"])
+        console.print(f"ablation folder: {ablation.folder}\neach cell is: sslt train {command}", highlight=False,
+                      markup=False)
         return AblationResult(ablation, results, summarise(ablation, results), {}, state.get("parent_run_id"))
+    if report_only and not (ablation.folder / STATE).is_file():
+        raise SsltError(f"{ablation.folder}: nothing to report yet (no {STATE}); run the ablation without --report "
+                        "first")
     ablation.folder.mkdir(parents=True, exist_ok=True)
     with _locked(ablation.folder):
         state = _load_state(ablation.folder)
@@ -957,6 +1002,7 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
 
 def _log_parent(tracker: Tracker, ablation: Ablation, results: list[CellResult], files: dict[str, Path],
                 status: str) -> None:
+    """Per-row means and stds, the summary files and the state on the parent run, which is then closed."""
     summaries = summarise(ablation, results)
     metrics: dict[str, float] = {}
     for s in summaries:
@@ -1015,18 +1061,23 @@ def _table_columns(ablation: Ablation, summaries: list[RowSummary]) -> list[tupl
         columns += [(short[k], "right", lambda s, p, k=k: _value_text(s.row.values[k])) for k in ablation.grid_keys]
     columns.append(("seeds", "right", lambda s, p: _seeds_text(s)))
     with_paper = any(s.row.paper is not None for s in summaries)
-    paper_keys = {key for _, key in PAPER_METRICS}
+    compared = {key for _, key in PAPER_METRICS}
     for header, key in ablation.metrics:
         def mean_std(s: RowSummary, p: RowSummary | None, key: str = key) -> str:
             mean, std = s.mean(key), s.std(key)
             return _x100(mean) + (f" ± {_x100(std)}" if std is not None else "")
+
+        def paper(s: RowSummary, p: RowSummary | None, key: str = key) -> str:
+            delta = _diff(s.paper(key), p.paper(key)) if p else None
+            return _x100(s.paper(key)) + (f" ({_x100(delta, signed=True)})" if delta is not None else "")
+
         columns.append((header, "right", mean_std))
-        columns.append(("Δ", "right", lambda s, p, key=key: _x100(_diff(s.mean(key), p.mean(key)) if p else None,
-                                                                     signed=True)))
-        if with_paper and key in paper_keys:
-            columns.append(("paper", "right", lambda s, p, key=key: _x100(s.paper(key))))
-            columns.append(("paper Δ", "right", lambda s, p, key=key: _x100(
-                _diff(s.paper(key), p.paper(key)) if p else None, signed=True)))
+        # the deltas and the paper's values only for cIoU and AUC, the paper's columns: the table stays readable
+        if key in compared:
+            columns.append(("Δ", "right", lambda s, p, key=key: _x100(_diff(s.mean(key), p.mean(key)) if p else None,
+                                                                         signed=True)))
+            if with_paper:
+                columns.append(("paper (Δ)", "right", paper))
     return columns
 
 
@@ -1048,38 +1099,54 @@ def summary_table(ablation: Ablation, summaries: list[RowSummary]) -> Table:
     seeds = max((len(s.cells) for s in summaries), default=0)
     table = Table(title=_title(ablation, seeds), caption="x100; mean ± sample std over seeds; Δ: to the row above")
     for header, justify in headers:
-        table.add_column(header, justify=justify)  # type: ignore[arg-type]
+        table.add_column(header, justify=justify, no_wrap=header != "row")  # type: ignore[arg-type]
     for values in rows:
         table.add_row(*(escape(v) for v in values))
     return table
 
 
-def paper_orderings(summaries: list[RowSummary], key: str) -> list[tuple[str, str, bool, bool | None]]:
-    """For consecutive rows that both have the paper's value of ``key``: (row above, row, the paper's value went up,
-    ours went up (None where a row has no result yet))."""
+def paper_orderings(summaries: list[RowSummary], key: str) -> list[tuple[str, str, float, float | None]]:
+    """For consecutive rows that both have the paper's value of ``key`` (and differ in it): (row above, row, the
+    paper's change, our change of the mean (None where a row has no result yet))."""
     out = []
     for prev, cur in zip(summaries, summaries[1:]):
         paper = _diff(cur.paper(key), prev.paper(key))
         if paper is None or paper == 0:
             continue
-        ours = _diff(cur.mean(key), prev.mean(key))
-        out.append((prev.row.label, cur.row.label, paper > 0, None if ours is None or ours == 0 else ours > 0))
+        out.append((prev.row.label, cur.row.label, paper, _diff(cur.mean(key), prev.mean(key))))
     return out
 
 
 def ordering_lines(summaries: list[RowSummary]) -> list[str]:
-    """One line per metric: which of the paper's steps between consecutive rows the results reproduce."""
+    """One line per metric: which of the paper's steps between consecutive rows the results reproduce (a step is
+    reproduced when our mean moves in the paper's direction; '=' marks a tie, '?' a row without a result)."""
     lines = []
     for header, key in PAPER_METRICS:
         steps = paper_orderings(summaries, key)
         measured = [s for s in steps if s[3] is not None]
         if not measured:
             continue
-        same = sum(1 for s in measured if s[2] == s[3])
-        parts = [f"{a}{'<' if up else '>'}{b} {'✓' if ours == up else '✗' if ours is not None else '?'}"
-                 for a, b, up, ours in steps]
+        same = sum(1 for _, _, paper, ours in measured if ours and (ours > 0) == (paper > 0))
+        parts = []
+        for above, row, paper, ours in steps:
+            mark = "?" if ours is None else "=" if ours == 0 else "✓" if (ours > 0) == (paper > 0) else "✗"
+            parts.append(f"{above}{'<' if paper > 0 else '>'}{row} {mark}")
         lines.append(f"{header}: {same} of {len(measured)} of the paper's steps reproduced ({', '.join(parts)})")
     return lines
+
+
+def baseline_line(ablation: Ablation, results: list[CellResult]) -> str | None:
+    """``N = 500 test clips (vggss); centre-prior baseline: cIoU 34.10, AUC 37.20`` from the evaluated cells."""
+    done = [r.metrics for r in results if r.metrics]
+    if not done:
+        return None
+    sizes = sorted({int(m["n"]) for m in done if "n" in m})
+    text = f"N = {' or '.join(map(str, sizes))} test clips ({ablation.evaluate_set})"
+    centre = next((m for m in done if "baseline_centre/ciou" in m), None)
+    if centre is not None:
+        text += (f"; centre-prior baseline: cIoU {_x100(centre['baseline_centre/ciou'])}, "
+                 f"AUC {_x100(centre.get('baseline_centre/auc'))}")
+    return text
 
 
 def _failed_lines(results: list[CellResult]) -> list[str]:
@@ -1101,6 +1168,9 @@ def _markdown(ablation: Ablation, summaries: list[RowSummary], results: list[Cel
             line([h for h, _ in headers]),
             "|" + "|".join(":---" if j == "left" else ":---:" if j == "center" else "---:" for _, j in headers) + "|"]
     text += [line(r) for r in rows]
+    baseline = baseline_line(ablation, results)
+    if baseline:
+        text += ["", baseline + "."]
     orderings = ordering_lines(summaries)
     if orderings:
         text += ["", "## The paper's orderings", ""] + [f"- {o}" for o in orderings]
@@ -1127,7 +1197,8 @@ def _summary_csv(ablation: Ablation, summaries: list[RowSummary]) -> str:
     labels = list(TICKS) if ablation.mode == "rows" else list(ablation.grid_keys)
     header = ["row", *labels, "seeds", "seeds_done", "seeds_failed"]
     for key in keys:
-        header += [f"{key}_mean", f"{key}_std", f"{key}_delta"]
+        column = key.replace("/", "_")
+        header += [f"{column}_mean", f"{column}_std", f"{column}_delta"]
     header += [f"paper_{k}" for _, k in PAPER_METRICS] + [f"paper_{k}_delta" for _, k in PAPER_METRICS]
     rows = []
     for i, s in enumerate(summaries):
@@ -1146,18 +1217,19 @@ def _summary_csv(ablation: Ablation, summaries: list[RowSummary]) -> str:
 
 def _cells_csv(ablation: Ablation, results: list[CellResult]) -> str:
     keys = [key for _, key in ablation.metrics]
-    header = ["cell", "row", "seed", "status", "run_dir", *keys, "n", "error"]
+    keys += ["n", "baseline_centre/ciou", "baseline_centre/auc"]
+    header = ["cell", "row", "seed", "status", "run_dir", *(k.replace("/", "_") for k in keys), "error"]
     rows = []
     for r in results:
         error = r.error.splitlines()[0] if r.error else ""
         rows.append([r.cell.name, r.cell.row, r.cell.seed, r.status, str(r.run.dir) if r.run else "",
-                     *[_number(r.metrics.get(k)) for k in keys], _number(r.metrics.get("n")), error])
+                     *[_number(r.metrics.get(k)) for k in keys], error])
     return _csv_text(header, rows)
 
 
-def _chart_png(ablation: Ablation, summaries: list[RowSummary]) -> bytes:
-    """cIoU and AUC per row: bars at the mean over seeds with sample-std error bars, each seed as a dot, and the
-    paper's values as diamonds."""
+def _chart_png(ablation: Ablation, summaries: list[RowSummary], results: list[CellResult]) -> bytes:
+    """cIoU and AUC per row: bars at the mean over seeds with sample-std error bars, each seed as a dot, the
+    paper's values as diamonds and the centre-prior baseline as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1178,6 +1250,10 @@ def _chart_png(ablation: Ablation, summaries: list[RowSummary]) -> bytes:
         if paper:
             ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="D", s=40, color="#c44e52", zorder=4,
                        label="paper")
+        centre = next((r.metrics[f"baseline_centre/{key}"] for r in results
+                       if f"baseline_centre/{key}" in r.metrics), None)
+        if centre is not None:
+            ax.axhline(100 * centre, color="grey", linestyle="--", linewidth=1, label="centre prior")
         ax.set_xticks(x, labels, rotation=0 if ablation.mode == "rows" and max(map(len, labels)) <= 6 else 30,
                       ha="center" if ablation.mode == "rows" and max(map(len, labels)) <= 6 else "right", fontsize=8)
         ax.set_ylabel(f"{header} (x100)")
@@ -1208,10 +1284,10 @@ def write_report(ablation: Ablation, results: list[CellResult], *, out: Console 
     atomic_write_text(files["csv"], _summary_csv(ablation, summaries))
     atomic_write_text(files["md"], _markdown(ablation, summaries, results))
     atomic_write_text(files["cells"], _cells_csv(ablation, results))
-    atomic_write_bytes(files["png"], _chart_png(ablation, summaries))
+    atomic_write_bytes(files["png"], _chart_png(ablation, summaries, results))
     if out is not None:
         out.print(summary_table(ablation, summaries))
-        for text in ordering_lines(summaries):
+        for text in filter(None, [baseline_line(ablation, results), *ordering_lines(summaries)]):
             out.print(text, highlight=False, markup=False)
         for text in _failed_lines(results):
             out.print(f"failed: {text}", highlight=False, markup=False)
@@ -1222,11 +1298,13 @@ def write_report(ablation: Ablation, results: list[CellResult], *, out: Console 
 def plan_table(ablation: Ablation, results: list[CellResult]) -> Table:
     """``--dry-run``: each cell, its state and what running the ablation would do with it."""
     table = Table(title=f"ablation {ablation.name}: {len(results)} cells in {ablation.folder}")
-    for header in ("cell", "row", "seed", "status", "next", "row overrides"):
-        table.add_column(header)
+    table.add_column("cell", no_wrap=True)
+    table.add_column("status")
+    table.add_column("next", overflow="fold")
+    table.add_column("row overrides", overflow="fold")
     rows = {r.name: r for r in ablation.rows}
     for r in results:
-        values = (r.cell.name, rows[r.cell.row].label, str(r.cell.seed), r.status,
-                  _describe(r) + (f" ({r.note})" if r.note else ""), " ".join(rows[r.cell.row].overrides))
+        values = (r.cell.name, r.status, _describe(r) + (f" ({r.note})" if r.note else ""),
+                  " ".join(rows[r.cell.row].overrides))
         table.add_row(*(escape(v) for v in values))
     return table

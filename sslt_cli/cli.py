@@ -147,7 +147,7 @@ def prepare_index(
 
 @app.command(epilog=_example("sslt train recipes/quickstart.yaml optim.epochs=2 --dry-run"))
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file (not with --resume)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the run folder; do nothing."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
@@ -160,6 +160,8 @@ def train(
         from sslt_cli.runs import Run
 
         run = Run.open(resume)
+        if recipe is not None and recipe.suffix not in (".yaml", ".yml") and "=" in str(recipe):
+            overrides.insert(0, str(recipe))
         if overrides:
             raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
                             [f"got {' '.join(overrides)}; start a new run to change the recipe"])
@@ -171,6 +173,8 @@ def train(
 
         run_training(run.recipe(), resume_run=run, console=err, out=out)
         return
+    if recipe is None:
+        raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
     resolved = load_recipe(recipe, overrides)
     if dry_run:
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
@@ -358,6 +362,35 @@ def retrieve(
         which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
 
 
+# ----------------------------------------------------------------------------------------------------------- ablate
+
+@app.command(epilog=_example("sslt ablate recipes/ablations/paper_transformations.yaml base=quickstart"))
+def ablate(
+    file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
+                                                    "applied to every cell."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and print the plan; train nothing."),
+    report: bool = typer.Option(False, "--report", help="Rebuild the table, summary files and chart from finished "
+                                "runs, without training."),
+) -> None:
+    """Run an ablation (each cell an ordinary run and an MLflow child run), resumable, with a table and a chart."""
+    from sslt_cli.ablate import load_ablation, run_ablation
+
+    if dry_run and report:
+        raise SsltError("--dry-run and --report do not go together: --report rebuilds from finished runs")
+    result = run_ablation(load_ablation(file, list(overrides or [])), seeds=seeds, dry_run=dry_run,
+                          report_only=report, console=err, out=out)
+    if result.interrupted:
+        err.print("interrupted; run the same command again to continue (finished cells are kept)")
+        raise typer.Exit(130)
+    if result.failed:
+        raise SsltError(f"{len(result.failed)} cell(s) failed; the others finished; run the same command again to "
+                        "retry the failed ones",
+                        [f"{cell.name}: {(cell.error or '').splitlines()[0] if cell.error else 'unknown error'}"
+                         for cell in result.failed])
+
+
 # ------------------------------------------------------------------------------------------------------------- runs
 
 @app.command(epilog=_example("sslt runs --runs-dir runs"))
@@ -405,9 +438,12 @@ def ui(
         out.print(f"MLFLOW_TRACKING_URI points at a server ({uri}): open it in a browser; nothing to start.")
         return
     typer.echo(f"MLflow UI on {uri}: http://{host}:{port}  (Ctrl-C stops it)", err=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]
+    # one web worker and no background job runners: a laptop-sized UI that starts fast
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     try:
-        subprocess.run(cmd, check=False)
+        subprocess.run(cmd, check=False, env=env)
     except KeyboardInterrupt:
         pass
 

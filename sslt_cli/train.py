@@ -147,6 +147,12 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return max(0, (self.batches_per_epoch() - self.skip_batches) * self.batch_size)
 
 
+def views_differ(recipe: Recipe) -> bool:
+    """Whether a ``paper`` recipe's two views can differ (some augmentation or L_geo on); else one view is enough."""
+    t = recipe.transforms
+    return t.app.enabled or t.geo.enabled or t.mask.enabled or t.mix.enabled or t.equivariance.enabled
+
+
 def audio_args(recipe: Recipe) -> dict:
     a = recipe.audio
     return dict(sample_rate=a.sample_rate, clip_seconds=a.clip_seconds, n_fft=a.n_fft, hop_length=a.hop_length,
@@ -368,7 +374,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     spec_augment = (dict(p=t.mask.p, time=t.mask.time, freq=t.mask.freq) if t.mask.enabled else None)
     cache_dir = (run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None)
     dataset = AudioVisualDataset(
-        clips, image_transform=image_transform, n_views=2 if paper_views else 1, shared_geometry=True,
+        clips, image_transform=image_transform, n_views=2 if paper_views and views_differ(recipe) else 1, shared_geometry=True,
         audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir)
     batch_size = recipe.optim.batch_size // env.world
     sampler = EpochSampler(len(dataset), batch_size, recipe.seed, env.rank, env.world)
