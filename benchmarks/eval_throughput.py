@@ -11,6 +11,11 @@ Random 14 x 14 maps (one per clip, seeded) for the first ``--clips`` ids of ``vg
     python benchmarks/eval_throughput.py                        # CPU, all torch threads
     python benchmarks/eval_throughput.py --threads 1 --protocol ezvsl --map-size 7
     python benchmarks/eval_throughput.py --device cuda
+    python benchmarks/eval_throughput.py --model-clips 500   # + the whole model eval (frames, audio, forward, metrics)
+
+``--model-clips N`` adds the whole evaluation of a model on a synthetic VGG-SS-style test set of N clips at the paper's
+settings (224 px frames, 10 s audio, 257 mels; an untrained model: speed does not depend on the weights): decoding,
+log-mel, forward pass, then scoring. It prints clips/s of the whole eval and the share of it spent in the metric part.
 
 The stages are separate functions (``random_maps`` makes the maps) so that a model's maps
 (``evaluate.maps_from_batches`` over the test loader) can be timed the same way and compared with the metric part.
@@ -79,6 +84,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-clips", type=int, default=0, help="also time a model's whole eval on N synthetic clips")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,6 +110,42 @@ def main() -> None:
     seconds_m = time_metrics_only(maps, annotations, ids, args.protocol, device)
     print(f"  metrics alone            {seconds_m:7.2f} s  {result.n / seconds_m:8.0f} clips/s  "
           f"{1000 * seconds_m / result.n:6.3f} ms/clip")
+    if args.model_clips:
+        time_model_eval(args.model_clips, args.protocol, device, args.batch_size, args.workers)
+
+
+def time_model_eval(n_clips: int, protocol: str, device: torch.device, batch_size: int, workers: int) -> None:
+    """The whole model evaluation (frames + audio -> maps -> metrics) vs its metric part, on synthetic clips."""
+    import tempfile
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.data.synthetic import generate
+    from sslt_cli.model import build_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generate(Path(tmp), n_train=1, n_val=1, n_test=n_clips, n_flickr=1, image_size=224, progress=False)
+        recipe = Recipe()  # the paper's settings: 224 px, 10 s audio at 16 kHz, 257 mels
+        model = build_model().to(device).eval()
+        test = evaluate.load_test_set(Path(tmp) / "test_vggss")
+        proto = evaluate.get_protocol(protocol)
+        clips = [test.clips[i] for i in test.ids]
+        evaluate.predict_maps(model, clips[:batch_size], recipe, proto, device, batch_size=batch_size,
+                              num_workers=0)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        maps, _ = evaluate.predict_maps(model, clips, recipe, proto, device, batch_size=batch_size,
+                                        num_workers=workers)
+        sync(device)
+        predict = time.perf_counter() - start
+        start = time.perf_counter()
+        result = evaluate.score_maps(maps, test.annotations, proto, test.ids, baselines=False, device=device)
+        score = time.perf_counter() - start
+    whole = predict + score
+    print(f"model eval on {n_clips} synthetic clips (224 px, 10 s audio, 257 mels, batch {batch_size}, "
+          f"{workers} loader workers), device {device}:")
+    print(f"  whole eval               {whole:7.2f} s  {n_clips / whole:8.1f} clips/s")
+    print(f"  of which maps (decode, log-mel, forward) {predict:7.2f} s; metrics {score:6.2f} s "
+          f"= {100 * score / whole:.1f}% of the whole eval   [{result.n_explained()}]")
 
 
 if __name__ == "__main__":

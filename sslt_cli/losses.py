@@ -5,15 +5,68 @@ Pure torch; no project module is imported. Every contrastive objective takes the
 ``(B, 1, h, w)`` cosine map of each image with its own audio (kept in the graph so L_geo can reuse it) and the other
 entries are detached scalar tensors for logging (no host sync here: the caller decides when to call ``.item()``).
 :data:`LOSSES` maps a recipe's objective name to its function.
+
+Global negatives under DistributedDataParallel: a contrastive objective given ``gather`` (see :func:`rank_gather`)
+scores this process's images against the audio of every process, so its easy negatives are those a single process
+with the whole global batch would see. The loss stays the mean over this process's rows; DDP's gradient average over
+equal shards then equals the gradient of the global mean, because the gather's backward sums every process's
+gradient for a row into the process that owns it.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Parts = dict[str, torch.Tensor]
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+"""x (B, ...) of this process -> (the rows of every process in rank order (G, ...), index of this process's first row)."""
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0 with shards of known, possibly unequal sizes; the backward sums the gradient of each
+    gathered row over the processes and hands every process the rows it contributed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, sizes: tuple[int, ...], rank: int) -> torch.Tensor:
+        ctx.sizes, ctx.rank = sizes, rank
+        # all_gather needs equal shapes: pad every shard to the largest, then cut the padding out again
+        peak = max(sizes)
+        padded = x.new_zeros((peak, *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        shards = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(shards, padded)
+        return torch.cat([shard[:n] for shard, n in zip(shards, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # every process's loss depends on every row; the sum over processes is the gradient of the summed losses
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        first = sum(ctx.sizes[: ctx.rank])
+        return total[first:first + ctx.sizes[ctx.rank]], None, None
+
+
+def rank_gather(sizes: Sequence[int], rank: int) -> Gather:
+    """A differentiable all-gather over the default process group, for ``gather=`` of the contrastive losses.
+
+    sizes: the batch size of every process in rank order (every process passes the same list); rank: this process.
+    The returned function maps x (sizes[rank], ...) to (x of all processes concatenated (sum(sizes), ...), index of
+    this process's first row). Every process must call it the same number of times in the same order (it is a
+    collective in the forward and the backward). torch.distributed.nn.functional.all_gather does the same for equal
+    shards only and is deprecated in the installed torch.
+    """
+    sizes = tuple(int(n) for n in sizes)
+    first = sum(sizes[:rank])
+
+    def gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if x.shape[0] != sizes[rank]:
+            raise ValueError(f"rank {rank} was declared {sizes[rank]} rows and gathers {x.shape[0]}")
+        return _GatherRows.apply(x, sizes, rank), first
+
+    return gather
 
 
 def _masked_mean(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -31,6 +84,7 @@ def tie_contrastive_loss(
     tau: float = 0.03,
     temperature: float = 0.07,
     hard_negative: bool = True,
+    gather: Gather | None = None,
 ) -> tuple[torch.Tensor, Parts]:
     """L_cl: LVS's "hard way" contrastive loss with SSL-TIE's tri-map (REFERENCE.md section 2).
 
@@ -45,6 +99,9 @@ def tie_contrastive_loss(
     - logits = [pos, easy (B), hard_neg] / temperature: (B, B + 2); cross-entropy with target 0.
 
     ``hard_negative=False`` drops the hard-negative column (the official code's ``Neg`` switch).
+    ``gather`` (distributed training, :func:`rank_gather`): the easy negatives come from the audio of every process,
+    G rows in all, this process's own audio at rows ``first .. first + B``; the logits are then (B, G + 2) and the
+    loss is still the mean over this process's B images.
     Returns ``(loss, parts)``: ``parts["map"]`` = A (B, 1, h, w) in the autograd graph, ``parts["logits"]``
     (B, B + 2) detached, and detached scalars ``acc1`` (share of rows whose largest logit is the positive),
     ``pos``, ``hard_neg`` (batch means) and ``pos_area`` (mean share of map cells in P).
@@ -53,8 +110,9 @@ def tie_contrastive_loss(
     v = v.float()
     a = a.float()
     batch = v.shape[0]
-    all_pairs = torch.einsum("nchw,kc->nkhw", v, a)
-    own = torch.diagonal(all_pairs, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
+    audio, first = gather(a) if gather is not None else (a, 0)
+    all_pairs = torch.einsum("nchw,kc->nkhw", v, audio)
+    own = torch.diagonal(all_pairs, offset=first, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
 
     pos_mask = torch.sigmoid((own - eps_pos) / tau)
     # 1 - sigmoid(x) == sigmoid(-x); the latter keeps its precision where the map is close to 1.
@@ -63,7 +121,8 @@ def tie_contrastive_loss(
     hard_neg = _masked_mean(neg_mask, own)
 
     easy = _masked_mean(torch.sigmoid((all_pairs - eps_pos) / tau), all_pairs)
-    easy = easy * (1.0 - 100.0 * torch.eye(batch, device=v.device, dtype=easy.dtype))
+    own_audio = torch.eye(batch, audio.shape[0], device=v.device, dtype=easy.dtype).roll(first, dims=1)
+    easy = easy * (1.0 - 100.0 * own_audio)
 
     columns = [pos, easy, hard_neg] if hard_negative else [pos, easy]
     logits = torch.cat(columns, dim=1) / temperature
@@ -80,22 +139,32 @@ def tie_contrastive_loss(
     return loss, parts
 
 
-def ezvsl_loss(v: torch.Tensor, a: torch.Tensor, temperature: float = 0.03) -> tuple[torch.Tensor, Parts]:
+def ezvsl_loss(v: torch.Tensor, a: torch.Tensor, temperature: float = 0.03,
+               gather: Gather | None = None) -> tuple[torch.Tensor, Parts]:
     """EZ-VSL's multiple-instance contrastive loss (ECCV 2022), a baseline objective.
 
     v: (B, C, h, w) L2-normalised visual map; a: (B, C) L2-normalised audio. The image-audio score is the max over the
     map of cos(v_i(h, w), a_j) / temperature: (B, B); InfoNCE in both directions (image->audio and audio->image) with
     the matching pair on the diagonal, the two terms summed as EZ-VSL does.
+    ``gather`` (distributed training, :func:`rank_gather`): this process's B images are scored against the G audios
+    of all processes, and its B audios against the G images of all processes (the score rows of every process are
+    gathered, not the maps); each term is the mean over this process's B rows, ``logits`` is then (B, G).
     Returns ``(loss, parts)`` with ``parts["map"]`` = the own-audio cosine map (B, 1, h, w), ``logits`` (B, B)
     detached and ``acc1`` (share of images whose best audio is their own).
     """
     v = v.float()
     a = a.float()
-    all_pairs = torch.einsum("nchw,kc->nkhw", v, a)
+    audio, first = gather(a) if gather is not None else (a, 0)
+    all_pairs = torch.einsum("nchw,kc->nkhw", v, audio)
     logits = all_pairs.flatten(2).amax(dim=2) / temperature
-    target = torch.arange(v.shape[0], device=v.device)
-    loss = F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)
-    own = torch.diagonal(all_pairs, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
+    target = torch.arange(v.shape[0], device=v.device) + first
+    if gather is not None:
+        every_image, _ = gather(logits)
+        audio_rows = every_image[:, first:first + v.shape[0]].t()
+    else:
+        audio_rows = logits.t()
+    loss = F.cross_entropy(logits, target) + F.cross_entropy(audio_rows, target)
+    own = torch.diagonal(all_pairs, offset=first, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
     parts = {
         "map": own,
         "logits": logits.detach(),

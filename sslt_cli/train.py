@@ -11,15 +11,26 @@
    (never the test set), best checkpoint by validation cIoU, last checkpoints;
 5. at the end: evaluate the last and the best checkpoints on every test set, with baselines.
 
-It runs unchanged under ``torchrun`` (distributed sampler, DDP, rank-0 logging and checkpoints).
+It runs unchanged under ``torchrun --nproc-per-node N -m sslt_cli train RECIPE`` (DDP, NCCL on CUDA and gloo on
+CPU). What stays the same whatever the number of processes W: the global batch (``optim.batch_size``, W slices of
+it), the order of samples per step (global batch k of an epoch is the same whatever W, so a run resumes with any
+W at the same sample), the contrastive loss (audio embeddings are gathered so the easy negatives come from the
+global batch; ``loss.negatives: local`` keeps per-process negatives), the L_geo transform (drawn for the global
+batch), T_mix's neighbours (each process embeds a shard, all gather) and the logged numbers (global-batch means).
+What does not: BatchNorm normalises each process's slice unless ``train.sync_bn`` (CUDA only). The run folder, the
+logs, the checkpoints and MLflow belong to rank 0; ``launch_torchrun`` starts torchrun for ``sslt train --nproc N``.
 """
 from __future__ import annotations
 
+import atexit
 import csv
+import dataclasses
 import math
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -39,7 +50,7 @@ from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
-from sslt_cli.losses import LOSSES, equivariance_loss
+from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, build_model, localisation_map
 from sslt_cli.runs import SKIPPED, Run, load_checkpoint
 from sslt_cli.tracking import Tracker
@@ -63,13 +74,102 @@ class Dist:
 
 
 def init_distributed(device_kind: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) says where;
+    a group created here is destroyed when the process exits.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch_torchrun(nproc: int, argv: list[str]) -> int:
+    """``sslt <argv>`` in ``nproc`` processes on this machine: runs ``python -m torch.distributed.run --standalone
+    --nproc-per-node nproc -m sslt_cli <argv>`` and returns its exit code.
+
+    argv: the sslt arguments, e.g. ``["train", "recipes/tie_full.yaml", "optim.lr=3e-4"]``. Ctrl-C reaches torchrun
+    from the terminal (same process group) and SIGTERM sent to this process is passed on, so the workers finish
+    their step and checkpoint; this process waits for torchrun either way.
+    """
+    if nproc < 1:
+        raise TrainingError(f"--nproc {nproc}: give a number of processes >= 1 (e.g. the number of GPUs)")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "sslt_cli", *argv]
+    process = subprocess.Popen(command)
+
+    def forward_sigterm(signum, frame):
+        process.send_signal(signum)
+
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, forward_sigterm)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One step's global batch across processes: the rows of every rank (rank order) and this process's rank."""
+
+    sizes: tuple[int, ...]
+    rank: int
+
+    @property
+    def first(self) -> int:
+        """Index of this process's first row in the global batch."""
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def local(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def exchange_step_state(rows: int, stop: bool, device: torch.device) -> tuple[tuple[int, ...], bool]:
+    """Every process's batch rows for this step, and whether any process was asked to stop (one all_gather).
+
+    A batch can lose clips that fail to decode, so the sizes can differ; a stop signal may reach only some ranks.
+    """
+    mine = torch.tensor([rows, int(stop)], dtype=torch.long, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    table = torch.stack(every).cpu()
+    return tuple(int(n) for n in table[:, 0]), bool(table[:, 1].any())
+
+
+def mean_over_global_batch(logs: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
+    """Per-process means of this step's logged scalars -> means over the global batch (rows-weighted), on every rank."""
+    keys = list(logs)
+    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]) * shard.local
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    values = values / shard.total
+    return {k: values[i] for i, k in enumerate(keys)}
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DDP broadcasts them before each forward, so after the last step of an epoch each rank holds its own update;
+    evaluation-mode passes between epochs (T_mix embeddings, validation) must all use the statistics the
+    checkpoint saves.
+    """
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -122,7 +222,13 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------------------ data
 
 class EpochSampler(torch.utils.data.Sampler[int]):
-    """A seeded permutation per epoch, split across ranks, that can start part-way (for exact resume)."""
+    """A seeded permutation per epoch in global batches, this rank's slice of each, from any global batch on.
+
+    ``batch_size`` is the per-process batch B; the global batch is G = B * world. Global batch k of an epoch is
+    ``permutation[k*G:(k+1)*G]`` and rank r takes its rows ``r*B .. (r+1)*B``, so which samples make up step k does
+    not depend on the number of processes: a checkpoint's (epoch, batch in epoch), counted in global batches,
+    resumes at the same samples with any world size. The last ``n % G`` samples of the permutation are dropped.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
@@ -130,18 +236,20 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Draw ``epoch``'s permutation and start after its first ``skip_batches`` global batches."""
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def batches_per_epoch(self) -> int:
-        return (self.n // self.world) // self.batch_size
+        """Whole global batches in an epoch (one optimiser step each)."""
+        return self.n // (self.batch_size * self.world)
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g)
-        per_rank = self.n // self.world
-        mine = order[self.rank * per_rank:(self.rank + 1) * per_rank]
-        usable = self.batches_per_epoch() * self.batch_size
-        return iter(mine[self.skip_batches * self.batch_size:usable].tolist())
+        global_batch = self.batch_size * self.world
+        batches = order[: self.batches_per_epoch() * global_batch].view(-1, global_batch)
+        mine = batches[self.skip_batches:, self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return iter(mine.reshape(-1).tolist())
 
     def __len__(self) -> int:
         return max(0, (self.batches_per_epoch() - self.skip_batches) * self.batch_size)
@@ -208,11 +316,14 @@ def make_loader(dataset, sampler, batch_size: int, workers: int, drop_last: bool
 # ----------------------------------------------------------------------------------------------------- steps
 
 def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: torch.device, channels_last: bool,
-                  amp) -> tuple[torch.Tensor, dict[str, float]]:
+                  amp, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One training step's loss: L_cl on both views and L_geo between them.
 
     batch["images"]: (B, 2, 3, H, W) in ``paper`` mode or (B, 1, 3, H, W) in ``code`` mode; batch["specs"] likewise
     (B, V, 1, F, T). Returns the total loss and detached scalars for logging.
+    ``shard`` (distributed training): where this batch sits in the global batch. The L_geo transform is drawn for
+    the global batch and this slice of it taken, and with ``loss.negatives: global`` the contrastive loss gathers
+    the audio of every process; the returned loss is still this process's mean.
     """
     t = recipe.transforms
     loss_cfg = recipe.loss
@@ -220,6 +331,8 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     loss_kwargs = (dict(eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
                         temperature=loss_cfg.temperature) if loss_cfg.objective == "tie"
                    else dict(temperature=loss_cfg.temperature))
+    if shard is not None and negatives_of(recipe) == "global":
+        loss_kwargs["gather"] = rank_gather(shard.sizes, shard.rank)
     images = batch["images"].to(device, non_blocking=True)
     specs = batch["specs"].to(device, non_blocking=True)
     view1, spec1 = images[:, 0], specs[:, 0]
@@ -230,8 +343,11 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     if use_geo:
         g = torch.Generator().manual_seed(step_seed)
         eq = t.equivariance
-        transform = augment.sample_geo_transform(view1.shape[0], g, max_rotation=eq.max_rotation, scales=eq.scales,
+        transform = augment.sample_geo_transform(view1.shape[0] if shard is None else shard.total, g,
+                                                 max_rotation=eq.max_rotation, scales=eq.scales,
                                                  scale_p=eq.scale_p, flip_p=eq.flip_p)
+        if shard is not None:
+            transform = dataclasses.replace(transform, angles=transform.angles[shard.first:shard.first + shard.local])
         view2 = augment.apply_geo_transform(base2, transform)
     else:
         transform = None
@@ -267,6 +383,16 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     return total, logs
 
 
+def negatives_of(recipe: Recipe) -> str:
+    """``loss.negatives``: ``global`` (easy negatives from every process's audio) or ``local`` (this process's)."""
+    return getattr(recipe.loss, "negatives", "global")
+
+
+def sync_bn_of(recipe: Recipe) -> bool:
+    """``train.sync_bn``: BatchNorm statistics over the global batch (SyncBatchNorm) when training on several GPUs."""
+    return bool(getattr(recipe.train, "sync_bn", False))
+
+
 class ModelForTraining(torch.nn.Module):
     """Embeds any number of (images, specs) views in one call, so DDP sees one forward per backward."""
 
@@ -291,7 +417,9 @@ class ModelForTraining(torch.nn.Module):
 # -------------------------------------------------------------------------------------------- checkpoints
 
 def checkpoint_state(model, optimizer, scheduler, recipe: Recipe, *, step: int, epoch: int, batch_in_epoch: int,
-                     best: dict, mix_neighbours: np.ndarray | None, skipped_steps: int) -> dict:
+                     best: dict, mix_neighbours: np.ndarray | None, skipped_steps: int, world_size: int = 1) -> dict:
+    """Everything a resume needs; ``step``, ``epoch`` and ``batch_in_epoch`` count global batches, so any number of
+    processes can continue it (``world_size`` records how many wrote it)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "model": model.state_dict(),
@@ -303,6 +431,7 @@ def checkpoint_state(model, optimizer, scheduler, recipe: Recipe, *, step: int, 
         "recipe": recipe_dict(recipe),
         "mix_neighbours": torch.from_numpy(mix_neighbours) if mix_neighbours is not None else None,
         "skipped_steps": skipped_steps,
+        "world_size": world_size,
     }
 
 
@@ -340,12 +469,21 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
     ``stop_after_steps`` stops cleanly after that many optimiser steps in this call, with a checkpoint, as an
     interruption would (used to test exact resume).
+    Under torchrun every process calls this; only rank 0 prints, writes the run folder and talks to MLflow.
     """
     console = console or Console(stderr=True)
     out = out or Console()
     device_kind = "cuda" if recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available()) else "cpu"
     env = init_distributed(device_kind)
+    if not env.main:
+        console = out = Console(stderr=True, quiet=True)
+    if recipe.optim.batch_size % env.world:
+        raise TrainingError(f"optim.batch_size={recipe.optim.batch_size} (the global batch) does not split over "
+                            f"{env.world} processes", [f"use a multiple of {env.world}, or another number of processes"])
     device = pick_device(recipe.train.device, env.local_rank)
+    if sync_bn_of(recipe) and env.world > 1 and device.type != "cuda":
+        raise TrainingError(f"train.sync_bn=true needs CUDA devices; this run has {env.world} processes on {device} "
+                            "(torch's SyncBatchNorm runs on GPUs only)", ["set train.sync_bn=false"])
     seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
     channels_last = recipe.train.channels_last == "on" or (recipe.train.channels_last == "auto")
     amp = autocast_for(device, recipe.train.precision)
@@ -380,7 +518,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     sampler = EpochSampler(len(dataset), batch_size, recipe.seed, env.rank, env.world)
     steps_per_epoch = sampler.batches_per_epoch()
     if steps_per_epoch == 0:
-        raise DataError(f"{len(dataset)} usable training clips are fewer than one batch of {batch_size}",
+        raise DataError(f"{len(dataset)} usable training clips are fewer than one batch of {recipe.optim.batch_size}",
                         ["lower optim.batch_size or prepare more clips"])
     total_steps = recipe.optim.max_steps or recipe.optim.epochs * steps_per_epoch
     total_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -400,6 +538,9 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     base_model = build_model(vision_init=recipe.model.vision_init, audio_init=recipe.model.audio_init).to(device)
     if channels_last:
         base_model = base_model.to(memory_format=torch.channels_last)
+    if sync_bn_of(recipe) and env.world > 1:
+        # converts the BatchNorm layers in place (same parameters and state_dict keys), so checkpoints stay plain
+        base_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(base_model)
     net: torch.nn.Module = ModelForTraining(base_model)
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -429,7 +570,9 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         set_rng_state(state["rng"])
         if env.main:
             run.truncate_metrics_after(step)
-        say(f"resuming {run.dir} from {last.name}: step {step}, epoch {epoch}, batch {batch_in_epoch}")
+        say(f"resuming {run.dir} from {last.name}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
+            + (f" (written by {state.get('world_size', 1)} processes, continued by {env.world})"
+               if state.get("world_size", 1) != env.world else ""))
 
     tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
                       warn=lambda m: say(f"warning: {m}"))
@@ -444,27 +587,46 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         say(f"run {run.dir}: {len(clips)} training clips ({len(skipped)} skipped), {len(val_clips)} validation clips, "
             f"{steps_per_epoch} steps/epoch x {total_epochs} epochs, batch {recipe.optim.batch_size}, device {device}, "
             f"precision {'fp32' if recipe.train.precision == 'fp32' else 'bf16 autocast'}")
+        if env.world > 1:
+            say(f"distributed: {env.world} processes ({dist.get_backend()}), {batch_size} clips per process and step, "
+                f"{negatives_of(recipe)} negatives, "
+                f"{'SyncBatchNorm' if sync_bn_of(recipe) else 'BatchNorm statistics per process'}")
 
     stop_requested = {"signal": None}
 
     def on_signal(signum, frame):  # finish the current step, checkpoint, stop
         stop_requested["signal"] = signum
 
+    # every rank listens: under torchrun a signal may reach any of them, and they agree on stopping each step
     old_handlers = {}
-    if env.main:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old_handlers[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread
-                pass
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old_handlers[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread
+            pass
 
     def save_last() -> Path | None:
         if not env.main:
             return None
         state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
                                  batch_in_epoch=batch_in_epoch, best=best, mix_neighbours=mix_neighbours,
-                                 skipped_steps=skipped_steps)
+                                 skipped_steps=skipped_steps, world_size=env.world)
         return run.save_checkpoint(state, f"last-{step:08d}", keep_last=recipe.train.keep_last)
+
+    skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
+
+    def collect_skipped() -> None:
+        """Rank 0 lists the clips the other ranks dropped (one gather, at epoch ends and when stopping)."""
+        gathered: list | None = [None] * env.world if env.main else None
+        dist.gather_object(list(skipped_elsewhere), gathered, dst=0)
+        skipped_elsewhere.clear()
+        if env.main:
+            by_stage: dict[str, list[tuple[str, str]]] = {}
+            for rows in gathered[1:]:
+                for clip_id, reason, stage in rows:
+                    by_stage.setdefault(stage, []).append((clip_id, reason))
+            for stage, rows in by_stage.items():
+                write_skipped(run, rows, stage)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
@@ -489,15 +651,33 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                 window_start, window_samples = time.perf_counter(), 0
                 for batch in loader:
                     if batch.get("skipped"):
-                        write_skipped(run, batch["skipped"], f"train epoch {epoch}") if env.main else None
-                        skipped_steps += 0
-                    if batch["images"].shape[0] < 2:
+                        if env.main:
+                            write_skipped(run, batch["skipped"], f"train epoch {epoch}")
+                        else:
+                            skipped_elsewhere.extend((i, r, f"train epoch {epoch}") for i, r in batch["skipped"])
+                    rows = batch["images"].shape[0] if "images" in batch else 0
+                    shard = None
+                    if env.world > 1:
+                        sizes, stop_anywhere = exchange_step_state(rows, stop_requested["signal"] is not None, device)
+                        if stop_anywhere:
+                            status = "interrupted"
+                            break
+                        shard = Shard(sizes, env.rank)
+                    # every rank skips together: a process with no clip left cannot run BatchNorm or the gather
+                    global_rows, fewest = (shard.total, min(shard.sizes)) if shard else (rows, rows)
+                    if global_rows < 2 or fewest == 0:
                         skipped_steps += 1
                         batch_in_epoch += 1
                         continue
                     loss, logs = forward_views(net, batch, recipe, recipe.seed * 1_000_003 + step, device,
-                                               channels_last, amp)
-                    if not torch.isfinite(loss):
+                                               channels_last, amp, shard=shard)
+                    if shard is not None:
+                        logs = mean_over_global_batch(logs, shard)
+                        # DDP averages gradients over processes; weighting each process's mean by its share of the
+                        # global batch makes that average the gradient of the global mean (a factor of exactly 1
+                        # when the shards are equal)
+                        loss = loss * (env.world * shard.local / shard.total)
+                    if not torch.isfinite(loss if shard is None else logs["loss"]):
                         values = {k: float(v) for k, v in logs.items()}
                         raise TrainingError(
                             f"the loss became {float(loss)} at step {step} (epoch {epoch}); training stopped",
@@ -513,7 +693,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                     step += 1
                     steps_this_call += 1
                     batch_in_epoch += 1
-                    window_samples += batch["images"].shape[0] * env.world
+                    window_samples += shard.total if shard else rows
                     if step % recipe.train.log_every == 0 or step == total_steps:
                         elapsed = time.perf_counter() - window_start
                         rate = window_samples / elapsed if elapsed > 0 else 0.0
@@ -527,7 +707,9 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                                                         if k in last_logs))
                         window_start, window_samples = time.perf_counter(), 0
                     progress.update(task, completed=step)
-                    if stop_requested["signal"] is not None or (stop_after_steps and steps_this_call >= stop_after_steps):
+                    # several processes stop on a signal together, at the next step's exchange
+                    if ((env.world == 1 and stop_requested["signal"] is not None)
+                            or (stop_after_steps and steps_this_call >= stop_after_steps)):
                         status = "interrupted"
                         break
                     if step >= total_steps:
@@ -537,6 +719,9 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                 # -- end of epoch
                 epoch += 1
                 batch_in_epoch = 0
+                if env.world > 1:
+                    collect_skipped()
+                    broadcast_buffers(base_model)
                 if t.mix.enabled and epoch >= t.mix.start_epoch:
                     mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env, cache_dir)
                 if val_clips and (epoch % recipe.train.val_every == 0 or step >= total_steps):
@@ -553,10 +738,12 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                             best = {"ciou": metrics["ciou"], "auc": metrics["auc"], "epoch": epoch, "step": step}
                             state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
                                                      batch_in_epoch=0, best=best, mix_neighbours=mix_neighbours,
-                                                     skipped_steps=skipped_steps)
+                                                     skipped_steps=skipped_steps, world_size=env.world)
                             run.save_checkpoint(state, "best")
                 save_last()
             if status != "finished":
+                if env.world > 1:
+                    collect_skipped()
                 path = save_last()
                 say(f"stopped at step {step} ({'signal ' + str(stop_requested['signal']) if stop_requested['signal'] else 'as asked'}); "
                     f"checkpoint {path}; continue with: sslt train --resume {run.dir}")
@@ -587,8 +774,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         if (run.dir / SKIPPED).exists():
             tracker.log_artifacts(run.dir / SKIPPED)
         tracker.end("FINISHED" if status == "finished" else "KILLED")
-    if env.world > 1:
-        dist.barrier()
+    # no closing barrier: rank 0's final evaluation can outlast the collective timeout, and the other ranks have
+    # nothing left to do (torchrun waits for every process)
     return run
 
 
@@ -606,23 +793,35 @@ def eval_loader(clips: list[Clip], recipe: Recipe, device: torch.device, protoco
 @torch.no_grad()
 def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
                            env: Dist, cache_dir: Path | None) -> np.ndarray:
-    """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour."""
+    """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour.
+
+    With several processes each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every
+    rank draws the same neighbours (same seed) as one process would.
+    """
     dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
                                  train=False, seed=recipe.seed, cache_dir=cache_dir)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False,
+    per_rank = math.ceil(len(clips) / env.world)
+    bounds = [(min(r * per_rank, len(clips)), min((r + 1) * per_rank, len(clips))) for r in range(env.world)]
+    start, stop = bounds[env.rank]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(start, stop)),
+                                         batch_size=recipe.eval.batch_size, shuffle=False,
                                          num_workers=recipe.data.num_workers, collate_fn=collate_skip_bad)
     model.eval()
-    embeddings = torch.zeros(len(clips), EMBED_DIM)
-    decoded = torch.zeros(len(clips), dtype=torch.bool)
+    embeddings = torch.zeros(stop - start, EMBED_DIM)
+    decoded = torch.zeros(stop - start, dtype=torch.bool)
     for batch in loader:
         if "spec" not in batch:
             continue
         with amp:
             a = model.embed_audio(batch["spec"].to(device))
-        index = torch.as_tensor(batch["index"])
+        index = torch.as_tensor(batch["index"]) - start
         embeddings[index] = a.float().cpu()
         decoded[index] = True
     model.train()
+    if env.world > 1:
+        gather = rank_gather([b - a for a, b in bounds], env.rank)
+        embeddings = gather(embeddings.to(device))[0].cpu()
+        decoded = gather(decoded.to(device, torch.uint8))[0].cpu().bool()
     g = torch.Generator().manual_seed(recipe.seed * 7919 + len(clips))
     neighbours = augment.find_mix_neighbours(F.normalize(embeddings, dim=1), queue_size=recipe.transforms.mix.queue,
                                              generator=g)
@@ -695,7 +894,8 @@ def heatmap_grid(images: torch.Tensor, maps: torch.Tensor, annotations: list, pa
         size = frame.shape[0]
         up = F.interpolate(maps[i][None, None].float(), size=frame.shape[:2], mode="bilinear", align_corners=False)[0, 0]
         ax.imshow(frame)
-        ax.imshow(up.numpy(), cmap="jet", alpha=0.45, vmin=-1, vmax=1)
+        # min-max per image, as every protocol normalises a map before thresholding it
+        ax.imshow(up.numpy(), cmap="jet", alpha=0.45)
         ann = annotations[i]
         if ann is not None:
             for box in ann.boxes:

@@ -40,6 +40,9 @@ from sslt_cli.train import train
 
 STEPS_PER_EPOCH = 4  # 32 training clips in batches of 8
 TOTAL_STEPS = 6  # one whole epoch, validation and T_mix refresh, then half of the next epoch
+# the paper's row A: L_cl alone, no transformation, one view per step
+ROW_A = ("transforms.views=code", "transforms.app.enabled=false", "transforms.geo.enabled=false",
+         "transforms.mask.enabled=false", "transforms.mix.enabled=false", "transforms.equivariance.enabled=false")
 
 
 @contextmanager
@@ -109,9 +112,12 @@ def only_run(runs_dir: Path) -> Run:
 
 
 def clone_run(source: Path, target: Path) -> Run:
-    """A copy of a run folder whose checkpoints are hard links: resuming the copy writes new files (atomic replace,
-    pruning unlinks) and never touches the source."""
-    shutil.copytree(source, target, copy_function=os.link)
+    """A copy of a run folder, checkpoints as hard links: a resumed copy writes new checkpoint files (atomic
+    replace) and unlinks pruned ones, so the source is never touched; the files it appends to are real copies."""
+    def link_checkpoints(src: str, dst: str) -> None:
+        (os.link if src.endswith(".pt") else shutil.copy2)(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_checkpoints)
     return Run(target)
 
 
@@ -205,18 +211,11 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(reference_run, interrup
     assert val == [(r["step"], r["ciou"], r["auc"], r["l_cl"]) for r in reference_run.metrics() if r["kind"] == "val"]
 
 
-@pytest.mark.parametrize("argv", [
-    pytest.param(["train", "--resume"], marks=pytest.mark.xfail(strict=True, reason=(
-        "cli.py train(): the RECIPE argument is required (typer.Argument(...)), so `sslt train --resume RUN`, the "
-        "form train.py's stop message and the CLI's own hints print, exits 2 with \"Missing argument 'recipe'\""))),
-    ["train", "RECIPE", "--resume"],
-], ids=["documented-form", "with-recipe-argument"])
-def test_cli_resume_ends_with_the_uninterrupted_weights(reference_run, interrupted, tmp_path, argv) -> None:
+def test_cli_resume_ends_with_the_uninterrupted_weights(reference_run, interrupted, tmp_path) -> None:
     from sslt_cli.cli import app
 
     run = clone_run(interrupted.run.dir, tmp_path / "resumed")
-    args = [str(run.dir / "config.yaml") if a == "RECIPE" else a for a in argv] + [str(run.dir)]
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run.dir)])
 
     assert result.exit_code == 0, result.output
     assert run.meta()["status"] == "finished"
@@ -312,8 +311,20 @@ def test_official_checkpoint_with_numpy_best_miou_loads(tmp_path) -> None:
 # --- failures and bad data ----------------------------------------------------------------------------------------
 
 # two steps per epoch, no validation, one view per step: the cheapest run that checkpoints before step 3
-NAN_RUN = ("data.limit_train=16", "data.val=null", "optim.max_steps=4", "transforms.views=code",
-           "transforms.equivariance.enabled=false")
+NAN_RUN = ("data.limit_train=16", "data.val=null", "optim.max_steps=4", *ROW_A)
+
+
+def nan_loss_at_call(n: int):
+    """``train.forward_views`` whose n-th call (1-based) returns a NaN loss."""
+    real_forward = train_module.forward_views
+    calls = {"n": 0}
+
+    def forward_views(*args, **kwargs):
+        loss, logs = real_forward(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), logs) if calls["n"] == n else (loss, logs)
+
+    return forward_views
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, monkeypatch) -> None:
@@ -325,16 +336,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, m
         saved[name] = copy.deepcopy(state["model"])
         return real_save(self, state, name, keep_last)
 
-    calls = {"n": 0}
-    real_forward = train_module.forward_views
-
-    def nan_on_third_step(*args, **kwargs):
-        loss, logs = real_forward(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan"), logs) if calls["n"] == 3 else (loss, logs)
-
     monkeypatch.setattr(Run, "save_checkpoint", remembering_save)
-    monkeypatch.setattr(train_module, "forward_views", nan_on_third_step)
+    monkeypatch.setattr(train_module, "forward_views", nan_loss_at_call(3))
     with pytest.raises(TrainingError) as info:
         train(recipe, evaluate_at_end=False, **quiet())
 
@@ -356,15 +359,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, m
     "say 'at step {step + 1}' (or 'after step {step}')"))
 def test_nan_message_names_the_failing_step(bench, tmp_path, monkeypatch) -> None:
     recipe = make_recipe(tmp_path, bench, *NAN_RUN)
-    real_forward = train_module.forward_views
-    calls = {"n": 0}
-
-    def nan_on_third_step(*args, **kwargs):
-        loss, logs = real_forward(*args, **kwargs)
-        calls["n"] += 1
-        return (loss * float("nan"), logs) if calls["n"] == 3 else (loss, logs)
-
-    monkeypatch.setattr(train_module, "forward_views", nan_on_third_step)
+    monkeypatch.setattr(train_module, "forward_views", nan_loss_at_call(3))
     with pytest.raises(TrainingError, match=r"at step 3 \(epoch 1\)"):
         train(recipe, evaluate_at_end=False, **quiet())
 
@@ -421,9 +416,7 @@ def test_a_few_steps_lower_the_loss_from_chance(bench, tmp_path) -> None:
     # Row A (no augmentation, one view) on one batch of 16 clips: every step sees the same inputs, so the logged
     # loss is plain gradient descent on a fixed objective.
     recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.batch_size=16", "data.val=null",
-                         "optim.max_steps=6", "transforms.views=code", "transforms.app.enabled=false",
-                         "transforms.geo.enabled=false", "transforms.mask.enabled=false",
-                         "transforms.mix.enabled=false", "transforms.equivariance.enabled=false")
+                         "optim.max_steps=6", *ROW_A)
     run = train(recipe, evaluate_at_end=False, **quiet())
 
     losses = [r["loss"] for r in run.metrics() if r["kind"] == "train"]
@@ -471,10 +464,6 @@ def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
 
 
 # --- views ------------------------------------------------------------------------------------------------------
-
-ROW_A = ("transforms.views=code", "transforms.app.enabled=false", "transforms.geo.enabled=false",
-         "transforms.mask.enabled=false", "transforms.mix.enabled=false", "transforms.equivariance.enabled=false")
-
 
 @pytest.mark.parametrize("mode", ["paper", "code", "row-A"])
 def test_view_modes(bench, tmp_path, monkeypatch, mode) -> None:
