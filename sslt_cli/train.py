@@ -680,7 +680,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                     if not torch.isfinite(loss if shard is None else logs["loss"]):
                         values = {k: float(v) for k, v in logs.items()}
                         raise TrainingError(
-                            f"the loss became {float(loss)} at step {step} (epoch {epoch}); training stopped",
+                            f"the loss became {float(loss.detach())} at step {step} (epoch {epoch}); training stopped",
                             [f"loss terms: {values}",
                              f"last good checkpoint: {run.latest_checkpoint() or 'none yet'} (intact)",
                              "try a lower optim.lr, train.precision=fp32, or optim.grad_clip"])
