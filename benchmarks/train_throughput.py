@@ -18,9 +18,10 @@ its cores between the loader workers and the model, so on CPU the ratios say how
     python benchmarks/train_throughput.py                            # both recipes, CPU (+ CUDA when available)
     python benchmarks/train_throughput.py --recipes quickstart --steps 10 --workers 2
     python benchmarks/train_throughput.py --device cuda --steps 50 --json train_throughput.json
+    python benchmarks/train_throughput.py --threads 1      # one intra-op thread: see the note on shared CPUs below
 
-``recipes/quickstart.yaml`` is used when it exists; otherwise ``tie_full`` with the quickstart-like overrides
-``data.image_size=96 audio.clip_seconds=3 audio.n_mels=64``.
+On a CPU shared with other busy processes (or with the loader workers themselves), torch's default of one intra-op
+thread per core oversubscribes the cores and its threads wait for each other; ``--threads`` shows the difference.
 """
 from __future__ import annotations
 
@@ -45,7 +46,6 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_LIKE = ["name=quickstart", "data.image_size=96", "audio.clip_seconds=3", "audio.n_mels=64"]
 # Steps measured per recipe and device when --steps is not given: the 224 px recipe takes tens of seconds a step on CPU.
 DEFAULT_STEPS = {("quickstart", "cpu"): 8, ("tie_full", "cpu"): 2, ("quickstart", "cuda"): 40, ("tie_full", "cuda"): 20}
 WARMUP_STEPS = 1
@@ -80,12 +80,7 @@ def sync(device: torch.device) -> None:
 
 
 def base_recipe(name: str, overrides: list[str]) -> Recipe:
-    """``quickstart`` or ``tie_full`` from recipes/, with ``overrides`` applied last."""
-    if name == "quickstart":
-        path = REPO / "recipes" / "quickstart.yaml"
-        if path.is_file():
-            return load_recipe(path, overrides)
-        return load_recipe(REPO / "recipes" / "tie_full.yaml", QUICKSTART_LIKE + overrides)
+    """``recipes/<name>.yaml`` with ``overrides`` applied last."""
     return load_recipe(REPO / "recipes" / f"{name}.yaml", overrides)
 
 
@@ -206,11 +201,10 @@ def measure(name: str, device: torch.device, steps: int, loader_batches: int, wo
     runs = work / f"runs-{name}-{device.type}"
     # T_mix first mixes in epoch 1, so switching it off changes no measured step and skips the neighbour refresh
     # that train() runs after the last one
+    workers = workers if workers is not None else min(probe.data.num_workers, os.cpu_count() or 1)
     overrides = [f"data.root={data}", "data.train=train", "data.val=null", "tracking.enabled=false",
-                 "transforms.mix.enabled=false",
-                 f"runs_dir={runs}", f"optim.max_steps={WARMUP_STEPS + steps + 1}", f"optim.batch_size={batch}",
-                 f"train.device={device.type}",
-                 f"data.num_workers={workers if workers is not None else min(probe.data.num_workers, os.cpu_count() or 1)}"]
+                 "transforms.mix.enabled=false", f"runs_dir={runs}", f"optim.max_steps={WARMUP_STEPS + steps + 1}",
+                 f"optim.batch_size={batch}", f"train.device={device.type}", f"data.num_workers={workers}"]
     recipe = base_recipe(name, overrides)
     clips = read_set(data / "train").clips
     # train() keeps its log-mel cache beside the run folders: warm it there so (a) and (c) both read it
@@ -238,7 +232,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto: CPU, and CUDA too when available")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default: per recipe and device)")
-    parser.add_argument("--loader-batches", type=int, default=None, help="batches timed for the loader (default 8, 4 for tie_full on CPU)")
+    parser.add_argument("--loader-batches", type=int, default=None,
+                        help="batches timed for the loader (default 8, 4 for tie_full on CPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers (default: the recipe's, at most the CPU count)")
     parser.add_argument("--batch-size", type=int, default=None, help="override optim.batch_size")

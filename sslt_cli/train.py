@@ -571,7 +571,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         if env.main:
             run.truncate_metrics_after(step)
         say(f"resuming {run.dir} from {last.name}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
-            + (f" (written by {state.get('world_size', 1)} processes, continued by {env.world})"
+            + (f" (world size {state.get('world_size', 1)} -> {env.world})"
                if state.get("world_size", 1) != env.world else ""))
 
     tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
