@@ -151,11 +151,22 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the run folder; do nothing."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train in N processes on this machine through "
+                                        "torchrun (one per GPU); optim.batch_size is the global batch."),
 ) -> None:
     """Train SSL-TIE (or a baseline) from a recipe; writes a run folder and mirrors it to MLflow."""
     from sslt_cli.config import dump_yaml, load_recipe, recipe_dict
 
     overrides = list(overrides or [])
+    if nproc is not None and not dry_run:
+        from sslt_cli.train import launch_torchrun
+
+        if resume is not None:
+            raise typer.Exit(launch_torchrun(nproc, ["train", "--resume", str(resume)]))
+        if recipe is None:
+            raise SsltError("give a recipe file (e.g. recipes/tie_full.yaml), or --resume RUN_DIR")
+        load_recipe(recipe, overrides)  # every recipe problem is reported here, once, not by N processes
+        raise typer.Exit(launch_torchrun(nproc, ["train", str(recipe), *overrides]))
     if resume is not None:
         from sslt_cli.runs import Run
 

@@ -70,7 +70,10 @@ class ModelConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """L_cl (tri-map hard-way contrastive) and the weights of the total loss (REFERENCE.md sections 2-3)."""
+    """L_cl (tri-map hard-way contrastive) and the weights of the total loss (REFERENCE.md sections 2-3).
+
+    ``negatives``: with several processes, easy negatives come from the whole global batch (``global``) or from each
+    process's own batch (``local``)."""
 
     objective: Literal["tie", "ezvsl"] = "tie"
     eps_pos: float = 0.65
@@ -79,6 +82,7 @@ class LossConfig(_Strict):
     temperature: float = Field(0.07, gt=0)
     cl_weight: float = Field(0.5, ge=0)
     geo_weight: float = Field(1.0, ge=0)
+    negatives: Literal["global", "local"] = "global"
 
 
 class AppearanceConfig(_Strict):
@@ -163,6 +167,7 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     keep_last: int = Field(2, ge=1)
     deterministic: bool = True
+    sync_bn: bool = False
 
 
 class EvalConfig(_Strict):

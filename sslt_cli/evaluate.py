@@ -885,13 +885,12 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
     schema's defaults (the paper's settings, which the official weights were trained with).
     """
     from sslt_cli.config import Recipe, validate_tree
-    from sslt_cli.model import build_model, load_official_checkpoint
-    from sslt_cli.runs import load_checkpoint
+    from sslt_cli.model import build_model, load_official_checkpoint, read_checkpoint_file
 
     path = Path(path)
-    state = load_checkpoint(path)
+    state = read_checkpoint_file(path)
     step = None
-    if state.get("format") == "sslt-checkpoint/1" and "model" in state:
+    if isinstance(state, dict) and state.get("format") == "sslt-checkpoint/1" and "model" in state:
         weights = state["model"]
         step = int(state.get("step", 0))
         if recipe is None and isinstance(state.get("recipe"), dict):
@@ -902,14 +901,21 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
         label = "official SSL-TIE"
     recipe = recipe or Recipe()
     model = build_model()
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        from sslt_cli.errors import CheckpointError
+    from sslt_cli.errors import CheckpointError
 
-        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the model",
-                              [f"missing: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}" if missing else "",
-                               f"unexpected: {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}"
-                               if unexpected else ""])
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes that do not fit
+        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path}: the checkpoint's tensors do not fit the model", lines[:10]) from None
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing: {', '.join(missing[:10])}{f' (+{len(missing) - 10} more)' if len(missing) > 10 else ''}")
+        if unexpected:
+            problems.append(f"unexpected: {', '.join(unexpected[:10])}"
+                            f"{f' (+{len(unexpected) - 10} more)' if len(unexpected) > 10 else ''}")
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the model", problems)
     model.to(device).eval()
     return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step)
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 Parts = dict[str, torch.Tensor]
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
-"""x (B, ...) of this process -> (the rows of every process in rank order (G, ...), index of this process's first row)."""
+"""x (B, ...) of this process -> (the rows of every process in rank order (G, ...), index of this process's first
+row in them)."""
 
 
 class _GatherRows(torch.autograd.Function):

@@ -172,6 +172,15 @@ def _load_file(path: Path) -> Any:
                               f"({_load_error_reason(exc)})") from None
 
 
+def read_checkpoint_file(path: str | Path) -> Any:
+    """Any checkpoint file (sslt's or the official SSL-TIE pickle, whose ``best_miou`` is a numpy scalar) loaded with
+    ``weights_only=True`` and numpy scalars allowed; a file that is not one raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    return _load_file(path)
+
+
 def _load_error_reason(exc: Exception) -> str:
     """The informative line of a torch.load error (weights-only errors bury it under generic advice)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

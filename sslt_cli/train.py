@@ -479,7 +479,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         console = out = Console(stderr=True, quiet=True)
     if recipe.optim.batch_size % env.world:
         raise TrainingError(f"optim.batch_size={recipe.optim.batch_size} (the global batch) does not split over "
-                            f"{env.world} processes", [f"use a multiple of {env.world}, or another number of processes"])
+                            f"{env.world} processes",
+                            [f"use a multiple of {env.world}, or another number of processes"])
     device = pick_device(recipe.train.device, env.local_rank)
     if sync_bn_of(recipe) and env.world > 1 and device.type != "cuda":
         raise TrainingError(f"train.sync_bn=true needs CUDA devices; this run has {env.world} processes on {device} "
@@ -500,7 +501,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
     # -- data
     clips, skipped = load_training_clips(recipe, run, console)
-    if env.main:
+    if env.main and resume_run is None:
         write_skipped(run, skipped, "train")
     a_args = audio_args(recipe)
     t = recipe.transforms
@@ -680,7 +681,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                     if not torch.isfinite(loss if shard is None else logs["loss"]):
                         values = {k: float(v) for k, v in logs.items()}
                         raise TrainingError(
-                            f"the loss became {float(loss.detach())} at step {step} (epoch {epoch}); training stopped",
+                            f"the loss became {float(loss.detach())} at step {step + 1} (epoch {epoch}); training stopped",
                             [f"loss terms: {values}",
                              f"last good checkpoint: {run.latest_checkpoint() or 'none yet'} (intact)",
                              "try a lower optim.lr, train.precision=fp32, or optim.grad_clip"])

@@ -466,7 +466,8 @@ def test_the_recipe_switches_reach_the_loop(bench, tmp_path) -> None:
         pytest.skip("the recipe schema has no loss.negatives / train.sync_bn yet (config.py)")
     default = load_recipe(make_recipe_file(tmp_path / "default", bench), [])
     assert (train_module.negatives_of(default), train_module.sync_bn_of(default)) == ("global", False)
-    switched = load_recipe(make_recipe_file(tmp_path / "switched", bench), ["loss.negatives=local", "train.sync_bn=true"])
+    switched = load_recipe(make_recipe_file(tmp_path / "switched", bench),
+                           ["loss.negatives=local", "train.sync_bn=true"])
     assert (train_module.negatives_of(switched), train_module.sync_bn_of(switched)) == ("local", True)
 
 

@@ -291,11 +291,6 @@ def test_garbage_and_incomplete_checkpoints_are_refused(tmp_path) -> None:
     assert info.value.problems == ["missing keys (1): conv3.weight"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "evaluate.py load_model() reads every file with runs.load_checkpoint (weights_only=True without the numpy-scalar "
-    "allow-list) before it tells the formats apart, so a published SSL-TIE checkpoint, whose best_miou is a "
-    "numpy.float64, fails with 'not a checkpoint torch can load safely (Weights only load failed...'; "
-    "model.load_official_checkpoint alone reads the same file"))
 def test_official_checkpoint_with_numpy_best_miou_loads(tmp_path) -> None:
     model = build_model()
     path = tmp_path / "published.pth.tar"
@@ -353,10 +348,6 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, m
     assert [r["step"] for r in run.metrics() if r["kind"] == "train"] == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py: the NaN message says 'at step {step}' with step = updates already made, so the failing third update "
-    "is reported as 'step 2', the number metrics.jsonl and the checkpoint give the last good update; "
-    "say 'at step {step + 1}' (or 'after step {step}')"))
 def test_nan_message_names_the_failing_step(bench, tmp_path, monkeypatch) -> None:
     recipe = make_recipe(tmp_path, bench, *NAN_RUN)
     monkeypatch.setattr(train_module, "forward_views", nan_loss_at_call(3))
@@ -391,10 +382,6 @@ def test_bad_clips_are_skipped_and_listed(bench, tmp_path) -> None:
     assert run.meta()["skipped_train_clips"] == 1 and run.meta()["train_clips"] == 16
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.py train(): write_skipped(run, skipped, 'train') (after load_training_clips) runs again on --resume, so "
-    "every clip the precheck drops is appended to skipped.csv once more per resume and the listed N grows; write "
-    "the precheck rows only for a new run (resume_run is None), as truncate_metrics_after does for metrics.jsonl"))
 def test_resume_does_not_list_a_skipped_clip_twice(bench, tmp_path) -> None:
     root = tmp_path / "data"
     shutil.copytree(bench / "train", root / "train")
