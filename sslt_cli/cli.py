@@ -416,7 +416,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         err.print(f"no runs under {runs_dir}")
         return
     table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test cIoU", "test AUC"):
+    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
         table.add_column(col)
     for run in found:
         meta = run.meta()
@@ -425,10 +425,14 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         val = [r for r in records if r.get("kind") == "val" and "ciou" in r]
         test = [r for r in records if r.get("kind") == "test" and "ciou" in r]
         best_val = max((r["ciou"] for r in val), default=None)
-        last_test = test[-1] if test else {}
+        # the best checkpoint (chosen on validation) on the first test set, else the latest test record
+        first_set = test[0].get("set") if test else None
+        chosen = [r for r in test if r.get("set") == first_set and r.get("checkpoint") == "best"] or test
+        shown = chosen[-1] if chosen else {}
+        where = f"{shown.get('set', '')} ({shown.get('checkpoint', '')})" if shown else "-"
         table.add_row(run.dir.name, str(meta.get("recipe_name", "")), str(meta.get("status", "")),
-                      str(max(steps) if steps else 0), _fmt(best_val), _fmt(last_test.get("ciou")),
-                      _fmt(last_test.get("auc")))
+                      str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
+                      _fmt(shown.get("auc")))
     out.print(table)
 
 

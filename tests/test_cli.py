@@ -146,14 +146,17 @@ def test_runs_table() -> None:
     run = Run.create(load_recipe("recipe.yaml"), argv=[])
     for record in ({"kind": "train", "step": 10, "loss": 1.0}, {"kind": "val", "step": 10, "ciou": 0.3},
                    {"kind": "train", "step": 20, "loss": 0.5}, {"kind": "val", "step": 20, "ciou": 0.25},
-                   {"kind": "test", "step": 20, "ciou": 0.375, "auc": 0.4}):
+                   {"kind": "test", "step": 20, "set": "vggss", "checkpoint": "last", "ciou": 0.375, "auc": 0.4},
+                   {"kind": "test", "step": 10, "set": "vggss", "checkpoint": "best", "ciou": 0.5, "auc": 0.45},
+                   {"kind": "test", "step": 10, "set": "flickr", "checkpoint": "best", "ciou": 0.7, "auc": 0.6}):
         run.append_metrics(record)
     run.update_meta(status="finished")
     result = CliRunner().invoke(app, ["runs", "--runs-dir", "runs"], env=WIDE)
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if run.dir.name in line)
+    # the best checkpoint (chosen on validation) on the first test set
     assert [cell.strip() for cell in row.strip("│┃| ").split("│")] == [
-        run.dir.name, "t", "finished", "20", "0.3000", "0.3750", "0.4000"]
+        run.dir.name, "t", "finished", "20", "0.3000", "vggss (best)", "0.5000", "0.4500"]
 
     result = CliRunner().invoke(app, ["runs", "--runs-dir", "nothing-here"])
     assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no runs under nothing-here\n")
