@@ -54,6 +54,8 @@ def serve(tmp_path: Path):
     def start(cmd: list[str], url: str, env: dict[str, str] | None = None,
               deadline_s: float = 180) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"server-{len(started)}.log"
+        # no background job runners: the tests need the tracking API only, and the runners cost seconds of CPU
+        env = {**(env if env is not None else os.environ), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(log, "wb") as sink:
             process = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
                                        start_new_session=True)
