@@ -192,7 +192,6 @@ def resample(waveform: "torch.Tensor", orig_rate: int, new_rate: int, *, zero_cr
     input is returned unchanged when the rates are equal. Content above ``rolloff`` x the lower Nyquist frequency is
     filtered out (no aliasing when downsampling).
     """
-    import torch
     import torch.nn.functional as F
 
     if orig_rate <= 0 or new_rate <= 0:

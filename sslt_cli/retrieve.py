@@ -46,10 +46,8 @@ import hashlib
 import io
 import json
 import math
-import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
@@ -61,6 +59,7 @@ from rich.text import Text
 from sslt_cli.data.annotations import load_vggss_json
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError, DataError, SsltError
+from sslt_cli.runs import atomic_torch_save
 
 if TYPE_CHECKING:
     import numpy as np
@@ -502,15 +501,7 @@ def save_embeddings(path: Path, embeddings: ClipEmbeddings, key: dict) -> None:
     state = {"format": EMBEDDINGS_FORMAT, "key": key, "ids": embeddings.ids, "audio": embeddings.audio,
              "image_avg": embeddings.image_avg, "image_max": embeddings.image_max, "maps": embeddings.maps,
              "map_size": list(embeddings.map_size), "skipped": [list(s) for s in embeddings.skipped]}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_torch_save(state, path)
 
 
 def load_embeddings(path: Path, key: dict, need_maps: bool) -> ClipEmbeddings | None:

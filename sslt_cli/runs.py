@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sslt_cli.config import Recipe, dump_yaml, recipe_dict, validate_tree
 from sslt_cli.errors import CheckpointError, SsltError
@@ -39,18 +39,41 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temp file in the same folder and ``os.replace``."""
+def atomic_write(path: str | Path, write: "Callable[[str], None]") -> Path:
+    """Create ``path`` through ``write(temp_path)`` on a temp file in the same folder, then ``os.replace``: a kill
+    never leaves a half-written file. The file gets the usual permissions (umask), not mkstemp's 0600."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` atomically (see :func:`atomic_write`)."""
+    import torch
+
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def git_sha() -> str | None:
@@ -190,19 +213,7 @@ class Run:
 
     def save_checkpoint(self, state: dict, name: str, keep_last: int | None = None) -> Path:
         """Atomically save ``state`` as ``checkpoints/<name>.pt``; prune ``last-*.pt`` to ``keep_last``."""
-        import torch
-
-        path = self.checkpoints / f"{name}.pt"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoints, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        path = atomic_torch_save(state, self.checkpoints / f"{name}.pt")
         if keep_last is not None and name.startswith("last-"):
             lasts = sorted(self.checkpoints.glob("last-*.pt"), key=_step_of)
             for old in lasts[:-keep_last]:

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from sslt_cli import ablate
 from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, paper_orderings, resolve_seeds,
-                             run_ablation, summarise)
+                             run_ablation)
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run

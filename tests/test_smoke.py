@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 TINY = ["data.root=bench", "data.image_size=64", "data.num_workers=0", "audio.clip_seconds=3", "audio.n_mels=32",
         "audio.hop_length=478", "optim.batch_size=8", "optim.epochs=1", "transforms.mix.queue=8",

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
 from sslt_cli.errors import DataError
+from sslt_cli.runs import atomic_write_text
 
 AnnotationKind = Literal["vggss", "flickr"]
 FLICKR_GRID = 256
@@ -122,19 +121,6 @@ def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectRepo
     return out, report
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _indent(root: ET.Element) -> str:
     ET.indent(root, space="  ")
     return ET.tostring(root, encoding="unicode") + "\n"
@@ -172,7 +158,7 @@ def flickr_xml_text(annotation: Annotation) -> str:
 def write_annotation_xml(path: str | Path, annotation: Annotation) -> None:
     """Write one clip's XML atomically, in the format of its kind."""
     text = vggss_xml_text(annotation) if annotation.kind == "vggss" else flickr_xml_text(annotation)
-    _atomic_write_text(Path(path), text)
+    atomic_write_text(Path(path), text)
 
 
 def _parse_xml(path: Path) -> ET.Element:

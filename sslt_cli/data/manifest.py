@@ -22,13 +22,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from sslt_cli.errors import DataError
+from sslt_cli.runs import atomic_write_bytes
 
 MANIFEST = "manifest.csv"
 SET_INFO = "set.json"
@@ -76,20 +75,6 @@ def layout_paths(layout: str, clip_id: str) -> tuple[str, str, str]:
         raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     frame, audio, anno, _ = LAYOUTS[layout]
     return frame.format(id=clip_id), audio.format(id=clip_id), (anno.format(id=clip_id) if anno else "")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``: no half-written file survives a kill."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_set(root: str | Path, layout: str, clips: Iterable[Clip], info: dict | None = None) -> Path:
