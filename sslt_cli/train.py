@@ -924,5 +924,11 @@ def end_table(run: Run, recipe: Recipe, best: dict, last_logs: dict, out: Consol
             table.add_row(f"last {k}", f"{last_logs[k]:.4f}")
     if best.get("epoch") is not None:
         table.add_row("best val cIoU", f"{best['ciou']:.4f} (epoch {best['epoch']}, step {best['step']})")
+    skipped = run.dir / SKIPPED
+    if skipped.is_file():
+        with open(skipped, newline="") as f:
+            rows = list(csv.DictReader(f))
+        ids = {r["id"] for r in rows}
+        table.add_row("clips skipped", f"{len(ids)} (reasons in {skipped.name})")
     table.add_row("run folder", str(run.dir))
     out.print(table)
