@@ -299,17 +299,19 @@ def resolve_base(value: str, ablation_path: Path) -> Path:
                        "base=quickstart"])
 
 
-def _read_ablation_file(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"{path}: ablation file not found") from None
-    except IsADirectoryError:
-        raise RecipeError(f"{path}: is a folder, expected an ablation .yaml file") from None
-    tree = parse_yaml(text, str(path)) or {}
-    if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: an ablation file must be a mapping of keys, got {type(tree).__name__}")
-    return tree
+def _override_problems(overrides: Sequence[str], in_row: bool) -> list[tuple[str | None, str]]:
+    """(override text, problem) for each override a cell cannot take; the text is None for a malformed override."""
+    found: list[tuple[str | None, str]] = []
+    for text in overrides:
+        try:
+            key, _ = parse_override(text)
+        except RecipeError as exc:
+            found.append((None, exc.message))
+            continue
+        why = _per_cell_key_problem(key, in_row=in_row)
+        if why:
+            found.append((text, why))
+    return found
 
 
 def _seed_list(value: Any, base_seed: int) -> list[int] | str:
@@ -370,15 +372,8 @@ def _parse_row(name: str, body: Any, source: str, problems: list[str]) -> Row | 
             hint = _close_word(switch, list(SWITCHES))
             found.append(f"{where}: unknown switch '{switch}'{f' (did you mean {hint!r}?)' if hint else ''}; "
                          f"the switches are {', '.join(SWITCHES)}")
-    for text in spec.overrides:
-        try:
-            key, _ = parse_override(text)
-        except RecipeError as exc:
-            found.append(f"{where}: {exc.message}")
-            continue
-        why = _per_cell_key_problem(key, in_row=True)
-        if why:
-            found.append(f"{where}: override {text!r}: {why}")
+    for text, why in _override_problems(spec.overrides, in_row=True):
+        found.append(f"{where}: {why}" if text is None else f"{where}: override {text!r}: {why}")
     problems.extend(found)
     if found:
         return None
@@ -488,15 +483,8 @@ def _check_spec(spec: AblationSpec, path: Path, problems: list[str]) -> tuple[li
         problems.append(f"{source}: give either rows (named cells) or grid (a cartesian product), not both")
     elif spec.rows is None and spec.grid is None:
         problems.append(f"{source}: give rows (named cells) or grid (the cartesian product of values of recipe keys)")
-    for text in spec.overrides:
-        try:
-            key, _ = parse_override(text)
-        except RecipeError as exc:
-            problems.append(f"{source}: overrides: {exc.message}")
-            continue
-        why = _per_cell_key_problem(key, in_row=False)
-        if why:
-            problems.append(f"{source}: overrides: {text!r}: {why}")
+    for text, why in _override_problems(spec.overrides, in_row=False):
+        problems.append(f"{source}: overrides: {why}" if text is None else f"{source}: overrides: {text!r}: {why}")
     rows = (_parse_rows(spec.rows, source, problems) if spec.rows is not None
             else _parse_grid(spec.grid, source, problems) if spec.grid is not None else [])
     if spec.base is None:
@@ -551,7 +539,7 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
     """
     path = Path(path)
     source = str(path)
-    tree = _read_ablation_file(path)
+    tree = load_tree(path, "ablation")
     problems: list[str] = []
     ablation_texts, command = _split_command_overrides(list(overrides or []), problems)
 

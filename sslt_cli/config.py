@@ -404,18 +404,19 @@ def validate_tree(tree: dict, source: str, model: type[BaseModel] = Recipe,
         raise RecipeError(f"{source}: {len(problems)} problem(s) in the recipe", problems) from None
 
 
-def load_tree(path: str | Path) -> dict:
-    """The raw mapping of a YAML recipe file (no validation)."""
+def load_tree(path: str | Path, kind: str = "recipe") -> dict:
+    """The raw mapping of a YAML file of ``kind`` (``recipe``, ``ablation``), not validated."""
     path = Path(path)
+    article = "an" if kind[:1] in "aeiou" else "a"
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"{path}: recipe file not found") from None
+        raise RecipeError(f"{path}: {kind} file not found") from None
     except IsADirectoryError:
-        raise RecipeError(f"{path}: is a folder, expected a recipe .yaml file") from None
+        raise RecipeError(f"{path}: is a folder, expected {article} {kind} .yaml file") from None
     tree = parse_yaml(text, str(path)) or {}
     if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(tree).__name__}")
+        raise RecipeError(f"{path}: {article} {kind} must be a mapping of keys, got {type(tree).__name__}")
     return tree
 
 

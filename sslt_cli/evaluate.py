@@ -920,6 +920,23 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
     return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step)
 
 
+def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, image_mode: str, *,
+                batch_size: int | None = None, num_workers: int | None = None) -> torch.utils.data.DataLoader:
+    """A loader of (id, image, spec) items for evaluation: the protocol's image pre-processing (``image_mode``) at
+    ``recipe.data.image_size``, the recipe's audio front end, no augmentation, the clips' order kept; batch size and
+    workers default to ``recipe.eval.batch_size`` and ``recipe.data.num_workers``."""
+    from sslt_cli.data import augment
+    from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad
+
+    dataset = AudioVisualDataset(
+        list(clips), image_transform=augment.build_eval_transform(recipe.data.image_size, image_mode), n_views=1,
+        audio=recipe.audio.model_dump(), spec_augment=None, train=False, seed=recipe.seed, cache_dir=None)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size or recipe.eval.batch_size, shuffle=False,
+        num_workers=recipe.data.num_workers if num_workers is None else num_workers, collate_fn=collate_skip_bad,
+        pin_memory=torch.device(device).type == "cuda")
+
+
 def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, protocol: Protocol,
                  device: str | torch.device, *, batch_size: int | None = None, num_workers: int | None = None,
                  pairs: Sequence[tuple[str, Clip, Clip]] | None = None,
@@ -929,13 +946,6 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
     Frames get the protocol's image pre-processing at ``recipe.data.image_size``; audio gets the recipe's front end.
     Returns ({key: (h, w) map}, [(key, reason)] for clips that could not be decoded).
     """
-    from sslt_cli.data import augment
-    from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad
-
-    a = recipe.audio
-    audio = dict(sample_rate=a.sample_rate, clip_seconds=a.clip_seconds, n_fft=a.n_fft, hop_length=a.hop_length,
-                 n_mels=a.n_mels, normalized=a.normalized)
-    transform = augment.build_eval_transform(recipe.data.image_size, protocol.image_preprocessing)
     if pairs is None:
         items = list(clips)
         keys = [c.id for c in items]
@@ -943,11 +953,8 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
         # a pair's frame comes from one clip and its audio from another: a synthetic Clip carries both paths
         items = [Clip(id=key, frame=fc.frame, audio=ac.audio) for key, fc, ac in pairs]
         keys = [key for key, _, _ in pairs]
-    dataset = AudioVisualDataset(items, image_transform=transform, n_views=1, audio=audio, spec_augment=None,
-                                 train=False, seed=0, cache_dir=None)
-    workers = recipe.data.num_workers if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or recipe.eval.batch_size, shuffle=False,
-                                         num_workers=workers, collate_fn=collate_skip_bad)
+    loader = eval_loader(items, recipe, device, protocol.image_preprocessing, batch_size=batch_size,
+                         num_workers=num_workers)
     skipped: list[tuple[str, str]] = []
 
     def batches():

@@ -891,7 +891,8 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     from sslt_cli.data.datasets import AudioVisualDataset, read_frame
     from sslt_cli.data.manifest import read_set
     from sslt_cli.tracking import Tracker
-    from sslt_cli.train import audio_args, eval_loader, pick_device
+    from sslt_cli.evaluate import eval_loader
+    from sslt_cli.train import audio_args, pick_device
 
     console = console or Console(stderr=True)
     out = out or Console()

@@ -262,9 +262,8 @@ def views_differ(recipe: Recipe) -> bool:
 
 
 def audio_args(recipe: Recipe) -> dict:
-    a = recipe.audio
-    return dict(sample_rate=a.sample_rate, clip_seconds=a.clip_seconds, n_fft=a.n_fft, hop_length=a.hop_length,
-                n_mels=a.n_mels, normalized=a.normalized)
+    """The log-mel front end's settings as the datasets take them (the recipe's ``audio`` block)."""
+    return recipe.audio.model_dump()
 
 
 def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tuple[list[Clip], list[tuple[str, str]]]:
@@ -782,15 +781,6 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
 # ------------------------------------------------------------------------------------- epoch-level helpers
 
-def eval_loader(clips: list[Clip], recipe: Recipe, device: torch.device, protocol_image_mode: str):
-    dataset = AudioVisualDataset(
-        clips, image_transform=augment.build_eval_transform(recipe.data.image_size, protocol_image_mode), n_views=1,
-        audio=audio_args(recipe), spec_augment=None, train=False, seed=recipe.seed, cache_dir=None)
-    return torch.utils.data.DataLoader(dataset, batch_size=recipe.eval.batch_size, shuffle=False,
-                                       num_workers=recipe.data.num_workers, collate_fn=collate_skip_bad,
-                                       pin_memory=device.type == "cuda")
-
-
 @torch.no_grad()
 def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
                            env: Dist, cache_dir: Path | None) -> np.ndarray:
@@ -836,7 +826,7 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
 def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, amp, run: Run,
              epoch: int, env: Dist) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl."""
-    from sslt_cli.evaluate import get_protocol, score_maps
+    from sslt_cli.evaluate import eval_loader, get_protocol, score_maps
 
     protocol = get_protocol(recipe.eval.protocol)
     model.eval()
