@@ -75,9 +75,11 @@ class Tracker:
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
             import logging
 
-            # the store's own INFO lines (table creation, migrations) are noise on the user's console
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
             from mlflow.tracking import MlflowClient
+
+            # the store's own INFO lines (table creation, migrations) are noise on the user's console; set after the
+            # import, which configures mlflow's logger itself
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
 
             self._client = MlflowClient(tracking_uri=self.uri)
             if run_id is not None:
