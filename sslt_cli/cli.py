@@ -42,15 +42,15 @@ def _example(text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------------- prepare
 
-@prepare_app.command("synthetic", epilog=_example("sslt prepare synthetic --out data/synthetic --train 2000 --seed 0"))
+@prepare_app.command("synthetic", epilog=_example("sslt prepare synthetic --out data/synthetic --train 5000 --seed 0"))
 def prepare_synthetic(
     out_dir: Path = typer.Option(..., "--out", help="Output folder (created)."),
-    n_train: int = typer.Option(2000, "--train", min=1, help="Training clips."),
+    n_train: int = typer.Option(5000, "--train", min=1, help="Training clips."),
     n_val: int = typer.Option(200, "--val", min=1, help="Validation clips (with boxes; never the test set)."),
     n_test: int = typer.Option(500, "--test", min=1, help="VGG-SS-style test clips."),
     n_flickr: int = typer.Option(250, "--flickr", min=1, help="Flickr-style test clips."),
     seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical files."),
-    image_size: int = typer.Option(224, "--image-size", min=32, help="Frame size in pixels (square)."),
+    image_size: int = typer.Option(128, "--image-size", min=32, help="Frame size in pixels (square; Flickr-style frames are at least 256)."),
     sample_rate: int = typer.Option(16000, "--sample-rate", min=16000, max=48000, help="Audio sample rate (Hz; the sounds reach 7 kHz)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count, at most 4)."),
     force: bool = typer.Option(False, help="Regenerate into a folder made with other parameters."),

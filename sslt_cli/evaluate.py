@@ -1019,15 +1019,27 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
 
     console = console or Console(stderr=True)
     out = out or Console()
+    import shutil
+
     proto = get_protocol(protocol or recipe.eval.protocol)
     _, checkpoints, _ = resolve_checkpoints(run.dir, which)
+    loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, set_path in recipe.data.test.items():
         test = load_test_set(recipe.data.set_path(set_path))
-        for label, path in checkpoints:
-            loaded = load_model(path, recipe, device)
+        done: dict[int | None, tuple[str, Path, EvalResult]] = {}  # step -> (label, out_dir, result) on this set
+        for label, loaded in loaded_models:
             out_dir = run.dir / "eval" / f"{set_name}-{label}-{proto.name}"
-            result = evaluate_model_on_set(loaded, test, proto, out_dir, device=device)
+            same = done.get(loaded.step) if loaded.step is not None else None
+            if same is not None:
+                # the best checkpoint of the last validation is the last checkpoint's weights: copy, do not redo
+                shutil.copytree(same[1], out_dir, dirs_exist_ok=True)
+                result = same[2]
+                console.print(f"{set_name}: the {label} checkpoint is the {same[0]} checkpoint (step {loaded.step}); "
+                              f"its results are copied to {out_dir}", highlight=False)
+            else:
+                result = evaluate_model_on_set(loaded, test, proto, out_dir, device=device)
+                done[loaded.step] = (label, out_dir, result)
             method = result.method or {}
             record = {"kind": "test", "set": set_name, "checkpoint": label, "step": loaded.step or 0,
                       "protocol": proto.name, "n": result.n, **{k: method[k] for k in ("ciou", "auc", "mean_iou",
@@ -1037,8 +1049,9 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
             if tracker is not None:
                 tracker.log_metrics(mlflow_metrics(result, f"test_{set_name}/{label}"), loaded.step or 0)
                 tracker.log_artifacts(out_dir, f"eval/{out_dir.name}")
-            table = result_table(result)
-            table.title = f"{set_name}: {label} checkpoint (step {loaded.step}), protocol {proto.name}"
-            out.print(table)
-            console.print(result.n_explained(), highlight=False)
+            if same is None:
+                table = result_table(result)
+                table.title = f"{set_name}: {label} checkpoint (step {loaded.step}), protocol {proto.name}"
+                out.print(table)
+                console.print(result.n_explained(), highlight=False)
     return summary

@@ -172,6 +172,31 @@ def test_sounding_colour_dominates_inside_the_annotated_boxes(tmp_path: Path) ->
     assert inside.mean() > 0.45 and outside.mean() < 0.03
 
 
+def test_sounding_masks_replay_the_visible_sounding_pixels(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    generate(out, n_train=3, n_val=2, n_test=20, n_flickr=0, image_size=128, workers=1, progress=False)
+    masks = synthetic.sounding_masks(out, "test_vggss", size=128)
+    clip_set = read_set(out / "test_vggss")
+    assert sorted(masks) == sorted(c.id for c in clip_set.clips)
+    for clip in clip_set.clips:
+        mask = masks[clip.id]
+        assert mask.shape == (128, 128) and mask.dtype == bool
+        boxes = np.zeros_like(mask)
+        for b in read_annotation(clip.anno, "vggss").boxes:
+            x0, y0, x1, y1 = (int(round(v * 128)) for v in b)
+            boxes[y0:y1, x0:x1] = True
+        # the visible shape lies in its boxes and keeps at least the generator's minimum visible share of them
+        assert not (mask & ~boxes).any()
+        assert mask.sum() > 0.2 * boxes.sum()
+        # and it is where the sounding colour was drawn
+        match = hue_match(cv2.imread(clip.frame), synthetic._CATEGORIES[CLASSES.index(clip.label)].hue)
+        assert match[mask].mean() > 0.5 and match[~mask].mean() < 0.05
+    with pytest.raises(DataError, match="unknown synthetic set 'nope'"):
+        synthetic.sounding_masks(out, "nope")
+    with pytest.raises(DataError, match="cannot read the synthetic benchmark's parameters"):
+        synthetic.sounding_masks(tmp_path / "missing", "test_vggss")
+
+
 # ------------------------------------------------------------------------------------------ scene spec statistics
 
 @pytest.fixture(scope="module")

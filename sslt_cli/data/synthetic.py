@@ -533,6 +533,60 @@ def _flickr_boxes(box: tuple[int, int, int, int], size: int,
     return tuple(boxes)
 
 
+def _assign_clips(params: dict, counts: dict[str, int]) -> dict[str, list[tuple[int, str, int]]]:
+    """(index, clip id, label) of every clip of every set; ids are unique across the whole benchmark."""
+    assigned: dict[str, list[tuple[int, str, int]]] = {}
+    seen: set[str] = set()
+    for name, layout, stream, _ in _SETS:
+        clips = []
+        for index in range(counts[name]):
+            attempt = 0
+            while (clip_id := _clip_id(params["seed"], stream, index, attempt, layout == "flickr_test")) in seen:
+                attempt += 1
+            seen.add(clip_id)
+            clips.append((index, clip_id, _label(params["seed"], stream, index, params["n_classes"])))
+        assigned[name] = clips
+    return assigned
+
+
+def sounding_masks(benchmark: str | Path, set_name: str, size: int = 224) -> dict[str, np.ndarray]:
+    """The visible pixels of the sounding object(s) of every clip of a generated set, at ``size`` x ``size``.
+
+    The scenes are replayed from ``benchmark.json`` (the generator is deterministic), so nothing beyond the
+    published boxes is stored: {clip id: (size, size) bool mask}, where a pixel is True when a sounding object's
+    shape covers it and no object drawn in front of it does. These are the maps a perfect segmenter of the sounding
+    object would produce, a reference that is stricter than the box-level oracle ceiling: a model sees objects,
+    not their boxes. Raises DataError when ``benchmark`` holds no benchmark made by this generator.
+    """
+    bench_path = Path(benchmark) / "benchmark.json"
+    try:
+        doc = json.loads(bench_path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{bench_path}: cannot read the synthetic benchmark's parameters ({exc})") from None
+    if doc.get("format") != FORMAT:
+        raise DataError(f"{bench_path}: format {doc.get('format')!r}, this sslt replays {FORMAT!r} benchmarks")
+    streams = {name: (stream, two_ok) for name, _, stream, two_ok in _SETS}
+    if set_name not in streams:
+        raise DataError(f"unknown synthetic set {set_name!r}; expected one of {', '.join(streams)}")
+    params = doc["params"]
+    counts = {name: int(info["clips"]) for name, info in doc["sets"].items()}
+    stream, two_ok = streams[set_name]
+    masks = {}
+    for index, clip_id, label in _assign_clips(params, counts)[set_name]:
+        scene = _sample_scene(_clip_rngs(params["seed"], stream, index)[0], label, params["n_classes"], two_ok)
+        covered = np.zeros((size, size), bool)
+        sounding = np.zeros((size, size), bool)
+        for obj in reversed(scene.objects):  # front to back
+            x0, y0, x1, y1 = _pixel_box(obj.box, size)
+            shape = np.zeros((size, size), bool)
+            shape[y0:y1, x0:x1] = _shape_mask(_CATEGORIES[obj.category].shape, x1 - x0, y1 - y0) >= 0.5
+            if obj.sounding:
+                sounding |= shape & ~covered
+            covered |= shape
+        masks[clip_id] = sounding
+    return masks
+
+
 def _make_clips(job: dict) -> list[dict]:
     """Render and write one chunk of clips; returns one record per clip (id, label, boxes, files written)."""
     out, name, layout, stream, two_ok = Path(job["out"]), job["set"], job["layout"], job["stream"], job["two_ok"]
@@ -712,8 +766,8 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
 
 
-def generate(out: Path, *, n_train: int = 2000, n_val: int = 200, n_test: int = 500, n_flickr: int = 250,
-             seed: int = 0, image_size: int = 224, sample_rate: int = 16000, n_classes: int = 10,
+def generate(out: Path, *, n_train: int = 5000, n_val: int = 200, n_test: int = 500, n_flickr: int = 250,
+             seed: int = 0, image_size: int = 128, sample_rate: int = 16000, n_classes: int = 10,
              workers: int | None = None, force: bool = False, progress: bool = True) -> dict:
     """Write the synthetic benchmark under ``out`` (layouts in docs/architecture.md, "Data contract").
 
@@ -754,15 +808,10 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
     written = int(_write_if_changed(out / "benchmark.json", bench))
     old_files = {name: _old_files(out / name) for name, _, _, _ in _SETS}
 
-    jobs, seen = [], set()
+    jobs = []
+    assigned = _assign_clips(params, counts)
     for name, layout, stream, two_ok in _SETS:
-        clips = []
-        for index in range(counts[name]):
-            attempt = 0
-            while (clip_id := _clip_id(params["seed"], stream, index, attempt, layout == "flickr_test")) in seen:
-                attempt += 1
-            seen.add(clip_id)
-            clips.append((index, clip_id, _label(params["seed"], stream, index, params["n_classes"])))
+        clips = assigned[name]
         chunk = max(1, min(32, math.ceil(len(clips) / (4 * workers))))
         for i in range(0, len(clips), chunk):
             jobs.append({"out": str(out), "set": name, "layout": layout, "stream": stream, "two_ok": two_ok,
