@@ -57,7 +57,7 @@ RANDOM_SEEDS = (0, 1, 2)
 MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
 STAGES = ("no annotation", "no frame/audio", "no map", "excluded")
 BASELINE_LABELS = {
-    "centre": "centre prior (disc, half frame)",
+    "centre": "centre prior",
     "random": "random map",
     "whole_frame": "whole frame",
     "oracle": "oracle ceiling",
@@ -811,7 +811,9 @@ def result_table(result: EvalResult) -> "Table":
     table = Table(title=f"{result.name or 'evaluation'} · protocol {proto.name} · N = {result.n}",
                   caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, min-max, "
                            f"{proto.threshold.replace('_', ' ')}; frames {proto.image_preprocessing.replace('_', ' ')}"
-                           f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}"),
+                           f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}\n"
+                           "centre prior: a centred disc of half the frame; random: uniform maps, mean±std over the "
+                           "seeds; oracle ceiling: the best IoU a prediction of the rule's area can reach"),
                   caption_justify="left")
     table.add_column("method")
     for title in ("cIoU", "AUC", "mean IoU", "pointing", "pred. area"):
@@ -822,8 +824,8 @@ def result_table(result: EvalResult) -> "Table":
     for name, summary in result.baselines.items():
         label = BASELINE_LABELS[name]
         if name == "random":
-            label += f" ({len(summary['seeds'])} seeds, ± std)"
-            cells = [f"{_pct(summary[k])} ± {100 * summary[f'{k}_std']:.2f}" for k in keys]
+            label += f" ({len(summary['seeds'])} seeds)"
+            cells = [f"{_pct(summary[k])}±{100 * summary[f'{k}_std']:.2f}" for k in keys]
         else:
             cells = [_pct(summary[k]) for k in keys]
         table.add_row(label, *cells, style="dim" if name != "oracle" else "italic")

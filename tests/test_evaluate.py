@@ -390,7 +390,7 @@ def test_result_table_shows_rows_n_and_protocol():
     assert "hand · protocol ezvsl · N = 2" in text
     assert "2 requested = 2 scored" in text
     lines = {line.split("│")[1].strip(): line for line in text.splitlines() if line.count("│") > 3}
-    assert list(lines) == ["hand", "centre prior (disc, half frame)", "random map (2 seeds, ± std)",
+    assert list(lines) == ["hand", "centre prior", "random map (2 seeds)",
                            "whole frame", "oracle ceiling"]
     # ezvsl: map a predicts the whole frame (IoU 0.25), map b the left half (IoU 0.2)
     assert [c.strip() for c in lines["hand"].split("│")[2:7]] == ["0.00", f"{100 * M.auc([.25, .2]):.2f}", "22.50",
