@@ -43,7 +43,7 @@ from sslt_cli.config import Recipe, load_recipe
 from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset
 from sslt_cli.data.manifest import Clip, read_set
-from sslt_cli.model import build_model
+from sslt_cli.model import autocast_for, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 # Steps measured per recipe and device when --steps is not given: the 224 px recipe takes tens of seconds a step on CPU.
@@ -142,7 +142,7 @@ def time_step(recipe: Recipe, sample_batch: dict, device: torch.device, steps: i
         model = model.to(memory_format=torch.channels_last)
     net = train_module.ModelForTraining(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
-    amp = train_module.autocast_for(device, recipe.train.precision)
+    amp = autocast_for(device, recipe.train.precision)
     batch = {"images": sample_batch["images"].to(device), "specs": sample_batch["specs"].to(device)}
     net.train()
 

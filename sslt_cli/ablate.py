@@ -21,7 +21,8 @@ recipe override for every cell. Every cell's recipe is validated before anything
 
 Folder (``<runs_dir>/ablations/<name>/``; ``name`` defaults to the file's stem)::
 
-    ablation.json          state: each cell's run folder, status and error; the parent MLflow run
+    ablation.json          state: the base recipe, command-line overrides and seeds run; each cell's run folder,
+                           status and error; the parent MLflow run
     <row>-seed<k>-<time>/  one ordinary run folder per cell (the cell's recipe name is the cell's name)
     .spec_cache/           the log-mel cache train.py keeps beside run folders, shared by all cells
     summary.csv  summary.md  summary.png  cells.csv
@@ -29,12 +30,19 @@ Folder (``<runs_dir>/ablations/<name>/``; ``name`` defaults to the file's stem):
 All cells share one ``runs_dir`` so they share the log-mel cache (keyed by the front-end settings, so sharing is
 safe): one folder per cell would compute and store it once per cell, which for VGGSound-144k at 257 mels is about
 100 GB each. A run is found again by its recipe name and must have been made with exactly the cell's recipe; a run made
-with another recipe (the file or the base changed) is left untouched and the cell trains anew.
+with another recipe (the file or the base recipe's text changed) is left untouched and the cell trains anew.
+
+A folder holds one ablation: a command whose base recipe or command-line recipe overrides differ from those recorded
+in ``ablation.json`` is refused and told to give ``name=`` (a folder of its own). Refusing keeps every existing folder
+where it is and names the difference; a folder name derived from the base and the overrides would be unreadable. Its
+seeds are the recorded ones: a re-run or ``--report`` without ``--seeds`` or ``seeds=`` uses them; with them, the
+recorded seeds change, and the command says so.
 
 A re-run skips finished cells, resumes an interrupted one from its last checkpoint, and re-tries a failed one in a new
 run folder (a cell whose training finished but whose retrieval failed only retrieves again). A failing cell is recorded
 with its error and the other cells go on. MLflow: one parent run for the ablation; each cell's run (started by
-``train``) becomes its child through the ``mlflow.parentRunId`` tag.
+``train``) becomes its child through the ``mlflow.parentRunId`` tag. Other seeds get a new parent run (MLflow keeps
+a run's parameters, ``ablation.seeds`` among them, as first logged) and the finished cells' runs become its children.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ import json
 import math
 import os
 import re
+import shlex
 import time
 import traceback
 from contextlib import contextmanager
@@ -156,7 +165,8 @@ class Ablation:
     """A validated ablation: what :func:`expand_cells` turns into cells and :func:`run_ablation` runs.
 
     ``base`` is the base recipe with the file's and the command line's recipe overrides (the cells' common part);
-    ``folder`` is ``<base.runs_dir>/ablations/<name>``.
+    ``folder`` is ``<base.runs_dir>/ablations/<name>``; ``seeds_from_command``: the command line set ``seeds=``, so
+    ``seeds`` beat the seeds recorded in the folder (:func:`resolve_seeds`).
     """
 
     path: Path
@@ -170,6 +180,7 @@ class Ablation:
     rows: tuple[Row, ...]
     grid_keys: tuple[str, ...]
     seeds: tuple[int, ...]
+    seeds_from_command: bool
     evaluate_set: str
     checkpoint: Literal["best", "last"]
     retrieve: bool
@@ -582,20 +593,24 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
     return Ablation(path=path, name=name, base_path=base_path, base_tree=base_tree, base=base,
                     file_overrides=tuple(spec.overrides), command_overrides=tuple(command), mode=mode,
                     rows=tuple(rows), grid_keys=tuple(spec.grid or ()), seeds=tuple(seeds),
+                    seeds_from_command=any(parse_override(t)[0] == "seeds" for t in ablation_texts),
                     evaluate_set=spec.evaluate.set, checkpoint=spec.evaluate.checkpoint, retrieve=spec.retrieve,
                     folder=folder)
 
 
-def resolve_seeds(ablation: Ablation, seeds: int | Sequence[int] | None) -> list[int]:
-    """The seeds to run: the file's (None), a count N (the file's first N, then the next integers after the largest:
-    ``--seeds N``), or an explicit list."""
+def resolve_seeds(ablation: Ablation, seeds: int | Sequence[int] | None,
+                  recorded: Sequence[int] | None = None) -> list[int]:
+    """The seeds to run. The current seeds are the command line's ``seeds=``, else ``recorded`` (the seeds the
+    ablation's folder last ran, from its ``ablation.json``), else the file's. ``seeds``: None for the current seeds,
+    a count N (``--seeds N``: the current first N, then the next integers after the largest), or an explicit list."""
+    current = list(recorded) if recorded and not ablation.seeds_from_command else list(ablation.seeds)
     if seeds is None:
-        return list(ablation.seeds)
+        return current
     if isinstance(seeds, int):
         if seeds < 1:
             raise RecipeError(f"--seeds {seeds}: give at least 1 seed")
-        out = list(ablation.seeds)[:seeds]
-        following = max(ablation.seeds) + 1
+        out = current[:seeds]
+        following = max(current) + 1
         while len(out) < seeds:
             out.append(following)
             following += 1
@@ -649,6 +664,63 @@ def _load_state(folder: Path) -> dict:
 def _save_state(folder: Path, state: dict) -> None:
     state["updated"] = _now()
     atomic_write_text(folder / STATE, json.dumps(state, indent=2, default=str) + "\n")
+
+
+def _seed_numbers(seeds: Sequence[int]) -> str:
+    return ", ".join(map(str, seeds))
+
+
+def _seeds_to_run(ablation: Ablation, seeds: int | Sequence[int] | None, state: dict, console: Console) -> list[int]:
+    """The seeds of this command (:func:`resolve_seeds` with the seeds recorded in the state), said on ``console``
+    when they change the recorded ones, or when the recorded ones are not the file's."""
+    recorded = state.get("seeds") or None
+    chosen = resolve_seeds(ablation, seeds, recorded)
+    where = ablation.folder / STATE
+    if recorded and chosen != recorded:
+        added = [s for s in chosen if s not in recorded]
+        left_out = [s for s in recorded if s not in chosen]
+        parts = [f"seeds {_seed_numbers(chosen)}: changed from {_seed_numbers(recorded)} recorded in {where}"]
+        if added:
+            parts.append(f"adds {_seed_numbers(added)}")
+        if left_out:
+            parts.append(f"leaves out {_seed_numbers(left_out)} (their runs stay in the folder, outside the summary)")
+        console.print("; ".join(parts), highlight=False, markup=False)
+    elif recorded and seeds is None and not ablation.seeds_from_command and recorded != list(ablation.seeds):
+        console.print(f"seeds {_seed_numbers(recorded)}, as recorded in {where} (the file names "
+                      f"{_seed_numbers(ablation.seeds)}); to change them, give --seeds N or seeds=[...]",
+                      highlight=False, markup=False)
+    return chosen
+
+
+def _setup_text(base: str, overrides: Sequence[str] | None) -> str:
+    """``base=<path> key=value ...`` as typed on the command line; no overrides part when they are unknown (None)."""
+    if overrides is None:
+        return f"base={base}"
+    return f"base={base} " + (shlex.join(overrides) if overrides else "and no recipe overrides")
+
+
+def _check_same_ablation(ablation: Ablation, state: dict) -> None:
+    """Refuse to run or report ``ablation`` in a folder whose state records another base recipe or other command-line
+    recipe overrides: the two would share the summary files and the MLflow parent run. A state written before the
+    overrides were recorded (no ``command_overrides``) is checked on its base only."""
+    recorded_base = state.get("base")
+    if recorded_base is None:
+        return
+    recorded_overrides = state.get("command_overrides")
+
+    def by_key(texts: Sequence[str]) -> dict[str, str]:
+        return {parse_override(text)[0]: text for text in texts}  # the last of a key wins, as in the recipe
+
+    same_base = Path(recorded_base).resolve() == ablation.base_path.resolve()
+    same_overrides = recorded_overrides is None or by_key(recorded_overrides) == by_key(ablation.command_overrides)
+    if same_base and same_overrides:
+        return
+    folder = ablation.folder
+    raise SsltError(f"{folder}: this folder holds an ablation with another base recipe or other recipe overrides",
+                    [f"recorded in {folder / STATE}: {_setup_text(recorded_base, recorded_overrides)}",
+                     f"this command: {_setup_text(str(ablation.base_path), ablation.command_overrides)}",
+                     "to continue or report on the recorded ablation, give its base= and overrides; to run this one "
+                     f"beside it, give it its own folder with name=<other> ({folder.parent}/<other>)"])
 
 
 def _process_alive(pid: int) -> bool:
@@ -910,28 +982,32 @@ def _run_cells(cells: list[Cell], ablation: Ablation, state: dict, parent_id: st
     return False
 
 
-def _parent_tracker(ablation: Ablation, state: dict, console: Console) -> Tracker:
-    """The ablation's MLflow parent run: reopened when the state names one in the same store, else started."""
+def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
+                    console: Console) -> tuple[Tracker, str | None]:
+    """The ablation's MLflow parent run: reopened when the state names one in the same store that ran the same
+    ``seeds``, else started. MLflow refuses to change a run's parameter, so other seeds get a new parent run whose
+    ``ablation.seeds`` names them; returns the tracker and the id of the parent run it replaces so (else None)."""
     tracking = ablation.base.tracking
     warn = (lambda m: console.print(f"warning: {escape(m)}"))
     tracker = Tracker(enabled=tracking.enabled, experiment=tracking.experiment, warn=warn)
     tags = {"sslt.ablation": ablation.name, "sslt.ablation_dir": str(ablation.folder.resolve()),
             "sslt.ablation_file": str(ablation.path), "sslt.base": str(ablation.base_path)}
     previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracker.uri else None
-    if previous and tracker.start(f"ablation-{ablation.name}", run_id=previous) is not None:
+    same_seeds = state.get("seeds") == seeds
+    if previous and same_seeds and tracker.start(f"ablation-{ablation.name}", run_id=previous) is not None:
         tracker.set_tags(tags)
-        return tracker
-    if previous:  # the parent run is gone from the store: start another
+        return tracker, None
+    if previous and same_seeds:  # the parent run is gone from the store: start another
         tracker = Tracker(enabled=tracking.enabled, experiment=tracking.experiment, warn=warn)
     params = {"ablation.file": str(ablation.path), "ablation.base": str(ablation.base_path),
               "ablation.mode": ablation.mode, "ablation.rows": ",".join(r.name for r in ablation.rows),
-              "ablation.seeds": ",".join(map(str, ablation.seeds)),
+              "ablation.seeds": ",".join(map(str, seeds)),
               "ablation.overrides": " ".join(ablation.file_overrides + ablation.command_overrides),
               "ablation.evaluate": f"{ablation.evaluate_set}/{ablation.checkpoint}",
               "ablation.retrieve": ablation.retrieve,
               **{f"base.{k}": v for k, v in flatten(recipe_dict(ablation.base)).items()}}
     tracker.start(f"ablation-{ablation.name}", params=params, tags=tags)
-    return tracker
+    return tracker, previous if previous and not same_seeds and tracker.run_id else None
 
 
 def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None, dry_run: bool = False,
@@ -943,12 +1019,17 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
     ``report_only``: rebuild the table, ``summary.csv``, ``summary.md``, ``cells.csv`` and ``summary.png`` from the
     finished runs, without training. Progress and per-run output go to ``console`` (stderr); the ablation's table to
     ``out`` (stdout). A failed cell does not raise: see ``AblationResult.failed``.
+
+    ``seeds`` (see :func:`resolve_seeds`): without them the seeds recorded in the folder's ``ablation.json`` run (or
+    are reported), else the file's; given, they become the recorded ones. Raises SsltError when the folder records
+    another base recipe or other command-line recipe overrides.
     """
     console = console or Console(stderr=True)
     out = out or Console()
-    cells = expand_cells(ablation, seeds)
     if dry_run:
         state = _load_state(ablation.folder)
+        _check_same_ablation(ablation, state)
+        cells = expand_cells(ablation, _seeds_to_run(ablation, seeds, state, console))
         results = [inspect_cell(c, ablation, state) for c in cells]
         out.print(plan_table(ablation, results))
         command = " ".join([str(ablation.base_path), *ablation.file_overrides, "<row overrides>",
@@ -962,12 +1043,22 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
     ablation.folder.mkdir(parents=True, exist_ok=True)
     with _locked(ablation.folder):
         state = _load_state(ablation.folder)
+        _check_same_ablation(ablation, state)
+        run_seeds = _seeds_to_run(ablation, seeds, state, console)
+        cells = expand_cells(ablation, run_seeds)
+        tracker, replaced = _parent_tracker(ablation, run_seeds, state, console)
         state.update(file=str(ablation.path), name=ablation.name, base=str(ablation.base_path),
                      overrides=list(ablation.file_overrides + ablation.command_overrides),
-                     seeds=resolve_seeds(ablation, seeds))
-        tracker = _parent_tracker(ablation, state, console)
-        state.update(parent_run_id=tracker.run_id, mlflow_uri=tracker.uri if tracker.run_id else None)
+                     command_overrides=list(ablation.command_overrides), seeds=run_seeds,
+                     parent_run_id=tracker.run_id, mlflow_uri=tracker.uri if tracker.run_id else None)
         _save_state(ablation.folder, state)
+        if replaced:
+            console.print(f"MLflow parent run {tracker.run_id} replaces {replaced} (other seeds; MLflow keeps a "
+                          "run's parameters); the finished cells' runs are now its children",
+                          highlight=False, markup=False)
+            for result in (inspect_cell(c, ablation, state) for c in cells):
+                if result.status == "finished":
+                    _link_child(result.run, tracker.run_id, result.cell, ablation, "FINISHED", console)
         interrupted = False
         try:
             if not report_only:

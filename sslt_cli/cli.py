@@ -238,6 +238,24 @@ def eval_cmd(
     modes = sum(x for x in (target is not None, maps is not None, baselines_only))
     if modes != 1:
         raise SsltError("give exactly one of: a run folder or checkpoint, --maps FILE_OR_DIR, or --baselines-only")
+    if extended is not None and baselines_only:
+        raise SsltError("--extended does not go with --baselines-only: the extended evaluation ranks pairs by the "
+                        "confidence of their maps, and the baselines have no confidence scores",
+                        ["score a model (RUN or CHECKPOINT) or --maps with --silent-maps, or drop --extended"])
+    if extended is not None and maps is not None and silent_maps is None:
+        raise SsltError("--extended with --maps needs --silent-maps: the maps of the non-sounding pairs, keyed "
+                        "'<video>+<audio>' (a folder of .npy files or one .npz)")
+    if silent_maps is not None and (extended is None or maps is None):
+        raise SsltError("--silent-maps goes with --maps and --extended (SLAVC's *_plus_silent.csv); add both, or "
+                        "drop --silent-maps")
+    if silent_data is not None and (extended is None or target is None):
+        raise SsltError("--silent-data goes with a model (RUN or CHECKPOINT) and --extended; with --maps, give the "
+                        "non-sounding pairs' maps with --silent-maps")
+    if target is not None and vggss_json is not None and media is None:
+        raise SsltError(f"--vggss-json {vggss_json} holds boxes only: running a model on them needs the frames and "
+                        f"audio too",
+                        ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
+                         "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
     recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
@@ -255,6 +273,10 @@ def eval_cmd(
         tests = [ev.load_test_set(recipe.data.set_path(p), id_list) for p in recipe.data.test.values()]
     if not tests:
         raise SsltError("no test set: pass --data DIR (a prepared set) or --vggss-json FILE")
+    silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
+    silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
+    loaded_maps = ev.load_maps(maps) if maps is not None else None
+    loaded_silent_maps = ev.load_maps(silent_maps) if silent_maps is not None else None
 
     from sslt_cli.tracking import Tracker
 
@@ -276,28 +298,29 @@ def eval_cmd(
                 loaded = ev.load_model(path, recipe, dev)
                 where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
                 folder = where / f"{test.name}-{label}-{protocol_name}"
-                ext = None
-                if extended is not None:
-                    ext = (ev.read_silent_pairs(extended), ev.load_test_set(silent_data) if silent_data else test)
-                with _progress(f"{test.name} ({label})", len(test.clips)) as advance:
+                ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
+                to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
+                with _progress(f"{test.name} ({label})", to_predict + len(silent_pairs or ())) as advance:
                     result = ev.evaluate_model_on_set(loaded, test, protocol_name, folder, device=dev,
                                                       batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
                                                       progress=advance)
                 _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", tracker,
                              f"eval_{test.name}/{label}", loaded.step or 0)
         else:
-            loaded_maps = ev.load_maps(maps) if maps is not None else None
-            result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
-                                   unavailable=test.unavailable if loaded_maps is not None else None,
-                                   annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
-                                   name=test.name, notes=test.notes, device=dev)
-            if extended is not None and loaded_maps is not None:
-                if silent_maps is None:
-                    raise SsltError("--extended with --maps needs --silent-maps (maps keyed '<video>+<audio>')")
-                silent = ev.load_maps(silent_maps)
-                result.extended = ev.score_extended(loaded_maps, silent, test.annotations)
+            # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
+            to_score = sum(1 for cid in test.ids
+                           if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
+            with _progress(f"{test.name} (scoring)", to_score) as advance:
+                result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
+                                       annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
+                                       name=test.name, notes=test.notes, device=dev, progress=advance)
+            if silent_pairs is not None:
+                result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
+                                                                test.ids, test.annotations, str(silent_maps))
+                result.notes += notes
             folder = out_dir or Path("eval") / f"{test.name}-{'maps' if maps else 'baselines'}-{protocol_name}"
-            ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations)
+            ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
+                             defects=test.defects)
             _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
                          tracker, f"eval_{test.name}/{'maps' if maps else 'baselines'}", 0)
     tracker.end("FINISHED")
@@ -314,34 +337,58 @@ def _device(choice: str):
 
 
 class _progress:
-    """A rich progress bar on stderr for a known number of clips; yields the advance callback."""
+    """A rich progress bar on stderr (clips done, clips/s, ETA) for at most ``total`` clips; yields the callback that
+    advances it by n clips.
+
+    Clips dropped on the way (a decode error, an empty ground truth) never advance it, so on a normal exit the total
+    becomes the count done and the finished bar is full; what was dropped is reported with N.
+    """
 
     def __init__(self, description: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.text import Text
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.speed} clips/s" if False else ""), TimeRemainingColumn(), console=err)
+        class Rate(ProgressColumn):
+            def render(self, task) -> Text:
+                # the recent rate while running; the whole run's average once finished
+                speed = task.completed / task.finished_time if task.finished and task.finished_time else task.speed
+                return Text(f"{speed:.1f} clips/s" if speed else "- clips/s")
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=err)
         self.description, self.total = description, total
 
     def __enter__(self):
         self.bar.__enter__()
-        task = self.bar.add_task(self.description, total=self.total)
-        return lambda n: self.bar.advance(task, n)
+        self.task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(self.task, n)
 
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    def __exit__(self, kind, *exc):
+        if kind is None:
+            (task,) = self.bar.tasks
+            self.bar.update(self.task, total=task.completed)
+        return self.bar.__exit__(kind, *exc)
 
 
 def _report_eval(result, folder: Path, title: str, tracker, prefix: str, step: int) -> None:
     from sslt_cli import evaluate as ev
 
     table = ev.result_table(result)
-    table.title = title
+    table.title = f"{title} · protocol {result.protocol.name} · N = {result.n}"
     out.print(table)
     if result.extended is not None:
         x = result.extended
+        left_out = f"; {len(x.excluded)} pairs left out (excluded.csv)" if x.excluded else ""
         out.print(f"extended ({x.protocol}): AP {x.ap:.4f} (SLAVC sampling {x.ap_slavc:.4f}), max-F1 {x.max_f1:.4f} "
-                  f"(SLAVC sampling {x.max_f1_slavc:.4f}); {x.n_sounding} sounding + {x.n_silent} non-sounding pairs")
+                  f"(SLAVC sampling {x.max_f1_slavc:.4f}); {x.n_sounding} sounding + {x.n_silent} non-sounding "
+                  f"pairs{left_out}")
     err.print(f"outputs: {folder}")
     tracker.log_metrics(ev.mlflow_metrics(result, prefix), step)
     tracker.log_artifacts(folder, f"eval/{folder.name}")
@@ -380,7 +427,8 @@ def ablate(
     file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
                                                     "applied to every cell."),
-    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "
+                                        "recorded in the ablation folder, else the file's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and print the plan; train nothing."),
     report: bool = typer.Option(False, "--report", help="Rebuild the table, summary files and chart from finished "
                                 "runs, without training."),
@@ -400,6 +448,23 @@ def ablate(
                         "retry the failed ones",
                         [f"{cell.name}: {(cell.error or '').splitlines()[0] if cell.error else 'unknown error'}"
                          for cell in result.failed])
+
+
+# ----------------------------------------------------------------------------------------------------------- export
+
+@app.command(epilog=_example("sslt export runs/quickstart-20261125-101500 --which best --out ssltie_quickstart.pth.tar"))
+def export(
+    target: Path = typer.Argument(..., help="Run folder or sslt checkpoint file."),
+    out_file: Path = typer.Option(..., "--out", help="File to write (official SSL-TIE format, e.g. model.pth.tar)."),
+    which: str = typer.Option("best", help="For a run folder: the best (validation cIoU) or the last checkpoint."),
+) -> None:
+    """Export a model to the official SSL-TIE checkpoint format (state_dict keys imgnet.*, audnet.*, conv3, norm3)."""
+    from sslt_cli.evaluate import export_official
+
+    source, written = export_official(target, out_file, which)
+    _print_mapping("export", {"read": str(source), "written": str(written),
+                              "format": "official SSL-TIE ({'epoch', 'state_dict', 'best_miou', 'optimizer', "
+                                        "'iteration'}; 257 tensors)"})
 
 
 # ------------------------------------------------------------------------------------------------------------- runs

@@ -175,6 +175,9 @@ class EvalConfig(_Strict):
 
     protocol: Literal["ssltie", "lvs", "ezvsl", "fnac", "sspl"] = "ssltie"
     batch_size: int = Field(32, ge=1)
+    # maps for validation and test in fp32, as the published pipelines score them; bf16 is faster but rounds the
+    # cosine map to 8 mantissa bits, which adds ties at the median and at the maximum
+    precision: Literal["fp32", "bf16"] = "fp32"
 
 
 class TrackingConfig(_Strict):

@@ -10,8 +10,9 @@ The pieces, in the order ``sslt eval`` uses them:
 * :func:`score_maps`: per-clip IoU, pointing game and predicted area, cIoU / AUC / mean IoU, and on the same clips
   the baselines: centre prior, uniform random maps, whole frame and the oracle ceiling of the protocol;
 * :func:`score_extended`: SLAVC's extended evaluation (AP and max-F1 with non-sounding pairs);
-* outputs: :func:`write_outputs` (``metrics.json``, ``per_clip.csv``, ``excluded.csv``, ``gallery.png``),
-  :func:`mlflow_metrics`, :func:`result_table`.
+  :func:`score_extended_maps` feeds it precomputed maps;
+* outputs: :func:`write_outputs` (``metrics.json``, ``per_clip.csv``, ``excluded.csv``, ``defects.csv``,
+  ``gallery.png``), :func:`mlflow_metrics`, :func:`result_table`.
 
 How N is reached (``EvalResult.accounting``, in this order): the requested ids (the list, else every annotated clip),
 minus those without an annotation, minus those whose frame or audio is unavailable (model path only), minus those
@@ -20,7 +21,6 @@ unusable box; a map that is not finite) = the scored clips. Every dropped id is 
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -82,7 +83,8 @@ class TestSet:
     """Clips to evaluate: requested ids, their annotations and media, and why any of them cannot be used.
 
     ``unavailable``: id -> why its frame or audio cannot be used (matters for the model path only);
-    ``annotation_problems``: id -> why it has no usable annotation; ``clips``: ids with frame and audio paths.
+    ``annotation_problems``: id -> why it has no usable annotation; ``clips``: ids with frame and audio paths;
+    ``defects``: the defective boxes of the requested clips (:func:`write_outputs` lists them in ``defects.csv``).
     """
 
     __test__ = False  # not a pytest test class despite the name
@@ -94,6 +96,7 @@ class TestSet:
     clips: dict[str, Clip] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     annotation_problems: dict[str, str] = field(default_factory=dict)
+    defects: DefectReport = field(default_factory=DefectReport)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -146,6 +149,7 @@ def load_test_set(root: str | Path, list_path: str | Path | None = None) -> Test
             test.unavailable[cid] = problem
         else:
             test.clips[cid] = clip
+    test.defects = report
     test.notes += report.summary()
     return test
 
@@ -155,7 +159,8 @@ def load_vggss_json_set(json_path: str | Path, list_path: str | Path | None = No
     """VGG-SS boxes from the public ``vggss.json``; the ids of ``list_path`` (default: every clip in the file).
 
     ``media_root``, when given, is a folder in the ``vggss_test`` layout (``frame/<id>.jpg``, ``audio/<id>.wav``);
-    clips missing either are reported. The file's defects (huge or degenerate boxes) are summarised in ``notes``.
+    clips missing either are reported. The defects (huge or degenerate boxes) of the requested clips are kept in
+    ``defects`` and summarised in ``notes``, with the whole file's counts beside them when the list leaves some out.
     """
     json_path = Path(json_path)
     annotations, report = load_vggss_json(json_path)
@@ -175,8 +180,22 @@ def load_vggss_json_set(json_path: str | Path, list_path: str | Path | None = No
                 test.unavailable[cid] = problem
             else:
                 test.clips[cid] = clip
-    test.notes += [f"{json_path.name}: {line}" for line in report.summary()]
+    test.defects = report.restricted_to(ids)
+    test.notes += [f"{json_path.name}, in the {len(ids)} requested clips: {line}" for line in test.defects.summary()]
+    if len(test.defects.boxes()) != len(report.boxes()):
+        test.notes.append(f"{json_path.name} as a whole ({len(annotations)} clips): {_defect_counts(report)}; "
+                          f"in the {len(ids)} requested clips: {_defect_counts(test.defects)}")
     return test
+
+
+DEFECT_LABELS = {"non_finite_or_huge": "boxes with a non-finite or huge coordinate", "degenerate": "degenerate boxes",
+                 "out_of_range": "boxes with a coordinate outside [0, 1]"}
+
+
+def _defect_counts(report: DefectReport) -> str:
+    """The box defects by kind, e.g. ``12 boxes with a non-finite or huge coordinate, 18 degenerate boxes``."""
+    counts = Counter(kind for _, _, kind in report.boxes())
+    return ", ".join(f"{counts[kind]} {label}" for kind, label in DEFECT_LABELS.items() if counts[kind]) or "none"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,8 +605,8 @@ def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
 
 def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping[str, np.ndarray],
                    annotations: Mapping[str, Annotation], *, protocol: str | Protocol = "slavc",
-                   value_range: tuple[float, float] = (-1.0, 1.0),
-                   iou_threshold: float = metrics.CIOU_THRESHOLD) -> ExtendedResult:
+                   value_range: tuple[float, float] = (-1.0, 1.0), iou_threshold: float = metrics.CIOU_THRESHOLD,
+                   dropped: Sequence[Exclusion] = ()) -> ExtendedResult:
     """SLAVC's extended evaluation: can the model tell sounding pairs from non-sounding ones, and localise the former?
 
     sounding_maps: {clip id: (h, w) map of the frame with its own audio} (clips with boxes); silent_maps:
@@ -596,10 +615,11 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
     ``value_range`` of the raw map ((-1, 1) for cosine maps); a sounding pair's IoU uses the protocol's rule
     (SLAVC: relative 50%, ``>= sorted[N/2]``). AP and max-F1 are over all distinct confidences (``ap``, ``max_f1``)
     and with SLAVC's released threshold sampling (``ap_slavc``, ``max_f1_slavc``); see :func:`metrics.extended_ap`.
-    Sounding clips without annotation, with an empty ground truth or with a non-finite map are excluded and listed.
+    Sounding clips without annotation, with an empty ground truth or with a non-finite map are excluded and listed
+    in ``excluded``, after ``dropped``: the pairs the caller left out before scoring (no frame/audio, no map).
     """
     proto = get_protocol(protocol)
-    excluded: list[Exclusion] = []
+    excluded: list[Exclusion] = list(dropped)
     confidence: list[np.ndarray] = []
     ious: list[np.ndarray] = []
     sounding_flags: list[np.ndarray] = []
@@ -634,7 +654,9 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
     n_sounding, n_silent = int(flags.sum()), int((~flags).sum())
     if not n_sounding or not n_silent:
         raise DataError(f"the extended evaluation needs both kinds of pairs; got {n_sounding} usable sounding and "
-                        f"{n_silent} usable non-sounding pairs ({len(excluded)} excluded)")
+                        f"{n_silent} usable non-sounding pairs ({len(excluded)} excluded)",
+                        [f"{count} x {kind}" for kind, count in
+                         Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in excluded).most_common()])
     conf, iou = np.concatenate(confidence), np.concatenate(ious)
     return ExtendedResult(
         protocol=proto.name, value_range=tuple(value_range), iou_threshold=iou_threshold,
@@ -645,6 +667,32 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
         max_f1_slavc=metrics.extended_max_f1(conf, iou, flags, iou_threshold, "slavc"),
         excluded=excluded,
     )
+
+
+def score_extended_maps(maps: Mapping[str, np.ndarray], silent_maps: Mapping[str, np.ndarray],
+                        silent_pairs: Sequence[tuple[str, str]], ids: Sequence[str],
+                        annotations: Mapping[str, Annotation], source: str) -> tuple[ExtendedResult, list[str]]:
+    """SLAVC's extended evaluation of precomputed maps (``sslt eval --maps --extended``) -> (result, notes).
+
+    Sounding pairs: the maps of the requested ``ids`` only. Non-sounding pairs: those of the ``*_plus_silent.csv``
+    (``silent_pairs``, from :func:`read_silent_pairs`), each map looked up in ``silent_maps`` (read from ``source``)
+    by :func:`silent_pair_key`. A pair without a map is left out and listed (stage ``no map``); maps of pairs that
+    the list does not hold are ignored. The notes say how many pairs were left out or maps ignored.
+    """
+    sounding = {cid: maps[cid] for cid in dict.fromkeys(ids) if cid in maps}
+    keys = list(dict.fromkeys(silent_pair_key(video, audio) for video, audio in silent_pairs))
+    silent = {key: silent_maps[key] for key in keys if key in silent_maps}
+    dropped = [Exclusion(key, "no map", f"no map for this non-sounding pair in {source}")
+               for key in keys if key not in silent_maps]
+    notes = []
+    if dropped:
+        notes.append(f"extended evaluation: {len(dropped)} of {len(keys)} non-sounding pairs have no map in {source} "
+                     f"and were left out (listed in excluded.csv)")
+    unused = len(silent_maps.keys() - set(keys))
+    if unused:
+        notes.append(f"extended evaluation: ignored the maps of {unused} pairs in {source} that are not in the "
+                     f"non-sounding pairs list")
+    return score_extended(sounding, silent, annotations, dropped=dropped), notes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -688,23 +736,33 @@ def _csv_bytes(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
 
 def write_outputs(result: EvalResult, out_dir: str | Path, *, maps: Mapping[str, np.ndarray] | None = None,
                   frames: Mapping[str, str] | None = None, annotations: Mapping[str, Annotation] | None = None,
-                  gallery_count: int = 4) -> dict[str, Path]:
-    """Write ``metrics.json``, ``per_clip.csv``, ``excluded.csv`` and, when maps, frames and annotations are given
-    for scored clips, ``gallery.png`` (the ``gallery_count`` best and worst clips). Returns {kind: path}.
+                  defects: DefectReport | None = None, gallery_count: int = 4) -> dict[str, Path]:
+    """Write ``metrics.json``, ``per_clip.csv``, ``excluded.csv``, with ``defects`` ``defects.csv``, and, when
+    maps, frames and annotations are given for scored clips, ``gallery.png`` (the ``gallery_count`` best and worst
+    clips). Returns {kind: path}.
 
     per_clip.csv: ``id,iou,hit,gt_area,pointing,pred_area,protocol`` (areas are shares of the 224 x 224 frame);
-    excluded.csv: ``id,stage,reason``. Every file is written atomically.
+    excluded.csv: ``id,stage,reason``, the extended evaluation's pairs (``<video>+<audio>`` ids) with stages
+    ``extended: <stage>``; defects.csv: ``id,xmin,ymin,xmax,ymax,defect``, one row per defective box and defect
+    (kinds of :meth:`DefectReport.boxes`). Every file is written atomically.
     """
     out_dir = Path(out_dir)
     written = {"metrics": out_dir / "metrics.json", "per_clip": out_dir / "per_clip.csv",
                "excluded": out_dir / "excluded.csv"}
+    excluded = [(e.id, e.stage, e.reason) for e in result.excluded]
+    if result.extended is not None:
+        excluded += [(e.id, f"extended: {e.stage}", e.reason) for e in result.extended.excluded]
     atomic_write_bytes(written["metrics"], (json.dumps(result_dict(result), indent=2) + "\n").encode())
     atomic_write_bytes(written["per_clip"], _csv_bytes(
         ("id", "iou", "hit", "gt_area", "pointing", "pred_area", "protocol"),
         ((r.id, repr(r.iou), int(r.hit), repr(r.gt_area), repr(r.pointing), repr(r.pred_area), result.protocol.name)
          for r in result.rows)))
-    atomic_write_bytes(written["excluded"], _csv_bytes(
-        ("id", "stage", "reason"), ((e.id, e.stage, e.reason) for e in result.excluded)))
+    atomic_write_bytes(written["excluded"], _csv_bytes(("id", "stage", "reason"), excluded))
+    if defects is not None:
+        written["defects"] = out_dir / "defects.csv"
+        atomic_write_bytes(written["defects"], _csv_bytes(
+            ("id", "xmin", "ymin", "xmax", "ymax", "defect"),
+            ((cid, *(repr(v) for v in box), kind) for cid, box, kind in defects.boxes())))
     if maps is not None and frames and annotations is not None:
         gallery = _write_gallery(result, maps, frames, annotations, out_dir / "gallery.png", gallery_count)
         if gallery is not None:
@@ -850,6 +908,7 @@ class LoadedModel:
     label: str
     source: Path
     step: int | None = None
+    epoch: int | None = None
 
 
 def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
@@ -887,14 +946,14 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
     schema's defaults (the paper's settings, which the official weights were trained with).
     """
     from sslt_cli.config import Recipe, validate_tree
-    from sslt_cli.model import build_model, load_official_checkpoint, read_checkpoint_file
+    from sslt_cli.model import build_model, load_official_checkpoint, load_weights, read_checkpoint_file
 
     path = Path(path)
     state = read_checkpoint_file(path)
-    step = None
+    step = epoch = None
     if isinstance(state, dict) and state.get("format") == "sslt-checkpoint/1" and "model" in state:
         weights = state["model"]
-        step = int(state.get("step", 0))
+        step, epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
         if recipe is None and isinstance(state.get("recipe"), dict):
             recipe = validate_tree(state["recipe"], f"{path} (saved recipe)")
         label = "sslt"
@@ -903,23 +962,24 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
         label = "official SSL-TIE"
     recipe = recipe or Recipe()
     model = build_model()
-    from sslt_cli.errors import CheckpointError
-
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shapes that do not fit
-        lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-        raise CheckpointError(f"{path}: the checkpoint's tensors do not fit the model", lines[:10]) from None
-    if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing: {', '.join(missing[:10])}{f' (+{len(missing) - 10} more)' if len(missing) > 10 else ''}")
-        if unexpected:
-            problems.append(f"unexpected: {', '.join(unexpected[:10])}"
-                            f"{f' (+{len(unexpected) - 10} more)' if len(unexpected) > 10 else ''}")
-        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the model", problems)
+    load_weights(model, weights, path)
     model.to(device).eval()
-    return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step)
+    return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step, epoch=epoch)
+
+
+def export_official(target: str | Path, out: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """Write an sslt model in the official SSL-TIE checkpoint format, so the released code (and other tools that read
+    it) can load it. ``target``: a run folder (its ``which`` checkpoint, ``best`` or ``last``) or a checkpoint file.
+    Returns (the checkpoint read, the file written)."""
+    from sslt_cli.model import save_official_checkpoint
+
+    if which not in ("best", "last"):
+        raise DataError(f"--which must be best or last for an export, got {which!r}")
+    _, checkpoints, _ = resolve_checkpoints(target, which)
+    (_, source), = checkpoints
+    loaded = load_model(source)
+    written = save_official_checkpoint(loaded.model, out, epoch=loaded.epoch or 0, iteration=loaded.step or 0)
+    return source, written
 
 
 def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, image_mode: str, *,
@@ -965,10 +1025,10 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
             if "image" in batch:
                 yield [keys[int(i)] for i in batch["index"]], batch["image"], batch["spec"]
 
+    from sslt_cli.model import autocast_for
+
     device = torch.device(device)
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-           if recipe.train.precision != "fp32" else contextlib.nullcontext())
-    with amp:
+    with autocast_for(device, recipe.eval.precision):
         maps = maps_from_batches(model, batches(), device, progress)
     return maps, skipped
 
@@ -978,7 +1038,12 @@ def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Pr
                           num_workers: int | None = None, clip_boxes: bool | None = None,
                           extended: tuple[list[tuple[str, str]], TestSet] | None = None,
                           progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Predict maps for the test set's clips, score them with baselines, and write the outputs to ``out_dir``."""
+    """Predict maps for the test set's clips, score them with baselines, and write the outputs to ``out_dir``.
+
+    ``extended``: (non-sounding pairs, the set holding their frames and audio) adds SLAVC's extended evaluation; a
+    pair whose frame or audio is unavailable is left out and listed. ``progress`` is called with the clip count of
+    each predicted batch, the non-sounding pairs' batches included.
+    """
     proto = get_protocol(protocol)
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
     maps, skipped = predict_maps(loaded.model, clips, loaded.recipe, proto, device, batch_size=batch_size,
@@ -990,20 +1055,28 @@ def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Pr
                         notes=test.notes, device=device)
     if extended is not None:
         silent_pairs, silent_set = extended
-        pairs, missing = [], []
+        pairs: list[tuple[str, Clip, Clip]] = []
+        dropped: list[Exclusion] = []
         for video, audio in silent_pairs:
+            key = silent_pair_key(video, audio)
             fc, ac = silent_set.clips.get(video), silent_set.clips.get(audio)
-            if fc is None or ac is None:
-                missing.append((video, audio))
+            if fc is not None and ac is not None:
+                pairs.append((key, fc, ac))
                 continue
-            pairs.append((silent_pair_key(video, audio), fc, ac))
-        if missing:
-            result.notes.append(f"extended evaluation: {len(missing)} non-sounding pairs have no frame/audio in "
-                                f"{silent_set.name} (e.g. {missing[0][0]}, {missing[0][1]}) and were left out")
-        silent_maps, _ = predict_maps(loaded.model, [], loaded.recipe, proto, device, batch_size=batch_size,
-                                      num_workers=num_workers, pairs=pairs)
-        result.extended = score_extended(maps, silent_maps, test.annotations)
-    write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations)
+            missing = [f"{column} {cid}: {silent_set.unavailable.get(cid, 'not among its usable clips')}"
+                       for column, cid, clip in (("video", video, fc), ("audio", audio, ac)) if clip is None]
+            dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {silent_set.name}: {'; '.join(missing)}"))
+        silent_maps, silent_skipped = predict_maps(loaded.model, [], loaded.recipe, proto, device,
+                                                   batch_size=batch_size, num_workers=num_workers, pairs=pairs,
+                                                   progress=progress)
+        dropped += [Exclusion(key, "no frame/audio", f"decode error: {reason}") for key, reason in silent_skipped]
+        if dropped:
+            result.notes.append(f"extended evaluation: {len(dropped)} of {len(silent_pairs)} non-sounding pairs have "
+                                f"no usable frame/audio in {silent_set.name} and were left out (listed in "
+                                f"excluded.csv)")
+        result.extended = score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+    write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
+                  defects=test.defects)
     save_maps(maps, out_dir / "maps.npz")
     return result
 
@@ -1021,8 +1094,6 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
 
     console = console or Console(stderr=True)
     out = out or Console()
-    import shutil
-
     proto = get_protocol(protocol or recipe.eval.protocol)
     _, checkpoints, _ = resolve_checkpoints(run.dir, which)
     loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]

@@ -27,6 +27,7 @@ does not hold them, checks their presence and shapes on import and writes zeros 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 from collections import OrderedDict
@@ -87,6 +88,13 @@ class SSLTIEModel(nn.Module):
         v = self.embed_image(images)
         a = self.embed_audio(spec)
         return localisation_map(v, a), v, a
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast (``auto`` and ``bf16``) on CPU and CUDA; ``fp32`` disables it."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def localisation_map(v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -281,6 +289,16 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: keys do not match the official SSL-TIE checkpoint; {_OFFICIAL_FORMAT}",
                               problems)
     return {ours: state[official] for official, ours, _ in layout if ours is not None}
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Load an sslt ``state_dict`` into ``model``; a CheckpointError from ``path`` lists missing, unexpected and
+    wrong-shape keys (never torch's RuntimeError with a traceback)."""
+    expected = {key: value.shape for key, value in model.state_dict().items()}
+    problems = _key_problems(expected, _strip_wrapper_prefixes(dict(weights)))
+    if problems:
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the SSL-TIE model", problems)
+    model.load_state_dict(_strip_wrapper_prefixes(dict(weights)))
 
 
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

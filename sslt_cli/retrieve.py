@@ -25,7 +25,7 @@ Protocol
   score becomes a unique int64 key), so results are deterministic. Ranking runs over chunks of queries so the (Q, G)
   matrix never exists whole; ``loc`` also chunks the gallery so the (q x g x h x w) product stays within a fixed
   budget. ``loc`` keeps every clip's map in memory (float16): N x h*w x 512 x 2 bytes, 1 GB for VGG-SS's 5k clips at
-  14 x 14; for galleries of 100k clips and more use ``pooled``.
+  14 x 14; for galleries of 100k clips and more use ``pooled`` (a run that would not fit is refused up front).
 * **Metrics** (means over the queries that have a relevant item; stored as fractions, printed x100):
   A@k = a relevant item among the top k; P@k = relevant items in the top k / k; R@k = relevant items in the top k /
   all relevant items; mAP = mean over queries of average precision over the full ranking,
@@ -47,7 +47,6 @@ import io
 import json
 import math
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
@@ -56,7 +55,7 @@ import torch
 from rich.progress import ProgressColumn, Task as ProgressTask
 from rich.text import Text
 
-from sslt_cli.data.annotations import load_vggss_json
+from sslt_cli.data.annotations import read_labels
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError, DataError, SsltError
 from sslt_cli.runs import atomic_torch_save
@@ -309,53 +308,6 @@ def localisation_rows(audio: torch.Tensor, maps: torch.Tensor, queries_are: str,
 
 # ----------------------------------------------------------------------------------------------- labels and classes
 
-def read_labels(path: str | Path) -> dict[str, str]:
-    """Clip labels from a file: ``{clip id: class}``.
-
-    Formats: VGGSound's CSV ``ytid,start,label,split`` (no header; id ``<ytid>_<start:06d>``; a label holding commas
-    is quoted, as in the real file, or spans the fields between start and split), a two-column ``id,label`` CSV (as
-    ACL-SSL's VGG-SS list), or the VGG-SS JSON (``{"file", "class", "bbox"}`` records). Blank lines and lines starting
-    with ``#`` are skipped; a row with an empty label gives no label. One id with two different labels is an error.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such label file; pass --labels with VGGSound's vggsound.csv "
-                        "(ytid,start,label,split), an id,label CSV or vggss.json")
-    if path.suffix.lower() == ".json":
-        annotations, _ = load_vggss_json(path)
-        return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
-    labels: dict[str, str] = {}
-    conflicts: list[str] = []
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            for row in reader:
-                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                    continue
-                fields = [x.strip() for x in row]
-                if len(fields) >= 3 and re.fullmatch(r"\d+", fields[1]):
-                    clip_id = f"{fields[0]}_{int(fields[1]):06d}"
-                    label = fields[2] if len(fields) <= 4 else ", ".join(fields[2:-1])
-                elif len(fields) == 2:
-                    clip_id, label = fields
-                else:
-                    raise DataError(f"{path}, line {reader.line_num}: cannot read {','.join(row)[:120]!r}; expected "
-                                    "VGGSound's ytid,start,label,split (start an integer) or id,label")
-                if not label:
-                    continue
-                if labels.setdefault(clip_id, label) != label:
-                    conflicts.append(f"{clip_id}: {labels[clip_id]!r} and {label!r}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a CSV label file") \
-            from None
-    if conflicts:
-        raise DataError(f"{path}: {len(conflicts)} clip id(s) have two different labels; fix the file",
-                        conflicts[:5])
-    if not labels:
-        raise DataError(f"{path}: no labelled rows; expected VGGSound's ytid,start,label,split or id,label")
-    return labels
-
-
 def check_classes(names: Sequence[str], known: Sequence[str], where: str) -> list[str]:
     """``names`` without repeats, once every one is a class of ``known``; else a DataError naming ``where``."""
     known_set = set(known)
@@ -438,6 +390,35 @@ def pool_visual_map(v: torch.Tensor, how: str) -> torch.Tensor:
     else:
         raise ValueError(f"image pooling must be 'avg' or 'max', got {how!r}")
     return torch.nn.functional.normalize(pooled, dim=1)
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can still give (Linux ``MemAvailable``), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_map_memory(n_clips: int, image_size: int, available: int | None) -> None:
+    """Refuse a ``loc`` retrieval whose visual maps cannot fit in memory, before hours of embedding.
+
+    ``loc`` keeps every clip's (h*w, 512) map in float16 (h = w = ceil(image_size / 16)), and joining the batches
+    briefly holds them twice; with less than that available the run would be killed near its end. None: unknown,
+    no check."""
+    from sslt_cli.model import EMBED_DIM
+
+    side = math.ceil(image_size / 16)
+    needed = 2 * n_clips * side * side * EMBED_DIM * 2
+    if available is not None and needed > available:
+        raise DataError(f"--score loc keeps every clip's {side} x {side} x {EMBED_DIM} visual map in memory: "
+                        f"{n_clips} clips need about {needed / 2**30:.1f} GiB, and {available / 2**30:.1f} GiB is "
+                        "available", ["use --score pooled (512 numbers a clip), or retrieve on fewer clips "
+                                      "(--classes, or a smaller --data set)"])
 
 
 @torch.no_grad()
@@ -922,6 +903,8 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
                   f"manifest); labels from {label_source}; device {torch_device}")
 
     need_maps = cross_score == "loc" and any(task != "a2a" for task in task_list)
+    if need_maps:
+        check_map_memory(len(clip_set.clips), recipe.data.image_size, available_memory_bytes())
     cache = t.out_dir / f"embeddings_{clip_set.name}.pt"
     key = {"checkpoint_sha256": t.checkpoint_sha256, "step": t.step, "set": str(clip_set.root.resolve()),
            "manifest_sha256": file_sha256(clip_set.root / "manifest.csv"), "image_size": recipe.data.image_size,

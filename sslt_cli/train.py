@@ -32,7 +32,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -51,7 +50,7 @@ from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, prechec
 from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
-from sslt_cli.model import EMBED_DIM, build_model, localisation_map
+from sslt_cli.model import EMBED_DIM, autocast_for, build_model, load_weights, localisation_map
 from sslt_cli.runs import SKIPPED, Run, load_checkpoint
 from sslt_cli.tracking import Tracker
 
@@ -193,13 +192,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast (``auto`` and ``bf16``) on CPU and CUDA; ``fp32`` disables it."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     np_state = np.random.get_state()
@@ -273,10 +265,20 @@ def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tu
     skipped = [(c.id, f"manifest status '{c.status}': {c.reason}") for c in clip_set.unusable]
     if recipe.data.holdout_classes:
         held = set(recipe.data.holdout_classes)
-        unknown = held - {c.label for c in clips}
+        known = sorted({c.label for c in clips if c.label})
+        if not known:
+            raise DataError(f"{clip_set.root}: data.holdout_classes needs class labels, and this training set's "
+                            "manifest has none", ["prepare the set with --labels vggsound.csv, or remove "
+                                                  "data.holdout_classes"])
+        unknown = sorted(held - set(known))
         if unknown:
-            console.print(f"warning: data.holdout_classes names classes absent from the training set: "
-                          f"{', '.join(sorted(unknown))}")
+            import difflib
+
+            raise DataError(f"data.holdout_classes: {len(unknown)} class(es) are not in the training set "
+                            f"{clip_set.root} (a held-out class must be one the set has, or nothing is held out)",
+                            [f"{name!r}" + (f" (did you mean {close[0]!r}?)"
+                                            if (close := difflib.get_close_matches(name, known, 1)) else "")
+                             for name in unknown])
         before = len(clips)
         clips = [c for c in clips if c.label not in held]
         console.print(f"held out {before - len(clips)} training clips of {len(held)} classes (data.holdout_classes)")
@@ -288,6 +290,31 @@ def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tu
         raise DataError(f"{clip_set.root}: no usable training clips ({len(skipped)} skipped)",
                         [f"{i}: {r}" for i, r in skipped[:10]])
     return good, skipped
+
+
+def check_cache_space(cache_dir: Path, n_clips: int, recipe: Recipe) -> str:
+    """The log-mel cache's size for ``n_clips`` clips, checked against the free disk space before training starts.
+
+    Each clip's log-mel is (n_mels, frames) float32 (VGGSound-144k at the paper's settings: about 99 GB). Files
+    already in the cache count as written. Returns a line for the log; a DataError when the rest cannot fit, so the
+    run never dies of a full disk hours in."""
+    import shutil
+
+    a = recipe.audio
+    frames = int(a.clip_seconds * a.sample_rate) // a.hop_length + 1
+    per_clip = a.n_mels * frames * 4 + 128  # .npy header
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cached = sum(entry.stat().st_size for entry in os.scandir(cache_dir) if entry.is_file())
+    needed = max(0, n_clips * per_clip - cached)
+    free = shutil.disk_usage(cache_dir).free
+    gib = 2**30
+    if needed > free:
+        raise DataError(f"{cache_dir}: the log-mel cache needs about {needed / gib:.1f} GiB more for {n_clips} clips "
+                        f"({per_clip / 2**20:.2f} MiB each) and the disk has {free / gib:.1f} GiB free",
+                        ["set data.cache_spectrograms=false (the log-mel is then computed from the audio each "
+                         "time), or free disk space, or put runs_dir on a larger disk"])
+    return (f"log-mel cache {cache_dir}: about {n_clips * per_clip / gib:.2f} GiB for {n_clips} clips "
+            f"({cached / gib:.2f} GiB there already; data.cache_spectrograms=false turns it off)")
 
 
 def write_skipped(run: Run, skipped: list[tuple[str, str]], stage: str) -> None:
@@ -440,7 +467,8 @@ def model_state_from_checkpoint(state: dict, path: Path) -> dict:
 
     if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not an sslt checkpoint (no format '{CHECKPOINT_FORMAT}' and 'model' entry); "
-                              "for official SSL-TIE weights use `sslt eval --checkpoint-format official`")
+                              "official SSL-TIE weights cannot be resumed; evaluate them with `sslt eval CHECKPOINT` (the format is "
+                              "recognised) or start a new run")
     return state["model"]
 
 
@@ -511,6 +539,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         blur_p=t.app.blur_p, blur_sigma=t.app.blur_sigma)
     spec_augment = (dict(p=t.mask.p, time=t.mask.time, freq=t.mask.freq) if t.mask.enabled else None)
     cache_dir = (run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None)
+    if cache_dir is not None and env.main:
+        console.print(check_cache_space(cache_dir, len(clips), recipe))
     dataset = AudioVisualDataset(
         clips, image_transform=image_transform, n_views=2 if paper_views and views_differ(recipe) else 1, shared_geometry=True,
         audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir)
@@ -529,6 +559,9 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
         val_set = load_test_set(recipe.data.set_path(recipe.data.val))
         val_clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
+        if recipe.data.holdout_classes:
+            # model selection sees the training classes only: held-out classes are for the open-set evaluation
+            val_clips = [c for c in val_clips if c.label not in set(recipe.data.holdout_classes)]
         val_clips = val_clips[: recipe.data.limit_val] if recipe.data.limit_val else val_clips
         val_annotations = val_set.annotations
         if env.main:
@@ -558,7 +591,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         if last is None:
             raise TrainingError(f"{run.dir}: nothing to resume (no checkpoints/last-*.pt)")
         state = load_checkpoint(last)
-        base_model.load_state_dict(model_state_from_checkpoint(state, last))
+        load_weights(base_model, model_state_from_checkpoint(state, last), last)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
@@ -722,10 +755,11 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
                 if env.world > 1:
                     collect_skipped()
                     broadcast_buffers(base_model)
-                if t.mix.enabled and epoch >= t.mix.start_epoch:
-                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env, cache_dir)
+                if t.mix.enabled and epoch >= t.mix.start_epoch and step < total_steps:
+                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env,
+                                                            cache_dir, epoch)
                 if val_clips and (epoch % recipe.train.val_every == 0 or step >= total_steps):
-                    metrics = validate(base_model, val_clips, val_annotations, recipe, device, amp, run, epoch, env)
+                    metrics = validate(base_model, val_clips, val_annotations, recipe, device, run, epoch, env)
                     if env.main:
                         run.append_metrics({"kind": "val", "step": step, "epoch": epoch, **metrics})
                         tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
@@ -781,12 +815,18 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
 
 # ------------------------------------------------------------------------------------- epoch-level helpers
 
+def mix_queue_seed(seed: int, epoch: int) -> int:
+    """Seed of T_mix's candidate queue for the refresh at the end of ``epoch``: one per (run seed, epoch)."""
+    return (seed * 7919 + epoch * 104729) % (2**63)
+
+
 @torch.no_grad()
 def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
-                           env: Dist, cache_dir: Path | None) -> np.ndarray:
+                           env: Dist, cache_dir: Path | None, epoch: int) -> np.ndarray:
     """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour.
 
-    With several processes each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every
+    The random queue of candidates is drawn anew for every epoch (``mix_queue_seed``), as the official retrieval
+    samples a fresh queue each time, so over a run every clip can become a mixing partner. With several processes each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every
     rank draws the same neighbours (same seed) as one process would.
     """
     dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
@@ -813,7 +853,7 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
         gather = rank_gather([b - a for a, b in bounds], env.rank)
         embeddings = gather(embeddings.to(device))[0].cpu()
         decoded = gather(decoded.to(device, torch.uint8))[0].cpu().bool()
-    g = torch.Generator().manual_seed(recipe.seed * 7919 + len(clips))
+    g = torch.Generator().manual_seed(mix_queue_seed(recipe.seed, epoch))
     neighbours = augment.find_mix_neighbours(F.normalize(embeddings, dim=1), queue_size=recipe.transforms.mix.queue,
                                              generator=g)
     # a clip whose audio could not be decoded is neither mixed nor mixed into another clip
@@ -823,9 +863,12 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
 
 
 @torch.no_grad()
-def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, amp, run: Run,
+def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, run: Run,
              epoch: int, env: Dist) -> dict[str, float]:
-    """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl."""
+    """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl.
+
+    Maps are computed at ``eval.precision`` (fp32 by default), as the final test evaluation computes them.
+    """
     from sslt_cli.evaluate import eval_loader, get_protocol, score_maps
 
     protocol = get_protocol(recipe.eval.protocol)
@@ -834,6 +877,7 @@ def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device
     losses, weights = 0.0, 0
     shown: tuple | None = None
     loss_cfg = recipe.loss
+    amp = autocast_for(device, recipe.eval.precision)
     for batch in eval_loader(clips, recipe, device, protocol.image_preprocessing):
         if "image" not in batch:
             continue

@@ -18,6 +18,7 @@ from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, p
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run
+from sslt_cli.tracking import Tracker
 
 SHIPPED = ("paper_transformations", "per_transform", "geo_weight")
 # REFERENCE.md section 7: row -> (T_app, T_geo, T_mask, T_mix, L_cl, L_geo), cIoU, AUC
@@ -226,6 +227,10 @@ def test_seeds_from_the_file_a_count_or_a_list(recipes: Path) -> None:
     assert len(expand_cells(ablation, 3)) == 9
     with pytest.raises(RecipeError, match="give at least 1 seed"):
         resolve_seeds(ablation, 0)
+    # the seeds recorded in the ablation's folder are the current ones, unless the command line says seeds=
+    assert resolve_seeds(ablation, None, [3, 9]) == [3, 9]
+    assert resolve_seeds(ablation, 3, [3, 9]) == [3, 9, 10]
+    assert resolve_seeds(load_ablation(path, ["seeds=[1]"]), None, [3, 9]) == [1]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -289,6 +294,10 @@ class FakeTrainer:
                  stop_after_steps=None, evaluate_at_end=True) -> Run:
         self.calls.append((recipe.name, resume_run.dir.name if resume_run else None))
         run = resume_run or Run.create(recipe, overrides=overrides)
+        if recipe.tracking.enabled and resume_run is None:  # the run's own MLflow run, as train starts it
+            tracker = Tracker(experiment=recipe.tracking.experiment)
+            run.update_meta(mlflow_run_id=tracker.start(run.dir.name))
+            tracker.end()
         what = self.behaviour.get(recipe.name, "ok")
         if what == "fail":
             run.update_meta(status="failed", error="TrainingError: the loss became nan")
@@ -497,7 +506,9 @@ def test_a_killed_run_resumes_from_its_checkpoint_or_trains_anew_without_one(rec
 def test_a_changed_recipe_trains_anew_and_keeps_the_old_runs(recipes: Path, fake: FakeTrainer) -> None:
     path = write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]"))
     run_ablation(load_ablation(path), console=quiet(), out=quiet())
-    changed = load_ablation(path, ["optim.epochs=3"])
+    original = path.read_text()
+    path.write_text(original + "overrides: [optim.epochs=3]\n")  # the file changed: so did its cells' recipes
+    changed = load_ablation(path)
     out = quiet()
     result = run_ablation(changed, dry_run=True, console=quiet(), out=out)
     assert [(c.status, c.action) for c in result.cells] == [("pending", "train")] * 3
@@ -507,8 +518,104 @@ def test_a_changed_recipe_trains_anew_and_keeps_the_old_runs(recipes: Path, fake
     assert [c for c, _ in fake.calls] == ["A-seed4", "B-seed4", "C-seed4"] * 2
     assert len([p for p in changed.folder.iterdir() if p.name.startswith("A-seed4-")]) == 2
     # and back: the first runs match again, nothing trains
+    path.write_text(original)
     result = run_ablation(load_ablation(path), console=quiet(), out=quiet())
     assert len(fake.calls) == 6 and [c.action for c in result.cells] == ["skip"] * 3
+
+
+def summary_seeds(folder: Path) -> list[tuple[str, str, str]]:
+    """(row, seeds, seeds done) of each row of summary.csv."""
+    with open(folder / "summary.csv") as f:
+        return [(r["row"], r["seeds"], r["seeds_done"]) for r in csv.DictReader(f)]
+
+
+def test_the_report_and_a_rerun_use_the_seeds_recorded_in_the_folder(recipes: Path, fake: FakeTrainer) -> None:
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: 1")))
+    state = ablation.folder / "ablation.json"
+    run_ablation(ablation, seeds=2, console=quiet(), out=quiet())
+    assert len(fake.calls) == 6 and json.loads(state.read_text())["seeds"] == [4, 5]
+
+    console = quiet()
+    result = run_ablation(ablation, report_only=True, console=console, out=quiet())
+    assert [c.cell.name for c in result.cells] == ["A-seed4", "B-seed4", "C-seed4", "A-seed5", "B-seed5", "C-seed5"]
+    assert summary_seeds(ablation.folder) == [("A", "2", "2"), ("B", "2", "2"), ("C", "2", "2")]
+    assert result.rows[0].mean("ciou") == pytest.approx(0.31)
+    assert console.file.getvalue().splitlines()[0] == (
+        "seeds 4, 5, as recorded in runs/ablations/study/ablation.json (the file names 4); to change them, give "
+        "--seeds N or seeds=[...]")
+    run_ablation(ablation, console=quiet(), out=quiet())
+    assert len(fake.calls) == 6 and json.loads(state.read_text())["seeds"] == [4, 5]
+
+    # explicit seeds change the recorded ones, and say how
+    console = quiet()
+    run_ablation(ablation, seeds=1, report_only=True, console=console, out=quiet())
+    assert console.file.getvalue().splitlines()[0] == (
+        "seeds 4: changed from 4, 5 recorded in runs/ablations/study/ablation.json; leaves out 5 (their runs stay in "
+        "the folder, outside the summary)")
+    assert summary_seeds(ablation.folder) == [("A", "1", "1"), ("B", "1", "1"), ("C", "1", "1")]
+    assert json.loads(state.read_text())["seeds"] == [4]
+    console = quiet()
+    run_ablation(load_ablation(ablation.path, ["seeds=[4, 5]"]), console=console, out=quiet())
+    assert console.file.getvalue().splitlines()[0] == (
+        "seeds 4, 5: changed from 4 recorded in runs/ablations/study/ablation.json; adds 5")
+    assert len(fake.calls) == 6 and summary_seeds(ablation.folder)[0] == ("A", "2", "2")
+
+
+def test_other_seeds_get_a_parent_run_that_names_them_with_every_finished_cell(recipes: Path,
+                                                                               fake: FakeTrainer) -> None:
+    from mlflow.tracking import MlflowClient
+
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: 1")),
+                             ["tracking.enabled=true"])
+    first = run_ablation(ablation, console=quiet(), out=quiet())
+    console = quiet()
+    second = run_ablation(ablation, seeds=2, console=console, out=quiet())
+    assert len(fake.calls) == 6 and second.parent_run_id != first.parent_run_id
+    assert (f"MLflow parent run {second.parent_run_id} replaces {first.parent_run_id} (other seeds; MLflow keeps a "
+            "run's parameters); the finished cells' runs are now its children") in console.file.getvalue().splitlines()
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert client.get_run(first.parent_run_id).data.params["ablation.seeds"] == "4"
+    parent = client.get_run(second.parent_run_id)
+    assert parent.data.params["ablation.seeds"] == "4,5" and parent.data.metrics["A/seeds_done"] == 2
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "A-seed5", "B-seed4", "B-seed5",
+                                                                   "C-seed4", "C-seed5"]
+    assert run_ablation(ablation, report_only=True, console=quiet(), out=quiet()).parent_run_id == parent.info.run_id
+
+
+def test_another_base_or_other_overrides_in_the_same_folder_are_refused(recipes: Path, fake: FakeTrainer) -> None:
+    quick = (recipes / "tie_full.yaml").read_text().replace("name: tie_full", "name: quickstart")
+    (recipes / "quickstart.yaml").write_text(quick)
+    path = write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]"))
+    recorded = ["base=quickstart", "optim.epochs=3", "data.num_workers=0"]
+    run_ablation(load_ablation(path, recorded), console=quiet(), out=quiet())
+    assert len(fake.calls) == 3
+    for overrides, command in (
+            ([], f"base={recipes / 'tie_full.yaml'} and no recipe overrides"),
+            (["base=quickstart", "optim.epochs=4", "data.num_workers=0"],
+             f"base={recipes / 'quickstart.yaml'} optim.epochs=4 data.num_workers=0")):
+        other = load_ablation(path, overrides)
+        for how in ({}, {"report_only": True}, {"dry_run": True}):
+            with pytest.raises(ablate.SsltError) as info:
+                run_ablation(other, console=quiet(), out=quiet(), **how)
+            assert info.value.message == ("runs/ablations/study: this folder holds an ablation with another base "
+                                          "recipe or other recipe overrides")
+            assert info.value.problems == [
+                f"recorded in runs/ablations/study/ablation.json: base={recipes / 'quickstart.yaml'} optim.epochs=3 "
+                "data.num_workers=0",
+                f"this command: {command}",
+                "to continue or report on the recorded ablation, give its base= and overrides; to run this one beside "
+                "it, give it its own folder with name=<other> (runs/ablations/<other>)"]
+    assert len(fake.calls) == 3
+    # the same overrides in another order are the same ablation
+    same = run_ablation(load_ablation(path, ["data.num_workers=0", "base=quickstart", "optim.epochs=3"]),
+                        report_only=True, console=quiet(), out=quiet())
+    assert [c.status for c in same.cells] == ["finished"] * 3
+    # with a name of its own, the other base runs beside it and the first folder keeps its own
+    beside = run_ablation(load_ablation(path, ["name=study_full"]), console=quiet(), out=quiet())
+    assert beside.ablation.folder == Path("runs/ablations/study_full") and len(fake.calls) == 6
+    assert json.loads(Path("runs/ablations/study/ablation.json").read_text())["base"] == str(recipes /
+                                                                                              "quickstart.yaml")
 
 
 def test_a_dry_run_touches_nothing(recipes: Path, fake: FakeTrainer) -> None:

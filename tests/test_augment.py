@@ -329,3 +329,19 @@ def test_sample_geo_transform_draws():
     assert torch.equal(fixed.angles, torch.zeros(4)) and fixed.scale == 1.0 and not fixed.flip
     again = [sample_geo_transform(16, torch.Generator().manual_seed(0)) for _ in range(2)]
     assert torch.equal(again[0].angles, draws[0].angles) and again[0].scale == draws[0].scale
+
+
+def test_mix_queue_is_drawn_anew_each_epoch():
+    from sslt_cli.train import mix_queue_seed
+
+    emb = torch.randn(300, 16, generator=torch.Generator().manual_seed(3))
+
+    def queue_members(epoch: int) -> set[int]:
+        neighbours = find_mix_neighbours(emb, queue_size=20,
+                                         generator=torch.Generator().manual_seed(mix_queue_seed(4, epoch)))
+        return set(neighbours.tolist())
+
+    # the same (seed, epoch) gives the same queue (resume); another epoch draws other candidates
+    assert queue_members(1) == queue_members(1)
+    assert queue_members(1) != queue_members(2)
+    assert len(queue_members(1) | queue_members(2) | queue_members(3)) > 20

@@ -1,11 +1,16 @@
-"""The ``sslt`` command line: fast help with examples, --dry-run, user errors without traceback, runs, ui."""
+"""The ``sslt`` command line: fast help with examples, --dry-run, user errors without traceback, eval on the real
+VGG-SS boxes, runs, ui."""
 from __future__ import annotations
 
+import csv
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import typer.main
@@ -13,6 +18,7 @@ from typer.testing import CliRunner
 
 from sslt_cli.cli import app
 from sslt_cli.config import load_recipe, parse_yaml, recipe_dict, validate_tree
+from sslt_cli.errors import SsltError
 from sslt_cli.runs import Run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +145,160 @@ def test_other_user_errors_exit_1_without_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
+# --- sslt eval ------------------------------------------------------------------------------------------------------
+
+# The README's "Baselines on the real VGG-SS boxes" (protocol ssltie, cIoU / AUC x100), per list: N, the excluded
+# clips (empty ground truth once clipped to [0, 1]), the defective boxes of the listed clips, the note on the whole
+# file's defects (printed when the list leaves some out) and the table rows.
+README_BASELINES = {
+    "vggss_test_5158.csv": (5156, ["M1P1xla8rg0_000000", "MKC9LvRivTM_000030"], 30, None, {
+        "centre prior": ["33.96", "37.44"], "random map (3 seeds)": ["0.08", "21.68"],
+        "whole frame": ["21.96", "31.27"], "oracle ceiling": ["50.50", "49.49"]}),
+    "ssltie_test_vggss_4911.txt": (4911, [], 5, (
+        "note: vggss.json as a whole (5158 clips): 12 boxes with a non-finite or huge coordinate, 18 degenerate "
+        "boxes; in the 4911 requested clips: 5 degenerate boxes"), {
+        "centre prior": ["33.94", "37.40"], "random map (3 seeds)": ["0.15", "21.64"],
+        "whole frame": ["21.97", "31.24"], "oracle ceiling": ["50.52", "49.45"]}),
+}
+
+
+@pytest.fixture
+def realdata(repo_root: Path) -> Path:
+    """The public annotation files beside the repository (``../shared/realdata``)."""
+    folder = repo_root.parent / "shared" / "realdata"
+    if not folder.is_dir():
+        pytest.skip("shared/realdata is not beside the repository")
+    return folder
+
+
+def words(text: str) -> str:
+    """The text with every run of whitespace made one space: rich wraps long titles and captions."""
+    return " ".join(text.split())
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The body rows of the eval table on stdout: method -> [cIoU, AUC, mean IoU, pointing, pred. area], the
+    random baseline's ±std dropped."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if len(cells) == 6:
+            rows[cells[0]] = [cell.split("±")[0] for cell in cells[1:]]
+    return rows
+
+
+def csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize("id_list", list(README_BASELINES))
+def test_eval_baselines_only_on_the_real_vggss_boxes(realdata: Path, id_list: str) -> None:
+    n, excluded, defects, whole_file_note, figures = README_BASELINES[id_list]
+    result = CliRunner().invoke(app, ["eval", "--baselines-only", "--vggss-json", str(realdata / "vggss.json"),
+                                      "--list", str(realdata / id_list)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    name = Path(id_list).stem
+    assert f"{name}: baselines only · protocol ssltie · N = {n}" in words(result.stdout)
+    rows = table_rows(result.stdout)
+    assert {method: cells[:2] for method, cells in rows.items()} == figures
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    if whole_file_note:
+        assert notes[-1] == whole_file_note
+    else:
+        assert not any(" as a whole " in note for note in notes)
+    folder = Path("eval") / f"{name}-baselines-ssltie"
+    assert json.loads((folder / "metrics.json").read_text())["n"] == n
+    assert [row[0] for row in csv_rows(folder / "excluded.csv")[1:]] == excluded
+    listed = csv_rows(folder / "defects.csv")
+    assert len(listed) == 1 + defects and listed[0] == ["id", "xmin", "ymin", "xmax", "ymax", "defect"]
+    assert ["UyCw7pCgYg8_000055", "0.00625", "0.015625", "0.00625", "0.015625", "degenerate"] in listed
+
+
+def test_eval_maps_of_the_centre_prior_score_as_the_centre_prior_baseline(realdata: Path, tmp_path: Path) -> None:
+    from sslt_cli.data.annotations import read_id_list
+    from sslt_cli.metrics import centre_prior_map
+
+    id_list = realdata / "vggss_test_5158.csv"
+    np.save(tmp_path / "centre.npy", centre_prior_map())  # on the protocol's 224 x 224 grid: no upsampling
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for cid in read_id_list(id_list):
+        (maps / f"{cid}.npy").symlink_to(tmp_path / "centre.npy")
+    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", str(realdata / "vggss.json"),
+                                      "--list", str(id_list)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "protocol ssltie · N = 5156" in words(result.stdout)
+    rows = table_rows(result.stdout)
+    assert rows["vggss_test_5158"] == rows["centre prior"]
+    assert rows["centre prior"][:2] == README_BASELINES["vggss_test_5158.csv"][4]["centre prior"]
+
+
+def test_eval_maps_need_no_frames_or_audio(realdata: Path, tmp_path: Path) -> None:
+    ids = ["zpWuikVorYg_000032", "-0BIyqJj9ZU_000030", "gEvCUcZ6w88_000030"]
+    (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i, cid in enumerate(ids):
+        np.save(maps / f"{cid}.npy", np.random.default_rng(i).random((14, 14), dtype=np.float32))
+    media = tmp_path / "media"  # the first clip's frame only: no clip has both its frame and its audio
+    (media / "frame").mkdir(parents=True)
+    (media / "frame" / f"{ids[0]}.jpg").write_bytes(b"x")
+    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", str(realdata / "vggss.json"),
+                                      "--media", str(media), "--list", str(tmp_path / "list.txt"),
+                                      "--out", "out"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "N = 3" in words(result.stdout) and "3 requested = 3 scored" in words(result.stdout)
+    assert csv_rows(Path("out/excluded.csv")) == [["id", "stage", "reason"]]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--baselines-only", "--extended", "plus_silent.csv"],
+     "--extended does not go with --baselines-only: the extended evaluation ranks pairs by the confidence of their "
+     "maps, and the baselines have no confidence scores\n"
+     "  - score a model (RUN or CHECKPOINT) or --maps with --silent-maps, or drop --extended"),
+    (["--maps", "maps", "--extended", "plus_silent.csv"],
+     "--extended with --maps needs --silent-maps: the maps of the non-sounding pairs, keyed '<video>+<audio>' (a "
+     "folder of .npy files or one .npz)"),
+    (["--baselines-only", "--silent-maps", "silent"],
+     "--silent-maps goes with --maps and --extended (SLAVC's *_plus_silent.csv); add both, or drop --silent-maps"),
+    (["--maps", "maps", "--extended", "plus_silent.csv", "--silent-maps", "silent", "--silent-data", "set"],
+     "--silent-data goes with a model (RUN or CHECKPOINT) and --extended; with --maps, give the non-sounding pairs' "
+     "maps with --silent-maps"),
+    (["model.pt", "--vggss-json", "vggss.json"],
+     "--vggss-json vggss.json holds boxes only: running a model on them needs the frames and audio too\n"
+     "  - pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), or score "
+     "precomputed maps (--maps) or only the baselines (--baselines-only)"),
+], ids=["extended-baselines", "extended-maps-alone", "silent-maps-alone", "silent-data-with-maps", "model-no-media"])
+def test_eval_option_combinations_that_cannot_work(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["eval", *args])
+    assert isinstance(result.exception, SsltError), result.output
+    assert result.exception.render() == message
+
+
+def test_eval_extended_with_baselines_only_exits_1_with_the_message() -> None:
+    result = sslt("eval", "--baselines-only", "--extended", "plus_silent.csv", "--vggss-json", "vggss.json")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("error: --extended does not go with --baselines-only: ")
+
+
+def test_eval_progress_shows_clips_per_second_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from rich.console import Console
+
+    from sslt_cli import cli
+
+    console = Console(record=True, force_terminal=True, width=120)
+    monkeypatch.setattr(cli, "err", console)
+    with cli._progress("vggss (last)", 10) as advance:
+        for _ in range(4):
+            advance(2)
+            time.sleep(0.05)
+    # the finished bar: full although 2 of the 10 clips were dropped, with the average rate
+    assert re.search(r"vggss \(last\) ━+ 8/8 \d+\.\d clips/s ETA 0:00:00$", console.export_text().rstrip())
+
+
 # --- sslt runs ------------------------------------------------------------------------------------------------------
 
 def test_runs_table() -> None:
@@ -212,3 +372,29 @@ def test_ui_serves_the_runs_of_the_store(serve, tmp_path: Path, free_port: int) 
                          timeout=10).json()["runs"]
     assert [(r["info"]["run_id"], r["info"]["run_name"]) for r in runs] == [(run_id, "shown-run")]
     assert f"http://127.0.0.1:{free_port}" in log.read_text().split()
+
+
+def test_export_writes_the_official_format(tmp_path: Path) -> None:
+    import torch
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.model import build_model, load_official_checkpoint
+    from sslt_cli.train import CHECKPOINT_FORMAT
+
+    torch.manual_seed(0)
+    model = build_model()
+    checkpoint = tmp_path / "last-7.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "step": 7, "epoch": 2,
+                "recipe": recipe_dict(Recipe())}, checkpoint)
+    out = tmp_path / "exported.pth.tar"
+    result = CliRunner().invoke(app, ["export", str(checkpoint), "--out", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "official SSL-TIE" in result.stdout
+    raw = torch.load(out, weights_only=True)
+    assert (raw["epoch"], raw["iteration"], raw["optimizer"]) == (2, 7, None) and len(raw["state_dict"]) == 257
+    loaded = load_official_checkpoint(out)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(loaded[key], value)
+    refused = sslt("export", str(checkpoint), "--out", str(out), "--which", "both")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "--which must be best or last for an export, got 'both'" in refused.stderr

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -159,11 +160,14 @@ def vggss_5158():
 def test_real_vggss_baselines_5158(vggss_5158):
     test = vggss_5158
     assert len(test.ids) == 5158 and not test.annotation_problems
+    # the list holds every clip of the file: its defects are the file's, and no whole-file line is added
+    assert not any(" as a whole " in note for note in test.notes)
     assert test.notes[:2] == [
-        "vggss.json: 12 boxes hold a non-finite or huge coordinate (e.g. Db6Hjt0x28k_000056: "
-        "[0.384375, 0.859375, 0.696875, -2.8823037615171176e+16])",
-        "vggss.json: 18 boxes are degenerate (xmax <= xmin or ymax <= ymin), e.g. UyCw7pCgYg8_000055: "
-        "[0.00625, 0.015625, 0.00625, 0.015625]"]
+        "vggss.json, in the 5158 requested clips: 12 boxes hold a non-finite or huge coordinate (e.g. "
+        "Db6Hjt0x28k_000056: [0.384375, 0.859375, 0.696875, -2.8823037615171176e+16])",
+        "vggss.json, in the 5158 requested clips: 18 boxes are degenerate (xmax <= xmin or ymax <= ymin), e.g. "
+        "UyCw7pCgYg8_000055: [0.00625, 0.015625, 0.00625, 0.015625]"]
+    assert Counter(kind for _, _, kind in test.defects.boxes()) == {"non_finite_or_huge": 12, "degenerate": 18}
     result = E.score_maps(None, test.annotations, "ssltie", test.ids, random_seeds=(0,))
     assert result.n_explained() == ("5158 requested - 2 excluded (2 empty ground truth after clipping boxes to "
                                     "[0, 1]) = 5156 scored")
@@ -195,6 +199,16 @@ def test_real_vggss_baselines_5158(vggss_5158):
 def test_real_vggss_baselines_4911():
     test = E.load_vggss_json_set(REALDATA / "vggss.json", REALDATA / "ssltie_test_vggss_4911.txt")
     assert test.name == "ssltie_test_vggss_4911" and len(test.ids) == 4911
+    # the defects of the evaluated clips, then the whole file's counts
+    assert test.notes[:1] + test.notes[-1:] == [
+        "vggss.json, in the 4911 requested clips: 5 boxes are degenerate (xmax <= xmin or ymax <= ymin), e.g. "
+        "UyCw7pCgYg8_000055: [0.00625, 0.015625, 0.00625, 0.015625]",
+        "vggss.json as a whole (5158 clips): 12 boxes with a non-finite or huge coordinate, 18 degenerate boxes; "
+        "in the 4911 requested clips: 5 degenerate boxes"]
+    assert [(cid, kind) for cid, _, kind in test.defects.boxes()] == [
+        ("UyCw7pCgYg8_000055", "degenerate"), ("YBd5lEnpT_8_000000", "degenerate"),
+        ("UMidlzROhC0_000082", "degenerate"), ("8_rFjamYo1Y_000022", "degenerate"),
+        ("c-8SLUH5pp4_000030", "degenerate")]
     result = E.score_maps(None, test.annotations, "ssltie", test.ids, random_seeds=())
     assert result.n_explained() == "4911 requested = 4911 scored"
     assert 0.335 < result.baselines["centre"]["ciou"] < 0.345 and 0.370 < result.baselines["centre"]["auc"] < 0.380
@@ -472,3 +486,117 @@ def test_score_extended_hand_case():
     assert E.mlflow_metrics(table, "ext")["ext/extended/max_f1"] == pytest.approx(0.8)
     with pytest.raises(DataError, match="needs both kinds of pairs"):
         E.score_extended(sounding, {}, annotations)
+
+
+def test_extended_maps_follow_the_pairs_list_and_the_requested_ids_and_defects_are_written(tmp_path):
+    records = [{"file": "a", "bbox": [[0.0, 0.0, 1.0, 0.75]]},
+               {"file": "b", "bbox": [[0.1, 0.2, 0.6, -2.88e16], [0.4, 0.3, 0.4, 0.9]]},  # empty once clipped
+               {"file": "c", "bbox": [[0.5, 0.5, 0.2, 0.9]]},  # degenerate, not requested
+               {"file": "d", "bbox": [[0.0, 0.0, 1.0, 0.75]]}]  # not requested
+    (tmp_path / "boxes.json").write_text(json.dumps(records))
+    (tmp_path / "list.txt").write_text("a\nb\n")
+    test = E.load_vggss_json_set(tmp_path / "boxes.json", tmp_path / "list.txt")
+    assert test.notes[:2] + test.notes[-1:] == [
+        "boxes.json, in the 2 requested clips: 1 boxes hold a non-finite or huge coordinate (e.g. b: "
+        "[0.1, 0.2, 0.6, -2.88e+16])",
+        "boxes.json, in the 2 requested clips: 2 boxes are degenerate (xmax <= xmin or ymax <= ymin), e.g. b: "
+        "[0.1, 0.2, 0.6, -2.88e+16]",
+        "boxes.json as a whole (4 clips): 1 boxes with a non-finite or huge coordinate, 3 degenerate boxes; "
+        "in the 2 requested clips: 1 boxes with a non-finite or huge coordinate, 2 degenerate boxes"]
+    good = indicator(slice(0, 168), slice(None), 0.8, -0.2)
+    maps = {"a": good, "b": good, "d": good}
+    silent_maps = {"a+b": np.full((7, 7), -0.6, np.float32), "x+y": np.full((7, 7), -0.6, np.float32)}
+    result = E.score_maps(maps, test.annotations, "ssltie", test.ids, random_seeds=())
+    result.extended, notes = E.score_extended_maps(maps, silent_maps, [("a", "b"), ("b", "a"), ("a", "b")],
+                                                   test.ids, test.annotations, "silent.npz")
+    # d is not requested and x+y is not a listed pair: neither is used
+    assert (result.extended.n_sounding, result.extended.n_silent) == (1, 1)
+    assert notes == ["extended evaluation: 1 of 2 non-sounding pairs have no map in silent.npz and were left out "
+                     "(listed in excluded.csv)",
+                     "extended evaluation: ignored the maps of 1 pairs in silent.npz that are not in the "
+                     "non-sounding pairs list"]
+    written = E.write_outputs(result, tmp_path / "eval", defects=test.defects)
+    empty = "empty ground truth after clipping boxes to [0, 1]: [[0.1, 0.2, 0.6, -2.88e+16], [0.4, 0.3, 0.4, 0.9]]"
+    with open(written["excluded"]) as f:
+        assert list(csv.reader(f)) == [["id", "stage", "reason"], ["b", "excluded", empty],
+                                       ["b+a", "extended: no map", "no map for this non-sounding pair in silent.npz"],
+                                       ["b", "extended: excluded", empty]]
+    with open(written["defects"]) as f:
+        assert list(csv.reader(f)) == [["id", "xmin", "ymin", "xmax", "ymax", "defect"],
+                                       ["b", "0.1", "0.2", "0.6", "-2.88e+16", "non_finite_or_huge"],
+                                       ["b", "0.1", "0.2", "0.6", "-2.88e+16", "degenerate"],
+                                       ["b", "0.4", "0.3", "0.4", "0.9", "degenerate"]]
+
+
+def test_model_extended_lists_every_non_sounding_pair_left_out(tmp_path):
+    import soundfile as sf
+    from PIL import Image
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.model import build_model
+
+    rng = np.random.default_rng(2)
+    clips = {}
+    for cid in ("a", "b", "c"):
+        frame, audio = tmp_path / f"{cid}.jpg", tmp_path / f"{cid}.wav"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(frame)
+        sf.write(audio, rng.uniform(-0.5, 0.5, 16000 * 3).astype(np.float32), 16000)
+        clips[cid] = Clip(cid, frame=str(frame), audio=str(audio))
+    (tmp_path / "c.jpg").write_bytes(b"not a jpeg")
+    test = E.TestSet(name="t", anno_kind="vggss", ids=["a", "b", "c"],
+                     annotations={cid: ann(cid, (0.0, 0.0, 0.5, 0.5)) for cid in "abc"}, clips=clips,
+                     unavailable={"gone": "frame file missing: /x/gone.jpg"})
+    recipe = Recipe.model_validate({"data": {"image_size": 64, "num_workers": 0},
+                                    "audio": {"clip_seconds": 3.0, "n_mels": 40}})
+    torch.manual_seed(0)
+    loaded = E.LoadedModel(model=build_model().eval(), recipe=recipe, label="t", source=tmp_path / "none.pt")
+    pairs = [("a", "b"), ("a", "gone"), ("nowhere", "b"), ("c", "a")]
+    done = []
+    result = E.evaluate_model_on_set(loaded, test, "ssltie", tmp_path / "eval", extended=(pairs, test),
+                                     progress=done.append)
+    assert sum(done) == 2 + 1  # a and b, then the pair a+b; c and c+a fail to decode
+    ext = result.extended
+    assert (ext.n_sounding, ext.n_silent) == (2, 1)
+    assert [(e.id, e.stage, e.reason) for e in ext.excluded[:2]] == [
+        ("a+gone", "no frame/audio", "unavailable in t: audio gone: frame file missing: /x/gone.jpg"),
+        ("nowhere+b", "no frame/audio", "unavailable in t: video nowhere: not among its usable clips")]
+    assert ext.excluded[2].id == "c+a" and ext.excluded[2].reason.startswith("decode error: ")
+    assert result.notes[-1] == ("extended evaluation: 3 of 4 non-sounding pairs have no usable frame/audio in t and "
+                                "were left out (listed in excluded.csv)")
+    with open(tmp_path / "eval" / "excluded.csv") as f:
+        rows = list(csv.reader(f))
+    assert [(r[0], r[1]) for r in rows[1:]] == [("c", "no frame/audio"), ("a+gone", "extended: no frame/audio"),
+                                                ("nowhere+b", "extended: no frame/audio"),
+                                                ("c+a", "extended: no frame/audio")]
+
+
+def test_predict_maps_is_fp32_by_default_and_bf16_on_request(tmp_path):
+    import soundfile as sf
+    from PIL import Image
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.model import build_model
+
+    rng = np.random.default_rng(1)
+    clips = []
+    for cid in ("a", "b"):
+        frame, audio = tmp_path / f"{cid}.jpg", tmp_path / f"{cid}.wav"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(frame)
+        sf.write(audio, rng.uniform(-0.5, 0.5, 16000 * 3).astype(np.float32), 16000)
+        clips.append(Clip(cid, frame=str(frame), audio=str(audio)))
+    recipe = Recipe.model_validate({"data": {"image_size": 64}, "audio": {"clip_seconds": 3.0, "n_mels": 40}})
+    torch.manual_seed(0)
+    model = build_model().eval()
+    protocol = E.get_protocol("ssltie")
+    maps, skipped = E.predict_maps(model, clips, recipe, protocol, "cpu")
+    assert skipped == [] and recipe.eval.precision == "fp32"
+    batch = next(iter(E.eval_loader(clips, recipe, "cpu", protocol.image_preprocessing)))
+    with torch.inference_mode():
+        from sslt_cli.model import localisation_map
+
+        expected = localisation_map(model.embed_image(batch["image"]), model.embed_audio(batch["spec"]))[:, 0]
+    for i, cid in enumerate(("a", "b")):
+        np.testing.assert_allclose(maps[cid], expected[i].numpy(), rtol=0, atol=1e-6)
+    bf16 = Recipe.model_validate({**recipe.model_dump(), "eval": {"precision": "bf16"}})
+    rounded, _ = E.predict_maps(model, clips, bf16, protocol, "cpu")
+    assert not np.allclose(rounded["a"], maps["a"], rtol=0, atol=1e-6)

@@ -242,3 +242,22 @@ def test_long_key_lists_are_cut_after_ten(model, tmp_path):
     assert missing.startswith("missing keys (250): imgnet.conv1_a.weight, imgnet.conv1.weight, ")
     assert missing.endswith(", ... (+240 more)") and missing.count(",") == 10
     assert unexpected.startswith("unexpected keys (240): vision.conv1.weight, ") and unexpected.endswith("(+230 more)")
+
+
+def test_sslt_weights_that_do_not_fit_are_listed(model, tmp_path):
+    from sslt_cli.model import load_weights
+
+    state = model.state_dict()
+    del state["audio.layer1.0.bn1.bias"]
+    state["vision.extra.weight"] = torch.zeros(2)
+    state["conv3.weight"] = torch.zeros(2, 1, 1, 1)
+    target = build_model()
+    with pytest.raises(CheckpointError) as err:
+        load_weights(target, state, tmp_path / "last-7.pt")
+    assert err.value.message == f"{tmp_path / 'last-7.pt'}: the checkpoint's weights do not fit the SSL-TIE model"
+    assert err.value.problems == ["missing keys (1): audio.layer1.0.bn1.bias",
+                                  "unexpected keys (1): vision.extra.weight",
+                                  "wrong shapes (1): conv3.weight is (2, 1, 1, 1), expected (1, 1, 1, 1)"]
+    # a DDP-wrapped model's keys load after the prefix is stripped
+    load_weights(target, {f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pt")
+    torch.testing.assert_close(target.state_dict()["conv3.weight"], model.state_dict()["conv3.weight"])

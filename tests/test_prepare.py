@@ -11,6 +11,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+from typer.testing import CliRunner
 
+from sslt_cli.cli import app
 from sslt_cli.data import prepare as prep
 from sslt_cli.data.annotations import Annotation, flickr_xml_text, read_flickr_xml, read_vggss_xml
 from sslt_cli.data.manifest import read_set
@@ -145,10 +148,11 @@ def test_labels_from_vggsound_csv_two_column_csv_and_json(tmp_path: Path):
     vggss.write_text(json.dumps([{"file": "zpWuikVorYg_000032", "class": "elk bugling", "bbox": [[0, 0, 1, 1]]}]))
     assert prep.read_labels(vggss) == {"zpWuikVorYg_000032": "elk bugling"}
     bad = tmp_path / "bad.csv"
-    bad.write_text("a,b,c,d\nzpWuikVorYg,3.5,elk bugling,test\n")
+    bad.write_text("ytid,start,label,split\nzpWuikVorYg,3.5,elk bugling,test\n")
     with pytest.raises(DataError) as err:
         prep.read_labels(bad)
-    assert err.value.message == f"{bad}: line 2: start '3.5' is not whole seconds; expected ytid,start,label,split"
+    assert err.value.message == (f"{bad}, line 2: cannot read 'zpWuikVorYg,3.5,elk bugling,test'; expected "
+                                 "VGGSound's ytid,start,label,split (start an integer) or id,label")
 
 
 def test_train_split_frame_audio_and_statuses(media: Path, tmp_path: Path):
@@ -337,6 +341,85 @@ def test_truncated_faststart_file_is_reported_corrupt(tmp_path: Path):
     assert row["status"] == "corrupt" and row["reason"].startswith("truncated: ")
 
 
+def test_a_rerun_keeps_clips_whose_videos_are_gone(media: Path, tmp_path: Path):
+    videos = copy_videos(media, tmp_path / "videos", GOOD)
+    out = tmp_path / "out"
+    prep.prepare_vggsound(videos, out, split="train", workers=1, progress=False)
+    before = mtimes(out)
+    (videos / "-good-clip2_000004_000014.mp4").unlink()
+
+    unlisted = prep.prepare_vggsound(videos, out, split="train", workers=1, progress=False)
+    assert (unlisted.requested, unlisted.prepared, unlisted.already_done, unlisted.missing) == (3, 0, 3, 0)
+    assert mtimes(out) == before  # the same set: nothing rewritten
+    (out / prep.STATE_FILE).unlink()  # the manifest still names the clips an earlier run prepared
+    assert prep.prepare_vggsound(videos, out, split="train", workers=1, progress=False).already_done == 3
+
+    id_list = write_list(tmp_path / "list.txt", GOOD + ["vanished_id_000001"])
+    listed = prep.prepare_vggsound(videos, out, split="train", id_list=id_list, workers=1, progress=False)
+    assert (listed.requested, listed.already_done, listed.missing) == (4, 3, 1)
+    assert [c.id for c in read_set(out).clips] == GOOD
+    assert manifest_rows(out)["vanished_id_000001"]["reason"] == f"no video vanished_id_000001.mp4 in {videos}"
+
+    # Once its outputs are incomplete too, the clip is missing: nothing is left to prepare it from.
+    (out / "total_video_frames" / "-good-clip2_000004" / "125.jpg").unlink()
+    again = prep.prepare_vggsound(videos, out, split="train", workers=1, progress=False)
+    assert (again.requested, again.already_done, again.missing) == (3, 2, 1)
+    assert manifest_rows(out)["-good-clip2_000004"]["reason"] == f"no video -good-clip2_000004.mp4 in {videos}"
+
+
+def test_a_new_batch_of_videos_into_the_same_folder_keeps_the_first(media: Path, tmp_path: Path):
+    first_batch = copy_videos(media, tmp_path / "batch1", GOOD[:1])
+    second_batch = copy_videos(media, tmp_path / "batch2", GOOD[1:])
+    out = tmp_path / "out"
+    prep.prepare_vggsound(first_batch, out, split="train", workers=1, progress=False)
+    result = prep.prepare_vggsound(second_batch, out, split="train", workers=1, progress=False)
+    assert (result.requested, result.prepared, result.already_done, result.missing) == (3, 2, 1, 0)
+    assert [c.id for c in read_set(out).clips] == sorted(GOOD)
+
+
+DIES_ON = GOOD[1]
+
+
+class DiesOnOneClip(prep._VideoJob):
+    """A clip job whose process is killed on ``DIES_ON``, as a segfault in the decoder or the out-of-memory killer
+    would kill it. Defined at module level: spawned workers unpickle it by importing this module."""
+
+    def run(self) -> prep._Outcome:
+        if self.clip_id == DIES_ON:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().run()
+
+
+def test_a_worker_that_dies_fails_its_clip_and_the_run_goes_on(media: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    videos = copy_videos(media, tmp_path / "videos", GOOD)
+    out = tmp_path / "out"
+    monkeypatch.setattr(prep, "_VideoJob", DiesOnOneClip)
+    result = prep.prepare_vggsound(videos, out, split="train", workers=2, progress=False)
+
+    assert (result.requested, result.prepared, result.failed) == (3, 2, {"decode error": 1})
+    row = manifest_rows(out)[DIES_ON]
+    assert (row["status"], row["reason"]) == ("decode error", "worker process died while decoding (signal SIGKILL)")
+    assert [c.id for c in read_set(out).clips] == sorted(set(GOOD) - {DIES_ON})
+    # Journaled like any failure: a re-run does not decode it again while its video is unchanged.
+    before = mtimes(out)
+    again = prep.prepare_vggsound(videos, out, split="train", workers=2, progress=False)
+    assert (again.prepared, again.already_done, again.failed) == (0, 2, {"decode error": 1})
+    assert mtimes(out) == before
+
+
+def test_a_decoder_exception_is_a_decode_error(media: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    videos = copy_videos(media, tmp_path / "videos", GOOD[:1])
+
+    def failing_decoder(*args, **kwargs):
+        raise RuntimeError("invalid data in an audio packet")
+
+    monkeypatch.setattr(prep, "_decode_audio", failing_decoder)
+    result = prep.prepare_vggsound(videos, tmp_path / "out", split="train", workers=1, progress=False)
+    assert result.failed == {"decode error": 1}
+    assert manifest_rows(tmp_path / "out")[GOOD[0]]["reason"] == "RuntimeError: invalid data in an audio packet"
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Flickr-SoundNet
 
@@ -399,6 +482,27 @@ def test_flickr_test_archive(tmp_path: Path):
         assert abs(int(np.argmax(np.abs(samples))) - int(CLICK_AT * 16000)) <= 16
 
 
+def test_flickr_pairs_gone_from_the_archive_stay_prepared(tmp_path: Path):
+    archive = tmp_path / "archive"
+    (archive / "Annotations").mkdir(parents=True)
+    (archive / "Data").mkdir()
+    for clip_id in ("10000130166", "10007936344"):
+        xml = flickr_xml_text(Annotation(clip_id, "flickr", ((10, 20, 100, 200),) * 3))
+        (archive / "Annotations" / f"{clip_id}.xml").write_text(xml)
+        Image.fromarray(frame_image(7)).save(archive / "Data" / f"{clip_id}.jpg")
+        with open(archive / "Data" / f"{clip_id}.jpg", "ab") as f:
+            f.write(b"\x00" * 16)  # bytes after the end-of-image marker: only the journaled size says it is whole
+        make_mp3(archive / "Data" / f"{clip_id}.mp3", seconds=3.0)
+    out = tmp_path / "flickr"
+    prep.prepare_flickr(archive, out, split="test", workers=1, progress=False)
+    before = mtimes(out)
+    for path in [archive / "Annotations" / "10007936344.xml", *(archive / "Data").glob("10007936344.*")]:
+        path.unlink()
+
+    again = prep.prepare_flickr(archive, out, split="test", workers=1, progress=False)
+    assert (again.requested, again.already_done, again.missing) == (2, 2, 0) and mtimes(out) == before
+
+
 def test_flickr_train_pairs_from_frames_and_mp3_folders(tmp_path: Path):
     archive = tmp_path / "flickr_all"
     (archive / "mp3").mkdir(parents=True)
@@ -427,15 +531,23 @@ def test_vggss_json_to_xml_and_back_on_the_real_file(repo_root: Path, tmp_path: 
     report = prep.prepare_vggss_annotations(realdata / "vggss.json", anno)
     assert (report.clips, report.boxes, report.written, report.unchanged) == (5158, 5941, 5158, 0)
     assert (len(report.defects.non_finite_or_huge), len(report.defects.degenerate)) == (12, 18)
+    empty_line = ("2 clips have an empty ground truth once their boxes are clipped to [0, 1], so evaluation excludes "
+                  "them: M1P1xla8rg0_000000, MKC9LvRivTM_000030")
+    assert report.defects.summary()[-1] == empty_line
     assert read_vggss_xml(anno / "Db6Hjt0x28k_000056.xml").boxes[0] == (0.384375, 0.859375, 0.696875,
                                                                          -2.8823037615171176e+16)
     before = mtimes(anno)
     again = prep.prepare_vggss_annotations(realdata / "vggss.json", anno)
     assert (again.written, again.unchanged) == (0, 5158) and mtimes(anno) == before
+    shown = CliRunner().invoke(app, ["prepare", "vggss-annotations", "--json", str(realdata / "vggss.json"),
+                                     "--out", str(anno)])
+    assert shown.exit_code == 0, shown.output
+    assert f"defect: {empty_line}" in " ".join(shown.stderr.split())  # rich wraps long lines
 
     back = tmp_path / "vggss_back.json"
     collected = prep.collect_vggss_json(anno, back, id_list=realdata / "vggss_test_5158.csv")
     assert (collected.clips, collected.boxes) == (5158, 5941)
+    assert sorted(collected.defects.empty_after_clipping) == ["M1P1xla8rg0_000000", "MKC9LvRivTM_000030"]
     # Same records in the same order; only ints such as 0 come back as 0.0.
     assert json.loads(back.read_text()) == json.loads((realdata / "vggss.json").read_text())
 
@@ -483,3 +595,15 @@ def test_user_errors_name_the_problem(tmp_path: Path):
         prep.prepare_flickr(tmp_path / "empty_archive", tmp_path / "out", progress=False)
     assert err.value.message == (f"{tmp_path / 'empty_archive'}: found no pairs to prepare (looked in "
                                  "Annotations/*.xml); pass --list with the ids")
+
+
+def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911(repo_root: Path):
+    from sslt_cli.data.annotations import read_id_list
+
+    realdata = repo_root.parent / "shared" / "realdata"
+    if not realdata.is_dir():
+        pytest.skip("shared/realdata is not beside the repository")
+    test_4911 = set(read_id_list(realdata / "ssltie_test_vggss_4911.txt"))
+    expected = [i for i in read_id_list(realdata / "vggss_test_5158.csv") if i not in test_4911]
+    assert read_id_list(repo_root / "recipes" / "lists" / "vggss_val_247.txt") == expected
+    assert len(expected) == 247

@@ -258,6 +258,24 @@ def test_vggsound_csv_two_column_csv_and_vggss_json(tmp_path, repo_root):
     assert len(set(vggss.values())) == 221
 
 
+def test_label_headers_three_columns_and_clip_file_names(tmp_path):
+    with_header = tmp_path / "with_header.csv"
+    with_header.write_text("ytid,start,label,split\n---g-f_I2yQ,1,people marching,test\n")
+    assert R.read_labels(with_header) == {"---g-f_I2yQ_000001": "people marching"}
+    two_columns = tmp_path / "two_columns.csv"
+    two_columns.write_text("id,label\n-0BIyqJj9ZU_30,people belly laughing\n__2MwJ2uHu0_000004_000014,dog barking\n")
+    assert R.read_labels(two_columns) == {"-0BIyqJj9ZU_000030": "people belly laughing",
+                                          "__2MwJ2uHu0_000004": "dog barking"}
+    three_columns = tmp_path / "three_columns.csv"
+    three_columns.write_text("---g-f_I2yQ,1,people marching\n")
+    assert R.read_labels(three_columns) == {"---g-f_I2yQ_000001": "people marching"}
+    # only a first row made of header words is a header: a data row that looks odd is an error, not skipped
+    odd = tmp_path / "odd.csv"
+    odd.write_text("---g-f_I2yQ,1,people marching,test\nytid,start,label,split\n")
+    with pytest.raises(R.DataError, match="line 2: cannot read 'ytid,start,label,split'"):
+        R.read_labels(odd)
+
+
 def test_label_file_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("a_000001,dog\nxyz,notanumber,dog barking,train\n")
@@ -614,3 +632,30 @@ def test_retrieve_lists_every_clip_it_leaves_out(tmp_path, synthetic_test_set):
     assert excluded[1][1] == "manifest status 'missing': video not downloaded"
     assert excluded[2][1].startswith("could not be read: unreadable frame ")
     assert excluded[3][1] == "no label in the label file or manifest"
+
+
+def test_loc_maps_that_cannot_fit_in_memory_are_refused_before_embedding():
+    # 200k clips at 224 px: 200000 x 14 x 14 x 512 float16, held twice while the batches are joined (~74.8 GiB)
+    with pytest.raises(R.DataError) as exc:
+        R.check_map_memory(200_000, 224, available=64 * 2**30)
+    assert exc.value.message == ("--score loc keeps every clip's 14 x 14 x 512 visual map in memory: 200000 clips "
+                                 "need about 74.8 GiB, and 64.0 GiB is available")
+    assert exc.value.problems == ["use --score pooled (512 numbers a clip), or retrieve on fewer clips (--classes, "
+                                  "or a smaller --data set)"]
+    R.check_map_memory(5158, 224, available=64 * 2**30)  # VGG-SS: about 2 GiB
+    R.check_map_memory(200_000, 224, available=None)      # unknown: no check
+    assert R.available_memory_bytes() > 0
+
+
+def test_openset_recipe_holds_out_the_classes_of_ssltie_unheard_list(repo_root):
+    from sslt_cli.config import load_recipe
+    from sslt_cli.data.annotations import read_id_list
+
+    realdata = repo_root.parent / "shared" / "realdata"
+    if not realdata.is_dir():
+        pytest.skip("shared/realdata is not beside the repository")
+    labels = R.read_labels(realdata / "vggss.json")
+    unheard = {labels[i] for i in read_id_list(realdata / "ssltie_openset_test_110_unheard_2463.txt")}
+    heard = {labels[i] for i in read_id_list(realdata / "ssltie_openset_test_110_heard_2425.txt")}
+    recipe = load_recipe(repo_root / "recipes" / "tie_openset.yaml")
+    assert set(recipe.data.holdout_classes) == unheard and len(unheard) == 110 and not unheard & heard

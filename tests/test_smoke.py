@@ -43,6 +43,10 @@ def test_cli_end_to_end(repo_root: Path, tmp_path: Path) -> None:
     assert tests == {("vggss", "last"), ("vggss", "best"), ("flickr", "last"), ("flickr", "best")}
     assert (run_dir / "eval" / "vggss-best-ssltie" / "metrics.json").is_file()
     assert "centre prior" in trained.stdout and "oracle" in trained.stdout
+    # one epoch, one validation: the best checkpoint is the last one, evaluated once and its results copied
+    assert "the best checkpoint is the last checkpoint" in " ".join(trained.stderr.split())
+    assert (run_dir / "eval" / "flickr-best-ssltie" / "per_clip.csv").read_bytes() == \
+        (run_dir / "eval" / "flickr-last-ssltie" / "per_clip.csv").read_bytes()
 
     evaluated = sslt("eval", str(run_dir), "--which", "last", "--protocol", "ezvsl")
     assert "test_vggss: last" in evaluated.stdout

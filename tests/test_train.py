@@ -483,3 +483,64 @@ def test_view_modes(bench, tmp_path, monkeypatch, mode) -> None:
         assert specs2 is not specs1 and not torch.equal(specs1, specs2)  # independent T_mask draws
     expected = 0.5 * (record["l_cl1"] + record["l_cl2"]) + 1.0 * record["l_geo"]
     assert record["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_holdout_classes_must_exist_in_the_labelled_training_set(tmp_path):
+    from sslt_cli.data.manifest import Clip, layout_paths, write_set
+    from sslt_cli.errors import DataError
+
+    root = tmp_path / "data" / "train"
+    clips = []
+    for n, label in enumerate(("dog barking", "dog barking", "cat meowing", "")):
+        cid = f"abcdefghij{n}_000001"
+        frame, audio, _ = layout_paths("vggsound_train", cid)
+        (root / frame).parent.mkdir(parents=True, exist_ok=True)
+        (root / frame).write_bytes(b"jpeg")
+        (root / audio).parent.mkdir(parents=True, exist_ok=True)
+        (root / audio).write_bytes(b"RIFF")
+        clips.append(Clip(cid, label, frame, audio))
+    write_set(root, "vggsound_train", clips)
+
+    def load(*classes: str, labelled: bool = True):
+        if not labelled:
+            write_set(root, "vggsound_train", [Clip(c.id, "", c.frame, c.audio) for c in clips])
+        recipe = Recipe.model_validate({"data": {"root": str(tmp_path / "data"), "train": "train",
+                                                 "holdout_classes": list(classes)}})
+        return train_module.load_training_clips(recipe, None, Console(file=io.StringIO()))
+
+    kept, _ = load("cat meowing")
+    assert [c.label for c in kept] == ["dog barking", "dog barking", ""]
+    with pytest.raises(DataError) as err:
+        load("dog barkin", "cat meowing")
+    assert err.value.message == (f"data.holdout_classes: 1 class(es) are not in the training set {root} (a held-out "
+                                 "class must be one the set has, or nothing is held out)")
+    assert err.value.problems == ["'dog barkin' (did you mean 'dog barking'?)"]
+    with pytest.raises(DataError) as err:
+        load("cat meowing", labelled=False)
+    assert err.value.message == (f"{root}: data.holdout_classes needs class labels, and this training set's manifest "
+                                 "has none")
+
+
+def test_the_spectrogram_cache_is_checked_against_free_disk_space(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from sslt_cli.errors import DataError
+
+    recipe = Recipe()  # the paper's front end: 257 mels x 670 frames of float32
+    cache = tmp_path / ".spec_cache"
+    line = train_module.check_cache_space(cache, 1000, recipe)
+    assert line == (f"log-mel cache {cache}: about 0.64 GiB for 1000 clips (0.00 GiB there already; "
+                    "data.cache_spectrograms=false turns it off)")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 0, 50 * 2**30))
+    with pytest.raises(DataError) as err:
+        train_module.check_cache_space(cache, 144_000, recipe)
+    assert err.value.message == (f"{cache}: the log-mel cache needs about 92.4 GiB more for 144000 clips (0.66 MiB "
+                                 "each) and the disk has 50.0 GiB free")
+    # 2 clips need 2 x 688888 bytes; with 1 MiB cached already the remaining 329200 fit in 500000 free bytes
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(2**40, 0, 500_000))
+    with pytest.raises(DataError, match="needs about 0.0 GiB more for 2 clips"):
+        train_module.check_cache_space(cache, 2, recipe)
+    (cache / "x.npy").write_bytes(bytes(2**20))
+    assert train_module.check_cache_space(cache, 2, recipe).startswith(f"log-mel cache {cache}: about 0.00 GiB")

@@ -11,12 +11,15 @@ Two kinds of annotation exist:
   first child is skipped and the next four are integer xmin, ymin, xmax, ymax.
 
 Nothing here clips or drops boxes: that is the evaluation protocol's business (see ``metrics``), and what the
-protocol does with a defective box is reported there. Parsing only counts defects so the user sees them.
+protocol does with a defective box is reported there. Parsing only counts defects so the user sees them, including the
+VGG-SS clips whose ground truth, built by ``metrics.vggss_gt_map``, is empty once the boxes are clipped to [0, 1].
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +54,7 @@ class DefectReport:
     degenerate: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
     out_of_range: list[tuple[str, tuple[float, ...]]] = field(default_factory=list)
     duplicate_ids: list[str] = field(default_factory=list)
+    empty_after_clipping: list[str] = field(default_factory=list)
 
     def summary(self) -> list[str]:
         """One line per non-empty defect category."""
@@ -67,7 +71,28 @@ class DefectReport:
         if self.duplicate_ids:
             lines.append(f"{len(self.duplicate_ids)} clip ids appear more than once (kept the first): "
                          f"{', '.join(self.duplicate_ids[:5])}")
+        if self.empty_after_clipping:
+            lines.append(f"{len(self.empty_after_clipping)} clips have an empty ground truth once their boxes are "
+                         f"clipped to [0, 1], so evaluation excludes them: "
+                         f"{', '.join(self.empty_after_clipping[:5])}")
         return lines
+
+    def restricted_to(self, ids: Iterable[str]) -> DefectReport:
+        """The defects of the clips in ``ids`` only (e.g. a published test list out of the whole ``vggss.json``)."""
+        keep = set(ids)
+        return DefectReport(
+            non_finite_or_huge=[d for d in self.non_finite_or_huge if d[0] in keep],
+            degenerate=[d for d in self.degenerate if d[0] in keep],
+            out_of_range=[d for d in self.out_of_range if d[0] in keep],
+            duplicate_ids=[c for c in self.duplicate_ids if c in keep],
+            empty_after_clipping=[c for c in self.empty_after_clipping if c in keep],
+        )
+
+    def boxes(self) -> list[tuple[str, tuple[float, ...], str]]:
+        """Every defective box as (clip id, box, defect kind); kinds: ``non_finite_or_huge``, ``degenerate``,
+        ``out_of_range``. A box with two defects (a huge ymax below ymin) appears once for each."""
+        return [(cid, box, kind) for kind in ("non_finite_or_huge", "degenerate", "out_of_range")
+                for cid, box in getattr(self, kind)]
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +100,7 @@ class DefectReport:
             "degenerate": [[c, list(b)] for c, b in self.degenerate],
             "out_of_range": [[c, list(b)] for c, b in self.out_of_range],
             "duplicate_ids": list(self.duplicate_ids),
+            "empty_after_clipping": list(self.empty_after_clipping),
         }
 
 
@@ -88,6 +114,18 @@ def _check_box(clip_id: str, box: tuple[float, ...], report: DefectReport, norma
         report.out_of_range.append((clip_id, box))
     if not (box[2] > box[0] and box[3] > box[1]):
         report.degenerate.append((clip_id, box))
+
+
+def _check_vggss_clip(clip_id: str, boxes: list[tuple[float, ...]], report: DefectReport) -> None:
+    """Record ``clip_id`` if its ground truth is empty once its boxes are clipped to [0, 1] (evaluation excludes it)."""
+    from sslt_cli import metrics  # imports torch: only where boxes are checked, so `sslt --help` stays instant
+
+    try:
+        empty = not metrics.vggss_gt_map(boxes).any()
+    except ValueError:  # a NaN coordinate, already reported as non-finite
+        return
+    if empty:
+        report.empty_after_clipping.append(clip_id)
 
 
 def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectReport]:
@@ -117,6 +155,7 @@ def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectRepo
         if clip_id in out:
             report.duplicate_ids.append(clip_id)
             continue
+        _check_vggss_clip(clip_id, boxes, report)
         out[clip_id] = Annotation(clip_id, "vggss", tuple(boxes), rec.get("class"))
     return out, report
 
@@ -191,6 +230,8 @@ def read_vggss_xml(path: str | Path, clip_id: str | None = None,
             if report is not None:
                 _check_box(clip_id, box, report, normalised=True)
             boxes.append(box)
+    if report is not None:
+        _check_vggss_clip(clip_id, boxes, report)
     return Annotation(clip_id, "vggss", tuple(boxes), label_el.text if label_el is not None else None)
 
 
@@ -271,3 +312,78 @@ def write_annotations(directory: str | Path, annotations: Iterable[Annotation]) 
 def annotations_to_vggss_json(annotations: Iterable[Annotation]) -> list[dict]:
     """The ``vggss.json`` records for ``vggss`` annotations (the inverse of :func:`load_vggss_json`)."""
     return [{"file": a.clip_id, "class": a.label, "bbox": [list(b) for b in a.boxes]} for a in annotations]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Clip ids and class labels
+
+# YouTube ids are 11 characters of [A-Za-z0-9_-], so an id may itself contain '_' or start with '-'.
+_CLIP_NAME = re.compile(r"^(?P<ytid>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
+_HEADER_WORDS = {"id", "clip", "clip_id", "file", "video", "audio", "ytid", "youtube_id", "start", "start_seconds",
+                 "label", "class", "split"}
+
+
+def clip_id_from_name(stem: str) -> str | None:
+    """The VGGSound id ``<ytid>_<start, 6 digits>`` of a file stem, or None if the stem is not a clip name.
+
+    Accepts ``<ytid>_<start>`` and ``<ytid>_<start>_<end>`` (some mirrors), start and end in whole seconds:
+    ``__2MwJ2uHu0_4`` and ``__2MwJ2uHu0_000004_000014`` both give ``__2MwJ2uHu0_000004``.
+    """
+    match = _CLIP_NAME.match(stem)
+    if match is None:
+        return None
+    return f"{match['ytid']}_{int(match['start']):06d}"
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """Clip labels from a file: ``{clip id: class}``. The one label reader of sslt (prepare, training, retrieval).
+
+    Formats: VGGSound's CSV ``ytid,start,label,split`` or ``ytid,start,label`` (id ``<ytid>_<start:06d>``; a label
+    holding commas is quoted, as in the real file, or spans the fields between start and split), a two-column
+    ``id,label`` CSV (as ACL-SSL's VGG-SS list; clip-file names such as ``<ytid>_<start>_<end>`` are normalised to the
+    id), or the VGG-SS JSON (``{"file", "class", "bbox"}`` records). A header row (``ytid,start,label,split``,
+    ``id,label``, ...) is skipped; so are blank lines and lines starting with ``#``; a row with an empty label gives
+    no label. One id with two different labels is an error.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{path}: no such label file; pass --labels with VGGSound's vggsound.csv "
+                        "(ytid,start,label,split), an id,label CSV or vggss.json")
+    if path.suffix.lower() == ".json":
+        annotations, _ = load_vggss_json(path)
+        return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
+    labels: dict[str, str] = {}
+    conflicts: list[str] = []
+    first_row = True
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                    continue
+                fields = [x.strip() for x in row]
+                is_header = first_row and all(x.lower() in _HEADER_WORDS for x in fields if x)
+                first_row = False
+                if is_header:
+                    continue
+                if len(fields) >= 3 and re.fullmatch(r"\d+", fields[1]):
+                    clip_id = f"{fields[0]}_{int(fields[1]):06d}"
+                    label = fields[2] if len(fields) <= 4 else ", ".join(fields[2:-1])
+                elif len(fields) == 2:
+                    clip_id, label = clip_id_from_name(fields[0]) or fields[0], fields[1]
+                else:
+                    raise DataError(f"{path}, line {reader.line_num}: cannot read {','.join(row)[:120]!r}; expected "
+                                    "VGGSound's ytid,start,label,split (start an integer) or id,label")
+                if not label:
+                    continue
+                if labels.setdefault(clip_id, label) != label:
+                    conflicts.append(f"{clip_id}: {labels[clip_id]!r} and {label!r}")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); expected a CSV label file") \
+            from None
+    if conflicts:
+        raise DataError(f"{path}: {len(conflicts)} clip id(s) have two different labels; fix the file",
+                        conflicts[:5])
+    if not labels:
+        raise DataError(f"{path}: no labelled rows; expected VGGSound's ytid,start,label,split or id,label")
+    return labels

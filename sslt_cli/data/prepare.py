@@ -21,11 +21,13 @@ Each clip gets a manifest status; ``reason`` says the detail:
 
 ===================== ================================================================================================
 ``ok``                prepared (this run or an earlier one)
-``missing``           the id is listed but its source file is not there (e.g. a vanished YouTube video)
+``missing``           the id is listed but its source file is not there (e.g. a vanished YouTube video), and no earlier
+                      run left its outputs complete
 ``no video stream``   the file has no video stream
 ``no audio stream``   the file has no audio stream
 ``corrupt``           the file cannot be opened, or its data stops before the duration its header declares (truncated)
-``decode error``      a packet of the file fails to decode
+``decode error``      a packet of the file fails to decode, or the worker process dies while decoding it (a crash or
+                      an out-of-memory kill in the decoder; the run goes on without it)
 ``too short``         the clip really is shorter than needed: no frame within half a frame period of t, or audio that
                       ends before it is needed (train: the end of the 3 s window, t + 1.5 s; test: t; Flickr: any)
 ``no annotation``     a test clip without boxes (not in ``vggss.json``; a Flickr XML without any ``bbox``)
@@ -34,31 +36,37 @@ Each clip gets a manifest status; ``reason`` says the detail:
 Runs are resumable and idempotent: every output is written through a temp file and ``os.replace``, a clip whose
 outputs all exist and are complete is skipped, each finished clip's status is appended to ``.prepare_state.jsonl``
 in the output folder, and a failed clip is not decoded again while its source file keeps its size and mtime (delete
-the journal to retry every failure). A re-run with nothing new to do writes nothing.
+the journal to retry every failure). A re-run with nothing new to do writes nothing. A clip prepared earlier stays
+``ok`` while its outputs are complete, whether or not its source is still there, and a run without an id list keeps
+the clips of earlier runs in the set (so a new batch of videos can be prepared into the same folder).
 """
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import math
 import multiprocessing
 import os
-import re
+import signal
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Literal, Union
+from typing import TYPE_CHECKING, Callable, Generator, Iterable, Iterator, Literal, Union
 
 from sslt_cli.data.annotations import (
     Annotation,
     DefectReport,
     annotations_to_vggss_json,
+    clip_id_from_name,
     load_vggss_json,
     read_flickr_xml,
     read_id_list,
+    read_labels,
     read_vggss_xml,
     vggss_xml_text,
     write_annotation_xml,
@@ -76,6 +84,9 @@ from sslt_cli.data.manifest import (
 from sslt_cli.errors import DataError
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import SpawnContext, SpawnProcess
+
     import numpy as np
 
 OK = "ok"
@@ -99,9 +110,6 @@ FLICKR_TRAIN_FRAME = "00000003.jpg"
 AUDIO_TOLERANCE_S = 0.05
 # Non-reference frames whose presentation time is this far before the first wanted frame are not decoded.
 SKIP_MARGIN_S = 0.5
-
-# YouTube ids are 11 characters of [A-Za-z0-9_-], so an id may itself contain '_' or start with '-'.
-_CLIP_NAME = re.compile(r"^(?P<ytid>[A-Za-z0-9_-]{11})_(?P<start>\d+)(?:_(?P<end>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -142,50 +150,7 @@ class AnnotationReport:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Clip ids and labels
-
-
-def clip_id_from_name(stem: str) -> str | None:
-    """The VGGSound id ``<ytid>_<start, 6 digits>`` of a file stem, or None if the stem is not a clip name.
-
-    Accepts ``<ytid>_<start>`` and ``<ytid>_<start>_<end>`` (some mirrors), start and end in whole seconds:
-    ``__2MwJ2uHu0_4`` and ``__2MwJ2uHu0_000004_000014`` both give ``__2MwJ2uHu0_000004``.
-    """
-    match = _CLIP_NAME.match(stem)
-    if match is None:
-        return None
-    return f"{match['ytid']}_{int(match['start']):06d}"
-
-
-def read_labels(path: Path) -> dict[str, str]:
-    """Class labels by clip id from a VGGSound CSV (``ytid,start,label,split``), a two-column ``id,label`` CSV
-    (ACL-SSL's VGG-SS list) or a ``vggss.json``."""
-    path = Path(path)
-    if path.suffix == ".json":
-        annotations, _ = load_vggss_json(path)
-        return {clip_id: a.label for clip_id, a in annotations.items() if a.label}
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise DataError(f"{path}: label file not found "
-                        "(expected VGGSound's vggsound.csv: ytid,start,label,split)") from None
-    labels: dict[str, str] = {}
-    for n, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or not row[0].strip():
-            continue
-        if len(row) >= 4:
-            ytid, start, label = row[0].strip(), row[1].strip(), row[2].strip()
-            if not start.isdigit():
-                if n == 1:
-                    continue  # a header row
-                raise DataError(f"{path}: line {n}: start {start!r} is not whole seconds; "
-                                "expected ytid,start,label,split")
-            labels[f"{ytid}_{int(start):06d}"] = label
-        elif len(row) >= 2:
-            labels[clip_id_from_name(row[0].strip()) or row[0].strip()] = row[1].strip()
-        else:
-            raise DataError(f"{path}: line {n}: expected ytid,start,label,split or id,label, got {','.join(row)!r}")
-    return labels
+# Clip ids
 
 
 def _requested_ids(id_list: Path | None, default: Iterable[str]) -> list[str]:
@@ -416,7 +381,11 @@ class _Outcome:
 
 @dataclass(frozen=True)
 class _VideoJob:
-    """Frame(s) + audio (+ annotation XML) of one VGGSound clip."""
+    """Frame(s) + audio (+ annotation XML) of one VGGSound clip.
+
+    ``missing`` says why the video is not there (``source`` is then where it was looked for): such a job only names the
+    outputs an earlier run may have left, and is never run.
+    """
 
     clip_id: str
     label: str
@@ -432,6 +401,7 @@ class _VideoJob:
     sample_rate: int
     train: bool
     frame_size: tuple[int, int] | None
+    missing: str = ""
 
     def outputs(self) -> list[tuple[str, int | None]]:
         """Relative output paths with the expected wav length in samples (None: not a wav, or length not fixed)."""
@@ -477,7 +447,11 @@ class _VideoJob:
 
 @dataclass(frozen=True)
 class _FlickrJob:
-    """Image + first seconds of audio (+ the annotators' XML, copied) of one Flickr-SoundNet pair."""
+    """Image + first seconds of audio (+ the annotators' XML, copied) of one Flickr-SoundNet pair.
+
+    ``missing`` says which files are not in the archive (``source`` and ``image`` are then where they were looked for):
+    such a job only names the outputs an earlier run may have left, and is never run.
+    """
 
     clip_id: str
     label: str
@@ -490,6 +464,7 @@ class _FlickrJob:
     anno: str
     seconds: float
     sample_rate: int
+    missing: str = ""
 
     def outputs(self) -> list[tuple[str, int | None]]:
         """Relative output paths with the expected wav length in samples (None: not a wav, or length not fixed)."""
@@ -497,11 +472,10 @@ class _FlickrJob:
 
     def copied(self) -> dict[str, int]:
         """Outputs copied byte for byte, with their sources' sizes: a copy of that size is complete (a JPEG may
-        carry bytes after its end-of-image marker, so the marker check alone would redo it on every run)."""
-        sizes = {self.frame: self.image.stat().st_size}
-        if self.anno_source is not None:
-            sizes[self.anno] = self.anno_source.stat().st_size
-        return sizes
+        carry bytes after its end-of-image marker, so the marker check alone would redo it on every run). A source no
+        longer in the archive gives no size."""
+        copies = [(self.frame, self.image)] + ([(self.anno, self.anno_source)] if self.anno_source is not None else [])
+        return {rel: source.stat().st_size for rel, source in copies if source.is_file()}
 
     def run(self) -> _Outcome:
         from PIL import Image, UnidentifiedImageError
@@ -549,16 +523,17 @@ def _run_job(job: _Job) -> _Outcome:
 # The engine shared by every prepare: skip what is done, run the rest in a process pool, journal, manifest
 
 
-def _output_complete(path: Path, sample_rate: int, wav_length: int | None, copy_size: int | None = None) -> bool:
-    """True if ``path`` is a whole output file: a copy of ``copy_size`` bytes, a JPEG ending with its end-of-image
-    marker, a mono wav at ``sample_rate`` (of ``wav_length`` samples where given), any other file non-empty."""
+def _output_complete(path: Path, sample_rate: int, wav_length: int | None, known_size: int | None = None) -> bool:
+    """True if ``path`` is a whole output file: a file of ``known_size`` bytes (the source's size for a byte-for-byte
+    copy, or the size journaled when it was written), a JPEG ending with its end-of-image marker, a mono wav at
+    ``sample_rate`` (of ``wav_length`` samples where given), any other file non-empty."""
     try:
         size = path.stat().st_size
     except OSError:
         return False
     if size == 0:
         return False
-    if copy_size is not None and size == copy_size:
+    if known_size is not None and size == known_size:
         return True
     if path.suffix == ".jpg":
         with open(path, "rb") as f:
@@ -619,7 +594,10 @@ class _Journal:
                     self.entries[entry["id"]] = entry
         self._file = None
 
-    def append(self, outcome: _Outcome, fingerprint: list[list[int] | None]) -> None:
+    def append(self, outcome: _Outcome, fingerprint: list[list[int] | None],
+               outputs: dict[str, int] | None = None) -> None:
+        """Record a finished clip: its outcome, its sources' (size, mtime) and, for ``ok``, its outputs' sizes (what
+        tells later runs the outputs are whole, even once the sources are gone)."""
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.exists() or self.path.stat().st_size == 0
@@ -629,6 +607,8 @@ class _Journal:
             elif not self.path.read_bytes().endswith(b"\n"):
                 self._file.write("\n")  # close a line cut short by a kill so the next one parses
         entry = {"id": outcome.clip_id, "status": outcome.status, "reason": outcome.reason, "sources": fingerprint}
+        if outputs is not None:
+            entry["outputs"] = outputs
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
         self.entries[outcome.clip_id] = entry
@@ -637,6 +617,23 @@ class _Journal:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _prepared_before(out: Path, journal: _Journal) -> set[str]:
+    """Ids of the clips an earlier run prepared in ``out``: ``ok`` in its journal or in its manifest (which outlives a
+    deleted journal). A run without an id list keeps them, whether or not their sources are still there."""
+    ids = {clip_id for clip_id, entry in journal.entries.items() if entry.get("status") == OK}
+    if (out / MANIFEST).is_file():
+        with open(out / MANIFEST, newline="") as f:
+            ids.update(row["id"] for row in csv.DictReader(f) if row.get("status") == OK and row.get("id"))
+    return ids
+
+
+def _outputs_complete(out: Path, job: _Job, entry: dict | None, sample_rate: int) -> bool:
+    """True if every output of ``job`` is whole in ``out``; ``entry`` is the clip's journal line, whose output sizes
+    vouch for copies whose sources are gone."""
+    known = {**(job.copied() if isinstance(job, _FlickrJob) else {}), **((entry or {}).get("outputs") or {})}
+    return all(_output_complete(out / rel, sample_rate, length, known.get(rel)) for rel, length in job.outputs())
 
 
 @contextmanager
@@ -669,51 +666,133 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
 
 
 def _run_jobs(jobs: list[_Job], workers: int | None) -> Iterator[_Outcome]:
-    """Run ``jobs`` in a process pool (inline for one worker), yielding outcomes as clips finish."""
-    n = min(workers or os.cpu_count() or 1, len(jobs))
-    if n <= 1:
+    """Run ``jobs`` in a pool of worker processes, yielding outcomes as clips finish; ``workers=1`` runs them inline in
+    this process instead (quicker for a few clips, but a crash in the decoder then ends the run).
+
+    A worker process that dies (a segfault or an out-of-memory kill in the decoder) breaks the whole pool, losing the
+    outcomes of every clip in flight. Those clips are run again, each in a process of its own, so the one whose process
+    dies gets ``decode error`` and the others their own outcome; the remaining clips go on in a new pool.
+    """
+    if workers == 1:
         for job in jobs:
             yield job.run()
         return
+    if not jobs:
+        return
+    n = min(workers or os.cpu_count() or 1, len(jobs))
     # spawn, not fork: the parent runs a progress thread, and forking a threaded process can deadlock.
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    context = multiprocessing.get_context("spawn")
+    queue = iter(jobs)
+    while True:
+        lost = yield from _run_pool(queue, n, context)
+        if not lost:
+            return
+        for start in range(0, len(lost), n):
+            yield from _run_alone(lost[start:start + n], context)
+
+
+def _run_pool(queue: Iterator[_Job], n: int, context: SpawnContext) -> Generator[_Outcome, None, list[_Job]]:
+    """Run the jobs of ``queue`` in a pool of ``n`` processes, yielding outcomes as clips finish, until ``queue`` is
+    exhausted or a worker process dies; returns the jobs whose outcomes the broken pool lost (none if none died)."""
+    pool = ProcessPoolExecutor(n, mp_context=context)
+    in_flight: dict[Future, _Job] = {}
+    lost: list[_Job] = []
+
+    def submit(job: _Job) -> None:
+        try:
+            in_flight[pool.submit(_run_job, job)] = job
+        except BrokenProcessPool:  # a worker died since the last outcome
+            lost.append(job)
+
     try:
-        pending: set[Future] = set()
-        queue = iter(jobs)
         # A bounded number in flight keeps memory flat on 190k clips.
-        for job in queue:
-            pending.add(pool.submit(_run_job, job))
-            if len(pending) >= 4 * n:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for job in itertools.islice(queue, 4 * n):
+            submit(job)
+        while in_flight:
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in done:
+                job = in_flight.pop(future)
+                if isinstance(future.exception(), BrokenProcessPool):
+                    lost.append(job)
+                    continue
                 yield future.result()
-                nxt = next(queue, None)
-                if nxt is not None:
-                    pending.add(pool.submit(_run_job, nxt))
+                if not lost:  # a broken pool takes no more work: the rest of the queue goes to the next one
+                    next_job = next(queue, None)
+                    if next_job is not None:
+                        submit(next_job)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return lost
 
 
-def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed: dict[str, Clip], jobs: list[_Job],
-             sample_rate: int, workers: int | None, progress: bool, description: str, info: dict,
+def _run_alone(jobs: list[_Job], context: SpawnContext) -> Iterator[_Outcome]:
+    """Run each job in a process of its own, all at once, yielding their outcomes in order. A job whose process dies
+    gets ``decode error``: nothing else ran in that process, so the job is the cause."""
+    runs: list[tuple[_Job, SpawnProcess, Connection]] = []
+    try:
+        for job in jobs:
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_send_outcome, args=(job, sender), daemon=True)
+            process.start()
+            sender.close()  # the child now holds the only writer, so its death ends the pipe
+            runs.append((job, process, receiver))
+        for job, process, receiver in runs:
+            try:
+                result = receiver.recv()
+            except EOFError:  # the process died before sending anything
+                result = None
+            process.join()
+            if isinstance(result, Exception):
+                raise result
+            yield result if result is not None else _Outcome(
+                job.clip_id, DECODE_ERROR, f"worker process died while decoding ({_exit_cause(process.exitcode)})")
+    finally:
+        for _, process, receiver in runs:
+            receiver.close()
+            if process.is_alive():
+                process.terminate()
+            process.join()
+
+
+def _send_outcome(job: _Job, connection: Connection) -> None:
+    """Run ``job`` and send its outcome, or the exception it raised (re-raised by the parent, as a pool's would be)."""
+    try:
+        result: _Outcome | Exception = job.run()
+    except Exception as exc:
+        result = exc
+    connection.send(result)
+
+
+def _exit_cause(exitcode: int | None) -> str:
+    """How a process ended, from its exit code: ``signal SIGKILL`` for -9, ``exit code 1`` for 1."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:  # a signal without a name, such as a real-time one
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+def _execute(*, out: Path, layout: str, journal: _Journal, order: list[str], fixed: dict[str, Clip],
+             jobs: list[_Job], sample_rate: int, workers: int | None, progress: bool, description: str, info: dict,
              notes: list[str]) -> PrepareResult:
     """Skip finished clips, run the others, journal each outcome, then write the set for ``order``.
 
     ``fixed`` holds the rows decided without decoding (``missing``, ``no annotation``); ``jobs`` the clips to decode.
+    A clip whose outputs are complete is ``ok`` without decoding, so a job whose source is gone (``job.missing``) is
+    ``missing`` only when its outputs are not all there.
     """
     out.mkdir(parents=True, exist_ok=True)
-    journal = _Journal(out, settings)
     rows: dict[str, Clip] = dict(fixed)
     to_run: list[_Job] = []
     already_done = 0
     for job in jobs:
         entry = journal.entries.get(job.clip_id)
-        copies = job.copied() if isinstance(job, _FlickrJob) else {}
-        if all(_output_complete(out / rel, sample_rate, length, copies.get(rel)) for rel, length in job.outputs()):
+        if _outputs_complete(out, job, entry, sample_rate):
             rows[job.clip_id] = _ok_row(job)
             already_done += 1
+        elif job.missing:
+            rows[job.clip_id] = Clip(job.clip_id, job.label, status=MISSING, reason=job.missing)
         elif entry and entry["status"] != OK and entry.get("sources") == _fingerprint(job):
             rows[job.clip_id] = Clip(job.clip_id, job.label, status=entry["status"], reason=entry["reason"])
         else:
@@ -724,7 +803,8 @@ def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed:
         with _progress_bar(len(to_run), description, progress) as advance:
             for outcome in _run_jobs(to_run, workers):
                 job = by_id[outcome.clip_id]
-                journal.append(outcome, _fingerprint(job))
+                sizes = {rel: (out / rel).stat().st_size for rel, _ in job.outputs()} if outcome.status == OK else None
+                journal.append(outcome, _fingerprint(job), sizes)
                 if outcome.status == OK:
                     rows[job.clip_id] = _ok_row(job)
                     prepared += 1
@@ -739,7 +819,7 @@ def _execute(*, out: Path, layout: str, settings: dict, order: list[str], fixed:
     ordered = [rows[clip_id] for clip_id in order]
     counts = Counter(row.status for row in ordered)
     failed = {status: n for status, n in sorted(counts.items()) if status not in (OK, MISSING)}
-    info = {**info, "settings": settings, "counts": dict(sorted(counts.items()))}
+    info = {**info, "settings": journal.settings, "counts": dict(sorted(counts.items()))}
     manifest = _write_set_if_changed(out, layout, ordered, info)
     return PrepareResult(out=out, layout=layout, manifest=manifest, requested=len(order), prepared=prepared,
                          already_done=already_done, missing=counts.get(MISSING, 0), failed=failed, notes=tuple(notes))
@@ -794,11 +874,16 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
     videos, out = Path(videos).expanduser(), Path(out).expanduser()
     layout = "vggsound_train" if split == "train" else "vggss_test"
     found, notes = _index_videos(videos)
+    settings = {"kind": "vggsound", "split": split, "sample_rate": sample_rate, "frame_index": frame_index,
+                "fps": fps, "neighbours": neighbours, "frame_size": list(frame_size) if frame_size else None,
+                "audio_seconds": TRAIN_AUDIO_SECONDS if split == "train" else CLIP_SECONDS}
+    journal = _Journal(out, settings)
     annotations: dict[str, Annotation] = {}
     if vggss_json is not None:
         annotations, defects = load_vggss_json(vggss_json)
         notes += [f"{vggss_json}: {line}" for line in defects.summary()]
-    default = list(annotations) if (split == "test" and annotations) else sorted(found)
+    default = (list(annotations) if (split == "test" and annotations)
+               else sorted(set(found) | _prepared_before(out, journal)))
     order = _requested_ids(id_list, default)
     label_of = read_labels(labels) if labels is not None else {k: a.label for k, a in annotations.items() if a.label}
     fixed: dict[str, Clip] = {}
@@ -806,35 +891,32 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
     for clip_id in order:
         label = label_of.get(clip_id, "")
         source = found.get(clip_id)
-        if source is None:
-            fixed[clip_id] = Clip(clip_id, label, status=MISSING, reason=f"no video {clip_id}.mp4 in {videos}")
-            continue
+        missing = "" if source is not None else f"no video {clip_id}.mp4 in {videos}"
         annotation = None
         if split == "test" and vggss_json is not None:
             annotation = annotations.get(clip_id)
             if annotation is None:
-                fixed[clip_id] = Clip(clip_id, label, status=NO_ANNOTATION,
-                                      reason=f"{clip_id} has no boxes in {vggss_json}")
+                fixed[clip_id] = (Clip(clip_id, label, status=MISSING, reason=missing) if missing else
+                                  Clip(clip_id, label, status=NO_ANNOTATION,
+                                       reason=f"{clip_id} has no boxes in {vggss_json}"))
                 continue
         frame, audio, anno = layout_paths(layout, clip_id)
+        # A clip whose video is gone still gets its job: it names the outputs an earlier run may have left.
         jobs.append(_VideoJob(
-            clip_id=clip_id, label=label, source=source, out=out, frame=frame, audio=audio,
+            clip_id=clip_id, label=label, source=source or videos / f"{clip_id}.mp4", out=out, frame=frame, audio=audio,
             anno=anno if annotation is not None else "", annotation=annotation,
             neighbours=tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg") for i in range(frame_index - neighbours,
                                                                                      frame_index + neighbours + 1)
                              if i != frame_index),
             frame_index=frame_index, fps=fps, sample_rate=sample_rate, train=split == "train",
-            frame_size=tuple(frame_size) if frame_size else None,
+            frame_size=tuple(frame_size) if frame_size else None, missing=missing,
         ))
     if split == "test" and vggss_json is None:
         notes.append("no VGG-SS box file (vggss.json) given: the test set has no boxes (anno column empty); it can "
                      "serve as a validation set, not for localisation metrics")
-    settings = {"kind": "vggsound", "split": split, "sample_rate": sample_rate, "frame_index": frame_index,
-                "fps": fps, "neighbours": neighbours, "frame_size": list(frame_size) if frame_size else None,
-                "audio_seconds": TRAIN_AUDIO_SECONDS if split == "train" else CLIP_SECONDS}
     info = {"source": "vggsound", "videos": str(videos),
             "audio_window": "3 s centred on the frame" if split == "train" else "first 10 s"}
-    return _execute(out=out, layout=layout, settings=settings, order=order, fixed=fixed, jobs=jobs,
+    return _execute(out=out, layout=layout, journal=journal, order=order, fixed=fixed, jobs=jobs,
                     sample_rate=sample_rate, workers=workers, progress=progress,
                     description=f"vggsound {split}", info=info, notes=notes)
 
@@ -884,6 +966,8 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
     if seconds <= 0 or sample_rate <= 0:
         raise DataError(f"seconds ({seconds}) and sample_rate ({sample_rate}) must be positive")
     layout = "flickr_train" if train else "flickr_test"
+    settings = {"kind": "flickr", "split": split, "sample_rate": sample_rate, "seconds": seconds}
+    journal = _Journal(out, settings)
     if id_list is None:
         if train:
             folder = next((archive / d for d in ("mp3", "Data", "audio") if (archive / d).is_dir()), None)
@@ -891,6 +975,7 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
         else:
             anno_dir = archive / "Annotations"
             default = sorted(p.stem for p in anno_dir.glob("*.xml")) if anno_dir.is_dir() else []
+        default = sorted(set(default) | _prepared_before(out, journal))
         if not default:
             raise DataError(f"{archive}: found no pairs to prepare (looked in "
                             f"{'mp3/, Data/, audio/' if train else 'Annotations/*.xml'}); pass --list with the ids")
@@ -909,10 +994,7 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
             absent.append(f"audio ({' | '.join(audio_candidates[:2])})")
         if anno_source is not None and not anno_source.is_file():
             absent.append(f"annotation (Annotations/{clip_id}.xml)")
-        if absent:
-            fixed[clip_id] = Clip(clip_id, status=MISSING, reason=f"not in {archive}: {'; '.join(absent)}")
-            continue
-        if anno_source is not None:
+        if anno_source is not None and not absent:
             try:
                 annotation = read_flickr_xml(anno_source, clip_id, defects)
             except DataError as exc:
@@ -922,12 +1004,14 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
                 fixed[clip_id] = Clip(clip_id, status=NO_ANNOTATION, reason=f"{anno_source} holds no bbox")
                 continue
         frame, audio_rel, anno = layout_paths(layout, clip_id)
-        jobs.append(_FlickrJob(clip_id=clip_id, label="", source=audio, image=image, anno_source=anno_source, out=out,
-                               frame=frame, audio=audio_rel, anno=anno, seconds=seconds, sample_rate=sample_rate))
+        # A pair not in the archive still gets its job: it names the outputs an earlier run may have left.
+        jobs.append(_FlickrJob(clip_id=clip_id, label="", source=audio or archive / audio_candidates[0],
+                               image=image or archive / image_candidates[0], anno_source=anno_source, out=out,
+                               frame=frame, audio=audio_rel, anno=anno, seconds=seconds, sample_rate=sample_rate,
+                               missing=f"not in {archive}: {'; '.join(absent)}" if absent else ""))
     notes += [f"Annotations: {line}" for line in defects.summary()]
-    settings = {"kind": "flickr", "split": split, "sample_rate": sample_rate, "seconds": seconds}
     info = {"source": "flickr-soundnet", "archive": str(archive), "audio_window": f"first {seconds:g} s"}
-    return _execute(out=out, layout=layout, settings=settings, order=order, fixed=fixed, jobs=jobs,
+    return _execute(out=out, layout=layout, journal=journal, order=order, fixed=fixed, jobs=jobs,
                     sample_rate=sample_rate, workers=workers, progress=progress,
                     description=f"flickr {split}", info=info, notes=notes)
 
