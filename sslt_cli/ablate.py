@@ -1177,8 +1177,14 @@ def summary_table(ablation: Ablation, summaries: list[RowSummary]) -> Table:
     headers, rows = _table_cells(ablation, summaries)
     seeds = max((len(s.cells) for s in summaries), default=0)
     table = Table(title=_title(ablation, seeds), caption="x100; mean ± sample std over seeds; Δ: to the row above")
-    for header, justify in headers:
-        table.add_column(header, justify=justify, no_wrap=header != "row")  # type: ignore[arg-type]
+    switches = set(TICKS) if ablation.mode == "rows" else set()
+    for k, (header, justify) in enumerate(headers):
+        if header in switches:
+            # a narrow terminal folds the switch headers (their cells are one tick wide), never a number
+            table.add_column(header, justify=justify, overflow="fold")  # type: ignore[arg-type]
+        else:
+            widest = max([len(header), *(len(values[k]) for values in rows)])
+            table.add_column(header, justify=justify, no_wrap=True, min_width=widest)  # type: ignore[arg-type]
     for values in rows:
         table.add_row(*(escape(v) for v in values))
     return table
