@@ -345,23 +345,11 @@ class _progress:
     """
 
     def __init__(self, description: str, total: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            ProgressColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-        from rich.text import Text
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        class Rate(ProgressColumn):
-            def render(self, task) -> Text:
-                # the recent rate while running; the whole run's average once finished
-                speed = task.completed / task.finished_time if task.finished and task.finished_time else task.speed
-                return Text(f"{speed:.1f} clips/s" if speed else "- clips/s")
+        from sslt_cli.progress import RateColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                             TextColumn("ETA"), TimeRemainingColumn(), console=err)
         self.description, self.total = description, total
 

@@ -52,12 +52,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
-from rich.progress import ProgressColumn, Task as ProgressTask
-from rich.text import Text
 
 from sslt_cli.data.annotations import read_labels
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError, DataError, SsltError
+from sslt_cli.progress import RateColumn
 from sslt_cli.runs import atomic_torch_save
 
 if TYPE_CHECKING:
@@ -779,13 +778,6 @@ def mlflow_metrics(report: RetrievalReport, prefix: str = "retrieve") -> dict[st
 
 # ---------------------------------------------------------------------------------------- sslt retrieve, end to end
 
-class _RateColumn(ProgressColumn):
-    """Items per second of a progress bar (empty until rich has measured it)."""
-
-    def render(self, task: ProgressTask) -> Text:
-        return Text(f"{task.speed:.1f}/s" if task.speed else "")
-
-
 @dataclass
 class Target:
     """What ``sslt retrieve`` runs: a model with its weights, the recipe it was trained with, the checkpoint file
@@ -911,7 +903,7 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
            "audio": audio_args(recipe), "image_mode": "resize_centercrop"}
     embeddings = None if refresh else load_embeddings(cache, key, need_maps)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        _RateColumn(), TimeRemainingColumn(), console=console)
+                        RateColumn(unit=""), TimeRemainingColumn(), console=console)
     with progress:
         if embeddings is None:
             bar = progress.add_task("embed clips", total=len(clip_set.clips))

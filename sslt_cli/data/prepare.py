@@ -647,18 +647,14 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
         BarColumn,
         MofNCompleteColumn,
         Progress,
-        ProgressColumn,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
-    from rich.text import Text
 
-    class _Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} clips/s" if task.speed else "- clips/s")
+    from sslt_cli.progress import RateColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                   console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)

@@ -749,12 +749,9 @@ def _vggsound_csv(records: dict[str, list[dict]]) -> bytes:
 def _progress(enabled: bool) -> Progress:
     """One bar per set on stderr, with clips/s and ETA."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    class RateColumn(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed:.1f} clips/s" if task.speed else "- clips/s")
+    from sslt_cli.progress import RateColumn
 
     return Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
