@@ -294,11 +294,11 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
     """Load an sslt ``state_dict`` into ``model``; a CheckpointError from ``path`` lists missing, unexpected and
     wrong-shape keys (never torch's RuntimeError with a traceback)."""
-    expected = {key: value.shape for key, value in model.state_dict().items()}
-    problems = _key_problems(expected, _strip_wrapper_prefixes(dict(weights)))
+    state = _strip_wrapper_prefixes(dict(weights))
+    problems = _key_problems({key: value.shape for key, value in model.state_dict().items()}, state)
     if problems:
         raise CheckpointError(f"{path}: the checkpoint's weights do not fit the SSL-TIE model", problems)
-    model.load_state_dict(_strip_wrapper_prefixes(dict(weights)))
+    model.load_state_dict(state)
 
 
 def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

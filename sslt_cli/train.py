@@ -467,8 +467,8 @@ def model_state_from_checkpoint(state: dict, path: Path) -> dict:
 
     if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
         raise CheckpointError(f"{path}: not an sslt checkpoint (no format '{CHECKPOINT_FORMAT}' and 'model' entry); "
-                              "official SSL-TIE weights cannot be resumed; evaluate them with `sslt eval CHECKPOINT` (the format is "
-                              "recognised) or start a new run")
+                              "official SSL-TIE weights cannot be resumed; evaluate them with `sslt eval CHECKPOINT` "
+                              "(the format is recognised) or start a new run")
     return state["model"]
 
 
@@ -561,7 +561,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
         val_clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
         if recipe.data.holdout_classes:
             # model selection sees the training classes only: held-out classes are for the open-set evaluation
-            val_clips = [c for c in val_clips if c.label not in set(recipe.data.holdout_classes)]
+            held = set(recipe.data.holdout_classes)
+            val_clips = [c for c in val_clips if c.label not in held]
         val_clips = val_clips[: recipe.data.limit_val] if recipe.data.limit_val else val_clips
         val_annotations = val_set.annotations
         if env.main:
@@ -826,8 +827,9 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
     """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour.
 
     The random queue of candidates is drawn anew for every epoch (``mix_queue_seed``), as the official retrieval
-    samples a fresh queue each time, so over a run every clip can become a mixing partner. With several processes each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every
-    rank draws the same neighbours (same seed) as one process would.
+    samples a fresh queue each time, so over a run every clip can become a mixing partner. With several processes
+    each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every rank draws the same
+    neighbours (same seed) as one process would.
     """
     dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
                                  train=False, seed=recipe.seed, cache_dir=cache_dir)

@@ -136,25 +136,6 @@ def test_clip_names_map_to_vggsound_ids():
     assert prep.clip_id_from_name("zpWuikVorYg") is None
 
 
-def test_labels_from_vggsound_csv_two_column_csv_and_json(tmp_path: Path):
-    vggsound = tmp_path / "vggsound.csv"
-    vggsound.write_text('---g-f_I2yQ,1,people marching,test\n--0PQM4-hqg,30,"female speech, woman speaking",train\n')
-    assert prep.read_labels(vggsound) == {"---g-f_I2yQ_000001": "people marching",
-                                          "--0PQM4-hqg_000030": "female speech, woman speaking"}
-    acl = tmp_path / "acl.csv"
-    acl.write_text("-0BIyqJj9ZU_000030,people belly laughing\n")
-    assert prep.read_labels(acl) == {"-0BIyqJj9ZU_000030": "people belly laughing"}
-    vggss = tmp_path / "vggss.json"
-    vggss.write_text(json.dumps([{"file": "zpWuikVorYg_000032", "class": "elk bugling", "bbox": [[0, 0, 1, 1]]}]))
-    assert prep.read_labels(vggss) == {"zpWuikVorYg_000032": "elk bugling"}
-    bad = tmp_path / "bad.csv"
-    bad.write_text("ytid,start,label,split\nzpWuikVorYg,3.5,elk bugling,test\n")
-    with pytest.raises(DataError) as err:
-        prep.read_labels(bad)
-    assert err.value.message == (f"{bad}, line 2: cannot read 'zpWuikVorYg,3.5,elk bugling,test'; expected "
-                                 "VGGSound's ytid,start,label,split (start an integer) or id,label")
-
-
 def test_train_split_frame_audio_and_statuses(media: Path, tmp_path: Path):
     out = tmp_path / "train"
     result = prep.prepare_vggsound(media, out, split="train", neighbours=1, workers=1, progress=False)

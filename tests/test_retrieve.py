@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import re
 from fractions import Fraction
@@ -247,6 +248,12 @@ def test_vggsound_csv_two_column_csv_and_vggss_json(tmp_path, repo_root):
     assert R.read_labels(path) == {"---g-f_I2yQ_000001": "people marching",
                                    "-2Dm0VjW8oM_000001": "pigeon, dove cooing",
                                    "abcdefghijk_000030": "subway, metro, underground"}
+    acl = tmp_path / "acl.csv"
+    acl.write_text("-0BIyqJj9ZU_000030,people belly laughing\n")
+    assert R.read_labels(acl) == {"-0BIyqJj9ZU_000030": "people belly laughing"}
+    vggss = tmp_path / "vggss.json"
+    vggss.write_text(json.dumps([{"file": "zpWuikVorYg_000032", "class": "elk bugling", "bbox": [[0, 0, 1, 1]]}]))
+    assert R.read_labels(vggss) == {"zpWuikVorYg_000032": "elk bugling"}
     realdata = repo_root.parent / "shared" / "realdata"
     if not realdata.is_dir():
         pytest.skip("shared/realdata is not beside the repository")
@@ -282,6 +289,12 @@ def test_label_file_errors(tmp_path):
     with pytest.raises(R.DataError) as exc:
         R.read_labels(bad)
     assert exc.value.message == (f"{bad}, line 2: cannot read 'xyz,notanumber,dog barking,train'; expected "
+                                 "VGGSound's ytid,start,label,split (start an integer) or id,label")
+    after_header = tmp_path / "after_header.csv"
+    after_header.write_text("ytid,start,label,split\nzpWuikVorYg,3.5,elk bugling,test\n")
+    with pytest.raises(R.DataError) as exc:
+        R.read_labels(after_header)
+    assert exc.value.message == (f"{after_header}, line 2: cannot read 'zpWuikVorYg,3.5,elk bugling,test'; expected "
                                  "VGGSound's ytid,start,label,split (start an integer) or id,label")
     conflict = tmp_path / "conflict.csv"
     conflict.write_text("aaaaaaaaaaa,1,dog,train\naaaaaaaaaaa,1,cat,test\n")
