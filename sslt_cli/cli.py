@@ -349,8 +349,10 @@ class _progress:
 
         from sslt_cli.progress import RateColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                            TextColumn("ETA"), TimeRemainingColumn(), console=err)
+        # the total is lowered to the clips done at the end (dropped clips never advance it): average when finished
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            RateColumn(average_when_finished=True), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=err)
         self.description, self.total = description, total
 
     def __enter__(self):
