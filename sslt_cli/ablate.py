@@ -903,11 +903,12 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
 
     try:
         if plan.action == "train":
-            run = train_module.train(cell.recipe, overrides=list(cell.overrides), console=console, out=silent,
-                                     recipe_path=str(ablation.base_path))
+            run = Run.create(cell.recipe, overrides=list(cell.overrides),
+                             extra_meta={"recipe_path": str(ablation.base_path), "world_size": 1})
+            train_module.train(cell.recipe, run, console=console, out=silent)
         elif plan.action == "resume":
             assert run is not None
-            run = train_module.train(run.recipe(), resume_run=run, console=console, out=silent)
+            train_module.train(run.recipe(), run, resume=True, console=console, out=silent)
         assert run is not None
         entry["run_dir"] = run.dir.name
         if run.meta().get("status") == "interrupted":

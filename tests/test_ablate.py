@@ -290,11 +290,10 @@ class FakeTrainer:
         self.behaviour = behaviour or {}
         self.calls: list[tuple[str, str | None]] = []
 
-    def __call__(self, recipe, *, overrides=None, resume_run=None, console=None, out=None, recipe_path=None,
+    def __call__(self, recipe, run, *, resume=False, parent_run_id=None, console=None, out=None,
                  stop_after_steps=None, evaluate_at_end=True) -> Run:
-        self.calls.append((recipe.name, resume_run.dir.name if resume_run else None))
-        run = resume_run or Run.create(recipe, overrides=overrides)
-        if recipe.tracking.enabled and resume_run is None:  # the run's own MLflow run, as train starts it
+        self.calls.append((recipe.name, run.dir.name if resume else None))
+        if recipe.tracking.enabled and not resume:  # the run's own MLflow run, as train starts it
             tracker = Tracker(experiment=recipe.tracking.experiment)
             run.update_meta(mlflow_run_id=tracker.start(run.dir.name))
             tracker.end()

@@ -188,7 +188,7 @@ def test_wrong_type_from_an_override() -> None:
 def test_bad_literal() -> None:
     assert recipe_error(write_recipe("eval:\n  protocol: foo\n")) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
-        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac' or 'sspl', got 'foo'")
+        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'")
 
 
 def test_out_of_range_value() -> None:
@@ -206,7 +206,7 @@ def test_all_problems_are_reported_together() -> None:
         "  - recipe.yaml: key 'seed': expected an integer, got 1.5 (from override 'seed=1.5')\n"
         "  - recipe.yaml: key 'optim.batch_size': expected an integer, got 'abc'\n"
         "  - recipe.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)\n"
-        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac' or 'sspl', got 'foo'")
+        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'")
 
 
 def test_malformed_override() -> None:
