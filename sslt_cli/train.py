@@ -590,7 +590,7 @@ def training_dataset(recipe: Recipe, clips: list[Clip], cache_dir: Path | None) 
     """The training dataset of a recipe: its image transform (T_app, T_geo), audio front end, T_mask, views."""
     t = recipe.transforms
     return AudioVisualDataset(
-        clips, image_transform=augment.image_transform_for(recipe.data.image_size, t.app, t.geo),
+        clips, image_transform=augment.build_image_transform(recipe.data.image_size, t.app, t.geo),
         n_views=2 if t.views == "paper" and views_differ(recipe) else 1, shared_geometry=True, audio=recipe.audio,
         spec_augment=t.mask if t.mask.enabled else None, train=True, seed=recipe.seed, cache_dir=cache_dir)
 

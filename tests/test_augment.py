@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sslt_cli.config import AppearanceConfig, GeometricConfig
 from sslt_cli.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,6 +25,8 @@ from sslt_cli.data.augment import (
     spec_augment,
 )
 from sslt_cli.losses import equivariance_loss
+
+NO_APP, NO_GEO = AppearanceConfig(enabled=False), GeometricConfig(enabled=False)  # a group switched off
 
 
 def textured_image(width: int = 96, height: int = 96, seed: int = 0) -> Image.Image:
@@ -42,7 +45,7 @@ def denormalise(x: torch.Tensor) -> torch.Tensor:
 
 def test_row_a_transform_is_resize_and_normalise_only():
     image = textured_image(80, 60)
-    transform = build_image_transform(32, app=False, geo=False)
+    transform = build_image_transform(32, NO_APP, NO_GEO)
     first, second = seeded_call(transform, image, 1), seeded_call(transform, image, 2)
     assert first.shape == (3, 32, 32) and first.dtype == torch.float32
     torch.testing.assert_close(first, second)
@@ -52,8 +55,8 @@ def test_row_a_transform_is_resize_and_normalise_only():
 
 def test_geo_only_with_full_crop_gives_the_frame_or_its_mirror():
     image = textured_image(48, 48)
-    transform = build_image_transform(48, app=False, geo=True, crop_scale=(1.0, 1.0))
-    plain = build_image_transform(48, app=False, geo=False)(image)
+    transform = build_image_transform(48, NO_APP, GeometricConfig(crop_scale=(1.0, 1.0)))
+    plain = build_image_transform(48, NO_APP, NO_GEO)(image)
     outcomes = set()
     for seed in range(12):
         out = seeded_call(transform, image, seed)
@@ -69,11 +72,11 @@ def test_geo_only_with_full_crop_gives_the_frame_or_its_mirror():
 def test_geo_without_flip_never_mirrors_and_app_changes_colours_not_geometry():
     image = Image.new("RGB", (40, 40), (200, 40, 40))
     image.paste((20, 200, 20), (0, 0, 20, 40))  # left half green, right half red
-    no_flip = build_image_transform(40, app=False, geo=True, crop_scale=(1.0, 1.0), flip=False)
+    no_flip = build_image_transform(40, NO_APP, GeometricConfig(crop_scale=(1.0, 1.0), flip=False))
     for seed in range(6):
         out = denormalise(seeded_call(no_flip, image, seed))
         assert out[1, :, :15].mean() > out[0, :, :15].mean()  # green stays on the left
-    app_only = build_image_transform(40, app=True, geo=False, jitter_p=1.0, gray_p=0.0, blur_p=0.0)
+    app_only = build_image_transform(40, AppearanceConfig(jitter_p=1.0, gray_p=0.0, blur_p=0.0), NO_GEO)
     outs = [seeded_call(app_only, image, seed) for seed in range(4)]
     assert not torch.allclose(outs[0], outs[1])
     for out in outs:
@@ -84,17 +87,17 @@ def test_geo_without_flip_never_mirrors_and_app_changes_colours_not_geometry():
 
 def test_geo_without_crop_resizes_and_rotation_fills_the_corners():
     image = textured_image(60, 40)
-    plain = build_image_transform(32, app=False, geo=False)(image)
-    resize_flip = build_image_transform(32, app=False, geo=True, crop=False)
+    plain = build_image_transform(32, NO_APP, NO_GEO)(image)
+    resize_flip = build_image_transform(32, NO_APP, GeometricConfig(crop=False))
     outs = [seeded_call(resize_flip, image, seed) for seed in range(8)]
     assert all(torch.allclose(o, plain) or torch.allclose(o, plain.flip(-1)) for o in outs)
-    rotate = build_image_transform(32, app=False, geo=True, crop=False, flip=False, rotation=45)
+    rotate = build_image_transform(32, NO_APP, GeometricConfig(crop=False, flip=False, rotation=45))
     black = denormalise(seeded_call(rotate, Image.new("RGB", (32, 32), (255, 255, 255)), 1))  # 23 degrees
     assert black[:, 0, 0].max() < 0.05 and black[:, 16, 16].min() > 0.95  # zero fill outside, content inside
 
 
 def test_stages_compose_and_the_transform_pickles():
-    transform = build_image_transform(32, app=True, geo=True, rotation=10)
+    transform = build_image_transform(32, AppearanceConfig(), GeometricConfig(rotation=10))
     image = textured_image()
     staged = seeded_call(lambda x: transform.appearance(transform.geometric(x)), image, 3)
     torch.testing.assert_close(seeded_call(transform, image, 3), staged)
@@ -103,7 +106,7 @@ def test_stages_compose_and_the_transform_pickles():
 
 
 def test_grayscale_with_probability_one_gives_equal_channels():
-    transform = build_image_transform(32, app=True, geo=False, jitter_p=0.0, gray_p=1.0, blur_p=0.0)
+    transform = build_image_transform(32, AppearanceConfig(jitter_p=0.0, gray_p=1.0, blur_p=0.0), NO_GEO)
     out = denormalise(transform(textured_image()))
     torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], out[2], atol=1e-5, rtol=0)
@@ -111,14 +114,14 @@ def test_grayscale_with_probability_one_gives_equal_channels():
 
 def test_blur_lowers_pixel_variation():
     image = textured_image(64, 64)
-    sharp = denormalise(build_image_transform(64, app=False, geo=False)(image))
-    blurred = denormalise(build_image_transform(64, app=True, geo=False, jitter_p=0.0, gray_p=0.0, blur_p=1.0,
-                                                blur_sigma=(1.5, 2.0))(image))
+    sharp = denormalise(build_image_transform(64, NO_APP, NO_GEO)(image))
+    blur_only = AppearanceConfig(jitter_p=0.0, gray_p=0.0, blur_p=1.0, blur_sigma=(1.5, 2.0))
+    blurred = denormalise(build_image_transform(64, blur_only, NO_GEO)(image))
     assert blurred.diff(dim=-1).abs().mean() < 0.5 * sharp.diff(dim=-1).abs().mean()
 
 
 def test_seeded_call_is_reproducible_and_leaves_the_global_generator_alone():
-    transform = build_image_transform(32, app=True, geo=True)
+    transform = build_image_transform(32, AppearanceConfig(), GeometricConfig())
     image = textured_image()
     torch.manual_seed(123)
     state = torch.get_rng_state()

@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 from sslt_cli import audio as audio_lib
+from sslt_cli.config import AppearanceConfig, AudioConfig, GeometricConfig
 from sslt_cli.data.augment import build_eval_transform, build_image_transform, spec_augment
-from sslt_cli.config import AudioConfig
 from sslt_cli.data.datasets import AudioVisualDataset, BadClip, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, layout_paths, read_set, write_set
+
+NO_APP, NO_GEO = AppearanceConfig(enabled=False), GeometricConfig(enabled=False)  # a group switched off
 
 AUDIO = AudioConfig(sample_rate=8000, clip_seconds=1.0, n_fft=256, hop_length=128, n_mels=32, normalized=True)
 FRAMES = 1 + 8000 // 128
@@ -40,8 +42,8 @@ def make_set(root, n: int = 4, **files) -> list[Clip]:
 
 
 def train_dataset(clips, **kwargs) -> AudioVisualDataset:
-    options = dict(image_transform=build_image_transform(32, app=True, geo=True), n_views=2, audio=AUDIO,
-                   spec_augment=None, train=True, seed=4)
+    options = dict(image_transform=build_image_transform(32, AppearanceConfig(), GeometricConfig()), n_views=2,
+                   audio=AUDIO, spec_augment=None, train=True, seed=4)
     options.update(kwargs)
     return AudioVisualDataset(clips, **options)
 
@@ -246,13 +248,13 @@ def test_mixing_probability_follows_the_curriculum(tmp_path):
 
 def test_shared_geometry_views_differ_only_in_appearance(tmp_path):
     clips = make_set(tmp_path, n=1)
-    geo_only = build_image_transform(32, app=False, geo=True)
+    geo_only = build_image_transform(32, NO_APP, GeometricConfig())
     shared = train_dataset(clips, image_transform=geo_only, shared_geometry=True)[0]["images"]
     torch.testing.assert_close(shared[0], shared[1])
     independent = train_dataset(clips, image_transform=geo_only)[0]["images"]
     assert not torch.allclose(independent[0], independent[1])
-    both = train_dataset(clips, image_transform=build_image_transform(32, app=True, geo=True, jitter_p=1.0),
-                         shared_geometry=True)[0]["images"]
+    always_jitter = build_image_transform(32, AppearanceConfig(jitter_p=1.0), GeometricConfig())
+    both = train_dataset(clips, image_transform=always_jitter, shared_geometry=True)[0]["images"]
     assert not torch.allclose(both[0], both[1])
     with pytest.raises(ValueError, match="shared_geometry needs an ImageTransform"):
         train_dataset(clips, image_transform=build_eval_transform(32, "resize_square"), shared_geometry=True)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sslt_cli.config import AppearanceConfig, GeometricConfig
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 EVAL_MODES = ("resize_centercrop", "resize_square")
@@ -67,28 +69,16 @@ class ImageTransform:
         return self.appearance(self.geometric(image))
 
 
-def build_image_transform(
-    image_size: int,
-    *,
-    app: bool,
-    geo: bool,
-    crop: bool = True,
-    crop_scale: tuple[float, float] = (0.3, 1.0),
-    rotation: float = 0.0,
-    flip: bool = True,
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
-    jitter_p: float = 0.8,
-    gray_p: float = 0.2,
-    blur_p: float = 0.5,
-    blur_sigma: tuple[float, float] = (0.1, 2.0),
-) -> ImageTransform:
+def build_image_transform(image_size: int, app: AppearanceConfig = AppearanceConfig(),
+                          geo: GeometricConfig = GeometricConfig()) -> ImageTransform:
     """The training image transform: PIL RGB image -> (3, image_size, image_size) float tensor, ImageNet-normalised.
 
-    T_geo (with ``geo``): RandomResizedCrop(image_size, crop_scale) (or, with ``crop=False``, a resize to
-    (image_size, image_size)), then a rotation by a uniform angle in [-rotation, rotation] degrees (0 = off), then a
-    horizontal flip with p=0.5 when ``flip``. T_app (with ``app``): ColorJitter(*jitter) with p=jitter_p, grayscale
-    with p=gray_p, Gaussian blur with sigma uniform in blur_sigma and p=blur_p (:class:`PilGaussianBlur`).
-    Without ``geo`` the frame is resized to (image_size, image_size) (bicubic); with neither group this is row A's
+    ``app`` and ``geo``: the recipe's ``transforms.app`` and ``transforms.geo`` sections. T_geo (``geo.enabled``):
+    RandomResizedCrop(image_size, geo.crop_scale) (or, with ``geo.crop`` off, a resize to (image_size, image_size)),
+    then a rotation by a uniform angle in [-geo.rotation, geo.rotation] degrees (0 = off), then a horizontal flip with
+    p=0.5 when ``geo.flip``. T_app (``app.enabled``): ColorJitter(*app.jitter) with p=app.jitter_p, grayscale with
+    p=app.gray_p, Gaussian blur with sigma uniform in app.blur_sigma and p=app.blur_p (:class:`PilGaussianBlur`).
+    Without T_geo the frame is resized to (image_size, image_size) (bicubic); with neither group this is row A's
     "resize + normalise". The official ``moco_v2`` order is crop, jitter, grayscale, blur, flip; the flip moves before
     the appearance stage here, which gives the same distribution (every appearance operation is pixelwise, uses
     flip-invariant image statistics, or is a symmetric blur) and lets views share their geometry.
@@ -96,33 +86,24 @@ def build_image_transform(
     from torchvision.transforms import v2
 
     geometric: list = []
-    if geo and crop:
-        geometric.append(v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True))
+    if geo.enabled and geo.crop:
+        geometric.append(v2.RandomResizedCrop(image_size, scale=tuple(geo.crop_scale), antialias=True))
     else:
         geometric.append(v2.Resize((image_size, image_size), interpolation=v2.InterpolationMode.BICUBIC,
                                    antialias=True))
-    if geo and rotation > 0:
-        geometric.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
-    if geo and flip:
+    if geo.enabled and geo.rotation > 0:
+        geometric.append(v2.RandomRotation(geo.rotation, interpolation=v2.InterpolationMode.BILINEAR))
+    if geo.enabled and geo.flip:
         geometric.append(v2.RandomHorizontalFlip(p=0.5))
     appearance: list = []
-    if app:
-        if jitter_p > 0:
-            appearance.append(v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p))
-        if gray_p > 0:
-            appearance.append(v2.RandomGrayscale(p=gray_p))
-        if blur_p > 0:
-            appearance.append(v2.RandomApply([PilGaussianBlur(blur_sigma)], p=blur_p))
+    if app.enabled:
+        if app.jitter_p > 0:
+            appearance.append(v2.RandomApply([v2.ColorJitter(*app.jitter)], p=app.jitter_p))
+        if app.gray_p > 0:
+            appearance.append(v2.RandomGrayscale(p=app.gray_p))
+        if app.blur_p > 0:
+            appearance.append(v2.RandomApply([PilGaussianBlur(app.blur_sigma)], p=app.blur_p))
     return ImageTransform(v2.Compose(geometric), v2.Compose(appearance + _to_normalised_tensor()))
-
-
-def image_transform_for(image_size: int, app: Any, geo: Any) -> ImageTransform:
-    """The training image transform of a recipe's ``transforms.app`` and ``transforms.geo`` sections
-    (``config.AppearanceConfig``, ``config.GeometricConfig``): :func:`build_image_transform` with their settings."""
-    return build_image_transform(image_size, app=app.enabled, geo=geo.enabled, crop=geo.crop,
-                                 crop_scale=geo.crop_scale, rotation=geo.rotation, flip=geo.flip, jitter=app.jitter,
-                                 jitter_p=app.jitter_p, gray_p=app.gray_p, blur_p=app.blur_p,
-                                 blur_sigma=app.blur_sigma)
 
 
 def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], torch.Tensor]:
