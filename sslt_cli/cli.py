@@ -193,7 +193,8 @@ def train(
     from sslt_cli.runs import Run
 
     _train(resolved, lambda world: Run.create(resolved, overrides=overrides,
-                                              extra_meta={"recipe_path": str(recipe), "world_size": world}))
+                                              extra_meta={"recipe_path": str(recipe), "world_size": world}),
+           resume=False)
 
 
 def _train(recipe, make_run, resume: bool) -> None:
