@@ -399,3 +399,17 @@ def test_export_writes_the_official_format(tmp_path: Path) -> None:
     refused = sslt("export", str(checkpoint), "--out", str(out), "--which", "both")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "--which must be best or last for an export, got 'both'" in refused.stderr
+
+
+def test_eval_output_folders_follow_the_one_naming_rule(tmp_path: Path) -> None:
+    from sslt_cli.cli import _recipe_set_name
+    from sslt_cli.config import Recipe
+    from sslt_cli.evaluate import eval_folder
+
+    recipe = Recipe.model_validate({"data": {"root": str(tmp_path), "test": {"vggss": "test_vggss"}}})
+    # a --data folder that is one of the recipe's test sets is named as training names it, by the recipe's key
+    assert _recipe_set_name(recipe, tmp_path / "test_vggss") == "vggss"
+    assert _recipe_set_name(recipe, tmp_path / "sub" / ".." / "test_vggss") == "vggss"
+    assert _recipe_set_name(recipe, tmp_path / "elsewhere") is None
+    assert _recipe_set_name(None, tmp_path / "test_vggss") is None
+    assert eval_folder(tmp_path / "eval", "vggss", "best", "ezvsl") == tmp_path / "eval" / "vggss-best-ezvsl"
