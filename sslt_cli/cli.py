@@ -26,7 +26,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    epilog="Example: sslt prepare synthetic --out data/synthetic && sslt train recipes/quickstart.yaml",
+    epilog="Example: sslt prepare synthetic --out data/synthetic && sslt train quickstart",
 )
 prepare_app = typer.Typer(
     help="Prepare data sets in the layouts train/eval read (writes a manifest; never crawls at train time).",
@@ -34,6 +34,28 @@ prepare_app = typer.Typer(
     epilog="Example: sslt prepare synthetic --out data/synthetic",
 )
 app.add_typer(prepare_app, name="prepare")
+data_app = typer.Typer(
+    help="The public benchmark metadata shipped with sslt (test lists, VGG-SS boxes), usable by short name.",
+    no_args_is_help=True,
+    epilog="Example: sslt data list",
+)
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sslt_cli import __version__
+
+        typer.echo(f"sslt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """The options of ``sslt`` itself (before any command)."""
 
 
 def _example(text: str) -> str:
@@ -69,8 +91,8 @@ def prepare_vggsound(
     videos: Path = typer.Option(..., "--videos", help="Folder of VGGSound clips (<ytid>_<start>.mp4 or <ytid>_<start>_<end>.mp4)."),
     out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
     split: str = typer.Option("train", help="train (frame 125 + 3 s audio) or test (VGG-SS layout, 10 s audio, boxes)."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (a published list); missing videos are reported."),
-    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes for --split test (anno/<id>.xml)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare: a list file or a built-in name (ssltie-vggss-4911; sslt data list); missing videos are reported."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes for --split test (anno/<id>.xml): vggss.json, or vggss for the built-in copy."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv (ytid,start,label,split) for the label column."),
     sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
     neighbours: int = typer.Option(0, min=0, help="Also write this many frames either side of frame 125."),
@@ -87,12 +109,12 @@ def prepare_vggsound(
 
 @prepare_app.command("flickr", epilog=_example(
     "sslt prepare flickr --archive ~/Flickr-SoundNet --out data/flickr/test_flickr --split test "
-    "--list ../shared/realdata/flickr_test_249.csv"))
+    "--list flickr-249"))
 def prepare_flickr(
     archive: Path = typer.Option(..., "--archive", help="The Flickr-SoundNet download (Annotations/ + Data/)."),
     out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
     split: str = typer.Option("test", help="test (frames, audio, 3-annotator boxes) or train."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (e.g. the 249/250 test list)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare: a list file or a built-in name (flickr-249, slavc-flickr-250)."),
     sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
     seconds: Optional[float] = typer.Option(None, help="Audio seconds kept (default: 10 for test, 4 for train)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes."),
@@ -107,9 +129,9 @@ def prepare_flickr(
 
 
 @prepare_app.command("vggss-annotations", epilog=_example(
-    "sslt prepare vggss-annotations --json ../shared/realdata/vggss.json --out data/vggss/anno"))
+    "sslt prepare vggss-annotations --json vggss --out data/vggss/anno"))
 def prepare_vggss_annotations(
-    json_path: Optional[Path] = typer.Option(None, "--json", help="vggss.json to convert into per-clip XML."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="vggss.json to convert into per-clip XML (vggss: the built-in copy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for <id>.xml files."),
     from_xml: Optional[Path] = typer.Option(None, "--from-xml", help="The reverse: a folder of <id>.xml ..."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="... collected into this vggss.json."),
@@ -130,11 +152,11 @@ def prepare_vggss_annotations(
 
 
 @prepare_app.command("index", epilog=_example(
-    "sslt prepare index ~/vggss_test --layout vggss_test --list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+    "sslt prepare index ~/vggss_test --layout vggss_test --list ssltie-vggss-4911"))
 def prepare_index(
     root: Path = typer.Argument(..., help="A folder already in one of the layouts (made by other tools)."),
     layout: str = typer.Option(..., help="vggsound_train | vggss_test | flickr_test | flickr_train."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected (default: every clip found)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected: a list file or a built-in name (default: every clip found)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv or id,label CSV."),
 ) -> None:
     """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
@@ -143,11 +165,62 @@ def prepare_index(
     _print_prepare(index_existing(root, layout, id_list, labels=labels))
 
 
+# ------------------------------------------------------------------------------------------------------------- data
+
+@data_app.command("list", epilog=_example("sslt data list && sslt eval --baselines-only --vggss-json vggss "
+                                          "--list ssltie-vggss-4911"))
+def data_list() -> None:
+    """The built-in files (short name, kind, records, source, licence) and the shipped recipes.
+
+    A short name works wherever sslt takes a path of that kind (--list, --vggss-json, --labels, --extended, recipe
+    data.labels); a file of yours with the same name, where it exists, wins.
+    """
+    from rich.table import Table
+
+    from sslt_cli import catalog
+
+    table = Table(title="built-in data files (sslt_cli/resources; sources, commits, licences: NOTICE there)")
+    table.add_column("name", no_wrap=True, min_width=max(len(entry.name) for entry in catalog.BUILTINS))
+    table.add_column("kind")
+    table.add_column("records", justify="right")
+    for col in ("what", "source", "licence"):
+        table.add_column(col)
+    for entry in catalog.BUILTINS:
+        kinds = ", ".join(catalog.KIND_WORDS[k] for k in entry.kinds)
+        table.add_row(entry.name, kinds, _count_records(entry), entry.what, entry.source, entry.licence)
+    out.print(table)
+    recipes = Table(title="shipped recipes (sslt train NAME; sslt ablate NAME base=NAME)")
+    recipes.add_column("kind")
+    recipes.add_column("names")
+    recipes.add_row("recipes", ", ".join(catalog.builtin_recipes(catalog.RECIPES_DIR)))
+    recipes.add_row("ablations", ", ".join(catalog.builtin_recipes(catalog.RECIPES_DIR / "ablations")))
+    out.print(recipes)
+    err.print(f"files: {catalog.RESOURCES_DIR}")
+
+
+def _count_records(entry) -> str:
+    """What a built-in file holds, counted by the reader sslt uses for its kind."""
+    import json
+
+    if "boxes" in entry.kinds:
+        records = json.loads(entry.path.read_text())
+        classes = {r.get("class") for r in records}
+        return f"{len(records)} clips ({sum(len(r['bbox']) for r in records)} boxes, {len(classes)} classes)"
+    if "pairs" in entry.kinds:
+        from sslt_cli.evaluate import read_silent_pairs
+
+        return f"{len(read_silent_pairs(entry.path))} pairs"
+    from sslt_cli.data.annotations import read_id_list
+
+    return f"{len(read_id_list(entry.path))} clips"
+
+
 # ------------------------------------------------------------------------------------------------------------ train
 
-@app.command(epilog=_example("sslt train recipes/quickstart.yaml optim.epochs=2 --dry-run"))
+@app.command(epilog=_example("sslt train quickstart optim.epochs=2 --dry-run"))
 def train(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file (not with --resume)."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file, or the name of a shipped recipe "
+                                           "(quickstart, tie_full, ...; sslt data list); not with --resume."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the run folder; do nothing."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
@@ -202,20 +275,19 @@ PROTOCOL_NAMES = ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
 
 
 @app.command("eval", epilog=_example(
-    "sslt eval --baselines-only --vggss-json ../shared/realdata/vggss.json "
-    "--list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+    "sslt eval --baselines-only --vggss-json vggss --list ssltie-vggss-4911"))
 def eval_cmd(
     target: Optional[Path] = typer.Argument(None, help="Run folder, or checkpoint file (sslt or official SSL-TIE)."),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Prepared test set folder(s) (vggss_test or "
                                               "flickr_test layout). Default: the run recipe's data.test sets."),
-    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON (vggss: the built-in copy)."),
     media: Optional[Path] = typer.Option(None, "--media", help="With --vggss-json: folder with frame/ and audio/."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Evaluate a published subset (e.g. the 4911 list)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Evaluate a published subset: a list file or a built-in name (ssltie-vggss-4911, vggss-5158, flickr-249, ...; sslt data list)."),
     protocol: Optional[str] = typer.Option(None, help=f"One of {', '.join(PROTOCOL_NAMES)} (default: the recipe's, "
                                                       "else ssltie)."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="Score precomputed maps: a folder of <id>.npy or an .npz."),
     baselines_only: bool = typer.Option(False, "--baselines-only", help="Only the baselines and the oracle ceiling."),
-    extended: Optional[Path] = typer.Option(None, "--extended", help="SLAVC *_plus_silent.csv: AP and max-F1 with "
+    extended: Optional[Path] = typer.Option(None, "--extended", help="SLAVC *_plus_silent.csv (built-in: slavc-vggss-plus-silent, slavc-flickr-plus-silent): AP and max-F1 with "
                                             "non-sounding pairs."),
     silent_data: Optional[Path] = typer.Option(None, "--silent-data", help="With --extended: the prepared set holding "
                                                "the non-sounding pairs' frames and audio (default: the test set)."),
@@ -392,7 +464,7 @@ def retrieve(
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared set to retrieve in (default: the recipe's "
                                         "first test set)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: vggsound.csv (ytid,start,label,split), "
-                                          "id,label CSV or vggss.json (default: the recipe's data.labels)."),
+                                          "id,label CSV, vggss.json or vggss (built-in) (default: the recipe's data.labels)."),
     task: str = typer.Option("all", "--task", help="all, or a comma list of a2a, a2i, i2a."),
     classes: str = typer.Option("all", help="all | novel (the recipe's data.holdout_classes) | comma list | file."),
     score: str = typer.Option("loc", help="Cross-modal score: loc (max of the cosine map) or pooled."),
@@ -412,9 +484,10 @@ def retrieve(
 
 # ----------------------------------------------------------------------------------------------------------- ablate
 
-@app.command(epilog=_example("sslt ablate recipes/ablations/paper_transformations.yaml base=quickstart"))
+@app.command(epilog=_example("sslt ablate paper_transformations base=quickstart"))
 def ablate(
-    file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds)."),
+    file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds), "
+                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
                                                     "applied to every cell."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "

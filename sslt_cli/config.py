@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sslt_cli.catalog import RECIPES_DIR, builtin_recipes, resolve_data_file, resolve_recipe
 from sslt_cli.errors import RecipeError
 
 
@@ -43,6 +44,15 @@ class DataConfig(_Strict):
         """A set named in the recipe: absolute as written, else relative to ``root``."""
         path = Path(name).expanduser()
         return path if path.is_absolute() else Path(self.root).expanduser() / path
+
+    def labels_file(self) -> Path | None:
+        """``labels`` as a file: relative to ``root`` (as :meth:`set_path`), else a built-in label file (``vggss``,
+        see :func:`catalog.resolve_data_file`); None when unset or neither exists."""
+        if not self.labels:
+            return None
+        path = self.set_path(self.labels)
+        path = path if path.is_file() else resolve_data_file(self.labels, "labels")
+        return path if path.is_file() else None
 
 
 class AudioConfig(_Strict):
@@ -414,7 +424,10 @@ def load_tree(path: str | Path, kind: str = "recipe") -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise RecipeError(f"{path}: {kind} file not found") from None
+        folder = RECIPES_DIR if kind == "recipe" else RECIPES_DIR / "ablations"
+        raise RecipeError(f"{path}: {kind} file not found",
+                          [f"give a path, or the name of one shipped with sslt: {', '.join(builtin_recipes(folder))}"]
+                          ) from None
     except IsADirectoryError:
         raise RecipeError(f"{path}: is a folder, expected {article} {kind} .yaml file") from None
     tree = parse_yaml(text, str(path)) or {}
@@ -435,7 +448,9 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe; raises RecipeError with every problem found."""
+    """Load, override and validate a recipe (a file, or the name of a shipped one: :func:`catalog.resolve_recipe`);
+    raises RecipeError with every problem found."""
+    path = resolve_recipe(path)
     tree = load_tree(path)
     overrides = list(overrides or [])
     problems: list[str] = []

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from sslt_cli import metrics
+from sslt_cli import metrics, published
 from sslt_cli.data.annotations import (
     Annotation,
     DefectReport,
@@ -47,6 +47,7 @@ from sslt_cli.data.annotations import (
     read_id_list,
 )
 from sslt_cli.data.manifest import Clip, atomic_write_bytes, layout_paths, read_set
+from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.errors import DataError, SsltError
 from sslt_cli.metrics import Protocol
 
@@ -351,6 +352,7 @@ class EvalResult:
     excluded: list[Exclusion]
     notes: list[str] = field(default_factory=list)
     extended: ExtendedResult | None = None
+    published: dict[str, Any] | None = None  # the papers' numbers when the requested set is a published list
 
     @property
     def n(self) -> int:
@@ -506,6 +508,7 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
         name=name, protocol=proto, rows=rows,
         method=_stage_summary(method_values) if maps is not None else None,
         baselines=baseline_summaries, accounting=accounting, excluded=excluded, notes=notes,
+        published=published.lookup(requested, proto.name),
     )
 
 
@@ -583,11 +586,11 @@ def silent_pair_key(video: str, audio: str) -> str:
 
 def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """The non-sounding pairs of a SLAVC ``*_plus_silent.csv`` (``video,audio,label`` rows, label ``non-sounding``)."""
-    path = Path(path)
+    path = resolve_data_file(path, "pairs")
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise DataError(f"{path}: non-sounding pairs list not found") from None
+        raise DataError(f"{path}: non-sounding pairs list not found", [names_hint("pairs")]) from None
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or [c.strip().lower() for c in rows[0][:3]] != ["video", "audio", "label"]:
         raise DataError(f"{path}: expected a 'video,audio,label' header (SLAVC's *_plus_silent.csv), "
@@ -723,6 +726,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
         "extended": result.extended.to_dict() if result.extended is not None else None,
         "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
         "notes": result.notes,
+        "published": result.published,
     })
 
 
@@ -892,6 +896,7 @@ def result_table(result: EvalResult) -> "Table":
         table.caption += (f"\nextended ({ext.protocol}, {ext.n_sounding} sounding + {ext.n_silent} non-sounding "
                           f"pairs): AP {_pct(ext.ap)} (SLAVC sampling {_pct(ext.ap_slavc)}), max-F1 "
                           f"{_pct(ext.max_f1)} (SLAVC sampling {_pct(ext.max_f1_slavc)})")
+    published.add_rows(table, result.published, len(keys))
     return table
 
 
