@@ -163,7 +163,7 @@ def load_vggss_json_set(json_path: str | Path, list_path: str | Path | None = No
     clips missing either are reported. The defects (huge or degenerate boxes) of the requested clips are kept in
     ``defects`` and summarised in ``notes``, with the whole file's counts beside them when the list leaves some out.
     """
-    json_path = Path(json_path)
+    json_path = resolve_data_file(json_path, "boxes")  # notes name the file, also when given a built-in name
     annotations, report = load_vggss_json(json_path)
     ids = read_id_list(list_path) if list_path else list(annotations)
     test = TestSet(name=Path(list_path).stem if list_path else json_path.stem, anno_kind="vggss", ids=ids,

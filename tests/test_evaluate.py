@@ -17,13 +17,12 @@ from rich.console import Console
 
 from sslt_cli import evaluate as E
 from sslt_cli import metrics as M
+from sslt_cli.catalog import RESOURCES_DIR
 from sslt_cli.data.annotations import Annotation, write_annotation_xml
 from sslt_cli.data.manifest import Clip, layout_paths, write_set
 from sslt_cli.errors import DataError, SsltError
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
+REALDATA = RESOURCES_DIR  # the public metadata shipped in the package
 
 torch.set_num_threads(1)
 HINT = "--maps takes a folder of <clip id>.npy files or one .npz file keyed by clip id"

@@ -504,10 +504,8 @@ def test_flickr_train_pairs_from_frames_and_mp3_folders(tmp_path: Path):
 # VGG-SS annotations and indexing existing folders
 
 
-def test_vggss_json_to_xml_and_back_on_the_real_file(repo_root: Path, tmp_path: Path):
-    realdata = repo_root.parent / "shared" / "realdata"
-    if not realdata.is_dir():
-        pytest.skip("shared/realdata is not beside the repository")
+def test_vggss_json_to_xml_and_back_on_the_real_file(tmp_path: Path):
+    from sslt_cli.catalog import RESOURCES_DIR as realdata  # the public files shipped in the package
     anno = tmp_path / "anno"
     report = prep.prepare_vggss_annotations(realdata / "vggss.json", anno)
     assert (report.clips, report.boxes, report.written, report.unchanged) == (5158, 5941, 5158, 0)
@@ -578,13 +576,10 @@ def test_user_errors_name_the_problem(tmp_path: Path):
                                  "Annotations/*.xml); pass --list with the ids")
 
 
-def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911(repo_root: Path):
+def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911():
     from sslt_cli.data.annotations import read_id_list
 
-    realdata = repo_root.parent / "shared" / "realdata"
-    if not realdata.is_dir():
-        pytest.skip("shared/realdata is not beside the repository")
-    test_4911 = set(read_id_list(realdata / "ssltie_test_vggss_4911.txt"))
-    expected = [i for i in read_id_list(realdata / "vggss_test_5158.csv") if i not in test_4911]
-    assert read_id_list(repo_root / "recipes" / "lists" / "vggss_val_247.txt") == expected
+    test_4911 = set(read_id_list("ssltie-vggss-4911"))
+    expected = [i for i in read_id_list("vggss-5158") if i not in test_4911]
+    assert read_id_list("vggss-val-247") == expected
     assert len(expected) == 247
