@@ -1,6 +1,6 @@
 """Published numbers beside yours: what the papers report on a published test list, and the lookup for a test set.
 
-Every number here is one of ``/work/shared/REFERENCE.md`` (the project's record of the papers; sections 7 and 8),
+Every number here is one of REFERENCE.md (the project's record of the papers, kept beside the repository; sections 7-8),
 cited by the paper, the table of that record and its row and column; a number the record does not hold is left out
 (SLAVC's, for one). A published number is only comparable with yours on the same list and protocol: each entry names
 the list and protocol the record gives for it, or ``None`` where the record does not say, and the lookup marks every

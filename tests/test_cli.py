@@ -16,6 +16,7 @@ import requests
 import typer.main
 from typer.testing import CliRunner
 
+from sslt_cli.catalog import builtin_recipes
 from sslt_cli.cli import app
 from sslt_cli.config import load_recipe, parse_yaml, recipe_dict, validate_tree
 from sslt_cli.errors import SsltError
@@ -135,7 +136,9 @@ def test_a_bad_recipe_exits_1_with_the_message_on_stderr(recipe: str, overrides:
 
 def test_other_user_errors_exit_1_without_traceback() -> None:
     result = sslt("train", "missing.yaml")
-    assert (result.returncode, result.stderr) == (1, "error: missing.yaml: recipe file not found\n")
+    assert (result.returncode, result.stderr) == (
+        1, "error: missing.yaml: recipe file not found\n  - give a path, or the name of one shipped with sslt: "
+           f"{', '.join(builtin_recipes())}\n")
     Path("recipe.yaml").write_text("name: t\n")
     run = Run.create(load_recipe("recipe.yaml"), argv=[])
     result = sslt("train", "recipe.yaml", "--resume", str(run.dir), "optim.lr=1")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from sslt_cli.catalog import builtin_recipes
 from sslt_cli.config import (
     Recipe,
     closest_key,
@@ -228,7 +229,9 @@ def test_yaml_syntax_error() -> None:
 
 
 def test_missing_file_folder_and_non_mapping() -> None:
-    assert recipe_error("missing.yaml") == "missing.yaml: recipe file not found"
+    assert recipe_error("missing.yaml") == (
+        "missing.yaml: recipe file not found\n"
+        f"  - give a path, or the name of one shipped with sslt: {', '.join(builtin_recipes())}")
     Path("folder").mkdir()
     assert recipe_error("folder") == "folder: is a folder, expected a recipe .yaml file"
     assert recipe_error(write_recipe("- a\n- b\n")) == "recipe.yaml: a recipe must be a mapping of keys, got list"
