@@ -13,6 +13,7 @@ About 5 minutes on a 2-core CPU: most of it is the baselines on the 5158 real VG
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -91,8 +92,12 @@ def test_the_installed_wheel_runs_from_any_folder(repo_root: Path, tmp_path: Pat
     trained = run(["sslt", "train", "quickstart", "data.image_size=64", "optim.batch_size=8", "optim.max_steps=2",
                    "optim.epochs=1", "eval.batch_size=4", "tracking.enabled=false"],
                   work, env)
-    assert "N = 4" in " ".join(trained.stdout.split())
-    assert len(list((work / "runs").glob("quickstart-*/checkpoints/last-*.pt"))) == 1
+    (run_dir,) = (work / "runs").glob("quickstart-*")
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == 2
+    assert {(r["set"], r["n"]) for r in records if r["kind"] == "test"} == {("vggss", 4), ("flickr", 2)}
+    assert "vggss: last checkpoint (step 2), protocol ssltie" in trained.stdout
 
     baselines = run(["sslt", "eval", "--baselines-only", "--vggss-json", "vggss", "--protocol", "ssltie"], work, env)
     text = " ".join(baselines.stdout.split())
