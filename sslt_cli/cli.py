@@ -182,7 +182,7 @@ def train(
             return
         from sslt_cli.train import train as run_training
 
-        run_training(run.recipe(), resume_run=run, console=err, out=out)
+        _exit_if_stopped(run_training(run.recipe(), resume_run=run, console=err, out=out))
         return
     if recipe is None:
         raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
@@ -193,7 +193,15 @@ def train(
         return
     from sslt_cli.train import train as run_training
 
-    run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
+    _exit_if_stopped(run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe)))
+
+
+def _exit_if_stopped(run) -> None:
+    """A training stopped by SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its checkpoint and
+    the resume hint are already written)."""
+    if run.meta().get("status") == "interrupted":
+        err.print(f"not finished: {run.resume_hint()}", highlight=False)
+        raise typer.Exit(130)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -473,6 +481,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     table = Table(title=f"runs in {runs_dir}")
     for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
         table.add_column(col)
+    stale = []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -485,10 +494,16 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         chosen = [r for r in test if r.get("set") == first_set and r.get("checkpoint") == "best"] or test
         shown = chosen[-1] if chosen else {}
         where = f"{shown.get('set', '')} ({shown.get('checkpoint', '')})" if shown else "-"
-        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), str(meta.get("status", "")),
+        state = run.state()
+        if state.startswith("stale"):
+            stale.append(run)
+        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
                       str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run in stale:
+        err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
+                  highlight=False)
 
 
 @app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))

@@ -51,7 +51,7 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model, load_weights, localisation_map
-from sslt_cli.runs import SKIPPED, Run, load_checkpoint
+from sslt_cli.runs import SKIPPED, Run
 from sslt_cli.tracking import Tracker
 
 CHECKPOINT_FORMAT = "sslt-checkpoint/1"
@@ -588,10 +588,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     mix_neighbours: np.ndarray | None = None
     skipped_steps = 0
     if resume_run is not None:
-        last = run.latest_checkpoint()
-        if last is None:
-            raise TrainingError(f"{run.dir}: nothing to resume (no checkpoints/last-*.pt)")
-        state = load_checkpoint(last)
+        last, state = run.resume_point()
         load_weights(base_model, model_state_from_checkpoint(state, last), last)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):

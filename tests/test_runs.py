@@ -196,7 +196,8 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     truncated.write_bytes(buffer.getvalue()[:200])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(truncated)
-    assert info.value.render().startswith(f"{truncated}: not a checkpoint torch can load safely (")
+    assert info.value.render() == (f"{truncated}: a truncated or damaged checkpoint (a zip archive of 200 bytes that "
+                                   "ends early or is corrupt)")
 
     tensor_only = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor_only)
@@ -209,14 +210,19 @@ class _NotAllowed:
     """A class that ``weights_only`` unpickling refuses."""
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip", b"\x80\x02}q\x00"],
-                         ids=["empty", "zip-magic", "cut-pickle"])
-def test_load_checkpoint_on_broken_bytes(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(("content", "said"), [
+    (b"", "an empty file (0 bytes), not a checkpoint"),
+    (b"PK\x03\x04 not really a zip", "a truncated or damaged checkpoint (a zip archive of 21 bytes that ends early or "
+                                      "is corrupt)"),
+    (b"\x80\x02}q\x00", "a truncated or damaged checkpoint (a pickle of 5 bytes that ends early or is corrupt)"),
+    (b"\x00\xff\xfe binary", "not a checkpoint: a binary file of 10 bytes"),
+], ids=["empty", "zip-magic", "cut-pickle", "binary"])
+def test_load_checkpoint_on_broken_bytes(tmp_path: Path, content: bytes, said: str) -> None:
     path = tmp_path / "broken.pt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert info.value.render().startswith(f"{path}: not a checkpoint torch can load safely (")
+    assert info.value.render() == f"{path}: {said}"
 
 
 def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
@@ -224,7 +230,10 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"x": _NotAllowed()}, path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert info.value.render().startswith(f"{path}: not a checkpoint torch can load safely (Weights only load failed")
+    assert info.value.render() == (f"{path}: a checkpoint holding Python objects ({_NotAllowed.__module__}._NotAllowed) that a "
+                                   "safe load refuses; sslt loads weights only (tensors, numbers, text): save the "
+                                   "model's state_dict instead")
+    assert "weights_only=False" not in info.value.render() and "unsafe" not in info.value.render()
 
 
 @pytest.mark.parametrize("content", [b"this is not a checkpoint at all\n" * 3, b"hello world\n"],
@@ -232,8 +241,10 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
 def test_load_checkpoint_on_text_garbage(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
+    first = content.decode().splitlines()[0][:40]
+    assert info.value.render() == f"{path}: not a checkpoint: a text file of {len(content)} bytes (it starts with {first!r})"
 
 
 def test_load_checkpoint_message_is_plain_text(tmp_path: Path) -> None:
