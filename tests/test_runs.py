@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from sslt_cli import runs as runs_module
 from sslt_cli.config import load_recipe
@@ -272,3 +273,103 @@ def test_list_runs_newest_first_within_a_second(recipe, frozen_clock) -> None:
     older = Run.create(recipe, argv=[], name="b-cell")
     newer = Run.create(recipe, argv=[], name="a-cell")
     assert [r.dir for r in list_runs("runs")] == [newer.dir, older.dir]
+
+
+# --- full disks, resume points, stale runs (issue 13) ---------------------------------------------------------------
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    run = Run.create(recipe, argv=[])
+    run.save_checkpoint({"step": 1, "w": torch.ones(10)}, "last-00000001")
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(runs_module.TrainingError) as info:
+        run.save_checkpoint({"step": 2}, "last-00000002", keep_last=1)
+    assert info.value.message == f"{run.checkpoints}: the disk is full; checkpoint last-00000002.pt was not written"
+    assert info.value.problems[0] == f"the previous checkpoint is intact: continue with: sslt train --resume {run.dir}"
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last-00000001.pt"]
+    assert load_checkpoint(run.checkpoints / "last-00000001.pt")["step"] == 1
+
+
+def test_meta_is_still_written_on_a_full_disk(recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    run = Run.create(recipe, argv=[])
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs_module, "atomic_write_bytes", disk_full)
+    run.update_meta(status="failed", error="TrainingError: disk full")
+    meta = json.loads((run.dir / "meta.json").read_text())
+    assert meta["status"] == "failed" and meta["error"] == "TrainingError: disk full"
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    with pytest.raises(runs_module.TrainingError) as info:
+        run.resume_point()
+    assert info.value.message == f"{run.dir}: nothing to resume (no complete checkpoint in {run.checkpoints})"
+    assert info.value.problems == ["no last-*.pt or best.pt: start a new run"]
+
+    run.save_checkpoint({"step": 4}, "best")  # a full disk stopped the run before its last checkpoint
+    path, state = run.resume_point()
+    assert path.name == "best.pt" and state["step"] == 4
+
+    run.save_checkpoint({"step": 6}, "last-00000006")
+    run.save_checkpoint({"step": 8}, "last-00000008")
+    (run.checkpoints / "last-00000008.pt").write_bytes(b"PK\x03\x04 cut short")  # written by an older sslt, torn
+    path, state = run.resume_point()
+    assert path.name == "last-00000006.pt" and state["step"] == 6
+
+
+def test_a_running_run_records_its_process_and_a_heartbeat(recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import platform
+
+    run = Run.create(recipe, argv=[])
+    meta = run.update_meta(status="running")
+    assert meta["pid"] == os.getpid() and meta["host"] == platform.node()
+    first = meta["heartbeat"]
+    assert run.state() == "running"
+    monkeypatch.setattr(runs_module, "HEARTBEAT_EVERY_S", 0.0)
+    monkeypatch.setattr(runs_module, "_now", lambda: "2030-01-01T00:00:00+00:00")
+    run.append_metrics({"kind": "train", "step": 1})
+    assert run.meta()["heartbeat"] == "2030-01-01T00:00:00+00:00" != first
+
+
+def test_a_killed_run_reads_stale_and_sslt_runs_says_how_to_resume(recipe, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sslt_cli.cli import app
+
+    run = Run.create(recipe, argv=[], runs_dir=tmp_path / "runs")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    meta = run.update_meta(status="running")
+    run.update_meta(pid=gone.pid)
+    assert run.state() == f"stale (last heard at {meta['heartbeat']})"
+
+    result = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "stale (last heard at" in result.stdout
+    assert (f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); continue with: sslt train "
+            f"--resume {run.dir}") in result.stderr
+
+
+def test_a_run_on_another_host_is_stale_after_its_heartbeat_stops(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    run.update_meta(status="running")
+    run.update_meta(host="elsewhere", heartbeat="2025-01-02T03:04:05+00:00")
+    soon = datetime.datetime(2025, 1, 2, 3, 14, 5, tzinfo=datetime.timezone.utc)
+    late = datetime.datetime(2025, 1, 2, 4, 4, 6, tzinfo=datetime.timezone.utc)
+    assert run.state(now=soon) == "running"
+    assert run.state(now=late) == "stale (last heard at 2025-01-02T03:04:05+00:00)"
