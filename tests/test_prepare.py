@@ -588,3 +588,54 @@ def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911(repo
     expected = [i for i in read_id_list(realdata / "vggss_test_5158.csv") if i not in test_4911]
     assert read_id_list(repo_root / "recipes" / "lists" / "vggss_val_247.txt") == expected
     assert len(expected) == 247
+
+
+# --- kill -9 of sslt prepare (issue 13) -----------------------------------------------------------------------------
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+@pytest.mark.timeout(180)
+def test_kill_9_of_prepare_leaves_no_worker_or_resource_tracker(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "sslt_cli", "prepare", "synthetic", "--out", str(tmp_path / "s"),
+                                "--train", "4000", "--workers", "2"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    children: set[int] = set()
+    while time.monotonic() < deadline and len(children) < 3:  # two workers and the resource tracker
+        time.sleep(0.2)
+        children = _children(process.pid)
+    assert len(children) >= 3, "the pool did not start"
+    time.sleep(1.0)  # the workers are busy rendering clips
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "processes outlived their parent"

@@ -81,6 +81,7 @@ from sslt_cli.data.manifest import (
     layout_paths,
     write_set,
 )
+from sslt_cli.data.workers import die_with_parent
 from sslt_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -690,7 +691,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None) -> Iterator[_Outcome]:
 def _run_pool(queue: Iterator[_Job], n: int, context: SpawnContext) -> Generator[_Outcome, None, list[_Job]]:
     """Run the jobs of ``queue`` in a pool of ``n`` processes, yielding outcomes as clips finish, until ``queue`` is
     exhausted or a worker process dies; returns the jobs whose outcomes the broken pool lost (none if none died)."""
-    pool = ProcessPoolExecutor(n, mp_context=context)
+    pool = ProcessPoolExecutor(n, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
     in_flight: dict[Future, _Job] = {}
     lost: list[_Job] = []
 
@@ -728,7 +729,7 @@ def _run_alone(jobs: list[_Job], context: SpawnContext) -> Iterator[_Outcome]:
     try:
         for job in jobs:
             receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_send_outcome, args=(job, sender), daemon=True)
+            process = context.Process(target=_send_outcome, args=(job, sender, os.getpid()), daemon=True)
             process.start()
             sender.close()  # the child now holds the only writer, so its death ends the pipe
             runs.append((job, process, receiver))
@@ -750,8 +751,9 @@ def _run_alone(jobs: list[_Job], context: SpawnContext) -> Iterator[_Outcome]:
             process.join()
 
 
-def _send_outcome(job: _Job, connection: Connection) -> None:
+def _send_outcome(job: _Job, connection: Connection, parent: int) -> None:
     """Run ``job`` and send its outcome, or the exception it raised (re-raised by the parent, as a pool's would be)."""
+    die_with_parent(parent)
     try:
         result: _Outcome | Exception = job.run()
     except Exception as exc:
