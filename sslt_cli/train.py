@@ -51,6 +51,7 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model, load_weights, localisation_map
+from sslt_cli.preflight import check_eval_sets
 from sslt_cli.runs import SKIPPED, Run
 from sslt_cli.tracking import Tracker
 
@@ -516,6 +517,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     channels_last = recipe.train.channels_last == "on" or (recipe.train.channels_last == "auto")
     amp = autocast_for(device, recipe.train.precision)
 
+    check_eval_sets(recipe, tests=evaluate_at_end)
     run = resume_run
     if env.main and run is None:
         run = Run.create(recipe, overrides=overrides, extra_meta={"recipe_path": recipe_path, "world_size": env.world})

@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 from sslt_cli import train as train_module
 from sslt_cli.config import Recipe, load_recipe, recipe_dict
-from sslt_cli.errors import CheckpointError, TrainingError
+from sslt_cli.errors import CheckpointError, DataError, TrainingError
 from sslt_cli.evaluate import get_protocol, load_model, load_test_set, predict_maps
 from sslt_cli.model import build_model, save_official_checkpoint, to_official_state_dict
 from sslt_cli.runs import Run, load_checkpoint
@@ -605,3 +605,31 @@ def test_sigterm_exits_non_zero_with_a_checkpoint_and_the_resume_hint(bench, tmp
     assert run.meta()["status"] == "interrupted"
     assert any(name.startswith("last-") for name in checkpoint_names(run))
     assert f"not finished: continue with: sslt train --resume {run.dir}" in stderr
+
+
+def _flatten_vggss_xml(folder: Path) -> int:
+    """Rewrite every VGG-SS XML under ``folder`` with its coordinates directly under <bbox> (no <box>)."""
+    files = list(folder.rglob("*.xml"))
+    for xml in files:
+        xml.write_text(re.sub(r"\s*</?box>", "", xml.read_text()))
+    return len(files)
+
+
+@pytest.mark.parametrize("which", ["val", "test_vggss"])
+def test_a_named_set_without_a_usable_clip_stops_before_training(bench, tmp_path, which) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(bench, root)
+    n = _flatten_vggss_xml(root / which)
+    recipe = make_recipe(tmp_path, root, *ROW_A)
+    with pytest.raises(DataError) as info:
+        train(recipe, **quiet())
+    role = "validation set (data.val)" if which == "val" else "test set 'vggss' (data.test)"
+    assert info.value.message == (f"{root / which}: the {role} has no usable clip: {n} requested, {n} without a usable "
+                                  "annotation, 0 without frame or audio; nothing was trained")
+    first = info.value.problems[0]
+    assert re.fullmatch(r"\S+: annotation unreadable: .*\.xml: clip \S+: <xmin> holds a coordinate directly under "
+                        r"<bbox>; SSL-TIE's form puts each box's four coordinates in a <box> element: "
+                        r"<bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box></bbox>", first)
+    assert len(info.value.problems) == min(n, 5) + 1
+    assert info.value.problems[-1].startswith("VGG-SS annotations are read in SSL-TIE's form: <annotation><bbox><box>")
+    assert not (tmp_path / "runs").exists()
