@@ -173,6 +173,9 @@ def train(
         run = Run.open(resume)
         if recipe is not None and recipe.suffix not in (".yaml", ".yml") and "=" in str(recipe):
             overrides.insert(0, str(recipe))
+        elif recipe is not None:
+            raise SsltError(f"--resume continues {run.dir} with the recipe saved in it; a recipe file is not allowed",
+                            [f"got {recipe}: drop it to resume, or start a new run with `sslt train {recipe}`"])
         if overrides:
             raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
                             [f"got {' '.join(overrides)}; start a new run to change the recipe"])
