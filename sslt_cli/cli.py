@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from sslt_cli.errors import SsltError
+from sslt_cli.preflight import writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -58,6 +59,7 @@ def prepare_synthetic(
     """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
     from sslt_cli.data.synthetic import generate
 
+    writable_dir(out_dir, "--out")
     summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
                        image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
     _print_mapping("synthetic benchmark", summary)
@@ -79,6 +81,7 @@ def prepare_vggsound(
     """Prepare VGGSound clips: frame 125 (t = 5 s) as JPEG and the audio window, with a manifest; resumable."""
     from sslt_cli.data.prepare import prepare_vggsound as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -100,6 +103,7 @@ def prepare_flickr(
     """Prepare the Flickr-SoundNet test set (or training pairs) from the downloaded archive, with a manifest."""
     from sslt_cli.data.prepare import prepare_flickr as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -140,6 +144,7 @@ def prepare_index(
     """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
     from sslt_cli.data.prepare import index_existing
 
+    writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
     _print_prepare(index_existing(root, layout, id_list, labels=labels))
 
 
@@ -267,6 +272,8 @@ def eval_cmd(
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
@@ -417,6 +424,8 @@ def retrieve(
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
     from sslt_cli.retrieve import retrieve as run
 
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     run(target, data=data, labels=labels, tasks=task, classes=classes, cross_score=score, image_pool=image_pool,
         which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
 

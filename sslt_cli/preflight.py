@@ -9,16 +9,19 @@ import errno
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sslt_cli.config import Recipe
 from sslt_cli.errors import DataError, SsltError
+
+if TYPE_CHECKING:  # the CLI imports this module for --help: no pydantic there
+    from sslt_cli.config import Recipe
 
 FIRST_REASONS = 5
 VGGSS_XML_FORM = ("<annotation><bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box>"
                   "</bbox></annotation>, one <box> per box, coordinates in [0, 1]")
 
 
-def check_eval_sets(recipe: Recipe, tests: bool = True) -> None:
+def check_eval_sets(recipe: "Recipe", tests: bool = True) -> None:
     """Stop before training when the validation set (``data.val``) or, with ``tests``, a test set (``data.test``)
     has no usable clip: a model selected on nothing, or a run whose final evaluation has nothing to score.
 
@@ -49,9 +52,10 @@ def check_eval_sets(recipe: Recipe, tests: bool = True) -> None:
                if test.anno_kind == "vggss" and test.annotation_problems else []))
 
 
-def writable_dir(path: str | Path, what: str) -> Path:
+def writable_dir(path: str | Path, what: str, why: str | None = None) -> Path:
     """Create folder ``path`` (and its parents) if needed and check that a file can be written in it; an SsltError
-    naming the path, ``what`` it is for (e.g. ``runs_dir``, ``--out``) and why otherwise."""
+    naming the path, ``what`` it is (e.g. ``runs_dir``, ``--out``), ``why`` it must be writable, if given, and the
+    cause otherwise."""
     path = Path(path)
     blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
     if blocker is not None:
@@ -62,8 +66,8 @@ def writable_dir(path: str | Path, what: str) -> Path:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as exc:
-        why = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system",
+        cause = {errno.EACCES: "permission denied", errno.EPERM: "not permitted", errno.EROFS: "read-only file system",
                errno.ENOSPC: "the disk is full"}.get(exc.errno or 0, os.strerror(exc.errno or 0) or str(exc))
-        raise SsltError(f"{what} {path}: cannot write there ({why})",
-                        [f"choose another {what}, or make {path} writable"]) from None
+        raise SsltError(f"{what} {path}: cannot write there ({cause})",
+                        ([why] if why else []) + [f"choose another {what}, or make {path} writable"]) from None
     return path

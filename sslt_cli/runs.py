@@ -117,10 +117,11 @@ class Run:
     def create(cls, recipe: Recipe, *, argv: list[str] | None = None, overrides: list[str] | None = None,
                runs_dir: str | Path | None = None, name: str | None = None, extra_meta: dict | None = None) -> "Run":
         """Make a new run folder (a suffix keeps an existing folder untouched) and write config + meta."""
-        base = Path(runs_dir or recipe.runs_dir)
+        from sslt_cli.preflight import writable_dir
+
+        base = writable_dir(runs_dir or recipe.runs_dir, "runs_dir")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         stem = f"{name or recipe.name}-{stamp}"
-        base.mkdir(parents=True, exist_ok=True)
         for n in range(1000):
             candidate = base / (stem if n == 0 else f"{stem}-{n}")
             try:
