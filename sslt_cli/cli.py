@@ -140,12 +140,14 @@ def prepare_index(
     layout: str = typer.Option(..., help="vggsound_train | vggss_test | flickr_test | flickr_train."),
     id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected (default: every clip found)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv or id,label CSV."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads checking clips (default: 2 per CPU)."),
 ) -> None:
-    """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
+    """Write the manifest for a folder laid out by other tools: each clip's frame and audio headers are read and its
+    boxes parsed; every incomplete clip is listed with its reason."""
     from sslt_cli.data.prepare import index_existing
 
     writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
-    _print_prepare(index_existing(root, layout, id_list, labels=labels))
+    _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
 
 
 # ------------------------------------------------------------------------------------------------------------ train
@@ -601,21 +603,27 @@ def _print_mapping(title: str, mapping: dict) -> None:
     out.print(table)
 
 
-def _print_prepare(result) -> None:
-    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason."""
+def _print_prepare(result, indexed: bool = False) -> None:
+    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason; for
+    ``sslt prepare index`` (``indexed``), which writes no media: clips found, complete, incomplete by reason."""
     from rich.table import Table
 
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
-    table = Table(title=f"prepared {result.out} ({result.layout})")
+    table = Table(title=f"{'indexed' if indexed else 'prepared'} {result.out} ({result.layout})")
     table.add_column("clips")
     table.add_column("count", justify="right")
-    table.add_row("requested", str(result.requested))
-    table.add_row("prepared now", str(result.prepared))
-    table.add_row("already done", str(result.already_done))
-    table.add_row("missing (no source video)", str(result.missing))
+    if indexed:
+        table.add_row("listed", str(result.requested))
+        table.add_row("complete (headers read, boxes parsed)", str(result.already_done))
+        table.add_row("incomplete: a file is absent or empty", str(result.missing))
+    else:
+        table.add_row("requested", str(result.requested))
+        table.add_row("prepared now", str(result.prepared))
+        table.add_row("already done", str(result.already_done))
+        table.add_row("missing (no source video)", str(result.missing))
     for reason, count in sorted(result.failed.items()):
-        table.add_row(f"failed: {reason}", str(count))
+        table.add_row(f"{'incomplete' if indexed else 'failed'}: {reason}", str(count))
     table.add_row("usable", str(result.ok))
     out.print(table)
     err.print(f"manifest: {result.manifest}")

@@ -559,6 +559,41 @@ def test_index_existing_checks_each_listed_clip(tmp_path: Path):
     assert [c.id for c in read_set(root).clips] == ["aaaaaaaaaaa_000001"]
 
 
+def test_index_decode_checks_every_clip_and_lists_each_incomplete_one(tmp_path: Path):
+    root = tmp_path / "VGGSound_test"
+    for folder in ("frame", "audio", "anno"):
+        (root / folder).mkdir(parents=True)
+    good_box = "<annotation><bbox><box><xmin>0</xmin><ymin>0</ymin><xmax>1</xmax><ymax>1</ymax></box></bbox></annotation>"
+    ids = ["good_000001", "noframe_000002", "badjpeg_000003", "badwav_000004", "badxml_000005"]
+    for clip_id in ids:
+        Image.fromarray(frame_image(1)).save(root / "frame" / f"{clip_id}.jpg")
+        sf.write(root / "audio" / f"{clip_id}.wav", np.zeros(160), 16000)
+        (root / "anno" / f"{clip_id}.xml").write_text(good_box)
+    (root / "frame" / "noframe_000002.jpg").unlink()  # listed from its audio and box files all the same
+    (root / "frame" / "badjpeg_000003.jpg").write_bytes(b"not a jpeg at all")
+    (root / "audio" / "badwav_000004.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (root / "anno" / "badxml_000005.xml").write_text("<annotation><bbox>")
+
+    result = CliRunner().invoke(app, ["prepare", "index", str(root), "--layout", "vggss_test", "--workers", "3"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == [f"incomplete clip {i}" for i in sorted(ids) if i != "good_000001"]
+    rows = manifest_rows(root)
+    assert {i: rows[i]["status"] for i in ids} == {"good_000001": "ok", "noframe_000002": "missing",
+                                                   "badjpeg_000003": "decode error", "badwav_000004": "decode error",
+                                                   "badxml_000005": "decode error"}
+    assert rows["noframe_000002"]["reason"] == "no file frame/noframe_000002.jpg"
+    assert rows["badjpeg_000003"]["reason"].startswith("frame/badjpeg_000003.jpg: not a readable image (")
+    assert rows["badwav_000004"]["reason"].startswith("audio/badwav_000004.wav: not a readable audio file (")
+    assert rows["badxml_000005"]["reason"].startswith(f"{root / 'anno' / 'badxml_000005.xml'}: ")
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines()
+             if line.count("│") == 3}
+    assert table == {"listed": "5", "complete (headers read, boxes parsed)": "1",
+                     "incomplete: a file is absent or empty": "1", "incomplete: decode error": "3", "usable": "1"}
+    assert [c.id for c in read_set(root).clips] == ["good_000001"]
+
+
 def test_user_errors_name_the_problem(tmp_path: Path):
     with pytest.raises(DataError) as err:
         prep.prepare_vggsound(tmp_path / "nowhere", tmp_path / "out", split="train", progress=False)
@@ -569,8 +604,9 @@ def test_user_errors_name_the_problem(tmp_path: Path):
     assert err.value.message == "split 'val' is not one of train, test"
     with pytest.raises(DataError) as err:
         prep.index_existing(tmp_path, "vggss_test")
-    assert err.value.message == (f"{tmp_path}: no frame/ folder, so this is not a vggss_test folder "
-                                 "(expected frame/{id}.jpg); pass --list to name the clips")
+    assert err.value.message == (f"{tmp_path}: none of frame/, audio/, anno/ is there, so this is not a vggss_test "
+                                 "folder (expected frame/{id}.jpg, audio/{id}.wav, anno/{id}.xml); pass --list to "
+                                 "name the clips")
     os.makedirs(tmp_path / "empty_archive")
     with pytest.raises(DataError) as err:
         prep.prepare_flickr(tmp_path / "empty_archive", tmp_path / "out", progress=False)
