@@ -190,8 +190,11 @@ def train(
             typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
             typer.echo(f"would resume {run.dir}", err=True)
             return
+        from sslt_cli.tracking import check_store
         from sslt_cli.train import train as run_training
 
+        if run.recipe().tracking.enabled:
+            check_store()
         _exit_if_stopped(run_training(run.recipe(), resume_run=run, console=err, out=out))
         return
     if recipe is None:
@@ -201,8 +204,11 @@ def train(
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
         typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
+    from sslt_cli.tracking import check_store
     from sslt_cli.train import train as run_training
 
+    if resolved.tracking.enabled:
+        check_store()  # a broken store stops here, before a run folder is made
     _exit_if_stopped(run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe)))
 
 

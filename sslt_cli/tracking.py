@@ -150,6 +150,22 @@ def open_client(uri: str) -> Any:
              "or train without tracking: tracking.enabled=false"]) from None
 
 
+def check_store(uri: str | None = None) -> None:
+    """Open (create, migrate) a local sqlite store now, under its lock, before any work: a broken store raises
+    :class:`TrackingStoreError` before a run folder is made. Any other failure is left to the tracker, which warns
+    and lets the run go on; a server store is not contacted here."""
+    uri = uri or tracking_uri()
+    if sqlite_path(uri) is None:
+        return
+    try:
+        with quiet_mlflow(), store_lock(uri):
+            open_client(uri)
+    except TrackingStoreError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by the tracker when the run starts
+        return
+
+
 _RECORD_FIELDS = ("kind", "step", "epoch", "set", "checkpoint", "protocol", "classes")
 _TEST_KEYS = ("n", "ciou", "auc", "mean_iou", "pointing")
 

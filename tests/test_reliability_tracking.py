@@ -87,6 +87,21 @@ def test_a_broken_store_is_one_clear_error(tmp_path: Path) -> None:
         "  - or train without tracking: tracking.enabled=false"]
 
 
+def test_sslt_train_on_a_broken_store_stops_before_making_a_run_folder(isolated_workdir: Path) -> None:
+    db = isolated_workdir / "mlflow.db"
+    assert Tracker(uri=os.environ["MLFLOW_TRACKING_URI"], warn=pytest.fail).start("first") is not None
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    Path("recipe.yaml").write_text(f"name: t\nruns_dir: {isolated_workdir / 'runs'}\n")
+    result = subprocess.run([sys.executable, "-m", "sslt_cli", "train", "recipe.yaml"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "400"})
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: the MLflow store {db} cannot be opened (MlflowException: ")
+    assert f"  - move it aside (mv {db} {db}.broken) and run again" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (isolated_workdir / "runs").exists()
+
+
 def test_root_cause_is_the_innermost_exception() -> None:
     try:
         try:
