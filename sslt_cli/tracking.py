@@ -322,6 +322,16 @@ class Tracker:
                 self._client.log_batch(self.run_id, metrics=missing[i:i + 500])
         return len(missing)
 
+    def catch_up(self, records: list[dict]) -> None:
+        """On ``--resume``: send the numbers of ``records`` the MLflow run lacks (a store that failed during the
+        earlier part of the run); a failure now warns like any other."""
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            self.push_missing(records)
+        except Exception as exc:
+            self._fail("sending the numbers it missed", exc)
+
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
         if not self.enabled or self.run_id is None:

@@ -612,6 +612,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     meta = run.meta() if env.main else {}
     tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
                   tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    if resume_run is not None and env.main:
+        tracker.catch_up(run.metrics())
     if env.main:
         run.update_meta(status="running", mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri,
                         steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_clips=len(clips),

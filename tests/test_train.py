@@ -633,3 +633,33 @@ def test_a_named_set_without_a_usable_clip_stops_before_training(bench, tmp_path
     assert len(info.value.problems) == min(n, 5) + 1
     assert info.value.problems[-1].startswith("VGG-SS annotations are read in SSL-TIE's form: <annotation><bbox><box>")
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_sends_the_numbers_a_failed_store_missed(bench, isolated_workdir, monkeypatch) -> None:
+    tmp_path = isolated_workdir
+    from mlflow.tracking import MlflowClient
+
+    recipe = make_recipe(tmp_path, bench, *ROW_A, "data.val=null", "optim.max_steps=4", "tracking.enabled=true",
+                         "tracking.experiment=catch-up")
+    real_log_batch = MlflowClient.log_batch
+
+    def metrics_refused(self, run_id, *args, **kwargs):
+        if kwargs.get("metrics"):
+            raise OSError("attempt to write a readonly database")
+        return real_log_batch(self, run_id, *args, **kwargs)
+
+    with monkeypatch.context() as patch, one_thread():
+        patch.setattr(MlflowClient, "log_batch", metrics_refused)
+        run = train(recipe, stop_after_steps=2, evaluate_at_end=False, **quiet())
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run_id = run.meta()["mlflow_run_id"]
+    assert client.get_metric_history(run_id, "train/loss") == []
+    assert "failed while logging metrics (OSError: attempt to write a readonly database)" in (
+        (run.dir / "train.log").read_text())
+
+    with one_thread():
+        train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+    history = client.get_metric_history(run_id, "train/loss")
+    records = [r for r in run.metrics() if r["kind"] == "train"]
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
