@@ -190,12 +190,7 @@ def train(
             typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
             typer.echo(f"would resume {run.dir}", err=True)
             return
-        from sslt_cli.tracking import check_store
-        from sslt_cli.train import train as run_training
-
-        if run.recipe().tracking.enabled:
-            check_store()
-        _exit_if_stopped(run_training(run.recipe(), resume_run=run, console=err, out=out))
+        _run_training(run.recipe(), resume_run=run)
         return
     if recipe is None:
         raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
@@ -204,17 +199,19 @@ def train(
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
         typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
+    _run_training(resolved, overrides=overrides, recipe_path=str(recipe))
+
+
+def _run_training(recipe, **kwargs) -> None:
+    """Train (:func:`sslt_cli.train.train`) after opening a local MLflow store, so a broken one stops before a run
+    folder is made. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its
+    checkpoint and the resume hint are written by then)."""
     from sslt_cli.tracking import check_store
     from sslt_cli.train import train as run_training
 
-    if resolved.tracking.enabled:
-        check_store()  # a broken store stops here, before a run folder is made
-    _exit_if_stopped(run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe)))
-
-
-def _exit_if_stopped(run) -> None:
-    """A training stopped by SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its checkpoint and
-    the resume hint are already written)."""
+    if recipe.tracking.enabled:
+        check_store()
+    run = run_training(recipe, console=err, out=out, **kwargs)
     if run.meta().get("status") == "interrupted":
         err.print(f"not finished: {run.resume_hint()}", highlight=False)
         raise typer.Exit(130)
