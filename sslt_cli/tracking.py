@@ -142,11 +142,13 @@ def open_client(uri: str) -> Any:
     except Exception as exc:
         if not existed:
             raise
+        cause = describe(exc)
         raise TrackingStoreError(
-            f"the MLflow store {path.resolve()} cannot be opened ({describe(exc)[:120]}...); it is probably half-migrated by "
-            "processes that created it at the same time with an older sslt",
-            [f"move it aside (mv {path} {path}.broken) and run again: a new store is created; the run folders keep "
-             "every number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
+            f"the MLflow store {path.resolve()} cannot be opened ({cause[:150]}{'...' if len(cause) > 150 else ''}); "
+            "it is half-migrated (runs started together by an older sslt) or was made by another MLflow version",
+            [f"made by an older MLflow: back it up, then upgrade it in place: mlflow db upgrade {uri}",
+             f"half-migrated: move it aside (mv {path} {path}.broken) and run again: a new store is created; the run "
+             "folders keep every number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
              "or train without tracking: tracking.enabled=false"]) from None
 
 

@@ -79,11 +79,12 @@ def test_a_broken_store_is_one_clear_error(tmp_path: Path) -> None:
     lines = second.stdout.splitlines()
     assert lines[0].startswith(f"the MLflow store {db.resolve()} cannot be opened (MlflowException: Detected "
                                "out-of-date database schema (found version 451aebb31d03")
-    assert lines[0].endswith("...); it is probably half-migrated by processes that created it at the same time "
-                             "with an older sslt")
+    assert lines[0].endswith("...); it is half-migrated (runs started together by an older sslt) or was made by "
+                             "another MLflow version")
     assert lines[1:] == [
-        f"  - move it aside (mv {db} {db}.broken) and run again: a new store is created; the run folders keep every "
-        "number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
+        f"  - made by an older MLflow: back it up, then upgrade it in place: mlflow db upgrade {uri}",
+        f"  - half-migrated: move it aside (mv {db} {db}.broken) and run again: a new store is created; the run "
+        "folders keep every number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
         "  - or train without tracking: tracking.enabled=false"]
 
 
@@ -97,7 +98,7 @@ def test_sslt_train_on_a_broken_store_stops_before_making_a_run_folder(isolated_
                             text=True, timeout=120, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "400"})
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: the MLflow store {db} cannot be opened (MlflowException: ")
-    assert f"  - move it aside (mv {db} {db}.broken) and run again" in result.stderr
+    assert f"  - half-migrated: move it aside (mv {db} {db}.broken) and run again" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (isolated_workdir / "runs").exists()
 
