@@ -563,7 +563,8 @@ def test_index_decode_checks_every_clip_and_lists_each_incomplete_one(tmp_path: 
     root = tmp_path / "VGGSound_test"
     for folder in ("frame", "audio", "anno"):
         (root / folder).mkdir(parents=True)
-    good_box = "<annotation><bbox><box><xmin>0</xmin><ymin>0</ymin><xmax>1</xmax><ymax>1</ymax></box></bbox></annotation>"
+    good_box = ("<annotation><bbox><box><xmin>0</xmin><ymin>0</ymin><xmax>1</xmax><ymax>1</ymax></box></bbox>"
+                "</annotation>")
     ids = ["good_000001", "noframe_000002", "badjpeg_000003", "badwav_000004", "badxml_000005"]
     for clip_id in ids:
         Image.fromarray(frame_image(1)).save(root / "frame" / f"{clip_id}.jpg")
@@ -578,7 +579,8 @@ def test_index_decode_checks_every_clip_and_lists_each_incomplete_one(tmp_path: 
                                 env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
-    assert [n.split(":")[1].strip() for n in notes] == [f"incomplete clip {i}" for i in sorted(ids) if i != "good_000001"]
+    incomplete = [f"incomplete clip {i}" for i in sorted(ids) if i != "good_000001"]
+    assert [n.split(":")[1].strip() for n in notes] == incomplete
     rows = manifest_rows(root)
     assert {i: rows[i]["status"] for i in ids} == {"good_000001": "ok", "noframe_000002": "missing",
                                                    "badjpeg_000003": "decode error", "badwav_000004": "decode error",

@@ -231,9 +231,10 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"x": _NotAllowed()}, path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert info.value.render() == (f"{path}: a checkpoint holding Python objects ({_NotAllowed.__module__}._NotAllowed) that a "
-                                   "safe load refuses; sslt loads weights only (tensors, numbers, text): save the "
-                                   "model's state_dict instead")
+    refused = f"{_NotAllowed.__module__}._NotAllowed"
+    assert info.value.render() == (f"{path}: a checkpoint holding Python objects ({refused}) that a safe load "
+                                   "refuses; sslt loads weights only (tensors, numbers, text): save the model's "
+                                   "state_dict instead")
     assert "weights_only=False" not in info.value.render() and "unsafe" not in info.value.render()
 
 
@@ -245,7 +246,8 @@ def test_load_checkpoint_on_text_garbage(tmp_path: Path, content: bytes) -> None
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
     first = content.decode().splitlines()[0][:40]
-    assert info.value.render() == f"{path}: not a checkpoint: a text file of {len(content)} bytes (it starts with {first!r})"
+    assert info.value.render() == (f"{path}: not a checkpoint: a text file of {len(content)} bytes (it starts with "
+                                   f"{first!r})")
 
 
 def test_load_checkpoint_message_is_plain_text(tmp_path: Path) -> None:
