@@ -184,7 +184,8 @@ class Run:
         meta = self.meta()
         meta.update(fields)
         if fields.get("status") == "running":
-            meta.update(pid=os.getpid(), host=platform.node(), heartbeat=_now())
+            meta.update(pid=os.getpid(), pid_started=_process_start(os.getpid()), host=platform.node(),
+                        heartbeat=_now())
             self._last_beat = _monotonic()
         self.write_meta(meta)
         return meta
@@ -313,7 +314,9 @@ class Run:
             return status
         heard = str(meta["heartbeat"])
         if meta.get("host") == platform.node():
-            gone = not _pid_alive(int(meta.get("pid", 0)))
+            pid = int(meta.get("pid", 0))
+            # a pid reused by another process after the run's died: its start time differs
+            gone = not _pid_alive(pid) or meta.get("pid_started") not in (None, _process_start(pid))
         else:
             age = ((now or _dt.datetime.now(_dt.timezone.utc)) - _dt.datetime.fromisoformat(heard)).total_seconds()
             gone = age > STALE_AFTER_S
@@ -324,6 +327,14 @@ def _monotonic() -> float:
     import time
 
     return time.monotonic()
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22), or None where unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

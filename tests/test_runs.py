@@ -375,3 +375,13 @@ def test_a_run_on_another_host_is_stale_after_its_heartbeat_stops(recipe) -> Non
     late = datetime.datetime(2025, 1, 2, 4, 4, 6, tzinfo=datetime.timezone.utc)
     assert run.state(now=soon) == "running"
     assert run.state(now=late) == "stale (last heard at 2025-01-02T03:04:05+00:00)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_a_pid_reused_by_another_process_reads_stale(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    meta = run.update_meta(status="running")
+    assert isinstance(meta["pid_started"], int)
+    assert run.state() == "running"
+    run.update_meta(pid_started=meta["pid_started"] - 1)  # this pid, but a process that started at another time
+    assert run.state() == f"stale (last heard at {meta['heartbeat']})"
