@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from sslt_cli.errors import SsltError
+from sslt_cli.preflight import writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -80,6 +81,7 @@ def prepare_synthetic(
     """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
     from sslt_cli.data.synthetic import generate
 
+    writable_dir(out_dir, "--out")
     summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
                        image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
     _print_mapping("synthetic benchmark", summary)
@@ -101,6 +103,7 @@ def prepare_vggsound(
     """Prepare VGGSound clips: frame 125 (t = 5 s) as JPEG and the audio window, with a manifest; resumable."""
     from sslt_cli.data.prepare import prepare_vggsound as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -122,6 +125,7 @@ def prepare_flickr(
     """Prepare the Flickr-SoundNet test set (or training pairs) from the downloaded archive, with a manifest."""
     from sslt_cli.data.prepare import prepare_flickr as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -158,11 +162,14 @@ def prepare_index(
     layout: str = typer.Option(..., help="vggsound_train | vggss_test | flickr_test | flickr_train."),
     id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected: a list file or a built-in name (default: every clip found)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv or id,label CSV."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads checking clips (default: 2 per CPU)."),
 ) -> None:
-    """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
+    """Write the manifest for a folder laid out by other tools: each clip's frame and audio headers are read and its
+    boxes parsed; every incomplete clip is listed with its reason."""
     from sslt_cli.data.prepare import index_existing
 
-    _print_prepare(index_existing(root, layout, id_list, labels=labels))
+    writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
+    _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -246,6 +253,9 @@ def train(
         run = Run.open(resume)
         if recipe is not None and recipe.suffix not in (".yaml", ".yml") and "=" in str(recipe):
             overrides.insert(0, str(recipe))
+        elif recipe is not None:
+            raise SsltError(f"--resume continues {run.dir} with the recipe saved in it; a recipe file is not allowed",
+                            [f"got {recipe}: drop it to resume, or start a new run with `sslt train {recipe}`"])
         if overrides:
             raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
                             [f"got {' '.join(overrides)}; start a new run to change the recipe"])
@@ -253,9 +263,7 @@ def train(
             typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
             typer.echo(f"would resume {run.dir}", err=True)
             return
-        from sslt_cli.train import train as run_training
-
-        run_training(run.recipe(), resume_run=run, console=err, out=out)
+        _run_training(run.recipe(), resume_run=run)
         return
     if recipe is None:
         raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
@@ -264,9 +272,22 @@ def train(
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
         typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
+    _run_training(resolved, overrides=overrides, recipe_path=str(recipe))
+
+
+def _run_training(recipe, **kwargs) -> None:
+    """Train (:func:`sslt_cli.train.train`) after opening a local MLflow store, so a broken one stops before a run
+    folder is made. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its
+    checkpoint and the resume hint are written by then)."""
+    from sslt_cli.tracking import check_store
     from sslt_cli.train import train as run_training
 
-    run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
+    if recipe.tracking.enabled:
+        check_store()
+    run = run_training(recipe, console=err, out=out, **kwargs)
+    if run.meta().get("status") == "interrupted":
+        err.print(f"not finished: {run.resume_hint()}", highlight=False)
+        raise typer.Exit(130)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -328,6 +349,8 @@ def eval_cmd(
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
@@ -478,6 +501,8 @@ def retrieve(
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
     from sslt_cli.retrieve import retrieve as run
 
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     run(target, data=data, labels=labels, tasks=task, classes=classes, cross_score=score, image_pool=image_pool,
         which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
 
@@ -546,6 +571,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     table = Table(title=f"runs in {runs_dir}")
     for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
         table.add_column(col)
+    stale = []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -558,10 +584,51 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         chosen = [r for r in test if r.get("set") == first_set and r.get("checkpoint") == "best"] or test
         shown = chosen[-1] if chosen else {}
         where = f"{shown.get('set', '')} ({shown.get('checkpoint', '')})" if shown else "-"
-        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), str(meta.get("status", "")),
+        state = run.state()
+        if state.startswith("stale"):
+            stale.append(run)
+        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
                       str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run in stale:
+        err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
+                  highlight=False)
+
+
+@app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
+def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
+    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
+    from sslt_cli.config import flatten, recipe_dict
+    from sslt_cli.runs import Run
+    from sslt_cli.tracking import Tracker, tracking_uri
+
+    run = Run.open(run_dir)
+    meta, recipe = run.meta(), run.recipe()
+    problems: list[str] = []
+    uri = tracking_uri()
+    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
+    tracker = Tracker(experiment=recipe.tracking.experiment, uri=uri, warn=problems.append)
+    tracker.start(run.dir.name, params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
+                  tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    if tracker.run_id is None or problems:
+        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
+    if run_id is None:
+        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    try:
+        sent = tracker.push_missing(run.metrics())
+    except Exception as exc:
+        from sslt_cli.tracking import describe
+
+        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
+                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
+    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
+    if status:
+        tracker.end(status)
+    if problems:
+        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
+    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
+              + (f"; marked {status}" if status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui
@@ -612,21 +679,27 @@ def _print_mapping(title: str, mapping: dict) -> None:
     out.print(table)
 
 
-def _print_prepare(result) -> None:
-    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason."""
+def _print_prepare(result, indexed: bool = False) -> None:
+    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason; for
+    ``sslt prepare index`` (``indexed``), which writes no media: clips found, complete, incomplete by reason."""
     from rich.table import Table
 
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
-    table = Table(title=f"prepared {result.out} ({result.layout})")
+    table = Table(title=f"{'indexed' if indexed else 'prepared'} {result.out} ({result.layout})")
     table.add_column("clips")
     table.add_column("count", justify="right")
-    table.add_row("requested", str(result.requested))
-    table.add_row("prepared now", str(result.prepared))
-    table.add_row("already done", str(result.already_done))
-    table.add_row("missing (no source video)", str(result.missing))
+    if indexed:
+        table.add_row("listed", str(result.requested))
+        table.add_row("complete (headers read, boxes parsed)", str(result.already_done))
+        table.add_row("incomplete: a file is absent or empty", str(result.missing))
+    else:
+        table.add_row("requested", str(result.requested))
+        table.add_row("prepared now", str(result.prepared))
+        table.add_row("already done", str(result.already_done))
+        table.add_row("missing (no source video)", str(result.missing))
     for reason, count in sorted(result.failed.items()):
-        table.add_row(f"failed: {reason}", str(count))
+        table.add_row(f"{'incomplete' if indexed else 'failed'}: {reason}", str(count))
     table.add_row("usable", str(result.ok))
     out.print(table)
     err.print(f"manifest: {result.manifest}")

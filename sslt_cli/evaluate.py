@@ -50,6 +50,7 @@ from sslt_cli.data.manifest import Clip, atomic_write_bytes, layout_paths, read_
 from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.errors import DataError, SsltError
 from sslt_cli.metrics import Protocol
+from sslt_cli.runs import describe_file
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -233,8 +234,8 @@ def load_maps(path: str | Path) -> dict[str, np.ndarray]:
         for file in files:
             try:
                 array = np.load(file, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise DataError(f"{file}: not a readable .npy array ({exc})") from None
+            except (ValueError, OSError, EOFError):
+                raise DataError(f"{file}: {numpy_file_problem(file, '.npy array')}") from None
             maps[file.stem] = _as_map(array, str(file))
         return maps
     if path.suffix != ".npz":
@@ -244,11 +245,20 @@ def load_maps(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             for key in archive.files:
                 maps[key] = _as_map(archive[key], f"{path}[{key}]")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise DataError(f"{path}: {numpy_file_problem(path, '.npz archive')}; {hint}") from None
     if not maps:
         raise DataError(f"{path}: the archive holds no arrays; {hint}")
     return maps
+
+
+def numpy_file_problem(path: Path, expected: str) -> str:
+    """Why numpy could not read ``path`` (``expected``: '.npy array' or '.npz archive'), from what the file is; never
+    numpy's advice to load pickled data unsafely."""
+    kind = describe_file(path)
+    if kind.startswith(("a zip archive", "a .npy array")):
+        return f"a truncated or damaged {expected} ({kind})"
+    return f"not a {expected}: {kind}"
 
 
 def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:

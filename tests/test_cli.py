@@ -108,9 +108,20 @@ def test_resume_dry_run_prints_the_saved_recipe() -> None:
     Path("recipe.yaml").write_text("name: t\n")
     recipe = load_recipe("recipe.yaml", ["data.holdout_classes=[dog, cat]"])
     run = Run.create(recipe, argv=[])
-    result = CliRunner().invoke(app, ["train", "recipe.yaml", "--resume", str(run.dir), "--dry-run"], env=WIDE)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run.dir), "--dry-run"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert parse_yaml(result.stdout) == recipe_dict(recipe)
+
+
+def test_resume_with_a_recipe_file_is_refused() -> None:
+    Path("recipe.yaml").write_text("name: t\n")
+    run = Run.create(load_recipe("recipe.yaml"), argv=[])
+    Path("other.yaml").write_text("name: other\noptim:\n  lr: 0.5\n")
+    result = sslt("train", "--resume", str(run.dir), "other.yaml", env=WIDE)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: --resume continues {run.dir} with the recipe saved in it; a recipe file is not "
+                             f"allowed\n  - got other.yaml: drop it to resume, or start a new run with `sslt train "
+                             "other.yaml`\n")
 
 
 # --- user errors: exit 1, message on stderr, no traceback -----------------------------------------------------------
@@ -134,6 +145,26 @@ def test_a_bad_recipe_exits_1_with_the_message_on_stderr(recipe: str, overrides:
     assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "error: recipe.yaml: the recipe is empty (only blank lines or comments); nothing to run\n"
+          "  - write the settings that differ from the defaults, starting from a shipped recipe (e.g. "
+          "recipes/quickstart.yaml)\n"),
+    (b"# a recipe\n\n# with only comments\n", "error: recipe.yaml: the recipe is empty (only blank lines or "
+     "comments); nothing to run\n  - write the settings that differ from the defaults, starting from a shipped recipe "
+     "(e.g. recipes/quickstart.yaml)\n"),
+    (b"name: t\noptim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
+     "error: recipe.yaml: key 'lr' appears twice, on line 3 and line 5; keep one of them\n"),
+    (b"name: t\noptim: {lr: 1}\noptim: {epochs: 2}\n",
+     "error: recipe.yaml: key 'optim' appears twice, on line 2 and line 3; keep one of them\n"),
+    (b"name: t\n# caf\xe9 au lait\n", "error: recipe.yaml: not UTF-8 text: byte 0xe9 at byte offset 13 (line 2) "
+     "cannot be decoded\n  - save the recipe as UTF-8\n"),
+], ids=["empty", "comments-only", "duplicate-key", "duplicate-section", "latin-1"])
+def test_recipes_that_would_run_on_defaults_or_lose_a_value_are_refused(content: bytes, message: str) -> None:
+    Path("recipe.yaml").write_bytes(content)
+    result = sslt("train", "recipe.yaml", "--dry-run", env=WIDE)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
+
+
 def test_other_user_errors_exit_1_without_traceback() -> None:
     result = sslt("train", "missing.yaml")
     assert (result.returncode, result.stderr) == (
@@ -141,7 +172,7 @@ def test_other_user_errors_exit_1_without_traceback() -> None:
            f"{', '.join(builtin_recipes())}\n")
     Path("recipe.yaml").write_text("name: t\n")
     run = Run.create(load_recipe("recipe.yaml"), argv=[])
-    result = sslt("train", "recipe.yaml", "--resume", str(run.dir), "optim.lr=1")
+    result = sslt("train", "--resume", str(run.dir), "optim.lr=1")
     assert (result.returncode, result.stderr) == (
         1, "error: --resume continues a run with its saved recipe; overrides are not allowed\n"
            "  - got optim.lr=1; start a new run to change the recipe\n")

@@ -227,6 +227,10 @@ def read_vggss_xml(path: str | Path, clip_id: str | None = None,
                 box = tuple(float(x.text) for x in box_el)
             except (TypeError, ValueError):
                 raise DataError(f"{path}: clip {clip_id}: a box holds a non-number") from None
+            if not len(box) and (box_el.text or "").strip():
+                raise DataError(f"{path}: clip {clip_id}: <{box_el.tag}> holds a coordinate directly under <bbox>; "
+                                "SSL-TIE's form puts each box's four coordinates in a <box> element: "
+                                "<bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box></bbox>")
             if len(box) != 4:
                 raise DataError(f"{path}: clip {clip_id}: a box has {len(box)} coordinates, expected 4")
             if report is not None:
