@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from sslt_cli.data.manifest import atomic_write_bytes
-from sslt_cli.errors import CheckpointError, DataError
+from sslt_cli.errors import CheckpointError, DataError, TrainingError
 from sslt_cli.config import Recipe, validate_tree
 from sslt_cli.model import EMBED_DIM, build_model, model_shapes
-from sslt_cli.runs import Run
+from sslt_cli.runs import Run, checkpoint_step
 
 CHECKPOINT_FORMAT = "sslt-checkpoint/1"
 
@@ -89,7 +89,7 @@ def read_file(path: str | Path) -> Any:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file; all mean "not loadable"
-        raise CheckpointError(f"{path}: not a checkpoint torch can load safely ({_load_error_reason(exc)})") from None
+        raise CheckpointError(f"{path}: {checkpoint_problem(path, exc)}") from None
 
 
 def load(path: str | Path) -> dict:
@@ -101,14 +101,73 @@ def load(path: str | Path) -> dict:
     return state
 
 
-def _load_error_reason(exc: Exception) -> str:
-    """The first line of a torch.load error, without colour codes, cut to about 300 characters."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    first = text.splitlines()[0].strip() if text else type(exc).__name__
-    if len(first) > 300:
-        cut = first[:300]
-        first = cut[: cut.rfind(". ") + 1] if ". " in cut else cut.rsplit(" ", 1)[0] + " ..."
-    return first
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def describe_file(path: Path) -> str:
+    """What a file that failed to load looks like from its first bytes: ``an empty file``, ``a text file (starts
+    with '...')``, ``a zip archive``, ``a pickle``, ``a .npy array``, or ``a binary file``, with its size."""
+    size = path.stat().st_size
+    if size == 0:
+        return "an empty file (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(_ZIP_MAGIC):
+        return f"a zip archive of {size} bytes"
+    if head.startswith(_NPY_MAGIC):
+        return f"a .npy array of {size} bytes"
+    if head.startswith(_PICKLE_MAGIC):
+        return f"a pickle of {size} bytes"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"a binary file of {size} bytes"
+    first = text.splitlines()[0][:40] if text.strip() else text[:40]
+    return f"a text file of {size} bytes (it starts with {first!r})"
+
+
+def checkpoint_problem(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words: truncated, not a checkpoint, or holding objects
+    a safe load refuses. Never torch's advice to load unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    kind = describe_file(path)
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused and not kind.startswith(("an empty", "a text", "a binary")):
+        return (f"a checkpoint holding Python objects ({refused.group(1)}) that a safe load refuses; sslt loads "
+                "weights only (tensors, numbers, text): save the model's state_dict instead")
+    if kind.startswith(("a zip archive", "a pickle")):
+        return f"a truncated or damaged checkpoint ({kind} that ends early or is corrupt)"
+    if kind.startswith("an empty file"):
+        return "an empty file (0 bytes), not a checkpoint"
+    return f"not a checkpoint: {kind}"
+
+
+def resume_point(run: Run) -> tuple[Path, dict]:
+    """The newest complete checkpoint of ``run`` to resume from and its state: the newest ``last-*.pt`` that loads, or
+    ``best.pt`` when it is newer (a full disk can stop the run before the last checkpoint of an epoch whose best
+    checkpoint was written); a TrainingError listing what was tried when none loads."""
+    tried: list[str] = []
+    chosen: tuple[Path, dict] | None = None
+    for path in sorted(run.checkpoints.glob("last-*.pt"), key=checkpoint_step, reverse=True):
+        try:
+            chosen = (path, load(path))
+            break
+        except CheckpointError as exc:
+            tried.append(exc.message)
+    best = run.best_checkpoint()
+    if best is not None and (chosen is None or best.stat().st_mtime_ns > chosen[0].stat().st_mtime_ns):
+        try:
+            state = load(best)
+            if chosen is None or int(state.get("step", -1)) > int(chosen[1].get("step", -1)):
+                chosen = (best, state)
+        except CheckpointError as exc:
+            tried.append(exc.message)
+    if chosen is None:
+        raise TrainingError(f"{run.dir}: nothing to resume (no complete checkpoint in {run.checkpoints})",
+                            tried or ["no last-*.pt or best.pt: start a new run"])
+    return chosen
 
 
 def _state_dict_in(obj: Any, path: Path, expected: str) -> dict[str, torch.Tensor]:

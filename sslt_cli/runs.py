@@ -15,6 +15,7 @@ Layout::
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import json
 import os
 import platform
@@ -25,13 +26,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sslt_cli.config import Recipe, dump_yaml, recipe_dict, validate_tree
-from sslt_cli.errors import SsltError
+from sslt_cli.errors import SsltError, TrainingError
 
 CONFIG = "config.yaml"
 META = "meta.json"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 SKIPPED = "skipped.csv"
+HEARTBEAT_EVERY_S = 60.0
+STALE_AFTER_S = 1800.0  # a run on another host that has not written for this long is shown as stale
+SPACE_MARGIN = 1.2  # a new checkpoint needs the size of the last one, with room for growth and the log
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _now() -> str:
@@ -103,6 +108,7 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.dir = Path(path)
+        self._last_beat = float("-inf")
 
     # -- creation and opening --------------------------------------------------------------------------------
 
@@ -110,10 +116,11 @@ class Run:
     def create(cls, recipe: Recipe, *, argv: list[str] | None = None, overrides: list[str] | None = None,
                runs_dir: str | Path | None = None, name: str | None = None, extra_meta: dict | None = None) -> "Run":
         """Make a new run folder (a suffix keeps an existing folder untouched) and write config + meta."""
-        base = Path(runs_dir or recipe.runs_dir)
+        from sslt_cli.preflight import writable_dir
+
+        base = writable_dir(runs_dir or recipe.runs_dir, "runs_dir")
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         stem = f"{name or recipe.name}-{stamp}"
-        base.mkdir(parents=True, exist_ok=True)
         for n in range(1000):
             candidate = base / (stem if n == 0 else f"{stem}-{n}")
             try:
@@ -156,14 +163,41 @@ class Run:
         return json.loads((self.dir / META).read_text())
 
     def write_meta(self, meta: dict) -> None:
+        """Write meta.json atomically; on a full disk, in place (a file of about the same size needs no new block),
+        so a run's final status is still recorded."""
         meta["updated"] = _now()
-        atomic_write_text(self.dir / META, json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n")
+        text = json.dumps(meta, indent=2, sort_keys=False, default=str) + "\n"
+        try:
+            atomic_write_text(self.dir / META, text)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            with open(self.dir / META, "r+b") as f:
+                f.write(text.encode())
+                f.truncate()
 
     def update_meta(self, **fields: Any) -> dict:
+        """Merge ``fields`` into meta.json. Setting ``status='running'`` also records this process (``pid``,
+        ``host``) and a ``heartbeat``, renewed while it logs (:meth:`beat`), so a killed run can be told from a
+        running one."""
         meta = self.meta()
         meta.update(fields)
+        if fields.get("status") == "running":
+            meta.update(pid=os.getpid(), pid_started=_process_start(os.getpid()), host=platform.node(),
+                        heartbeat=_now())
+            self._last_beat = _monotonic()
         self.write_meta(meta)
         return meta
+
+    def beat(self) -> None:
+        """Renew the heartbeat (at most every HEARTBEAT_EVERY_S), only from the process that runs the training."""
+        if _monotonic() - self._last_beat < HEARTBEAT_EVERY_S:
+            return
+        self._last_beat = _monotonic()
+        meta = self.meta()
+        if meta.get("status") == "running" and meta.get("pid") == os.getpid() and meta.get("host") == platform.node():
+            meta["heartbeat"] = _now()
+            self.write_meta(meta)
 
     # -- logs and metrics --------------------------------------------------------------------------------------
 
@@ -184,6 +218,7 @@ class Run:
             # a kill can leave the last line without its newline: start on a fresh line so this record survives
             f.write(("\n" if torn else "") + json.dumps(record, default=float) + "\n")
             f.flush()
+        self.beat()
 
     def metrics(self) -> list[dict]:
         path = self.dir / METRICS
@@ -211,24 +246,109 @@ class Run:
         return self.dir / "checkpoints"
 
     def save_checkpoint(self, state: dict, name: str, keep_last: int | None = None) -> Path:
-        """Atomically save ``state`` as ``checkpoints/<name>.pt``; prune ``last-*.pt`` to ``keep_last``."""
-        path = atomic_torch_save(state, self.checkpoints / f"{name}.pt")
+        """Atomically save ``state`` as ``checkpoints/<name>.pt``; prune ``last-*.pt`` to ``keep_last``.
+
+        The disk must first have room for a checkpoint as large as the newest one (:func:`check_checkpoint_space`);
+        a full disk is a TrainingError naming the folder, and every earlier checkpoint stays as it was (the new one
+        is written beside them and only then takes its name, and older ones are pruned only after that)."""
+        check_checkpoint_space(self.checkpoints)
+        try:
+            path = atomic_torch_save(state, self.checkpoints / f"{name}.pt")
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise TrainingError(f"{self.checkpoints}: the disk is full; checkpoint {name}.pt was not written",
+                                [f"the previous checkpoint is intact: {self.resume_hint()}",
+                                 "free disk space, or move runs_dir to a larger disk"]) from None
+        self.beat()
         if keep_last is not None and name.startswith("last-"):
-            lasts = sorted(self.checkpoints.glob("last-*.pt"), key=_step_of)
+            lasts = sorted(self.checkpoints.glob("last-*.pt"), key=checkpoint_step)
             for old in lasts[:-keep_last]:
                 old.unlink()
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        lasts = sorted(self.checkpoints.glob("last-*.pt"), key=_step_of)
+        lasts = sorted(self.checkpoints.glob("last-*.pt"), key=checkpoint_step)
         return lasts[-1] if lasts else None
 
     def best_checkpoint(self) -> Path | None:
         path = self.checkpoints / "best.pt"
         return path if path.is_file() else None
 
+    def resume_hint(self) -> str:
+        return f"continue with: sslt train --resume {self.dir}"
 
-def _step_of(path: Path) -> int:
+    def state(self, now: _dt.datetime | None = None) -> str:
+        """meta.json's status, except that a 'running' run whose process is gone reads ``stale (last heard at
+        <heartbeat>)``: on this host its pid is no longer alive; on another host its heartbeat is older than
+        STALE_AFTER_S."""
+        meta = self.meta()
+        status = str(meta.get("status", ""))
+        if status != "running" or "heartbeat" not in meta:
+            return status
+        heard = str(meta["heartbeat"])
+        if meta.get("host") == platform.node():
+            pid = int(meta.get("pid", 0))
+            # a pid reused by another process after the run's died: its start time differs
+            gone = not _pid_alive(pid) or meta.get("pid_started") not in (None, _process_start(pid))
+        else:
+            age = ((now or _dt.datetime.now(_dt.timezone.utc)) - _dt.datetime.fromisoformat(heard)).total_seconds()
+            gone = age > STALE_AFTER_S
+        return f"stale (last heard at {heard})" if gone else status
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22), or None where unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def check_checkpoint_space(folder: Path, margin: float = SPACE_MARGIN) -> None:
+    """Before writing a checkpoint into ``folder``: the disk's free space must hold ``margin`` times the newest
+    checkpoint there (a new one is about as large); a TrainingError naming the folder otherwise. Nothing to compare
+    with before the first checkpoint."""
+    import shutil
+
+    existing = [p for p in folder.glob("*.pt") if p.is_file()]
+    if not existing:
+        return
+    newest = max(existing, key=lambda p: p.stat().st_mtime_ns)
+    needed = int(newest.stat().st_size * margin)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        mib = 2**20
+        raise TrainingError(f"{folder}: not enough disk space for the next checkpoint ({free / mib:.1f} MiB free, "
+                            f"about {needed / mib:.1f} MiB needed: the size of {newest.name} and a margin)",
+                            ["free disk space, or move runs_dir to a larger disk; the previous checkpoints are "
+                             f"intact: continue with: sslt train --resume {folder.parent}"])
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step in a ``last-<step>.pt`` name (-1 for another name)."""
     try:
         return int(path.stem.split("-", 1)[1])
     except (IndexError, ValueError):

@@ -122,6 +122,7 @@ def train(recipe: Recipe, run: Run, *, resume: bool = False, parent_run_id: str 
     interruption would (used to test exact resume). Under torchrun every process calls this with the same run
     folder (``distributed.share_run``); only rank 0 prints, writes the run folder and talks to MLflow.
     """
+    check_eval_sets(recipe, tests=evaluate_at_end)
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
     training = Training(recipe, run, env, console=console, out=out, stop_after_steps=stop_after_steps)
     training.setup_data(resume)
@@ -206,15 +207,13 @@ class Training:
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_for(recipe, self.steps_per_epoch))
+        self.resumed = resume
         if resume:
             self.load_checkpoint()
 
     def load_checkpoint(self) -> None:
-        """Continue from the run's newest ``last-*.pt``."""
-        last = self.run.latest_checkpoint()
-        if last is None:
-            raise TrainingError(f"{self.run.dir}: nothing to resume (no checkpoints/last-*.pt)")
-        saved = checkpoint.load(last)
+        """Continue from the run's newest complete checkpoint (``checkpoint.resume_point``)."""
+        last, saved = checkpoint.resume_point(self.run)
         checkpoint.load_weights(self.model, checkpoint.model_weights(saved, last), last)
         self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scheduler"):
@@ -249,6 +248,8 @@ class Training:
                            parent_run_id=parent_run_id)
         if not env.main:
             return
+        if self.resumed:
+            self.tracker.catch_up(run.metrics())  # the numbers a store that failed earlier in the run missed
         self.sink = MetricsSink(run, self.tracker)
         run.update_meta(status="running", mlflow_run_id=self.tracker.run_id, mlflow_uri=self.tracker.uri,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
@@ -490,6 +491,42 @@ class Training:
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
+
+FIRST_REASONS = 5
+VGGSS_XML_FORM = ("<annotation><bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box>"
+                  "</bbox></annotation>, one <box> per box, coordinates in [0, 1]")
+
+
+def check_eval_sets(recipe: Recipe, tests: bool = True) -> None:
+    """Stop before training when the validation set (``data.val``) or, with ``tests``, a test set (``data.test``)
+    has no usable clip: a model selected on nothing, or a run whose final evaluation has nothing to score.
+
+    A usable clip has a readable annotation and its frame and audio; for validation it is also outside
+    ``data.holdout_classes``. The DataError gives the counts and the first reasons.
+    """
+    from sslt_cli.evaluate import load_test_set
+
+    named = [("validation set (data.val)", recipe.data.val)] if recipe.data.val else []
+    if tests:
+        named += [(f"test set {name!r} (data.test)", path) for name, path in recipe.data.test.items()]
+    held = set(recipe.data.holdout_classes or [])
+    for role, relative in named:
+        test = load_test_set(recipe.data.set_path(relative))
+        ready = [cid for cid in test.ids if cid in test.clips and cid in test.annotations]
+        if role.startswith("validation"):
+            ready = [cid for cid in ready if test.clips[cid].label not in held]
+        if ready:
+            continue
+        reasons = {**test.annotation_problems, **test.unavailable}
+        in_held = len(test.ids) - len(reasons)
+        raise DataError(
+            f"{recipe.data.set_path(relative)}: the {role} has no usable clip: {len(test.ids)} requested, "
+            f"{len(test.annotation_problems)} without a usable annotation, {len(test.unavailable)} without frame "
+            f"or audio" + (f", {in_held} in data.holdout_classes" if in_held else "") + "; nothing was trained",
+            [f"{cid}: {reason}" for cid, reason in list(reasons.items())[:FIRST_REASONS]]
+            + ([f"VGG-SS annotations are read in SSL-TIE's form: {VGGSS_XML_FORM}"]
+               if test.anno_kind == "vggss" and test.annotation_problems else []))
+
 
 def check_processes(recipe: Recipe, env: Dist, device: torch.device) -> None:
     """Refuse a recipe this set of processes cannot train (before a run folder is made, ``sslt train`` checks)."""
