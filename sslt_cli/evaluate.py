@@ -522,7 +522,7 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
     base = {name: {k: np.empty(n) for k in ("iou", "pointing", "pred_area")} for name in names}
     if baselines:
         centre = torch.from_numpy(metrics.centre_prior_map(size))[None].to(device)
-        centre_mask = metrics.binarise(centre, proto.threshold)
+        centre_mask = metrics.predict_masks(centre, proto)[1]  # scored as a map: the preset's own normalisation
         centre_at_max = (centre == centre.amax())
         random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
                        for s in random_seeds}
@@ -641,13 +641,13 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
             for key in chunk:
                 by_shape.setdefault(np.shape(items[key]), []).append(key)
             for keys in by_shape.values():
-                up = metrics.upsample_maps(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
-                                                                      for k in keys])), proto.upsample, proto.size)
+                up, masks = metrics.predict_masks(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
+                                                                             for k in keys])), proto)
                 confidence.append(metrics.slavc_confidence(up, value_range).numpy())
                 sounding_flags.append(np.full(len(keys), sounding))
                 if sounding:
                     gt = torch.from_numpy(np.stack([_gt_for(annotations[k], proto) for k in keys]))
-                    ious.append(metrics.iou_scores(metrics.binarise(up, proto.threshold), gt).numpy())
+                    ious.append(metrics.iou_scores(masks, gt).numpy())
                 else:
                     ious.append(np.zeros(len(keys)))
     flags = np.concatenate(sounding_flags) if sounding_flags else np.zeros(0, bool)
@@ -808,10 +808,9 @@ def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: M
     FigureCanvasAgg(figure)
     for i, row in enumerate(picks):
         axes = figure.add_subplot(rows, columns, i + 1)
-        up = metrics.upsample_maps(torch.from_numpy(np.asarray(maps[row.id], np.float32))[None], proto.upsample,
-                                   proto.size)
-        heat, _ = metrics.minmax_normalise(up)
-        mask = metrics.binarise(up, proto.threshold)[0].numpy()
+        up, masks = metrics.predict_masks(torch.from_numpy(np.asarray(maps[row.id], np.float32))[None], proto)
+        heat, _ = metrics.normalised_scores(up, proto.normalise, proto.value_range)
+        mask = masks[0].numpy()
         gt = _gt_for(annotations[row.id], proto)
         axes.imshow(_load_frame(frames[row.id], proto.image_preprocessing, proto.size))
         axes.imshow(heat[0].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
@@ -867,7 +866,7 @@ def result_table(result: EvalResult) -> "Table":
 
     proto = result.protocol
     table = Table(title=f"{result.name or 'evaluation'} · protocol {proto.name} · N = {result.n}",
-                  caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, min-max, "
+                  caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, {proto.normalise}, "
                            f"{proto.threshold.replace('_', ' ')}; frames {proto.image_preprocessing.replace('_', ' ')}"
                            f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}\n"
                            "centre prior: a centred disc of half the frame; random: uniform maps, mean±std over the "
