@@ -174,6 +174,11 @@ class EvalConfig(_Strict):
     """Protocol for validation and the final test evaluation."""
 
     protocol: Literal["ssltie", "lvs", "ezvsl", "fnac", "sspl"] = "ssltie"
+    # the protocol's two documented deviations from the official test loops (README, "Evaluation protocols"):
+    # a map constant before upsampling predicts the whole frame (``official``: the preset's value-dependent result),
+    # and a clip whose ground truth is empty after clipping is excluded (``zero``: scored 0 and counted in N)
+    constant_maps: Literal["whole_frame", "official"] = "whole_frame"
+    empty_gt: Literal["exclude", "zero"] = "exclude"
     batch_size: int = Field(32, ge=1)
     # maps for validation and test in fp32, as the published pipelines score them; bf16 is faster but rounds the
     # cosine map to 8 mantissa bits, which adds ties at the median and at the maximum

@@ -65,13 +65,31 @@ BASELINE_LABELS = {
 }
 
 
-def get_protocol(protocol: str | Protocol) -> Protocol:
-    """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given."""
-    if isinstance(protocol, Protocol):
-        return protocol
-    if protocol not in metrics.PROTOCOLS:
-        raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
-    return metrics.PROTOCOLS[protocol]
+PROTOCOL_OPTIONS = {"constant_maps": ("whole_frame", "official"), "empty_gt": ("exclude", "zero")}
+
+
+def get_protocol(protocol: str | Protocol, *, constant_maps: str | None = None,
+                 empty_gt: str | None = None) -> Protocol:
+    """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given,
+    with the deviation options that are not None replaced (``constant_maps``: ``whole_frame`` | ``official``;
+    ``empty_gt``: ``exclude`` | ``zero``; see :class:`metrics.Protocol`)."""
+    if not isinstance(protocol, Protocol):
+        if protocol not in metrics.PROTOCOLS:
+            raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
+        protocol = metrics.PROTOCOLS[protocol]
+    changes = {key: value for key, value in (("constant_maps", constant_maps), ("empty_gt", empty_gt))
+               if value is not None}
+    for key, value in changes.items():
+        if value not in PROTOCOL_OPTIONS[key]:
+            raise SsltError(f"unknown {key} {value!r}; choose one of {', '.join(PROTOCOL_OPTIONS[key])}")
+    return dataclasses.replace(protocol, **changes) if changes else protocol
+
+
+def recipe_protocol(eval_config: Any, protocol: str | None = None) -> Protocol:
+    """The protocol of a recipe's ``eval`` section (``eval.protocol`` unless ``protocol`` names another preset), with
+    the section's ``constant_maps`` and ``empty_gt``."""
+    return get_protocol(protocol or eval_config.protocol, constant_maps=eval_config.constant_maps,
+                        empty_gt=eval_config.empty_gt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,7 +423,7 @@ def _gt_problem(annotation: Annotation, protocol: Protocol) -> str | None:
         gt = _gt_for(annotation, protocol)
     except ValueError as exc:
         return f"unusable box: {exc}"
-    if not gt.any():
+    if not gt.any() and protocol.empty_gt == "exclude":
         boxes = [list(b) for b in annotation.boxes]
         if annotation.kind == "vggss" and protocol.clip_boxes:
             return f"empty ground truth after clipping boxes to [0, 1]: {boxes}"
@@ -428,7 +446,8 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
     maps: {clip id: (h, w) map, any size}; ids: the requested clips (default: every annotated clip, in order).
     ``unavailable``: id -> why its frame/audio is missing (model path); ``annotation_problems``: id -> why it has no
     annotation (used as the reason text). ``clip_boxes`` overrides the protocol's VGG-SS clipping (False: SSL-TIE's
-    literal, unclipped ``int(x * 224)``). ``device``: where the batched metric computation runs (``cuda`` works).
+    literal, unclipped ``int(x * 224)``). A clip with an empty ground truth is excluded and listed under the protocol's
+    ``empty_gt='exclude'`` and scored (IoU 0, in N) under ``'zero'``. ``device``: where the batched metric computation runs (``cuda`` works).
     Baselines are computed on exactly the scored clips:
 
     * ``centre``: :func:`metrics.centre_prior_map`, a centred Gaussian: every preset predicts a centred disc of about
@@ -468,6 +487,11 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
             else:
                 scored.append(cid)
 
+    if proto.empty_gt == "zero":
+        empty = sum(1 for cid in scored if not _gt_for(annotations[cid], proto).any())
+        if empty:
+            notes.append(f"{empty} scored clips have an empty ground truth{' after clipping' if proto.clip_boxes else ''}"
+                         f": IoU 0, counted in N, as the official test loops do (empty_gt=zero)")
     stage_counts = Counter(e.stage for e in excluded)
     requested_set = set(requested)
     accounting = {
@@ -1093,7 +1117,7 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
 
     console = console or Console(stderr=True)
     out = out or Console()
-    proto = get_protocol(protocol or recipe.eval.protocol)
+    proto = recipe_protocol(recipe.eval, protocol)
     _, checkpoints, _ = resolve_checkpoints(run.dir, which)
     loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]
     summary: dict[str, dict[str, dict[str, float]]] = {}

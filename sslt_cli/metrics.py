@@ -449,13 +449,14 @@ def oracle_ious(gt: torch.Tensor, rule: ThresholdRule) -> torch.Tensor:
     IoU* = (sum of the A largest weights) / (sum(gt) + max(0, A - #(gt > 0))).
     This bounds every prediction of area A whatever its shape; it ignores that a 14 x 14 map upsampled cannot draw
     every pixel set. A map with ties at the median can predict less (strict rule) or more (``>=`` rule) than A.
-    For ``at_least_half`` no area is imposed: the support of the ground truth gives IoU 1.
+    For ``at_least_half`` no area is imposed: the support of the ground truth gives IoU 1. An empty ground truth
+    (scored under ``empty_gt='zero'``) gives 0: every prediction of a rule is non-empty.
     """
     flat = gt.reshape(gt.shape[0], -1).double()
     total = flat.sum(dim=1)
     area = nominal_predicted_pixels(rule, flat.shape[1])
     if area is None:
-        return torch.where(total > 0, torch.ones_like(total), torch.full_like(total, math.nan))
+        return (total > 0).double()
     positive = (flat > 0).sum(dim=1)
     taken = total.clone()
     crowded = (positive > area).nonzero().flatten()

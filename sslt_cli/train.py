@@ -871,9 +871,9 @@ def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device
 
     Maps are computed at ``eval.precision`` (fp32 by default), as the final test evaluation computes them.
     """
-    from sslt_cli.evaluate import eval_loader, get_protocol, score_maps
+    from sslt_cli.evaluate import eval_loader, recipe_protocol, score_maps
 
-    protocol = get_protocol(recipe.eval.protocol)
+    protocol = recipe_protocol(recipe.eval)
     model.eval()
     maps: dict[str, np.ndarray] = {}
     losses, weights = 0.0, 0
