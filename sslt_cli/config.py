@@ -63,10 +63,15 @@ class AudioConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """``vision_init``: ``scratch`` (official code) or a local torchvision ResNet-18 state_dict file."""
+    """``vision_init``: ``scratch`` (official code) or a local torchvision ResNet-18 state_dict file.
+
+    ``audio_passes``: when both views share one spectrogram (``code`` views), run the audio network ``once`` a step,
+    or once ``per_view`` as the released code does (the same embeddings and gradients, but the audio BatchNorm
+    running statistics move twice a step: an effective momentum of 0.19 instead of 0.1)."""
 
     vision_init: str = "scratch"
     audio_init: str = "scratch"
+    audio_passes: Literal["once", "per_view"] = "once"
 
 
 class LossConfig(_Strict):
@@ -131,6 +136,9 @@ class EquivarianceConfig(_Strict):
     scales: tuple[float, ...] = (1.0, 0.5)
     scale_p: float = Field(0.5, ge=0, le=1)
     flip_p: float = Field(0.5, ge=0, le=1)
+    # rotate and scale about the true image centre ((W - 1) / 2, ``exact``) or, as the released code's kornia
+    # warp_affine, about pixel (W / 2, H / 2), half a pixel off (``code``)
+    centre: Literal["exact", "code"] = "exact"
 
 
 class TransformsConfig(_Strict):
