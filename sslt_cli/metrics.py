@@ -203,8 +203,15 @@ def _opencv_linear(maps: torch.Tensor, size: int) -> torch.Tensor:
 
     src = np.ascontiguousarray(maps.detach().cpu().numpy(), dtype=np.float32)
     out = np.empty((src.shape[0], size, size), dtype=np.float32)
-    for i in range(src.shape[0]):
-        cv2.resize(src[i], (size, size), dst=out[i], interpolation=cv2.INTER_LINEAR)
+    # OpenCV's thread pool only adds wake-up latency on maps this small (and much of it on a busy machine); the
+    # result does not depend on the thread count
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for i in range(src.shape[0]):
+            cv2.resize(src[i], (size, size), dst=out[i], interpolation=cv2.INTER_LINEAR)
+    finally:
+        cv2.setNumThreads(threads)
     return torch.from_numpy(out).to(maps.device)
 
 
