@@ -237,7 +237,9 @@ def upsample_maps(maps: torch.Tensor, mode: UpsampleMode, size: int = EVAL_SIZE)
 
 
 def _normalize_img(x: torch.Tensor, guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official ``normalize_img`` of each map in float32: (x - min) / (max - min). x: (B, S, S) -> (p, constant (B,)).
+    """The official ``normalize_img`` of each map in float32: (x - min) / (max - min).
+
+    x: (B, S, S) -> (p (B, S, S), constant (B,) bool).
 
     ``guard``: a map with max == min is left as it is (LVS / SSL-TIE / EZ-VSL / SLAVC); without it the division gives
     NaN (SSPL's ``/ np.ptp``).

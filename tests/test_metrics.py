@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from sslt_cli import metrics as M
+from sslt_cli.catalog import RESOURCES_DIR
 from sslt_cli.data.annotations import load_vggss_json, read_id_list
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
+REALDATA = RESOURCES_DIR  # the public metadata shipped in the package
 
 torch.set_num_threads(1)
 
@@ -122,7 +121,8 @@ def test_constant_map_predicts_whole_frame(name, value, shape):
 
 
 def test_a_1x1_map_gains_noise_on_upsampling():
-    """Why the constant-map rule looks at the map before upsampling: OpenCV's INTER_LINEAR of a 1x1 map is not constant."""
+    """Why the constant-map rule looks at the map before upsampling: OpenCV's INTER_LINEAR of a 1x1 map is not
+    constant."""
     up = M.upsample_maps(torch.full((1, 1, 1), 0.7), "opencv_linear")
     assert 0 < float(up.max() - up.min()) < 1e-6
 
