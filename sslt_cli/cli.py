@@ -327,6 +327,12 @@ def eval_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run's eval/, else "
                                            "./eval/<set>-<protocol>)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="SSL-TIE's literal unclipped VGG-SS boxes."),
+    constant_maps: Optional[str] = typer.Option(None, "--constant-maps", help="whole_frame (a map constant before "
+                                                "upsampling predicts the whole frame) or official (the preset's "
+                                                "code: value-dependent). Default: the recipe's, else whole_frame."),
+    empty_gt: Optional[str] = typer.Option(None, "--empty-gt", help="exclude (a clip whose ground truth is empty, "
+                                           "e.g. after clipping, is listed, not scored) or zero (scored 0 and counted "
+                                           "in N, as the official code). Default: the recipe's, else exclude."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -347,6 +353,9 @@ def eval_cmd(
 
         recipe = Run.open(run_dir).recipe()
     protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
+    recipe_eval = recipe.eval if recipe is not None else None
+    proto = ev.get_protocol(protocol_name, constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
+                            empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
     silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
     silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
@@ -362,13 +371,13 @@ def eval_cmd(
             where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
             for label, path in checkpoints:
                 ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
-                _eval_checkpoint(path, label, recipe, set_name, test, protocol_name, where, sink, device=dev,
+                _eval_checkpoint(path, label, recipe, set_name, test, proto, where, sink, device=dev,
                                  batch_size=batch_size, clip_boxes=clip_boxes, extended=ext)
             continue
         # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
         to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
         with _progress(f"{test.name} (scoring)", to_score) as advance:
-            result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
+            result = ev.score_maps(loaded_maps, test.annotations, proto, test.ids,
                                    annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
                                    name=test.name, notes=test.notes, device=dev, progress=advance)
         if silent_pairs is not None:
@@ -449,17 +458,17 @@ def _eval_tracking(recipe, run_dir: Path | None, protocol_name: str):
     return tracker, MetricsSink(None, tracker)
 
 
-def _eval_checkpoint(path: Path, label: str, recipe, set_name: str, test, protocol_name: str, where: Path, sink, *,
+def _eval_checkpoint(path: Path, label: str, recipe, set_name: str, test, protocol, where: Path, sink, *,
                      device, batch_size, clip_boxes, extended) -> None:
     """One checkpoint on one test set through the one evaluation function, reported and mirrored."""
     from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
 
     loaded = checkpoint.load_model(path, recipe, device)
-    folder = ev.eval_folder(where, set_name, label, protocol_name)
+    folder = ev.eval_folder(where, set_name, label, protocol.name)
     to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
     with _progress(f"{test.name} ({label})", to_predict + len(extended[0] if extended else ())) as advance:
-        result = ev.evaluate_model(loaded.model, test, protocol_name, loaded.recipe, device=device, out_dir=folder,
+        result = ev.evaluate_model(loaded.model, test, protocol, loaded.recipe, device=device, out_dir=folder,
                                    batch_size=batch_size, clip_boxes=clip_boxes, extended=extended,
                                    progress=advance)
     _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", sink,

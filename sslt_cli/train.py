@@ -722,6 +722,8 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     specs = batch["specs"].to(device, non_blocking=True)
     view1, spec1 = images[:, 0], specs[:, 0]
     spec2 = specs[:, 1] if specs.shape[1] > 1 else spec1
+    if spec2 is spec1 and recipe.model.audio_passes == "per_view":
+        spec2 = spec1.clone()  # a tensor of its own: ModelForTraining embeds it again, as the released code does
     base2 = images[:, 1] if images.shape[1] > 1 else view1
 
     use_geo = t.equivariance.enabled and recipe.loss.geo_weight > 0
@@ -733,7 +735,7 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
                                                  scale_p=eq.scale_p, flip_p=eq.flip_p)
         if shard is not None:
             transform = dataclasses.replace(transform, angles=transform.angles[shard.first:shard.first + shard.local])
-        view2 = augment.apply_geo_transform(base2, transform)
+        view2 = augment.apply_geo_transform(base2, transform, centre=eq.centre)
     else:
         transform = None
         view2 = base2
@@ -760,7 +762,7 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     logs = {"l_cl1": l_cl1.detach(), "l_cl2": l_cl2.detach(), "acc1": parts1["acc1"]}
     if use_geo:
         target = augment.apply_geo_transform(parts1["map"], transform, out_size=parts2["map"].shape[-2:],
-                                             upsample_to=view1.shape[-2:])
+                                             upsample_to=view1.shape[-2:], centre=t.equivariance.centre)
         l_geo = equivariance_loss(parts2["map"], target)
         total = total + loss_cfg.geo_weight * l_geo
         logs["l_geo"] = l_geo.detach()
@@ -887,10 +889,11 @@ def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objectiv
              epoch: int) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol (``evaluate.evaluate_model``, as every
     evaluation), and the validation L_cl (``tie`` objective); a heatmap grid of the first batch to ``grid``."""
-    from sslt_cli.evaluate import evaluate_model
+    from sslt_cli.evaluate import evaluate_model, recipe_protocol
 
     probe = ValidationProbe(objective, enabled=recipe.loss.objective == "tie")
-    result = evaluate_model(model, val, recipe.eval.protocol, recipe, device=device, baselines=False, on_batch=probe)
+    result = evaluate_model(model, val, recipe_protocol(recipe.eval), recipe, device=device, baselines=False,
+                            on_batch=probe)
     model.train()
     if grid is not None and probe.shown is not None:
         ids, images, maps = probe.shown
