@@ -13,12 +13,13 @@ import pytest
 from rich.console import Console
 
 from sslt_cli import ablate
-from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, paper_orderings, resolve_seeds,
-                             run_ablation)
+from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, load_state, paper_orderings,
+                             resolve_seeds, run_ablation)
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run
 from sslt_cli.tracking import Tracker
+from sslt_cli.train import TrainResult
 
 SHIPPED = ("paper_transformations", "per_transform", "geo_weight")
 # REFERENCE.md section 7: row -> (T_app, T_geo, T_mask, T_mix, L_cl, L_geo), cIoU, AUC
@@ -284,44 +285,55 @@ CIOU = {("A", 4): 0.30, ("A", 5): 0.32, ("B", 4): 0.33, ("B", 5): 0.37, ("C", 4)
 
 
 class FakeTrainer:
-    """Stands in for sslt_cli.train.train: makes a real run folder with test records, or fails, or stops."""
+    """Stands in for sslt_cli.train.train: fills the run folder it is given with test records (as train writes them,
+    for a later process to read) and returns them in a TrainResult, or fails, or stops. ``files=False``: it writes
+    no test record, so only the returned result carries the numbers."""
 
-    def __init__(self, behaviour: dict[str, str] | None = None):
+    def __init__(self, behaviour: dict[str, str] | None = None, files: bool = True):
         self.behaviour = behaviour or {}
+        self.files = files
         self.calls: list[tuple[str, str | None]] = []
 
-    def __call__(self, recipe, *, overrides=None, resume_run=None, console=None, out=None, recipe_path=None,
-                 stop_after_steps=None, evaluate_at_end=True) -> Run:
-        self.calls.append((recipe.name, resume_run.dir.name if resume_run else None))
-        run = resume_run or Run.create(recipe, overrides=overrides)
-        if recipe.tracking.enabled and resume_run is None:  # the run's own MLflow run, as train starts it
+    def __call__(self, recipe, run, *, resume=False, parent_run_id=None, console=None, out=None,
+                 stop_after_steps=None, evaluate_at_end=True) -> TrainResult:
+        self.calls.append((recipe.name, run.dir.name if resume else None))
+        if recipe.tracking.enabled and not resume:  # the run's own MLflow run, a child from its creation as in train
             tracker = Tracker(experiment=recipe.tracking.experiment)
-            run.update_meta(mlflow_run_id=tracker.start(run.dir.name))
+            run.update_meta(mlflow_run_id=tracker.start(run.dir.name, parent_run_id=parent_run_id))
             tracker.end()
         what = self.behaviour.get(recipe.name, "ok")
         if what == "fail":
             run.update_meta(status="failed", error="TrainingError: the loss became nan")
             raise TrainingError("the loss became nan at step 3 (epoch 0); training stopped")
-        if what == "ctrl-c":  # outside train's own signal handling: it marks the run failed and re-raises
-            (run.checkpoints / "last-00000002.pt").write_bytes(b"")
-            run.update_meta(status="failed", error="KeyboardInterrupt: ")
-            raise KeyboardInterrupt
-        if what == "interrupt":
-            (run.checkpoints / "last-00000002.pt").write_bytes(b"")
+        if what in ("ctrl-c", "interrupt"):
+            last = run.checkpoints / "last-00000002.pt"
+            last.write_bytes(b"")
+            if what == "ctrl-c":  # outside train's own signal handling: it marks the run failed and re-raises
+                run.update_meta(status="failed", error="KeyboardInterrupt: ")
+                raise KeyboardInterrupt
             run.update_meta(status="interrupted")
-            return run
+            return TrainResult(run=run, status="interrupted", best=None, last=last, history=[], protocol=None,
+                               test={})
+        return self.finish(recipe, run)
+
+    def finish(self, recipe, run: Run) -> TrainResult:
         row, seed = recipe.name.rsplit("-seed", 1)
         ciou = CIOU[(row, int(seed))]
+        test: dict[str, dict[str, float]] = {}
         for checkpoint, shift in (("last", -0.1), ("best", 0.0)):
-            run.append_metrics({"kind": "test", "set": "vggss", "checkpoint": checkpoint, "step": 4, "n": 8,
-                                "protocol": "ssltie", "ciou": ciou + shift, "auc": ciou + 0.05 + shift,
-                                "mean_iou": ciou - 0.1 + shift})
-            evaluation = run.dir / "eval" / f"vggss-{checkpoint}-ssltie"
-            evaluation.mkdir(parents=True)
-            (evaluation / "metrics.json").write_text(json.dumps(
-                {"n": 8, "baselines": {"centre": {"ciou": 0.5, "auc": 0.4375, "n": 8}}}))
+            numbers = {"n": 8, "ciou": ciou + shift, "auc": ciou + 0.05 + shift, "mean_iou": ciou - 0.1 + shift}
+            test[checkpoint] = {**numbers, "baseline_centre/ciou": 0.5, "baseline_centre/auc": 0.4375}
+            if self.files:
+                run.append_metrics({"kind": "test", "set": "vggss", "checkpoint": checkpoint, "step": 4,
+                                    "protocol": "ssltie", **numbers})
+                evaluation = run.dir / "eval" / f"vggss-{checkpoint}-ssltie"
+                evaluation.mkdir(parents=True)
+                (evaluation / "metrics.json").write_text(json.dumps(
+                    {"n": 8, "baselines": {"centre": {"ciou": 0.5, "auc": 0.4375, "n": 8}}}))
         run.update_meta(status="finished")
-        return run
+        return TrainResult(run=run, status="finished", best=run.checkpoints / "best.pt",
+                           last=run.checkpoints / "last-00000004.pt", history=[], protocol="ssltie",
+                           test={"vggss": test})
 
 
 @pytest.fixture
@@ -360,6 +372,16 @@ def test_summary_values_files_and_chart(recipes: Path, fake: FakeTrainer) -> Non
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     cells = list(csv.DictReader(open(folder / "cells.csv")))
     assert [(r["cell"], float(r["ciou"])) for r in cells][:2] == [("A-seed4", 0.30), ("B-seed4", 0.33)]
+
+
+def test_the_cells_run_now_are_tabulated_from_what_train_returns(recipes: Path, fake: FakeTrainer) -> None:
+    fake.files = False  # no test record in any run folder: the numbers are only in the returned TrainResult
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
+    result = run_ablation(ablation, console=quiet(), out=quiet())
+    assert [(c.status, c.metrics["ciou"]) for c in result.cells] == [("finished", 0.30), ("finished", 0.33),
+                                                                      ("finished", 0.31)]
+    assert result.cells[0].metrics["baseline_centre/auc"] == 0.4375
+    assert [r["ciou"] for r in csv.DictReader(open(ablation.folder / "cells.csv"))] == ["0.3", "0.33", "0.31"]
 
 
 def test_paper_orderings_compare_the_direction_of_each_step(recipes: Path, fake: FakeTrainer) -> None:
@@ -420,8 +442,8 @@ def test_a_failing_cell_is_recorded_the_rest_go_on_and_a_rerun_retries_it(recipe
     assert (ablation.folder / failed_dir).is_dir()  # the failed run folder is kept
 
 
-def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(recipes: Path,
-                                                                               fake: FakeTrainer) -> None:
+def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(recipes: Path, fake: FakeTrainer,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
     fake.behaviour = {"B-seed4": "interrupt"}
     result = run_ablation(ablation, console=quiet(), out=quiet())
@@ -430,8 +452,15 @@ def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(rec
     interrupted = result.cells[1].run.dir.name
     assert [(c.status, c.action) for c in result.cells] == [("finished", "skip"), ("interrupted", "resume"),
                                                             ("pending", "train")]
+    state = json.loads((ablation.folder / "ablation.json").read_text())
+    assert state["cells"]["B-seed4"]["runs"] == [interrupted] and state["cells"]["B-seed4"]["status"] == "interrupted"
     fake.behaviour = {}
     fake.calls.clear()
+
+    def no_scan(*args):
+        raise AssertionError("the cells' runs are recorded in ablation.json: no folder scan")
+
+    monkeypatch.setattr("sslt_cli.ablate.runner._record_found_runs", no_scan)
     result = run_ablation(ablation, console=quiet(), out=quiet())
     assert fake.calls == [("B-seed4", interrupted), ("C-seed4", None)]
     assert [c.status for c in result.cells] == ["finished"] * 3
@@ -456,6 +485,7 @@ def test_ctrl_c_outside_the_training_loop_stops_everything_and_the_cell_resumes(
 def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recipes: Path, fake: FakeTrainer,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from sslt_cli.errors import DataError
+    from sslt_cli.retrieve import RetrievalReport, TaskResult, mlflow_metrics
 
     retrieved: list[str] = []
     failing = {"B-seed4"}
@@ -466,8 +496,15 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
         assert which == "best"
         if run.meta()["recipe_name"] in failing:
             raise DataError("no labels for the test set")
+        tasks = [TaskResult(task=task, score="loc", metrics={"p_at_1": p}, random={"p_at_1": 0.01}, ranked=None,
+                            n_queries=8, n_without_relevant=0, gallery_size=8, n_classes=4)
+                 for task, p in (("a2a", 0.25), ("a2i", 0.125))]
+        report = RetrievalReport(tasks=tasks, ids=[], labels=[], classes=[], classes_without_clips=[], n_embedded=8,
+                                 unlabeled=[], n_other_classes=0, skipped=[])
+        # what retrieve writes for a later process (--report) to read; this process reads what it returns
         run.append_metrics({"kind": "retrieve", "step": 4, "set": "test_vggss", "classes": "all",
-                            "retrieve/a2a/p_at_1": 0.25, "retrieve/a2i/p_at_1": 0.125})
+                            **mlflow_metrics(report)})
+        return report
 
     monkeypatch.setattr("sslt_cli.retrieve.retrieve", fake_retrieve)
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
@@ -487,20 +524,27 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
     assert [c.status for c in result.cells] == ["finished"] * 3
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_or_trains_anew_without_one(recipes: Path,
-                                                                              fake: FakeTrainer) -> None:
+def test_a_killed_run_of_an_older_state_resumes_from_its_checkpoint_or_trains_anew_without_one(
+        recipes: Path, fake: FakeTrainer) -> None:
+    # a state written before ablation.json recorded each cell's runs (no "runs"): they are found by their recipe name
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
     cells = expand_cells(ablation)
     with_checkpoint = Run.create(cells[0].recipe)
     with_checkpoint.update_meta(status="running")  # its process was killed: meta never said otherwise
     (with_checkpoint.checkpoints / "last-00000010.pt").write_bytes(b"")
     Run.create(cells[1].recipe).update_meta(status="running")
-    state = {"cells": {}}
+    older = {"format": "sslt-ablation/1", "cells": {"A-seed4": {"status": "running", "run_dir": None}}}
+    (ablation.folder / "ablation.json").write_text(json.dumps(older))
+    state = load_state(ablation.folder)
     plans = [inspect_cell(c, ablation, state) for c in cells]
     assert [(p.status, p.action) for p in plans] == [("interrupted", "resume"), ("interrupted", "train"),
                                                      ("pending", "train")]
     run_ablation(ablation, console=quiet(), out=quiet())
     assert fake.calls == [("A-seed4", with_checkpoint.dir.name), ("B-seed4", None), ("C-seed4", None)]
+    # the scan's finds are recorded with the new runs: B-seed4's killed run, then the one that trained anew
+    recorded = json.loads((ablation.folder / "ablation.json").read_text())["cells"]
+    assert recorded["A-seed4"]["runs"] == [with_checkpoint.dir.name]
+    assert len(recorded["B-seed4"]["runs"]) == 2 and recorded["B-seed4"]["run_dir"] == recorded["B-seed4"]["runs"][1]
 
 
 def test_a_changed_recipe_trains_anew_and_keeps_the_old_runs(recipes: Path, fake: FakeTrainer) -> None:

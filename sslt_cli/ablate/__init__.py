@@ -55,14 +55,14 @@ The package: :mod:`~sslt_cli.ablate.spec` (the file's language: parse, validate,
 
 from sslt_cli.ablate.report import (CellResult, RowSummary, baseline_line, ordering_lines, paper_orderings,
                                     plan_table, summarise, summary_table)
-from sslt_cli.ablate.runner import (LOCK, STATE, STATE_FORMAT, AblationResult, inspect_cell, read_cell_metrics,
-                                    run_ablation, write_report)
+from sslt_cli.ablate.runner import (LOCK, STATE, STATE_FORMAT, AblationResult, inspect_cell, load_state,
+                                    read_cell_metrics, run_ablation, write_report)
 from sslt_cli.ablate.spec import (ABLATION_KEYS, SWITCHES, TICKS, Ablation, AblationSpec, Cell, Row, cell_name,
                                   expand_cells, load_ablation, resolve_base, resolve_seeds)
 from sslt_cli.errors import RecipeError, SsltError
 
 __all__ = ["ABLATION_KEYS", "LOCK", "STATE", "STATE_FORMAT", "SWITCHES", "TICKS", "Ablation", "AblationResult",
            "AblationSpec", "Cell", "CellResult", "RecipeError", "Row", "RowSummary", "SsltError", "baseline_line",
-           "cell_name", "expand_cells", "inspect_cell", "load_ablation", "ordering_lines", "paper_orderings",
+           "cell_name", "expand_cells", "inspect_cell", "load_ablation", "load_state", "ordering_lines", "paper_orderings",
            "plan_table", "read_cell_metrics", "resolve_base", "resolve_seeds", "run_ablation", "summarise",
            "summary_table", "write_report"]

@@ -32,6 +32,8 @@ from sslt_cli.tracking import Tracker
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
 LOCK = ".lock"
+# set in a state once each cell's runs are recorded in it (cells.<name>.runs)
+RUNS_RECORDED = "runs_recorded"
 # the keys of a test record the ablation tabulates, and those of its centre-prior baseline (REFERENCE.md section 5)
 TEST_KEYS = ("ciou", "auc", "mean_iou", "n")
 CENTRE_KEYS = ("baseline_centre/ciou", "baseline_centre/auc")
@@ -67,7 +69,15 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _load_state(folder: Path) -> dict:
+def load_state(folder: Path) -> dict:
+    """The folder's ``ablation.json`` (a new state when there is none), with every cell's runs recorded."""
+    state = _read_state(folder)
+    if not state.get(RUNS_RECORDED):
+        _record_found_runs(state, folder)
+    return state
+
+
+def _read_state(folder: Path) -> dict:
     path = folder / STATE
     if not path.is_file():
         return {"format": STATE_FORMAT, "cells": {}}
@@ -184,42 +194,39 @@ def _locked(folder: Path) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------ finding a cell's runs
 
-def _scan_runs(cell: Cell, folder: Path) -> list[Run]:
-    """The run folders made for ``cell`` (recipe name = cell name), oldest first, found by reading every run folder's
-    meta.json. Only for a cell whose state entry has no ``runs`` list: ablation folders made before the state recorded
-    each cell's runs (or whose ablation.json was deleted) still resume and report."""
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
+def _record_found_runs(state: dict, folder: Path) -> None:
+    """Record in ``state`` the runs of every cell whose entry has no ``runs`` list, found by their recipe name (the
+    cell's name) in the folder's run folders, oldest first. Once per state: only a state written before each cell's
+    runs were recorded as they were created (same format, no ``runs_recorded``), or a deleted one, lacks them; the
+    ablation's runs are found again so that its folder still resumes and reports."""
+    found: dict[str, list[tuple[tuple[str, int], str]]] = {}
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not ((path / CONFIG).is_file() and (path / META).is_file()):
             continue
         try:
-            meta = json.loads((path / META).read_text())
+            name = json.loads((path / META).read_text()).get("recipe_name")
         except (json.JSONDecodeError, OSError):
             continue
-        if meta.get("recipe_name") == cell.name:
+        if isinstance(name, str) and path.name.startswith(f"{name}-"):
             # <cell>-<YYYYmmdd-HHMMSS>[-n]: the time, then the collision suffix Run.create adds
-            rest = path.name[len(cell.name) + 1:]
-            stamp, _, suffix = rest[:15], rest[15:16], rest[16:]
-            found.append(((stamp, int(suffix) if suffix.isdigit() else 0), Run(path)))
-    return [run for _, run in sorted(found, key=lambda item: item[0])]
+            rest = path.name[len(name) + 1:]
+            stamp, suffix = rest[:15], rest[16:]
+            found.setdefault(name, []).append(((stamp, int(suffix) if suffix.isdigit() else 0), path.name))
+    for name, runs in found.items():
+        entry = state["cells"].setdefault(name, {})
+        if "runs" not in entry:
+            entry["runs"] = [folder_name for _, folder_name in sorted(runs)]
+    state[RUNS_RECORDED] = True
 
 
-def cell_runs(cell: Cell, folder: Path, entry: dict) -> list[Run]:
-    """The cell's run folders, oldest first: those its state entry records (``runs``) that still exist, else (an
-    older state) those :func:`_scan_runs` finds."""
-    if "runs" not in entry:
-        return _scan_runs(cell, folder)
-    return [Run(folder / name) for name in entry["runs"] if (folder / name / META).is_file()]
+def cell_runs(folder: Path, entry: dict) -> list[Run]:
+    """The cell's run folders that its state entry records and that still exist, oldest first."""
+    return [Run(folder / name) for name in entry.get("runs", []) if (folder / name / META).is_file()]
 
 
-def _record_run(entry: dict, cell: Cell, folder: Path, run: Run) -> None:
-    """Note ``run`` as the cell's newest run in its state entry (the runs a scan finds first, for an older state)."""
-    runs = entry.get("runs")
-    if runs is None:
-        runs = [r.dir.name for r in _scan_runs(cell, folder)]
-    entry["runs"] = [name for name in runs if name != run.dir.name] + [run.dir.name]
+def _record_run(entry: dict, run: Run) -> None:
+    """Note ``run`` as the cell's newest run in its state entry."""
+    entry["runs"] = [name for name in entry.get("runs", []) if name != run.dir.name] + [run.dir.name]
     entry["run_dir"] = run.dir.name
 
 
@@ -269,7 +276,7 @@ def _has_retrieval(run: Run) -> bool:
 def inspect_cell(cell: Cell, ablation: Ablation, state: dict) -> CellResult:
     """A cell's state from its newest run folder (recorded in the ablation state) and what running it next does."""
     entry = state.get("cells", {}).get(cell.name, {})
-    runs = cell_runs(cell, ablation.folder, entry)
+    runs = cell_runs(ablation.folder, entry)
     matching = [r for r in runs if _same_recipe(r, cell)]
     run = matching[-1] if matching else None
     if run is None:
@@ -358,7 +365,7 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> 
     else:
         run = Run.create(cell.recipe, overrides=list(cell.overrides),
                          extra_meta={"recipe_path": str(ablation.base_path)})
-    _record_run(entry, cell, ablation.folder, run)
+    _record_run(entry, run)
     return run
 
 
@@ -510,7 +517,7 @@ def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, ablation: A
 def _dry_run(ablation: Ablation, seeds: int | Sequence[int] | None, console: Console,
              out: Console) -> AblationResult:
     """Print each cell and what running the ablation would do with it; touch nothing."""
-    state = _load_state(ablation.folder)
+    state = load_state(ablation.folder)
     _check_same_ablation(ablation, state)
     cells = expand_cells(ablation, _seeds_to_run(ablation, seeds, state, console))
     results = [inspect_cell(c, ablation, state) for c in cells]
@@ -553,7 +560,7 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
                         "first")
     ablation.folder.mkdir(parents=True, exist_ok=True)
     with _locked(ablation.folder):
-        state = _load_state(ablation.folder)
+        state = load_state(ablation.folder)
         _check_same_ablation(ablation, state)
         run_seeds = _seeds_to_run(ablation, seeds, state, console)
         cells = expand_cells(ablation, run_seeds)
