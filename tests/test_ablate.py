@@ -234,17 +234,20 @@ def test_seeds_from_the_file_a_count_or_a_list(recipes: Path) -> None:
     assert resolve_seeds(load_ablation(path, ["seeds=[1]"]), None, [3, 9]) == [1]
 
 
+def test_every_shipped_ablation_file_is_tested(repo_root: Path) -> None:
+    assert sorted(p.stem for p in (repo_root / "recipes" / "ablations").glob("*.yaml")) == sorted(SHIPPED)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-@pytest.mark.parametrize("base", ["tie_full", "quickstart"])
-def test_shipped_ablation_files_validate(repo_root: Path, name: str, base: str) -> None:
-    if not (repo_root / "recipes" / f"{base}.yaml").exists():
-        pytest.skip(f"recipes/{base}.yaml is not written yet")
+@pytest.mark.parametrize("base", [None, "tie_full", "quickstart"])
+def test_shipped_ablation_files_validate(repo_root: Path, name: str, base: str | None) -> None:
     path = repo_root / "recipes" / "ablations" / f"{name}.yaml"
-    lines = path.read_text().splitlines()
-    assert all(line.startswith("# ") for line in lines[:3]), "a recipe starts with a 3-line comment"
-    ablation = load_ablation(path, [f"base={base}"])
-    assert ablation.base_path == repo_root / "recipes" / f"{base}.yaml"
-    assert expand_cells(ablation)
+    ablation = load_ablation(path, [f"base={base}"] if base else [])
+    if base:
+        assert ablation.base_path == repo_root / "recipes" / f"{base}.yaml"
+    cells = expand_cells(ablation)
+    assert [c.name for c in cells] == [f"{row.name}-seed{seed}" for seed in ablation.seeds for row in ablation.rows]
+    assert all(c.recipe.name == c.name and c.recipe.runs_dir == str(ablation.folder) for c in cells)
 
 
 def test_the_paper_file_has_rows_a_to_f_exactly_as_the_paper(repo_root: Path) -> None:
@@ -687,10 +690,36 @@ def test_a_second_process_on_the_same_ablation_is_refused(recipes: Path, fake: F
 
 # -------------------------------------------------------------------------------------- real, end to end
 
-def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, repo_root: Path) -> None:
+@pytest.fixture
+def mlflow_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Records, for every MLflow run created, its id and the tags it was created with ("created"), and every run
+    whose mlflow.parentRunId is set after its creation ("reparented")."""
+    from mlflow.tracking import MlflowClient
+
+    calls: dict[str, list] = {"created": [], "reparented": []}
+    create_run, set_tag = MlflowClient.create_run, MlflowClient.set_tag
+
+    def recording_create_run(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        calls["created"].append((run.info.run_id, {**(kwargs.get("tags") or {}), **run.data.tags}))
+        return run
+
+    def recording_set_tag(self, run_id, key, value, *args, **kwargs):
+        if key == "mlflow.parentRunId":
+            calls["reparented"].append(run_id)
+        return set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", recording_create_run)
+    monkeypatch.setattr(MlflowClient, "set_tag", recording_set_tag)
+    return calls
+
+
+def test_two_cells_end_to_end_children_from_the_start_and_resumed_after_an_interruption(
+        tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch, mlflow_calls: dict[str, list]) -> None:
     import torch
     from mlflow.tracking import MlflowClient
 
+    from sslt_cli import train as train_module
     from sslt_cli.data.synthetic import generate
 
     torch.set_num_threads(1)
@@ -704,9 +733,26 @@ def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, re
     overrides = [f"data.root={data}", "data.image_size=64", "audio.clip_seconds=3", "audio.n_mels=32",
                  "optim.batch_size=8", "optim.epochs=1", "data.num_workers=0", "tracking.enabled=true"]
     ablation = load_ablation(path, overrides)
+    train = train_module.train
+
+    def stopped_in_f(recipe, run, **kwargs):
+        """F's first training stops after one of its two steps, with a checkpoint, as Ctrl-C in the loop does."""
+        if recipe.name == "F-seed4" and not kwargs.get("resume"):
+            kwargs["stop_after_steps"] = 1
+        return train(recipe, run, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", stopped_in_f)
+    first = run_ablation(ablation, console=quiet(), out=quiet())
+    assert first.interrupted
+    assert [(c.cell.name, c.status, c.action) for c in first.cells] == [("A-seed4", "finished", "skip"),
+                                                                       ("F-seed4", "interrupted", "resume")]
+    stopped = first.cells[1].run.dir
+
     out = quiet()
     result = run_ablation(ablation, console=quiet(), out=out)
     assert [(c.cell.name, c.status) for c in result.cells] == [("A-seed4", "finished"), ("F-seed4", "finished")]
+    assert result.cells[1].run.dir == stopped and len(list(ablation.folder.glob("F-seed4-*"))) == 1
+    assert result.parent_run_id == first.parent_run_id
 
     # the summary holds each run's best-checkpoint test record
     rows = list(csv.DictReader(open(ablation.folder / "summary.csv")))
@@ -731,10 +777,16 @@ def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, re
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
-    assert {c.info.run_id for c in children} == {c.run.meta()["mlflow_run_id"] for c in result.cells}
+    child_ids = {c.run.meta()["mlflow_run_id"] for c in result.cells}
+    assert {c.info.run_id for c in children} == child_ids
     assert all(c.info.status == "FINISHED" and "test_vggss/best/ciou" in c.data.metrics for c in children)
+    # each child was created once (F's resume reopened it) as the parent's child, and never re-parented
+    created = {run_id: tags for run_id, tags in mlflow_calls["created"]}
+    assert len(mlflow_calls["created"]) == 3 and set(created) == child_ids | {parent.info.run_id}
+    assert all(created[child]["mlflow.parentRunId"] == parent.info.run_id for child in child_ids)
+    assert mlflow_calls["reparented"] == []
 
-    # a second call finds both cells finished and trains nothing
+    # a third call finds both cells finished and trains nothing
     again = run_ablation(ablation, console=quiet(), out=quiet())
     assert [c.action for c in again.cells] == ["skip", "skip"]
     assert again.parent_run_id == result.parent_run_id
