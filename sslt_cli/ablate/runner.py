@@ -327,12 +327,6 @@ def _tag_child(run: Run | None, cell: Cell, ablation: Ablation, status: str, con
     tracker.end(status)
 
 
-def _test_result(result: Any, ablation: Ablation) -> dict[str, float]:
-    """The tabulated numbers of the test result ``train`` returned for the ablation's set and checkpoint."""
-    record = (result.test or {}).get(ablation.evaluate_set, {}).get(ablation.checkpoint)
-    return pick_test_metrics(record) if record else {}
-
-
 def _retrieve(run: Run, cell: Cell, ablation: Ablation, console: Console) -> dict[str, float]:
     """Retrieve with the cell's run (the recipe's first test set, all classes) and return its numbers."""
     from sslt_cli.retrieve import mlflow_metrics, retrieve
@@ -340,20 +334,6 @@ def _retrieve(run: Run, cell: Cell, ablation: Ablation, console: Console) -> dic
     found = retrieve(run.dir, which=ablation.checkpoint, device=cell.recipe.train.device, console=console,
                      out=Console(quiet=True))
     return _retrieval_numbers(mlflow_metrics(found))
-
-
-def _train_cell(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, parent_id: str | None,
-                console: Console) -> CellResult | None:
-    """Train (or resume) the cell into ``run``; None when training was interrupted (its checkpoint kept)."""
-    from sslt_cli import train as train_module
-
-    resume = plan.action == "resume"
-    # each run's own result tables stay in its folder; the ablation prints one line per cell and its own table
-    result = train_module.train(run.recipe() if resume else cell.recipe, run, resume=resume, parent_run_id=parent_id,
-                                console=console, out=Console(quiet=True))
-    if result.status == "interrupted":
-        return None
-    return CellResult(cell, "finished", run, _test_result(result, ablation), None, "skip")
 
 
 def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> Run:
@@ -371,18 +351,31 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> 
 
 def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, parent_id: str | None,
              console: Console) -> CellResult:
-    """Train or resume the cell as planned (a cell to retrieve with was trained by an earlier process); its result,
-    interrupted when training stopped with a checkpoint."""
+    """Train or resume the cell into ``run`` as planned (a cell to retrieve with was trained by an earlier process);
+    its result from what ``train`` returns, interrupted when training stopped with a checkpoint."""
+    from sslt_cli import train as train_module
+
     if plan.action == "retrieve":
         return CellResult(cell, "finished", run, dict(plan.metrics), None, "skip")
-    done = _train_cell(cell, plan, run, ablation, parent_id, console)
-    if done is None:
-        action = "resume" if run.latest_checkpoint() is not None else "train"
-        return CellResult(cell, "interrupted", run, {}, None, action)
-    if not done.metrics:
+    resume = plan.action == "resume"
+    # each run's own result tables stay in its folder; the ablation prints one line per cell and its own table
+    result = train_module.train(run.recipe() if resume else cell.recipe, run, resume=resume, parent_run_id=parent_id,
+                                console=console, out=Console(quiet=True))
+    if result.status == "interrupted":
+        return _interrupted(cell, run, None)
+    record = (result.test or {}).get(ablation.evaluate_set, {}).get(ablation.checkpoint)
+    if not record:
         raise SsltError(f"{run.dir}: training finished but metrics.jsonl has no test record for set "
                         f"{ablation.evaluate_set!r}, checkpoint {ablation.checkpoint!r}")
-    return done
+    return CellResult(cell, "finished", run, pick_test_metrics(record), None, "skip")
+
+
+def _interrupted(cell: Cell, run: Run, trained: CellResult | None) -> CellResult:
+    """The result of a cell stopped in training (resumed from its last checkpoint, if any) or, when ``trained``
+    finished, in its retrieval (which a re-run does again)."""
+    if trained is not None and trained.status == "finished":
+        return CellResult(cell, "interrupted", run, trained.metrics, None, "retrieve")
+    return CellResult(cell, "interrupted", run, {}, None, "resume" if run.latest_checkpoint() is not None else "train")
 
 
 def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, parent_id: str | None,
@@ -399,19 +392,20 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     run = _cell_run(cell, plan, ablation, entry)
     _save_state(ablation.folder, state)
     trained: CellResult | None = None
-    result = CellResult(cell, "interrupted", run, {}, None, "train")
+    result: CellResult | None = None
     try:
         result = trained = _trained(cell, plan, run, ablation, parent_id, console)
         if trained.status == "finished":
             if ablation.retrieve:
                 result = replace(trained, metrics=trained.metrics | _retrieve(run, cell, ablation, console))
             _say_finished(result, ablation, console)
-    except KeyboardInterrupt:
-        result = replace(result, action="resume" if run.latest_checkpoint() is not None else "train")
-        raise
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
+    except BaseException:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
+        result = _interrupted(cell, run, trained)
+        raise
     finally:
+        assert result is not None
         done[cell.name] = result
         entry.update(status=result.status, updated=_now())
         _save_state(ablation.folder, state)
