@@ -527,6 +527,25 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
     assert [c.status for c in result.cells] == ["finished"] * 3
 
 
+def test_ctrl_c_in_a_retrieval_leaves_the_trained_cell_to_retrieve_again(recipes: Path, fake: FakeTrainer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped_retrieve(target, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sslt_cli.retrieve.retrieve", stopped_retrieve)
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
+                             ["retrieve=true"])
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(ablation, console=quiet(), out=quiet())
+    state = json.loads((ablation.folder / "ablation.json").read_text())
+    assert state["cells"]["A-seed4"]["status"] == "interrupted" and fake.calls == [("A-seed4", None)]
+    rows = list(csv.DictReader(open(ablation.folder / "cells.csv")))
+    assert (rows[0]["status"], rows[0]["ciou"]) == ("interrupted", "0.3")  # its test result is kept
+    plans = run_ablation(ablation, dry_run=True, console=quiet(), out=quiet()).cells
+    assert [(p.status, p.action) for p in plans] == [("pending", "retrieve"), ("pending", "train"),
+                                                     ("pending", "train")]
+
+
 def test_a_killed_run_of_an_older_state_resumes_from_its_checkpoint_or_trains_anew_without_one(
         recipes: Path, fake: FakeTrainer) -> None:
     # a state written before ablation.json recorded each cell's runs (no "runs"): they are found by their recipe name
