@@ -1,6 +1,6 @@
 """Evaluation throughput: clips/s of the whole ``sslt eval`` of a model and of its metric part alone, on 5000 clips.
 
-* whole eval: ``evaluate.evaluate_model_on_set``, what ``sslt eval RUN_OR_CHECKPOINT`` runs for a test set: frame
+* whole eval: ``evaluate.evaluate_model``, what ``sslt eval RUN_OR_CHECKPOINT`` runs for a test set: frame
   decode and pre-processing, audio decode and log-mel (the loader, the recipe's batch size and workers), the model's
   forward pass in the recipe's eval precision, scoring with the baselines, the outputs (metrics.json, per_clip.csv,
   excluded.csv, gallery.png, maps.npz). On a synthetic VGG-SS-style test set at the paper's settings (224 px frames,
@@ -63,15 +63,14 @@ def time_whole_eval(test: evaluate.TestSet, protocol: metrics.Protocol, device: 
                     ) -> tuple[float, float, dict[str, np.ndarray], evaluate.EvalResult]:
     """(seconds of the whole eval, seconds of its metric part alone, the model's maps, the scoring result)."""
     recipe = Recipe()  # the paper's settings: 224 px, 10 s audio at 16 kHz, 257 mels
-    loaded = evaluate.LoadedModel(model=build_model().to(device).eval(), recipe=recipe, label="untrained",
-                                  source=out_dir)
+    model = build_model().to(device).eval()
     clips = [test.clips[cid] for cid in test.ids]
-    evaluate.predict_maps(loaded.model, clips[:recipe.eval.batch_size], recipe, protocol, device,
+    evaluate.predict_maps(model, clips[:recipe.eval.batch_size], recipe, protocol, device,
                           num_workers=0)  # warm-up: allocator, kernels
     sync(device)
     start = time.perf_counter()
-    evaluate.evaluate_model_on_set(loaded, test, protocol, out_dir, device=device, batch_size=batch_size,
-                                   num_workers=workers)
+    evaluate.evaluate_model(model, test, protocol, recipe, device=device, out_dir=out_dir, batch_size=batch_size,
+                            num_workers=workers)
     sync(device)
     whole = time.perf_counter() - start
     maps = evaluate.load_maps(out_dir / "maps.npz")

@@ -40,9 +40,8 @@ from rich.console import Console
 
 from sslt_cli import train as train_module
 from sslt_cli.config import Recipe, load_recipe
-from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset
-from sslt_cli.data.manifest import Clip, read_set
+from sslt_cli.data.manifest import read_set
 from sslt_cli.model import autocast_for, build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,20 +90,6 @@ def make_data(root: Path, n_train: int, image_size: int) -> Path:
     out = root / f"synthetic-{image_size}px-{n_train}"
     generate(out, n_train=n_train, n_val=0, n_test=0, n_flickr=0, image_size=image_size, progress=False)
     return out
-
-
-def training_dataset(recipe: Recipe, clips: list[Clip], cache_dir: Path | None) -> AudioVisualDataset:
-    """The training dataset exactly as ``train()`` builds it from the recipe."""
-    t = recipe.transforms
-    image_transform = augment.build_image_transform(
-        recipe.data.image_size, app=t.app.enabled, geo=t.geo.enabled, crop=t.geo.crop, crop_scale=t.geo.crop_scale,
-        rotation=t.geo.rotation, flip=t.geo.flip, jitter=t.app.jitter, jitter_p=t.app.jitter_p, gray_p=t.app.gray_p,
-        blur_p=t.app.blur_p, blur_sigma=t.app.blur_sigma)
-    spec_augment = dict(p=t.mask.p, time=t.mask.time, freq=t.mask.freq) if t.mask.enabled else None
-    return AudioVisualDataset(
-        clips, image_transform=image_transform, n_views=2 if t.views == "paper" else 1, shared_geometry=True,
-        audio=train_module.audio_args(recipe), spec_augment=spec_augment, train=True, seed=recipe.seed,
-        cache_dir=cache_dir)
 
 
 def warm_cache(dataset: AudioVisualDataset) -> None:
@@ -208,7 +193,8 @@ def measure(name: str, device: torch.device, steps: int, loader_batches: int, wo
     recipe = base_recipe(name, overrides)
     clips = read_set(data / "train").clips
     # train() keeps its log-mel cache beside the run folders: warm it there so (a) and (c) both read it
-    dataset = training_dataset(recipe, clips, runs / ".spec_cache" if recipe.data.cache_spectrograms else None)
+    cache = runs / ".spec_cache" if recipe.data.cache_spectrograms else None
+    dataset = train_module.training_dataset(recipe, clips, cache)
     warm_cache(dataset)
 
     sample = next(iter(train_module.make_loader(dataset, list(range(batch)), batch, 0, True, device)))

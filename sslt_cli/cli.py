@@ -13,6 +13,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
+from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.errors import SsltError
 
 out = Console()
@@ -159,7 +160,7 @@ def train(
 
     overrides = list(overrides or [])
     if nproc is not None and not dry_run:
-        from sslt_cli.train import launch_torchrun
+        from sslt_cli.distributed import launch_torchrun
 
         if resume is not None:
             raise typer.Exit(launch_torchrun(nproc, ["train", "--resume", str(resume)]))
@@ -180,9 +181,7 @@ def train(
             typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
             typer.echo(f"would resume {run.dir}", err=True)
             return
-        from sslt_cli.train import train as run_training
-
-        run_training(run.recipe(), resume_run=run, console=err, out=out)
+        _train(run.recipe(), lambda world: run, resume=True)
         return
     if recipe is None:
         raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
@@ -191,15 +190,24 @@ def train(
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
         typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
-    from sslt_cli.train import train as run_training
+    from sslt_cli.runs import Run
 
-    run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
+    _train(resolved, lambda world: Run.create(resolved, overrides=overrides,
+                                              extra_meta={"recipe_path": str(recipe), "world_size": world}))
+
+
+def _train(recipe, make_run, resume: bool) -> None:
+    """Train into the run ``make_run(world size)`` gives; under torchrun rank 0 makes it and every rank gets it."""
+    from sslt_cli import distributed
+    from sslt_cli.train import check_processes, train as run_training
+
+    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
+    check_processes(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
+    run = distributed.share_run(env, lambda: make_run(env.world))
+    run_training(recipe, run, resume=resume, console=err, out=out)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
-
-PROTOCOL_NAMES = ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
-
 
 @app.command("eval", epilog=_example(
     "sslt eval --baselines-only --vggss-json ../shared/realdata/vggss.json "
@@ -229,8 +237,60 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
+    from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
+    from sslt_cli.distributed import pick_device
 
+    _check_eval_options(target=target, maps=maps, baselines_only=baselines_only, extended=extended,
+                        silent_maps=silent_maps, silent_data=silent_data, vggss_json=vggss_json, media=media,
+                        protocol=protocol, which=which)
+    recipe, checkpoints, run_dir = (checkpoint.resolve_checkpoints(target, which) if target is not None
+                                    else (None, [], None))
+    if recipe is None and run_dir is not None:
+        from sslt_cli.runs import Run
+
+        recipe = Run.open(run_dir).recipe()
+    protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
+    tests = _eval_sets(recipe, data, vggss_json, media, id_list)
+    silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
+    silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
+    loaded_maps = ev.load_maps(maps) if maps is not None else None
+    loaded_silent_maps = ev.load_maps(silent_maps) if silent_maps is not None else None
+    tracker, sink = _eval_tracking(recipe, run_dir, protocol_name)
+    dev = pick_device(device, option="--device")
+    clip_boxes = False if no_clip else None
+    for set_name, test in tests:
+        for note in test.notes:
+            err.print(f"note: {note}", highlight=False)
+        if target is not None:
+            where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
+            for label, path in checkpoints:
+                ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
+                _eval_checkpoint(path, label, recipe, set_name, test, protocol_name, where, sink, device=dev,
+                                 batch_size=batch_size, clip_boxes=clip_boxes, extended=ext)
+            continue
+        # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
+        to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
+        with _progress(f"{test.name} (scoring)", to_score) as advance:
+            result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
+                                   annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
+                                   name=test.name, notes=test.notes, device=dev, progress=advance)
+        if silent_pairs is not None:
+            result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
+                                                            test.ids, test.annotations, str(silent_maps))
+            result.notes += notes
+        what = "maps" if maps else "baselines"
+        folder = out_dir or ev.eval_folder(Path("eval"), set_name, what, protocol_name)
+        ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
+                         defects=test.defects)
+        _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
+                     sink, f"eval_{test.name}/{what}", 0)
+    tracker.end("FINISHED")
+
+
+def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, silent_data, vggss_json, media,
+                        protocol, which) -> None:
+    """`sslt eval`'s option combinations that cannot work, each refused with what to do instead."""
     if protocol is not None and protocol not in PROTOCOL_NAMES:
         raise SsltError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOL_NAMES)}")
     if which not in ("best", "last", "both"):
@@ -256,29 +316,30 @@ def eval_cmd(
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
-    recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
-    if recipe is None and run_dir is not None:
-        from sslt_cli.runs import Run
 
-        recipe = Run.open(run_dir).recipe()
-    protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
-    clip_boxes = False if no_clip else None
+
+def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
+    """[(set name for output folders, test set)]: --vggss-json, --data folders, else the recipe's test sets."""
+    from sslt_cli import evaluate as ev
 
     tests = []
     if vggss_json is not None:
-        tests.append(ev.load_vggss_json_set(vggss_json, id_list, media))
+        loaded_json = ev.load_vggss_json_set(vggss_json, id_list, media)
+        tests.append((loaded_json.name, loaded_json))
     for folder in data or []:
-        tests.append(ev.load_test_set(folder, id_list))
+        loaded_set = ev.load_test_set(folder, id_list)
+        tests.append((_recipe_set_name(recipe, folder) or loaded_set.name, loaded_set))
     if not tests and recipe is not None:
-        tests = [ev.load_test_set(recipe.data.set_path(p), id_list) for p in recipe.data.test.values()]
+        tests = [(name, ev.load_test_set(recipe.data.set_path(p), id_list)) for name, p in recipe.data.test.items()]
     if not tests:
         raise SsltError("no test set: pass --data DIR (a prepared set) or --vggss-json FILE")
-    silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
-    silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
-    loaded_maps = ev.load_maps(maps) if maps is not None else None
-    loaded_silent_maps = ev.load_maps(silent_maps) if silent_maps is not None else None
+    return tests
 
-    from sslt_cli.tracking import Tracker
+
+def _eval_tracking(recipe, run_dir: Path | None, protocol_name: str):
+    """(tracker, sink) for `sslt eval`: the run's own MLflow run when evaluating a run folder, else a new one.
+    `sslt eval` leaves metrics.jsonl to training (its numbers are in eval/), so the sink writes MLflow only."""
+    from sslt_cli.tracking import MetricsSink, Tracker
 
     tracker = Tracker(enabled=recipe.tracking.enabled if recipe is not None else True,
                       experiment=recipe.tracking.experiment if recipe is not None else "sslt")
@@ -289,51 +350,24 @@ def eval_cmd(
         run_meta = Run.open(run_dir).meta()
     tracker.start(f"eval-{(run_dir or Path('maps')).name}", run_id=(run_meta or {}).get("mlflow_run_id"),
                   params={"eval.protocol": protocol_name} if run_meta is None else None)
-    dev = _device(device)
-    for test in tests:
-        for note in test.notes:
-            err.print(f"note: {note}", highlight=False)
-        if target is not None:
-            for label, path in checkpoints:
-                loaded = ev.load_model(path, recipe, dev)
-                where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
-                folder = where / f"{test.name}-{label}-{protocol_name}"
-                ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
-                to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
-                with _progress(f"{test.name} ({label})", to_predict + len(silent_pairs or ())) as advance:
-                    result = ev.evaluate_model_on_set(loaded, test, protocol_name, folder, device=dev,
-                                                      batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
-                                                      progress=advance)
-                _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", tracker,
-                             f"eval_{test.name}/{label}", loaded.step or 0)
-        else:
-            # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
-            to_score = sum(1 for cid in test.ids
-                           if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
-            with _progress(f"{test.name} (scoring)", to_score) as advance:
-                result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
-                                       annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
-                                       name=test.name, notes=test.notes, device=dev, progress=advance)
-            if silent_pairs is not None:
-                result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
-                                                                test.ids, test.annotations, str(silent_maps))
-                result.notes += notes
-            folder = out_dir or Path("eval") / f"{test.name}-{'maps' if maps else 'baselines'}-{protocol_name}"
-            ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
-                             defects=test.defects)
-            _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
-                         tracker, f"eval_{test.name}/{'maps' if maps else 'baselines'}", 0)
-    tracker.end("FINISHED")
+    return tracker, MetricsSink(None, tracker)
 
 
-def _device(choice: str):
-    import torch
+def _eval_checkpoint(path: Path, label: str, recipe, set_name: str, test, protocol_name: str, where: Path, sink, *,
+                     device, batch_size, clip_boxes, extended) -> None:
+    """One checkpoint on one test set through the one evaluation function, reported and mirrored."""
+    from sslt_cli import checkpoint
+    from sslt_cli import evaluate as ev
 
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SsltError("--device cuda but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
+    loaded = checkpoint.load_model(path, recipe, device)
+    folder = ev.eval_folder(where, set_name, label, protocol_name)
+    to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
+    with _progress(f"{test.name} ({label})", to_predict + len(extended[0] if extended else ())) as advance:
+        result = ev.evaluate_model(loaded.model, test, protocol_name, loaded.recipe, device=device, out_dir=folder,
+                                   batch_size=batch_size, clip_boxes=clip_boxes, extended=extended,
+                                   progress=advance)
+    _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", sink,
+                 f"eval_{test.name}/{label}", loaded.step or 0)
 
 
 class _progress:
@@ -367,7 +401,18 @@ class _progress:
         return self.bar.__exit__(kind, *exc)
 
 
-def _report_eval(result, folder: Path, title: str, tracker, prefix: str, step: int) -> None:
+def _recipe_set_name(recipe, folder: Path) -> str | None:
+    """The recipe's name for a test set folder (``vggss`` for ``data/synthetic/test_vggss``), if it is one of its
+    ``data.test`` sets: output folders are then named as training names them."""
+    if recipe is None:
+        return None
+    for name, path in recipe.data.test.items():
+        if recipe.data.set_path(path).resolve() == Path(folder).resolve():
+            return name
+    return None
+
+
+def _report_eval(result, folder: Path, title: str, sink, prefix: str, step: int) -> None:
     from sslt_cli import evaluate as ev
 
     table = ev.result_table(result)
@@ -380,8 +425,8 @@ def _report_eval(result, folder: Path, title: str, tracker, prefix: str, step: i
                   f"(SLAVC sampling {x.max_f1_slavc:.4f}); {x.n_sounding} sounding + {x.n_silent} non-sounding "
                   f"pairs{left_out}")
     err.print(f"outputs: {folder}")
-    tracker.log_metrics(ev.mlflow_metrics(result, prefix), step)
-    tracker.log_artifacts(folder, f"eval/{folder.name}")
+    sink.log("eval", step, {}, mlflow=ev.mlflow_metrics(result, prefix))
+    sink.artifact(folder, f"eval/{folder.name}")
 
 
 # --------------------------------------------------------------------------------------------------------- retrieve
@@ -449,7 +494,7 @@ def export(
     which: str = typer.Option("best", help="For a run folder: the best (validation cIoU) or the last checkpoint."),
 ) -> None:
     """Export a model to the official SSL-TIE checkpoint format (state_dict keys imgnet.*, audnet.*, conv3, norm3)."""
-    from sslt_cli.evaluate import export_official
+    from sslt_cli.checkpoint import export_official
 
     source, written = export_official(target, out_file, which)
     _print_mapping("export", {"read": str(source), "written": str(written),

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.errors import RecipeError
 
 
@@ -173,7 +174,7 @@ class TrainConfig(_Strict):
 class EvalConfig(_Strict):
     """Protocol for validation and the final test evaluation."""
 
-    protocol: Literal["ssltie", "lvs", "ezvsl", "fnac", "sspl"] = "ssltie"
+    protocol: Literal[PROTOCOL_NAMES] = "ssltie"  # type: ignore[valid-type]
     batch_size: int = Field(32, ge=1)
     # maps for validation and test in fp32, as the published pipelines score them; bf16 is faster but rounds the
     # cosine map to 8 mantissa bits, which adds ties at the median and at the maximum

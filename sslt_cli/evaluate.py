@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from sslt_cli import metrics
+from sslt_cli.checkpoint import load_model, resolve_checkpoints
 from sslt_cli.data.annotations import (
     Annotation,
     DefectReport,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
 CHUNK = 64  # clips per scoring batch: a (64, 224, 224) float32 tensor is 13 MB
 RANDOM_SEEDS = (0, 1, 2)
 MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
+BatchHook = Callable[[list, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 STAGES = ("no annotation", "no frame/audio", "no map", "excluded")
 BASELINE_LABELS = {
     "centre": "centre prior",
@@ -260,13 +262,15 @@ def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:
 
 
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
-                      device: str | torch.device,
-                      progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+                      device: str | torch.device, progress: Callable[[int], None] | None = None,
+                      on_batch: BatchHook | None = None) -> dict[str, np.ndarray]:
     """Localisation maps of a model over test batches -> {clip id: (h, w) float32 cosine map}.
 
     batches yield ``(ids, images (B, 3, H, W) normalised, specs (B, 1, n_mels, T) log-mel dB)``; the map of each
     image with its own audio is ``localisation_map(model.embed_image(images), model.embed_audio(specs))``
-    (B, 1, h, w). The model is put in eval mode; ``progress`` is called with the clip count of each batch.
+    (B, 1, h, w). The model is put in eval mode; ``progress`` is called with the clip count of each batch and
+    ``on_batch(ids, images, v, a, maps (B, h, w))`` sees each batch's embeddings (validation's L_cl and heatmaps),
+    outside autocast.
     """
     from sslt_cli.model import localisation_map
 
@@ -277,6 +281,9 @@ def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[s
             v = model.embed_image(images.to(device, non_blocking=True))
             a = model.embed_audio(specs.to(device, non_blocking=True))
             batch_maps = localisation_map(v, a)[:, 0].float().cpu().numpy()
+            if on_batch is not None:
+                with torch.autocast(torch.device(device).type, enabled=False):
+                    on_batch(list(ids), images, v, a, torch.from_numpy(batch_maps))
             for cid, m in zip(ids, batch_maps):
                 if cid in maps:
                     raise DataError(f"clip id {cid} appears twice in the evaluation batches; "
@@ -451,23 +458,7 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
     if duplicates:
         notes.append(f"{duplicates} duplicate ids in the requested list were counted once")
 
-    excluded: list[Exclusion] = []
-    scored: list[str] = []
-    for cid in requested:
-        annotation = annotations.get(cid)
-        if annotation is None:
-            excluded.append(Exclusion(cid, "no annotation", annotation_problems.get(cid, "no annotation for this id")))
-        elif cid in unavailable:
-            excluded.append(Exclusion(cid, "no frame/audio", unavailable[cid]))
-        elif maps is not None and cid not in maps:
-            excluded.append(Exclusion(cid, "no map", "no map for this clip id"))
-        else:
-            problem = _gt_problem(annotation, proto) or (_map_problem(maps[cid]) if maps is not None else None)
-            if problem:
-                excluded.append(Exclusion(cid, "excluded", problem))
-            else:
-                scored.append(cid)
-
+    scored, excluded = _triage(requested, maps, annotations, proto, unavailable, annotation_problems)
     stage_counts = Counter(e.stage for e in excluded)
     requested_set = set(requested)
     accounting = {
@@ -487,26 +478,54 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
 
     rows, method_values, baseline_values = _score_scored(scored, maps, annotations, proto, baselines,
                                                          random_seeds, torch.device(device), progress)
-    baseline_summaries: dict[str, dict[str, Any]] = {}
-    if baselines:
-        for key in ("centre", "whole_frame", "oracle"):
-            baseline_summaries[key] = _stage_summary(baseline_values[key])
-        if random_seeds:
-            per_seed = [_stage_summary(baseline_values[f"random_{seed}"]) for seed in random_seeds]
-            random_summary: dict[str, Any] = {}
-            for metric in ("ciou", "auc", "mean_iou", "pointing", "pred_area"):
-                values = np.array([s[metric] for s in per_seed])
-                random_summary[metric] = float(values.mean())
-                random_summary[f"{metric}_std"] = float(values.std())
-            random_summary["n"] = len(scored)
-            random_summary["seeds"] = list(random_seeds)
-            baseline_summaries["random"] = random_summary
-        baseline_summaries = {k: baseline_summaries[k] for k in BASELINE_LABELS if k in baseline_summaries}
     return EvalResult(
         name=name, protocol=proto, rows=rows,
         method=_stage_summary(method_values) if maps is not None else None,
-        baselines=baseline_summaries, accounting=accounting, excluded=excluded, notes=notes,
+        baselines=_baseline_summaries(baseline_values, random_seeds, len(scored)) if baselines else {},
+        accounting=accounting, excluded=excluded, notes=notes,
     )
+
+
+def _triage(requested: Sequence[str], maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
+            proto: Protocol, unavailable: Mapping[str, str], annotation_problems: Mapping[str, str]
+            ) -> tuple[list[str], list[Exclusion]]:
+    """(the clips that can be scored, every other requested clip with its stage and reason), in request order."""
+    excluded: list[Exclusion] = []
+    scored: list[str] = []
+    for cid in requested:
+        annotation = annotations.get(cid)
+        if annotation is None:
+            excluded.append(Exclusion(cid, "no annotation", annotation_problems.get(cid, "no annotation for this id")))
+        elif cid in unavailable:
+            excluded.append(Exclusion(cid, "no frame/audio", unavailable[cid]))
+        elif maps is not None and cid not in maps:
+            excluded.append(Exclusion(cid, "no map", "no map for this clip id"))
+        else:
+            problem = _gt_problem(annotation, proto) or (_map_problem(maps[cid]) if maps is not None else None)
+            if problem:
+                excluded.append(Exclusion(cid, "excluded", problem))
+            else:
+                scored.append(cid)
+    return scored, excluded
+
+
+def _baseline_summaries(values: dict[str, dict[str, np.ndarray]], random_seeds: Sequence[int],
+                        n: int) -> dict[str, dict[str, Any]]:
+    """The baselines' summaries in BASELINE_LABELS order; the random map's is the mean (and std) over its seeds."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for key in ("centre", "whole_frame", "oracle"):
+        summaries[key] = _stage_summary(values[key])
+    if random_seeds:
+        per_seed = [_stage_summary(values[f"random_{seed}"]) for seed in random_seeds]
+        random_summary: dict[str, Any] = {}
+        for metric in ("ciou", "auc", "mean_iou", "pointing", "pred_area"):
+            column = np.array([s[metric] for s in per_seed])
+            random_summary[metric] = float(column.mean())
+            random_summary[f"{metric}_std"] = float(column.std())
+        random_summary["n"] = n
+        random_summary["seeds"] = list(random_seeds)
+        summaries["random"] = random_summary
+    return {k: summaries[k] for k in BASELINE_LABELS if k in summaries}
 
 
 def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
@@ -899,89 +918,6 @@ def result_table(result: EvalResult) -> "Table":
 # Model path: checkpoints -> maps -> results
 
 
-@dataclass
-class LoadedModel:
-    """A model ready for evaluation, with the recipe that describes its inputs and where it came from."""
-
-    model: torch.nn.Module
-    recipe: Any
-    label: str
-    source: Path
-    step: int | None = None
-    epoch: int | None = None
-
-
-def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
-    """(recipe or None, [(label, checkpoint path)], run folder or None) for a run folder or a checkpoint file.
-
-    ``which``: ``best``, ``last`` or ``both`` (for run folders). A checkpoint file inside ``<run>/checkpoints/``
-    belongs to that run.
-    """
-    from sslt_cli.runs import Run
-
-    target = Path(target)
-    if target.is_dir():
-        run = Run.open(target)
-        recipe = run.recipe()
-        found: list[tuple[str, Path]] = []
-        last, best = run.latest_checkpoint(), run.best_checkpoint()
-        if which in ("last", "both") and last is not None:
-            found.append(("last", last))
-        if which in ("best", "both") and best is not None:
-            found.append(("best", best))
-        if not found:
-            raise DataError(f"{target}: no {'checkpoint' if which == 'both' else which + ' checkpoint'} in "
-                            f"{target / 'checkpoints'}; train first, or pass --which last/best")
-        return recipe, found, run.dir
-    if not target.is_file():
-        raise DataError(f"{target}: neither a run folder nor a checkpoint file")
-    run_dir = target.parent.parent if target.parent.name == "checkpoints" and (target.parent.parent / "meta.json").is_file() else None
-    return None, [(target.stem, target)], run_dir
-
-
-def load_model(path: str | Path, recipe: Any = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Build the model and load weights from an sslt checkpoint or an official SSL-TIE checkpoint.
-
-    The recipe (for image size and audio front end) comes from, in order: the argument, the sslt checkpoint, the
-    schema's defaults (the paper's settings, which the official weights were trained with).
-    """
-    from sslt_cli.config import Recipe, validate_tree
-    from sslt_cli.model import build_model, load_official_checkpoint, load_weights, read_checkpoint_file
-
-    path = Path(path)
-    state = read_checkpoint_file(path)
-    step = epoch = None
-    if isinstance(state, dict) and state.get("format") == "sslt-checkpoint/1" and "model" in state:
-        weights = state["model"]
-        step, epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
-        if recipe is None and isinstance(state.get("recipe"), dict):
-            recipe = validate_tree(state["recipe"], f"{path} (saved recipe)")
-        label = "sslt"
-    else:
-        weights = load_official_checkpoint(path)
-        label = "official SSL-TIE"
-    recipe = recipe or Recipe()
-    model = build_model()
-    load_weights(model, weights, path)
-    model.to(device).eval()
-    return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step, epoch=epoch)
-
-
-def export_official(target: str | Path, out: str | Path, which: str = "best") -> tuple[Path, Path]:
-    """Write an sslt model in the official SSL-TIE checkpoint format, so the released code (and other tools that read
-    it) can load it. ``target``: a run folder (its ``which`` checkpoint, ``best`` or ``last``) or a checkpoint file.
-    Returns (the checkpoint read, the file written)."""
-    from sslt_cli.model import save_official_checkpoint
-
-    if which not in ("best", "last"):
-        raise DataError(f"--which must be best or last for an export, got {which!r}")
-    _, checkpoints, _ = resolve_checkpoints(target, which)
-    (_, source), = checkpoints
-    loaded = load_model(source)
-    written = save_official_checkpoint(loaded.model, out, epoch=loaded.epoch or 0, iteration=loaded.step or 0)
-    return source, written
-
-
 def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, image_mode: str, *,
                 batch_size: int | None = None, num_workers: int | None = None) -> torch.utils.data.DataLoader:
     """A loader of (id, image, spec) items for evaluation: the protocol's image pre-processing (``image_mode``) at
@@ -1001,8 +937,8 @@ def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, 
 
 def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, protocol: Protocol,
                  device: str | torch.device, *, batch_size: int | None = None, num_workers: int | None = None,
-                 pairs: Sequence[tuple[str, Clip, Clip]] | None = None,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+                 pairs: Sequence[tuple[str, Clip, Clip]] | None = None, progress: Callable[[int], None] | None = None,
+                 on_batch: BatchHook | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Maps of ``model`` on ``clips`` (each frame with its own audio), or on ``pairs`` (key, frame clip, audio clip).
 
     Frames get the protocol's image pre-processing at ``recipe.data.image_size``; audio gets the recipe's front end.
@@ -1029,30 +965,39 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
 
     device = torch.device(device)
     with autocast_for(device, recipe.eval.precision):
-        maps = maps_from_batches(model, batches(), device, progress)
+        maps = maps_from_batches(model, batches(), device, progress, on_batch)
     return maps, skipped
 
 
-def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Protocol, out_dir: Path, *,
-                          device: str | torch.device = "cpu", batch_size: int | None = None,
-                          num_workers: int | None = None, clip_boxes: bool | None = None,
-                          extended: tuple[list[tuple[str, str]], TestSet] | None = None,
-                          progress: Callable[[int], None] | None = None) -> EvalResult:
-    """Predict maps for the test set's clips, score them with baselines, and write the outputs to ``out_dir``.
+def eval_folder(base: Path, set_name: str, checkpoint: str, protocol: str) -> Path:
+    """The one naming rule for evaluation outputs: ``<base>/<set>-<checkpoint>-<protocol>``. ``set``: the recipe's
+    name for the test set (``vggss``) when it is one of the recipe's ``data.test`` sets, else the set folder's name;
+    ``checkpoint``: ``best``, ``last``, a checkpoint file's stem, ``maps`` or ``baselines``."""
+    return Path(base) / f"{set_name}-{checkpoint}-{protocol}"
 
+
+def evaluate_model(model: torch.nn.Module, test: TestSet, protocol: str | Protocol, recipe: Any, *,
+                   device: str | torch.device = "cpu", out_dir: Path | None = None, baselines: bool = True,
+                   batch_size: int | None = None, num_workers: int | None = None, clip_boxes: bool | None = None,
+                   extended: tuple[list[tuple[str, str]], TestSet] | None = None,
+                   progress: Callable[[int], None] | None = None, on_batch: BatchHook | None = None) -> EvalResult:
+    """The one evaluation of a model: maps for the test set's clips (``recipe``'s image size and audio front end at
+    ``eval.precision``), scored under ``protocol`` with baselines, outputs written to ``out_dir`` when given.
+
+    Validation, the end of training, ``sslt eval`` and ``sslt ablate`` (through training) all call this.
     ``extended``: (non-sounding pairs, the set holding their frames and audio) adds SLAVC's extended evaluation; a
     pair whose frame or audio is unavailable is left out and listed. ``progress`` is called with the clip count of
-    each predicted batch, the non-sounding pairs' batches included.
+    each predicted batch, the non-sounding pairs' batches included; ``on_batch`` as in :func:`maps_from_batches`.
     """
     proto = get_protocol(protocol)
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
-    maps, skipped = predict_maps(loaded.model, clips, loaded.recipe, proto, device, batch_size=batch_size,
-                                 num_workers=num_workers, progress=progress)
+    maps, skipped = predict_maps(model, clips, recipe, proto, device, batch_size=batch_size, num_workers=num_workers,
+                                 progress=progress, on_batch=on_batch)
     unavailable = dict(test.unavailable)
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
-                        annotation_problems=test.annotation_problems, clip_boxes=clip_boxes, name=test.name,
-                        notes=test.notes, device=device)
+                        annotation_problems=test.annotation_problems, baselines=baselines, clip_boxes=clip_boxes,
+                        name=test.name, notes=test.notes, device=device)
     if extended is not None:
         silent_pairs, silent_set = extended
         pairs: list[tuple[str, Clip, Clip]] = []
@@ -1066,7 +1011,7 @@ def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Pr
             missing = [f"{column} {cid}: {silent_set.unavailable.get(cid, 'not among its usable clips')}"
                        for column, cid, clip in (("video", video, fc), ("audio", audio, ac)) if clip is None]
             dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {silent_set.name}: {'; '.join(missing)}"))
-        silent_maps, silent_skipped = predict_maps(loaded.model, [], loaded.recipe, proto, device,
+        silent_maps, silent_skipped = predict_maps(model, [], recipe, proto, device,
                                                    batch_size=batch_size, num_workers=num_workers, pairs=pairs,
                                                    progress=progress)
         dropped += [Exclusion(key, "no frame/audio", f"decode error: {reason}") for key, reason in silent_skipped]
@@ -1075,34 +1020,46 @@ def evaluate_model_on_set(loaded: LoadedModel, test: TestSet, protocol: str | Pr
                                 f"no usable frame/audio in {silent_set.name} and were left out (listed in "
                                 f"excluded.csv)")
         result.extended = score_extended(maps, silent_maps, test.annotations, dropped=dropped)
-    write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
-                  defects=test.defects)
-    save_maps(maps, out_dir / "maps.npz")
+    if out_dir is not None:
+        write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
+                      defects=test.defects)
+        save_maps(maps, out_dir / "maps.npz")
     return result
 
 
-def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.device, tracker: Any = None,
-                             console: Any = None, out: Any = None, which: str = "both",
-                             protocol: str | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Final test evaluation of a run: its last and best checkpoints on every test set of the recipe.
+def test_summary(result: EvalResult) -> dict[str, float]:
+    """What a run keeps of a test evaluation: the method's ciou, auc, mean_iou (and pointing when the protocol has
+    it), N, and the centre-prior baseline's ciou and auc on the same clips."""
+    method = result.method or {}
+    summary = {k: float(method[k]) for k in ("ciou", "auc", "mean_iou", "pointing") if k in method}
+    summary["n"] = result.n
+    centre = result.baselines.get("centre") or {}
+    summary.update({f"baseline_centre/{k}": float(centre[k]) for k in ("ciou", "auc") if k in centre})
+    return summary
 
-    Writes ``eval/<set>-<which>-<protocol>/`` in the run folder, appends ``kind: test`` records to metrics.jsonl,
-    logs MLflow metrics ``test_<set>/<which>/...`` and prints a table per set and checkpoint. The best checkpoint was
-    chosen on the validation set, never on a test set.
+
+def evaluate_checkpoints(run: Any, recipe: Any, sink: Any, *, device: str | torch.device, console: Any = None,
+                         out: Any = None) -> dict[str, dict[str, dict[str, float]]]:
+    """The end of training: the run's last and best checkpoints on every test set of the recipe under its protocol.
+
+    Writes ``eval/<set>-<checkpoint>-<protocol>/`` (:func:`eval_folder`), a ``kind: test`` record per set and
+    checkpoint through ``sink`` (metrics.jsonl, MLflow ``test_<set>/<checkpoint>/...``) and prints a table per set and
+    checkpoint. Returns ``{set: {checkpoint: test_summary}}``. The best checkpoint was chosen on the validation set,
+    never on a test set.
     """
     from rich.console import Console
 
     console = console or Console(stderr=True)
     out = out or Console()
-    proto = get_protocol(protocol or recipe.eval.protocol)
-    _, checkpoints, _ = resolve_checkpoints(run.dir, which)
+    proto = get_protocol(recipe.eval.protocol)
+    _, checkpoints, _ = resolve_checkpoints(run.dir, "both")
     loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for set_name, set_path in recipe.data.test.items():
         test = load_test_set(recipe.data.set_path(set_path))
         done: dict[int | None, tuple[str, Path, EvalResult]] = {}  # step -> (label, out_dir, result) on this set
         for label, loaded in loaded_models:
-            out_dir = run.dir / "eval" / f"{set_name}-{label}-{proto.name}"
+            out_dir = eval_folder(run.dir / "eval", set_name, label, proto.name)
             same = done.get(loaded.step) if loaded.step is not None else None
             if same is not None:
                 # the best checkpoint of the last validation is the last checkpoint's weights: copy, do not redo
@@ -1111,17 +1068,15 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
                 console.print(f"{set_name}: the {label} checkpoint is the {same[0]} checkpoint (step {loaded.step}); "
                               f"its results are copied to {out_dir}", highlight=False)
             else:
-                result = evaluate_model_on_set(loaded, test, proto, out_dir, device=device)
+                result = evaluate_model(loaded.model, test, proto, recipe, device=device, out_dir=out_dir)
                 done[loaded.step] = (label, out_dir, result)
+            summary.setdefault(set_name, {})[label] = test_summary(result)
             method = result.method or {}
-            record = {"kind": "test", "set": set_name, "checkpoint": label, "step": loaded.step or 0,
-                      "protocol": proto.name, "n": result.n, **{k: method[k] for k in ("ciou", "auc", "mean_iou",
-                                                                                         "pointing") if k in method}}
-            run.append_metrics(record)
-            summary.setdefault(set_name, {})[label] = {k: v for k, v in record.items() if isinstance(v, float)}
-            if tracker is not None:
-                tracker.log_metrics(mlflow_metrics(result, f"test_{set_name}/{label}"), loaded.step or 0)
-                tracker.log_artifacts(out_dir, f"eval/{out_dir.name}")
+            sink.log("test", loaded.step or 0, {k: method[k] for k in ("ciou", "auc", "mean_iou", "pointing")
+                                                if k in method},
+                     fields={"set": set_name, "checkpoint": label, "protocol": proto.name, "n": result.n},
+                     mlflow=mlflow_metrics(result, f"test_{set_name}/{label}"))
+            sink.artifact(out_dir, f"eval/{out_dir.name}")
             if same is None:
                 table = result_table(result)
                 table.title = f"{set_name}: {label} checkpoint (step {loaded.step}), protocol {proto.name}"

@@ -14,7 +14,8 @@ gradient for a row into the process that owns it.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -193,3 +194,12 @@ LOSSES: dict[str, LossFn] = {
     "tie": tie_contrastive_loss,
     "ezvsl": ezvsl_loss,
 }
+
+
+def build_objective(loss: Any) -> Callable[..., tuple[torch.Tensor, dict]]:
+    """The contrastive objective of a recipe's ``loss`` section (``config.LossConfig``), its settings bound once:
+    call it as ``objective(v, a)`` or, with global negatives, ``objective(v, a, gather=rank_gather(...))``."""
+    if loss.objective == "tie":
+        return functools.partial(LOSSES["tie"], eps_pos=loss.eps_pos, eps_neg=loss.eps_neg, tau=loss.tau,
+                                 temperature=loss.temperature)
+    return functools.partial(LOSSES[loss.objective], temperature=loss.temperature)

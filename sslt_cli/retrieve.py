@@ -795,10 +795,10 @@ class Target:
 def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None,
                 which: str = "auto") -> Target:
     """A run folder or a checkpoint file (sslt or official SSL-TIE), resolved and loaded by ``evaluate``'s
-    :func:`~sslt_cli.evaluate.resolve_checkpoints` and :func:`~sslt_cli.evaluate.load_model`. which: for a run
+    :func:`~sslt_cli.checkpoint.resolve_checkpoints` and :func:`~sslt_cli.checkpoint.load_model`. which: for a run
     folder, ``best`` / ``last`` checkpoint, or ``auto`` (best when the run has one, else last). Outputs go to
     ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside the checkpoint."""
-    from sslt_cli.evaluate import load_model, resolve_checkpoints
+    from sslt_cli.checkpoint import load_model, resolve_checkpoints
     from sslt_cli.runs import Run
 
     if which not in ("auto", "best", "last"):
@@ -865,17 +865,13 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     from sslt_cli.data.manifest import read_set
     from sslt_cli.tracking import Tracker
     from sslt_cli.evaluate import eval_loader
-    from sslt_cli.train import audio_args, pick_device
+    from sslt_cli.distributed import pick_device
 
     console = console or Console(stderr=True)
     out = out or Console()
     task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
     check_options(task_list, cross_score, image_pool)
-    if device not in ("auto", "cpu", "cuda"):
-        raise SsltError(f"--device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SsltError("--device cuda: no CUDA device is available here; use --device auto or cpu")
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, option="--device")
     t = load_target(target, torch_device, out_dir, which)
     recipe = t.recipe
     default_set = recipe.data.set_path(next(iter(recipe.data.test.values())))
@@ -900,7 +896,7 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     cache = t.out_dir / f"embeddings_{clip_set.name}.pt"
     key = {"checkpoint_sha256": t.checkpoint_sha256, "step": t.step, "set": str(clip_set.root.resolve()),
            "manifest_sha256": file_sha256(clip_set.root / "manifest.csv"), "image_size": recipe.data.image_size,
-           "audio": audio_args(recipe), "image_mode": "resize_centercrop"}
+           "audio": recipe.audio.model_dump(), "image_mode": "resize_centercrop"}
     embeddings = None if refresh else load_embeddings(cache, key, need_maps)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         RateColumn(unit=""), TimeRemainingColumn(), console=console)
@@ -928,7 +924,7 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
     context = {"checkpoint": str(t.checkpoint), "step": t.step, "set": str(clip_set.root), "labels": label_source,
                "classes_spec": classes, "cross_score": cross_score, "image_pool": image_pool}
     clips_by_id = {c.id: c for c in clip_set.clips}
-    shown = AudioVisualDataset([clips_by_id[i] for i in report.ids], image_transform=None, audio=audio_args(recipe),
+    shown = AudioVisualDataset([clips_by_id[i] for i in report.ids], image_transform=None, audio=recipe.audio,
                                train=False)
     position = {clip_id: k for k, clip_id in enumerate(report.ids)}
 

@@ -18,7 +18,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sslt_cli.config import Recipe, dump_yaml, recipe_dict, validate_tree
-from sslt_cli.errors import CheckpointError, SsltError
+from sslt_cli.errors import SsltError
 
 CONFIG = "config.yaml"
 META = "meta.json"
@@ -234,27 +233,6 @@ def _step_of(path: Path) -> int:
         return int(path.stem.split("-", 1)[1])
     except (IndexError, ValueError):
         return -1
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Load an sslt checkpoint with ``weights_only=True``; raises CheckpointError with what is wrong."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many kinds on a file that is not a checkpoint
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-        first = text.splitlines()[0].strip() if text else type(exc).__name__
-        if len(first) > 300:
-            cut = first[:300]
-            first = cut[: cut.rfind(". ") + 1] if ". " in cut else cut.rsplit(" ", 1)[0] + " ..."
-        raise CheckpointError(f"{path}: not a checkpoint torch can load safely ({first})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
-    return state
 
 
 def list_runs(runs_dir: str | Path) -> list[Run]:

@@ -168,3 +168,32 @@ class Tracker:
             self._client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             self._fail("closing the run", exc)
+
+
+class MetricsSink:
+    """The one place a number is recorded: each call appends a record to the run's ``metrics.jsonl`` and logs the
+    same numbers to MLflow. ``MetricsSink.null()`` (ranks other than 0 of a distributed run) does nothing, so the
+    code that produces numbers never asks which process it is in. With ``run=None`` (``sslt eval`` of a bare
+    checkpoint) only MLflow is written."""
+
+    def __init__(self, run: Any, tracker: Tracker | None):
+        self.run, self.tracker = run, tracker
+
+    @classmethod
+    def null(cls) -> "MetricsSink":
+        return cls(None, None)
+
+    def log(self, kind: str, step: int, values: dict[str, Any], *, fields: dict[str, Any] | None = None,
+            mlflow: dict[str, float] | None = None) -> None:
+        """Record ``{"kind": kind, "step": step, **fields, **values}`` in metrics.jsonl and log ``mlflow`` (default:
+        ``values`` named ``<kind>/<name>``) to MLflow at ``step``."""
+        if self.run is not None:
+            self.run.append_metrics({"kind": kind, "step": step, **(fields or {}), **values})
+        if self.tracker is not None:
+            self.tracker.log_metrics(mlflow if mlflow is not None else {f"{kind}/{k}": v for k, v in values.items()},
+                                     step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """Upload a file or folder to the MLflow run, when it exists."""
+        if self.tracker is not None and Path(path).exists():
+            self.tracker.log_artifacts(path, folder)

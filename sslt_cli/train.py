@@ -1,184 +1,504 @@
 """The SSL-TIE training recipe, top to bottom.
 
-``train(recipe)`` wires data, model, objective, optimiser, tracker and an explicit loop:
+``train(recipe, run)`` trains into a run folder its caller created, in the five phases of :class:`Training`, one
+per step of the method, over one :class:`TrainState` (what a checkpoint saves):
 
-1. read the prepared sets (manifests), drop unreadable clips (counted, listed in ``skipped.csv``);
-2. build the model (visual ResNet-18 with a stride-1 ``layer4``, audio ResNet-18) and Adam;
-3. each step: two views (``paper``: independent appearance/audio augmentations, shared crop; ``code``: view 2 is
-   view 1 under the equivariance transform with the same spectrogram), L_cl on each view, L_geo between the
-   transformed map of view 1 and the map of the transformed view; total = cl_weight * (L_cl1 + L_cl2) + geo_weight * L_geo;
-4. after each epoch: T_mix neighbour refresh (from ``transforms.mix.start_epoch``), validation on the validation set
+1. ``setup_data``: read the prepared sets (manifests), drop unreadable clips (counted, listed in ``skipped.csv``);
+2. ``setup_model``: build the model (visual ResNet-18 with a stride-1 ``layer4``, audio ResNet-18), Adam and the
+   schedule, and with ``resume`` restore the newest checkpoint's state;
+3. ``train_epoch``: each step two views (``paper``: independent appearance/audio augmentations, shared crop;
+   ``code``: view 2 is view 1 under the equivariance transform with the same spectrogram), L_cl on each view,
+   L_geo between the transformed map of view 1 and the map of the transformed view;
+   total = cl_weight * (L_cl1 + L_cl2) + geo_weight * L_geo (``forward_views``);
+4. ``end_epoch``: T_mix neighbour refresh (from ``transforms.mix.start_epoch``), validation on the validation set
    (never the test set), best checkpoint by validation cIoU, last checkpoints;
-5. at the end: evaluate the last and the best checkpoints on every test set, with baselines.
+5. ``finish``: evaluate the last and the best checkpoints on every test set, with baselines; the end table.
 
 It runs unchanged under ``torchrun --nproc-per-node N -m sslt_cli train RECIPE`` (DDP, NCCL on CUDA and gloo on
-CPU). What stays the same whatever the number of processes W: the global batch (``optim.batch_size``, W slices of
-it), the order of samples per step (global batch k of an epoch is the same whatever W, so a run resumes with any
-W at the same sample), the contrastive loss (audio embeddings are gathered so the easy negatives come from the
-global batch; ``loss.negatives: local`` keeps per-process negatives), the L_geo transform (drawn for the global
-batch), T_mix's neighbours (each process embeds a shard, all gather) and the logged numbers (global-batch means).
-What does not: BatchNorm normalises each process's slice unless ``train.sync_bn`` (CUDA only). The run folder, the
-logs, the checkpoints and MLflow belong to rank 0; ``launch_torchrun`` starts torchrun for ``sslt train --nproc N``.
+CPU; process-group code in ``distributed.py``). What stays the same whatever the number of processes W: the global
+batch (``optim.batch_size``, W slices of it), the order of samples per step (global batch k of an epoch is the same
+whatever W, so a run resumes with any W at the same sample), the contrastive loss (audio embeddings are gathered so
+the easy negatives come from the global batch; ``loss.negatives: local`` keeps per-process negatives), the L_geo
+transform (drawn for the global batch), T_mix's neighbours (each process embeds a shard, all gather) and the logged
+numbers (global-batch means). What does not: BatchNorm normalises each process's slice unless ``train.sync_bn``
+(CUDA only). The run folder, the logs, the checkpoints and MLflow belong to rank 0: the other ranks get a null
+metrics sink and a quiet console.
 """
 from __future__ import annotations
 
-import atexit
 import csv
 import dataclasses
 import math
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from sslt_cli import checkpoint, distributed
 from sslt_cli.config import Recipe, flatten, recipe_dict
 from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, read_set
+from sslt_cli.distributed import Dist, Shard
 from sslt_cli.errors import DataError, TrainingError
-from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
-from sslt_cli.model import EMBED_DIM, autocast_for, build_model, load_weights, localisation_map
-from sslt_cli.runs import SKIPPED, Run, load_checkpoint
-from sslt_cli.tracking import Tracker
+from sslt_cli.evaluate import TestSet
+from sslt_cli.losses import build_objective, equivariance_loss, rank_gather
+from sslt_cli.model import EMBED_DIM, autocast_for, build_model
+from sslt_cli.runs import SKIPPED, Run
+from sslt_cli.tracking import MetricsSink, Tracker
 
-CHECKPOINT_FORMAT = "sslt-checkpoint/1"
-
-
-# ----------------------------------------------------------------------------------------------- environment
-
-@dataclass(frozen=True)
-class Dist:
-    """Process-group facts; a single process is rank 0 of world 1."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
+CHECKPOINT_FORMAT = checkpoint.CHECKPOINT_FORMAT
 
 
-def init_distributed(device_kind: str) -> Dist:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+# ------------------------------------------------------------------------------------------------- state and result
 
-    torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) says where;
-    a group created here is destroyed when the process exits.
+@dataclass
+class TrainState:
+    """Where training stands; a checkpoint is this state serialised with the model, optimiser, RNG and recipe.
+
+    ``step``, ``epoch`` and ``batch_in_epoch`` count global batches (optimiser steps), so any number of processes
+    can continue a checkpoint. ``history``: one dict per validation ({"epoch", "step", "ciou", "auc", ...}).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-        atexit.register(_destroy_process_group)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best: dict = field(default_factory=lambda: {"ciou": -1.0, "epoch": None, "step": None})
+    mix_neighbours: np.ndarray | None = None
+    skipped_steps: int = 0
+    history: list[dict] = field(default_factory=list)
 
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    def to_checkpoint(self) -> dict:
+        """This state as checkpoint entries (tensors, numbers, lists and dicts: ``weights_only`` loads them)."""
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best": self.best,
+                "mix_neighbours": (torch.from_numpy(self.mix_neighbours) if self.mix_neighbours is not None
+                                   else None),
+                "skipped_steps": self.skipped_steps, "history": self.history}
 
-
-def launch_torchrun(nproc: int, argv: list[str]) -> int:
-    """``sslt <argv>`` in ``nproc`` processes on this machine: runs ``python -m torch.distributed.run --standalone
-    --nproc-per-node nproc -m sslt_cli <argv>`` and returns its exit code.
-
-    argv: the sslt arguments, e.g. ``["train", "recipes/tie_full.yaml", "optim.lr=3e-4"]``. Ctrl-C reaches torchrun
-    from the terminal (same process group) and SIGTERM sent to this process is passed on, so the workers finish
-    their step and checkpoint; this process waits for torchrun either way.
-    """
-    if nproc < 1:
-        raise TrainingError(f"--nproc {nproc}: give a number of processes >= 1 (e.g. the number of GPUs)")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-               "-m", "sslt_cli", *argv]
-    process = subprocess.Popen(command)
-
-    def forward_sigterm(signum, frame):
-        process.send_signal(signum)
-
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, forward_sigterm)}
-    try:
-        return process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> "TrainState":
+        """The state a checkpoint saved; checkpoints written before ``history`` was saved load with none."""
+        neighbours = state.get("mix_neighbours")
+        return cls(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                   best=state["best"], mix_neighbours=neighbours.numpy() if neighbours is not None else None,
+                   skipped_steps=state.get("skipped_steps", 0), history=list(state.get("history", [])))
 
 
 @dataclass(frozen=True)
-class Shard:
-    """One step's global batch across processes: the rows of every rank (rank order) and this process's rank."""
+class TrainResult:
+    """What :func:`train` hands back: the run, how it ended, its checkpoints, validations and test results.
 
-    sizes: tuple[int, ...]
-    rank: int
-
-    @property
-    def first(self) -> int:
-        """Index of this process's first row in the global batch."""
-        return sum(self.sizes[: self.rank])
-
-    @property
-    def local(self) -> int:
-        return self.sizes[self.rank]
-
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
-
-def exchange_step_state(rows: int, stop: bool, device: torch.device) -> tuple[tuple[int, ...], bool]:
-    """Every process's batch rows for this step, and whether any process was asked to stop (one all_gather).
-
-    A batch can lose clips that fail to decode, so the sizes can differ; a stop signal may reach only some ranks.
+    ``test[set][checkpoint label]`` -> {"ciou", "auc", "mean_iou", "pointing" (when the protocol has it), "n",
+    "baseline_centre/ciou", "baseline_centre/auc"}; empty when the run stopped early or ``evaluate_at_end`` was off.
     """
-    mine = torch.tensor([rows, int(stop)], dtype=torch.long, device=device)
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    table = torch.stack(every).cpu()
-    return tuple(int(n) for n in table[:, 0]), bool(table[:, 1].any())
+
+    run: Run
+    status: str
+    best: Path | None
+    last: Path | None
+    history: list[dict]
+    protocol: str | None
+    test: dict[str, dict[str, dict[str, float]]]
 
 
-def mean_over_global_batch(logs: dict[str, torch.Tensor], shard: Shard) -> dict[str, torch.Tensor]:
-    """Per-process means of this step's logged scalars -> means over the global batch (rows-weighted), on every rank."""
-    keys = list(logs)
-    values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]) * shard.local
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    values = values / shard.total
-    return {k: values[i] for i, k in enumerate(keys)}
+def train(recipe: Recipe, run: Run, *, resume: bool = False, parent_run_id: str | None = None,
+          console: Console | None = None, out: Console | None = None, stop_after_steps: int | None = None,
+          evaluate_at_end: bool = True) -> TrainResult:
+    """Train ``recipe`` into ``run`` (created by the caller with ``Run.create``; with ``resume``, continue it from
+    its newest checkpoint). The MLflow run is created (or, on resume, reopened) here, as a child of
+    ``parent_run_id`` from its creation when that is given.
 
-
-def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Rank 0's buffers (BatchNorm running statistics) on every rank.
-
-    DDP broadcasts them before each forward, so after the last step of an epoch each rank holds its own update;
-    evaluation-mode passes between epochs (T_mix embeddings, validation) must all use the statistics the
-    checkpoint saves.
+    ``stop_after_steps`` stops cleanly after that many optimiser steps in this call, with a checkpoint, as an
+    interruption would (used to test exact resume). Under torchrun every process calls this with the same run
+    folder (``distributed.share_run``); only rank 0 prints, writes the run folder and talks to MLflow.
     """
-    for buffer in model.buffers():
-        dist.broadcast(buffer, src=0)
+    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
+    training = Training(recipe, run, env, console=console, out=out, stop_after_steps=stop_after_steps)
+    training.setup_data(resume)
+    training.setup_model(resume)
+    training.start_tracking(parent_run_id)
+    status = training.run_epochs()
+    return training.finish(status, evaluate_at_end)
 
 
-def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise TrainingError("train.device=cuda but no CUDA device is available; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+# ------------------------------------------------------------------------------------------------------ the recipe
+
+class Training:
+    """One training run: the phases of the module docstring, over ``self.state`` (a :class:`TrainState`)."""
+
+    def __init__(self, recipe: Recipe, run: Run, env: Dist, *, console: Console | None = None,
+                 out: Console | None = None, stop_after_steps: int | None = None):
+        self.recipe, self.run, self.env = recipe, run, env
+        self.console = console or Console(stderr=True)
+        self.out = out or Console()
+        if not env.main:
+            self.console = self.out = Console(stderr=True, quiet=True)
+        self.device = distributed.pick_device(recipe.train.device, env.local_rank)
+        check_processes(recipe, env, self.device)
+        seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
+        self.channels_last = recipe.train.channels_last in ("on", "auto")
+        self.amp = autocast_for(self.device, recipe.train.precision)
+        self.objective = build_objective(recipe.loss)
+        self.stop_after_steps = stop_after_steps
+        self.stop_signal: int | None = None
+        self.state = TrainState()
+        self.last_logs: dict[str, float] = {}
+        self.skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
+        self.tracker = Tracker(enabled=False)
+        self.sink = MetricsSink.null()
+
+    def say(self, message: str) -> None:
+        """A line on the console and in train.log (rank 0)."""
+        if self.env.main:
+            self.console.print(message)
+            self.run.log(message)
+
+    # -- 1. data -------------------------------------------------------------------------------------------------
+
+    def setup_data(self, resume: bool) -> None:
+        """Training clips (unusable ones listed in skipped.csv), the dataset and its sampler, the validation set."""
+        recipe, env = self.recipe, self.env
+        self.clips, skipped = load_training_clips(recipe, self.run, self.console)
+        self.n_skipped = len(skipped)
+        if env.main and not resume:
+            write_skipped(self.run, skipped, "train")
+        self.cache_dir = self.run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None
+        if self.cache_dir is not None and env.main:
+            self.console.print(check_cache_space(self.cache_dir, len(self.clips), recipe))
+        self.dataset = training_dataset(recipe, self.clips, self.cache_dir)
+        self.batch_size = recipe.optim.batch_size // env.world
+        self.sampler = EpochSampler(len(self.dataset), self.batch_size, recipe.seed, env.rank, env.world)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.dataset)} usable training clips are fewer than one batch of "
+                            f"{recipe.optim.batch_size}", ["lower optim.batch_size or prepare more clips"])
+        self.total_steps = recipe.optim.max_steps or recipe.optim.epochs * self.steps_per_epoch
+        self.val = load_validation_set(recipe, self.run if env.main else None)
+
+    # -- 2. model, optimiser, resume -----------------------------------------------------------------------------
+
+    def setup_model(self, resume: bool) -> None:
+        """The model (channels-last, SyncBatchNorm, DDP as the recipe and world ask), Adam, the schedule; with
+        ``resume`` the newest checkpoint's weights, optimiser, schedule, RNG and :class:`TrainState`."""
+        recipe, env = self.recipe, self.env
+        model = build_model()
+        checkpoint.init_from_torchvision(model, recipe.model.vision_init, recipe.model.audio_init)
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if sync_bn_of(recipe) and env.world > 1:
+            # converts the BatchNorm layers in place (same parameters and state_dict keys), so checkpoints stay plain
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model
+        self.net: torch.nn.Module = ModelForTraining(model)
+        if env.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_for(recipe, self.steps_per_epoch))
+        if resume:
+            self.load_checkpoint()
+
+    def load_checkpoint(self) -> None:
+        """Continue from the run's newest ``last-*.pt``."""
+        last = self.run.latest_checkpoint()
+        if last is None:
+            raise TrainingError(f"{self.run.dir}: nothing to resume (no checkpoints/last-*.pt)")
+        saved = checkpoint.load(last)
+        checkpoint.load_weights(self.model, checkpoint.model_weights(saved, last), last)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("scheduler"):
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = TrainState.from_checkpoint(saved)
+        checkpoint.set_rng_state(saved["rng"])
+        if self.env.main:
+            self.run.truncate_metrics_after(self.state.step)
+        s, world = self.state, saved.get("world_size", 1)
+        self.say(f"resuming {self.run.dir} from {last.name}: step {s.step}, epoch {s.epoch}, batch {s.batch_in_epoch}"
+                 + (f" (world size {world} -> {self.env.world})" if world != self.env.world else ""))
+
+    def save_checkpoint(self, name: str) -> Path | None:
+        """``checkpoints/<name>.pt`` (rank 0): the state, model, optimiser, schedule, RNG and recipe."""
+        if not self.env.main:
+            return None
+        saved = {"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 **self.state.to_checkpoint(), "rng": checkpoint.rng_state(), "recipe": recipe_dict(self.recipe),
+                 "world_size": self.env.world}
+        keep = self.recipe.train.keep_last if name.startswith("last-") else None
+        return self.run.save_checkpoint(saved, name, keep_last=keep)
+
+    def start_tracking(self, parent_run_id: str | None) -> None:
+        """Open the MLflow run (rank 0; a child of ``parent_run_id`` when given), record the run's facts."""
+        recipe, env, run = self.recipe, self.env, self.run
+        self.tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
+                               warn=lambda m: self.say(f"warning: {m}"))
+        meta = run.meta() if env.main else {}
+        self.tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
+                           tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name},
+                           parent_run_id=parent_run_id)
+        if not env.main:
+            return
+        self.sink = MetricsSink(run, self.tracker)
+        run.update_meta(status="running", mlflow_run_id=self.tracker.run_id, mlflow_uri=self.tracker.uri,
+                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                        train_clips=len(self.clips), skipped_train_clips=self.n_skipped, device=str(self.device),
+                        world_size=env.world)
+        self.sink.artifact(run.dir / "config.yaml")
+        self.say(f"run {run.dir}: {len(self.clips)} training clips ({self.n_skipped} skipped), "
+                 f"{len(self.val.ids) if self.val else 0} validation clips, {self.steps_per_epoch} steps/epoch x "
+                 f"{math.ceil(self.total_steps / self.steps_per_epoch)} epochs, batch {recipe.optim.batch_size}, "
+                 f"device {self.device}, precision "
+                 f"{'fp32' if recipe.train.precision == 'fp32' else 'bf16 autocast'}")
+        if env.world > 1:
+            self.say(f"distributed: {env.world} processes ({torch.distributed.get_backend()}), {self.batch_size} "
+                     f"clips per process and step, {negatives_of(recipe)} negatives, "
+                     f"{'SyncBatchNorm' if sync_bn_of(recipe) else 'BatchNorm statistics per process'}")
+
+    # -- 3. epochs and steps -------------------------------------------------------------------------------------
+
+    def run_epochs(self) -> str:
+        """Epochs until the last step, each followed by its end; ``finished``, or ``interrupted`` after a signal or
+        ``stop_after_steps`` (with a last checkpoint). A failure is recorded in meta.json and MLflow, then raised."""
+        self.steps_this_call = 0
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[losses]}"), console=self.console, disable=not self.env.main,
+                                 transient=False)
+        previous = self._listen_for_signals()
+        status = "finished"
+        try:
+            with self.progress:
+                self.task = self.progress.add_task("train", total=self.total_steps, completed=self.state.step,
+                                                   rate="", losses="")
+                while self.state.step < self.total_steps and status == "finished":
+                    status = self.train_epoch()
+                    if status == "finished":
+                        self.end_epoch()
+            if status != "finished":
+                self.stop()
+        except BaseException as exc:
+            if self.env.main:
+                self.run.update_meta(status="failed", error=f"{type(exc).__name__}: {exc}", step=self.state.step)
+                self.run.log(f"failed at step {self.state.step}: {type(exc).__name__}: {exc}")
+            self.tracker.end("FAILED")
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return status
+
+    def _listen_for_signals(self) -> dict:
+        """SIGINT / SIGTERM finish the current step, checkpoint and stop; every rank listens (under torchrun a signal
+        may reach any of them, and they agree on stopping each step). Returns the handlers to restore."""
+        def on_signal(signum, frame):
+            self.stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, on_signal)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def train_epoch(self) -> str:
+        """The rest of epoch ``state.epoch`` (from ``state.batch_in_epoch``); ``finished`` or ``interrupted``."""
+        s, t = self.state, self.recipe.transforms
+        self.dataset.set_epoch(s.epoch)
+        k = s.epoch - t.mix.start_epoch + 1
+        if t.mix.enabled and s.mix_neighbours is not None and k >= 1:
+            self.dataset.set_mix(s.mix_neighbours, k)
+        else:
+            self.dataset.set_mix(None, 0)
+        self.sampler.set_epoch(s.epoch, skip_batches=s.batch_in_epoch)
+        loader = make_loader(self.dataset, self.sampler, self.batch_size, self.recipe.data.num_workers, True,
+                             self.device)
+        self.net.train()
+        self.window = (time.perf_counter(), 0)
+        for batch in loader:
+            if batch.get("skipped"):
+                self.note_skipped(batch["skipped"], f"train epoch {s.epoch}")
+            rows = batch["images"].shape[0] if "images" in batch else 0
+            shard = None
+            if self.env.world > 1:
+                sizes, stop_anywhere = distributed.exchange_step_state(rows, self.stop_signal is not None,
+                                                                       self.device)
+                if stop_anywhere:
+                    return "interrupted"
+                shard = Shard(sizes, self.env.rank)
+            # every rank skips together: a process with no clip left cannot run BatchNorm or the gather
+            global_rows, fewest = (shard.total, min(shard.sizes)) if shard else (rows, rows)
+            if global_rows < 2 or fewest == 0:
+                s.skipped_steps += 1
+                s.batch_in_epoch += 1
+                continue
+            self.train_step(batch, shard, rows)
+            # several processes stop on a signal together, at the next step's exchange
+            if ((self.env.world == 1 and self.stop_signal is not None)
+                    or (self.stop_after_steps and self.steps_this_call >= self.stop_after_steps)):
+                return "interrupted"
+            if s.step >= self.total_steps:
+                break
+        return "finished"
+
+    def train_step(self, batch: dict, shard: Shard | None, rows: int) -> None:
+        """One optimiser step on ``batch`` (this process's slice ``shard`` of the global batch, if distributed)."""
+        s, recipe = self.state, self.recipe
+        loss, logs = forward_views(self.net, batch, recipe, recipe.seed * 1_000_003 + s.step, self.device,
+                                   self.channels_last, self.amp, shard=shard, objective=self.objective)
+        if shard is not None:
+            logs = distributed.mean_over_global_batch(logs, shard)
+            # DDP averages gradients over processes; weighting each process's mean by its share of the global batch
+            # makes that average the gradient of the global mean (a factor of exactly 1 when the shards are equal)
+            loss = loss * (self.env.world * shard.local / shard.total)
+        if not torch.isfinite(loss if shard is None else logs["loss"]):
+            values = {k: float(v) for k, v in logs.items()}
+            raise TrainingError(
+                f"the loss became {float(loss.detach())} at step {s.step + 1} (epoch {s.epoch}); training stopped",
+                [f"loss terms: {values}",
+                 f"last good checkpoint: {self.run.latest_checkpoint() or 'none yet'} (intact)",
+                 "try a lower optim.lr, train.precision=fp32, or optim.grad_clip"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if recipe.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), recipe.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        s.step += 1
+        s.batch_in_epoch += 1
+        self.steps_this_call += 1
+        self.window = (self.window[0], self.window[1] + (shard.total if shard else rows))
+        if s.step % recipe.train.log_every == 0 or s.step == self.total_steps:
+            self.log_step(logs)
+        self.progress.update(self.task, completed=s.step)
+
+    def log_step(self, logs: dict[str, torch.Tensor]) -> None:
+        """The step's losses, learning rate and throughput since the last log: metrics sink and progress bar."""
+        start, samples = self.window
+        elapsed = time.perf_counter() - start
+        rate = samples / elapsed if elapsed > 0 else 0.0
+        self.last_logs = {k: float(v) for k, v in logs.items()}
+        self.last_logs.update(lr=self.scheduler.get_last_lr()[0], samples_per_s=rate)
+        self.sink.log("train", self.state.step, self.last_logs, fields={"epoch": self.state.epoch})
+        self.progress.update(self.task, rate=f"{rate:.1f} samples/s",
+                             losses=" ".join(f"{k}={self.last_logs[k]:.3f}" for k in ("loss", "l_cl1", "l_geo")
+                                             if k in self.last_logs))
+        self.window = (time.perf_counter(), 0)
+
+    def note_skipped(self, rows: list[tuple[str, str]], stage: str) -> None:
+        """Clips a batch dropped: into skipped.csv on rank 0, kept for the next gather on the other ranks."""
+        if self.env.main:
+            write_skipped(self.run, rows, stage)
+        else:
+            self.skipped_elsewhere.extend((clip_id, reason, stage) for clip_id, reason in rows)
+
+    def collect_skipped(self) -> None:
+        """Rank 0 lists the clips the other ranks dropped (one gather, at epoch ends and when stopping)."""
+        gathered = distributed.gather_to_main(self.env, self.skipped_elsewhere)
+        self.skipped_elsewhere.clear()
+        by_stage: dict[str, list[tuple[str, str]]] = {}
+        for rows in (gathered or [[]])[1:]:
+            for clip_id, reason, stage in rows:
+                by_stage.setdefault(stage, []).append((clip_id, reason))
+        for stage, rows in by_stage.items():
+            write_skipped(self.run, rows, stage)
+
+    # -- 4. end of epoch -----------------------------------------------------------------------------------------
+
+    def end_epoch(self) -> None:
+        """T_mix refresh, validation (best checkpoint by validation cIoU), the last checkpoint."""
+        s, recipe, t = self.state, self.recipe, self.recipe.transforms
+        s.epoch += 1
+        s.batch_in_epoch = 0
+        if self.env.world > 1:
+            self.collect_skipped()
+            distributed.broadcast_buffers(self.model)
+        if t.mix.enabled and s.epoch >= t.mix.start_epoch and s.step < self.total_steps:
+            s.mix_neighbours = refresh_mix_neighbours(self.model, self.clips, recipe, self.device, self.amp,
+                                                      self.env, self.cache_dir, s.epoch)
+        if self.val is not None and (s.epoch % recipe.train.val_every == 0 or s.step >= self.total_steps):
+            self.validate()
+        self.save_checkpoint(f"last-{s.step:08d}")
+
+    def validate(self) -> None:
+        """Validation metrics into the sink and the history; a new best validation cIoU saves ``best.pt``."""
+        s = self.state
+        metrics = validate(self.model, self.val, self.recipe, self.device, self.objective,
+                           self.run.dir / "val" / f"heatmaps-epoch{s.epoch:04d}.png" if self.env.main else None,
+                           s.epoch)
+        s.history.append({"epoch": s.epoch, "step": s.step, **metrics})
+        self.sink.log("val", s.step, metrics, fields={"epoch": s.epoch})
+        self.sink.artifact(self.run.dir / "val" / f"heatmaps-epoch{s.epoch:04d}.png", "val")
+        self.say(f"epoch {s.epoch}: val cIoU {metrics['ciou']:.4f} AUC {metrics['auc']:.4f} "
+                 f"L_cl {metrics.get('l_cl', float('nan')):.4f} (N={metrics['n']})")
+        if metrics["ciou"] > s.best["ciou"]:
+            s.best = {"ciou": metrics["ciou"], "auc": metrics["auc"], "epoch": s.epoch, "step": s.step}
+            self.save_checkpoint("best")
+
+    def stop(self) -> None:
+        """After a signal or ``stop_after_steps``: gather the skipped clips, save the last checkpoint, say how to
+        continue."""
+        if self.env.world > 1:
+            self.collect_skipped()
+        path = self.save_checkpoint(f"last-{self.state.step:08d}")
+        how = f"signal {self.stop_signal}" if self.stop_signal else "as asked"
+        self.say(f"stopped at step {self.state.step} ({how}); checkpoint {path}; "
+                 f"continue with: sslt train --resume {self.run.dir}")
+
+    # -- 5. finish -----------------------------------------------------------------------------------------------
+
+    def finish(self, status: str, evaluate_at_end: bool) -> TrainResult:
+        """Test evaluation of the last and best checkpoints (rank 0, finished runs), the end table, MLflow closed."""
+        from sslt_cli.evaluate import evaluate_checkpoints
+
+        run, s = self.run, self.state
+        test: dict = {}
+        protocol = None
+        if self.env.main:
+            run.update_meta(status=status if status != "finished" else "trained", step=s.step, epoch=s.epoch,
+                            best=s.best)
+            if status == "finished" and evaluate_at_end:
+                protocol = self.recipe.eval.protocol
+                test = evaluate_checkpoints(run, self.recipe, self.sink, device=self.device, console=self.console,
+                                            out=self.out)
+                run.update_meta(status="finished", test={name: {label: {k: v for k, v in values.items()
+                                                                        if k in ("ciou", "auc", "mean_iou", "pointing")}
+                                                                for label, values in by_label.items()}
+                                                         for name, by_label in test.items()})
+            elif status == "finished":
+                run.update_meta(status="finished")
+            end_table(run, s.best, self.last_logs, self.out)
+            for path in (run.dir / "metrics.jsonl", run.dir / "train.log", run.dir / "meta.json", run.dir / SKIPPED):
+                self.sink.artifact(path)
+        self.tracker.end("FINISHED" if status == "finished" else "KILLED")
+        # no closing barrier: rank 0's final evaluation can outlast the collective timeout, and the other ranks have
+        # nothing left to do (torchrun waits for every process)
+        return TrainResult(run=run, status=status, best=run.best_checkpoint(), last=run.latest_checkpoint(),
+                           history=list(s.history), protocol=protocol, test=test)
+
+
+# ------------------------------------------------------------------------------------------------ set-up helpers
+
+def check_processes(recipe: Recipe, env: Dist, device: torch.device) -> None:
+    """Refuse a recipe this set of processes cannot train (before a run folder is made, ``sslt train`` checks)."""
+    if recipe.optim.batch_size % env.world:
+        raise TrainingError(f"optim.batch_size={recipe.optim.batch_size} (the global batch) does not split over "
+                            f"{env.world} processes", [f"use a multiple of {env.world}, or another number of processes"])
+    if sync_bn_of(recipe) and env.world > 1 and device.type != "cuda":
+        raise TrainingError(f"train.sync_bn=true needs CUDA devices; this run has {env.world} processes on {device} "
+                            "(torch's SyncBatchNorm runs on GPUs only)", ["set train.sync_bn=false"])
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -191,27 +511,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     else:
         torch.backends.cudnn.benchmark = True
 
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    np_state = np.random.get_state()
-    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ------------------------------------------------------------------------------------------------------ data
 
 class EpochSampler(torch.utils.data.Sampler[int]):
     """A seeded permutation per epoch in global batches, this rank's slice of each, from any global batch on.
@@ -253,11 +552,6 @@ def views_differ(recipe: Recipe) -> bool:
     return t.app.enabled or t.geo.enabled or t.mask.enabled or t.mix.enabled or t.equivariance.enabled
 
 
-def audio_args(recipe: Recipe) -> dict:
-    """The log-mel front end's settings as the datasets take them (the recipe's ``audio`` block)."""
-    return recipe.audio.model_dump()
-
-
 def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tuple[list[Clip], list[tuple[str, str]]]:
     """Usable training clips after the manifest's own failures, held-out classes and a cheap existence check."""
     clip_set = read_set(recipe.data.set_path(recipe.data.train))
@@ -290,6 +584,15 @@ def load_training_clips(recipe: Recipe, run: Run | None, console: Console) -> tu
         raise DataError(f"{clip_set.root}: no usable training clips ({len(skipped)} skipped)",
                         [f"{i}: {r}" for i, r in skipped[:10]])
     return good, skipped
+
+
+def training_dataset(recipe: Recipe, clips: list[Clip], cache_dir: Path | None) -> AudioVisualDataset:
+    """The training dataset of a recipe: its image transform (T_app, T_geo), audio front end, T_mask, views."""
+    t = recipe.transforms
+    return AudioVisualDataset(
+        clips, image_transform=augment.image_transform_for(recipe.data.image_size, t.app, t.geo),
+        n_views=2 if t.views == "paper" and views_differ(recipe) else 1, shared_geometry=True, audio=recipe.audio,
+        spec_augment=t.mask if t.mask.enabled else None, train=True, seed=recipe.seed, cache_dir=cache_dir)
 
 
 def check_cache_space(cache_dir: Path, n_clips: int, recipe: Recipe) -> str:
@@ -339,24 +642,43 @@ def make_loader(dataset, sampler, batch_size: int, workers: int, drop_last: bool
     )
 
 
-# ----------------------------------------------------------------------------------------------------- steps
+def load_validation_set(recipe: Recipe, run: Run | None) -> TestSet | None:
+    """The validation clips with boxes (training classes only when ``data.holdout_classes``), at most
+    ``data.limit_val``; None without a validation set. Unusable clips are listed in the run's skipped.csv."""
+    from sslt_cli.evaluate import load_test_set
+
+    if not recipe.data.val:
+        return None
+    val_set = load_test_set(recipe.data.set_path(recipe.data.val))
+    clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
+    if recipe.data.holdout_classes:
+        # model selection sees the training classes only: held-out classes are for the open-set evaluation
+        held = set(recipe.data.holdout_classes)
+        clips = [c for c in clips if c.label not in held]
+    clips = clips[: recipe.data.limit_val] if recipe.data.limit_val else clips
+    if run is not None:
+        write_skipped(run, [(i, r) for i, r in {**val_set.annotation_problems, **val_set.unavailable}.items()], "val")
+    if not clips:
+        return None
+    return TestSet(name="val", anno_kind=val_set.anno_kind, ids=[c.id for c in clips],
+                   annotations=val_set.annotations, clips={c.id: c for c in clips})
+
 
 def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: torch.device, channels_last: bool,
-                  amp, shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                  amp, shard: Shard | None = None, objective=None) -> tuple[torch.Tensor, dict[str, float]]:
     """One training step's loss: L_cl on both views and L_geo between them.
 
     batch["images"]: (B, 2, 3, H, W) in ``paper`` mode or (B, 1, 3, H, W) in ``code`` mode; batch["specs"] likewise
     (B, V, 1, F, T). Returns the total loss and detached scalars for logging.
     ``shard`` (distributed training): where this batch sits in the global batch. The L_geo transform is drawn for
     the global batch and this slice of it taken, and with ``loss.negatives: global`` the contrastive loss gathers
-    the audio of every process; the returned loss is still this process's mean.
+    the audio of every process; the returned loss is still this process's mean. ``objective``: the recipe's
+    contrastive loss as ``losses.build_objective`` makes it (built here when not given).
     """
     t = recipe.transforms
     loss_cfg = recipe.loss
-    objective = LOSSES[loss_cfg.objective]
-    loss_kwargs = (dict(eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
-                        temperature=loss_cfg.temperature) if loss_cfg.objective == "tie"
-                   else dict(temperature=loss_cfg.temperature))
+    objective = objective or build_objective(loss_cfg)
+    loss_kwargs = {}
     if shard is not None and negatives_of(recipe) == "global":
         loss_kwargs["gather"] = rank_gather(shard.sizes, shard.rank)
     images = batch["images"].to(device, non_blocking=True)
@@ -440,38 +762,6 @@ class ModelForTraining(torch.nn.Module):
         return out
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
-
-def checkpoint_state(model, optimizer, scheduler, recipe: Recipe, *, step: int, epoch: int, batch_in_epoch: int,
-                     best: dict, mix_neighbours: np.ndarray | None, skipped_steps: int, world_size: int = 1) -> dict:
-    """Everything a resume needs; ``step``, ``epoch`` and ``batch_in_epoch`` count global batches, so any number of
-    processes can continue it (``world_size`` records how many wrote it)."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-        "best": best,
-        "rng": rng_state(),
-        "recipe": recipe_dict(recipe),
-        "mix_neighbours": torch.from_numpy(mix_neighbours) if mix_neighbours is not None else None,
-        "skipped_steps": skipped_steps,
-        "world_size": world_size,
-    }
-
-
-def model_state_from_checkpoint(state: dict, path: Path) -> dict:
-    """The model state_dict inside an sslt checkpoint (CheckpointError when it is not one)."""
-    from sslt_cli.errors import CheckpointError
-
-    if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
-        raise CheckpointError(f"{path}: not an sslt checkpoint (no format '{CHECKPOINT_FORMAT}' and 'model' entry); "
-                              "official SSL-TIE weights cannot be resumed; evaluate them with `sslt eval CHECKPOINT` "
-                              "(the format is recognised) or start a new run")
-    return state["model"]
-
-
 def lr_lambda_for(recipe: Recipe, steps_per_epoch: int):
     o = recipe.optim
     total = o.max_steps or o.epochs * steps_per_epoch
@@ -487,334 +777,8 @@ def lr_lambda_for(recipe: Recipe, steps_per_epoch: int):
     return factor
 
 
-# -------------------------------------------------------------------------------------------------- train
 
-def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run | None = None,
-          console: Console | None = None, out: Console | None = None, recipe_path: str | None = None,
-          stop_after_steps: int | None = None, evaluate_at_end: bool = True) -> Run:
-    """Train from ``recipe`` into a new run folder (or continue ``resume_run``); returns the run.
-
-    ``stop_after_steps`` stops cleanly after that many optimiser steps in this call, with a checkpoint, as an
-    interruption would (used to test exact resume).
-    Under torchrun every process calls this; only rank 0 prints, writes the run folder and talks to MLflow.
-    """
-    console = console or Console(stderr=True)
-    out = out or Console()
-    device_kind = "cuda" if recipe.train.device == "cuda" or (recipe.train.device == "auto" and torch.cuda.is_available()) else "cpu"
-    env = init_distributed(device_kind)
-    if not env.main:
-        console = out = Console(stderr=True, quiet=True)
-    if recipe.optim.batch_size % env.world:
-        raise TrainingError(f"optim.batch_size={recipe.optim.batch_size} (the global batch) does not split over "
-                            f"{env.world} processes",
-                            [f"use a multiple of {env.world}, or another number of processes"])
-    device = pick_device(recipe.train.device, env.local_rank)
-    if sync_bn_of(recipe) and env.world > 1 and device.type != "cuda":
-        raise TrainingError(f"train.sync_bn=true needs CUDA devices; this run has {env.world} processes on {device} "
-                            "(torch's SyncBatchNorm runs on GPUs only)", ["set train.sync_bn=false"])
-    seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
-    channels_last = recipe.train.channels_last == "on" or (recipe.train.channels_last == "auto")
-    amp = autocast_for(device, recipe.train.precision)
-
-    run = resume_run
-    if env.main and run is None:
-        run = Run.create(recipe, overrides=overrides, extra_meta={"recipe_path": recipe_path, "world_size": env.world})
-    if env.world > 1:
-        shared = [str(run.dir) if run else None]
-        dist.broadcast_object_list(shared, src=0)
-        run = Run(shared[0])
-    assert run is not None
-    say = (lambda msg: (console.print(msg), run.log(msg))) if env.main else (lambda msg: None)
-
-    # -- data
-    clips, skipped = load_training_clips(recipe, run, console)
-    if env.main and resume_run is None:
-        write_skipped(run, skipped, "train")
-    a_args = audio_args(recipe)
-    t = recipe.transforms
-    paper_views = t.views == "paper"
-    image_transform = augment.build_image_transform(
-        recipe.data.image_size, app=t.app.enabled, geo=t.geo.enabled, crop=t.geo.crop, crop_scale=t.geo.crop_scale,
-        rotation=t.geo.rotation, flip=t.geo.flip, jitter=t.app.jitter, jitter_p=t.app.jitter_p, gray_p=t.app.gray_p,
-        blur_p=t.app.blur_p, blur_sigma=t.app.blur_sigma)
-    spec_augment = (dict(p=t.mask.p, time=t.mask.time, freq=t.mask.freq) if t.mask.enabled else None)
-    cache_dir = (run.dir.parent / ".spec_cache" if recipe.data.cache_spectrograms else None)
-    if cache_dir is not None and env.main:
-        console.print(check_cache_space(cache_dir, len(clips), recipe))
-    dataset = AudioVisualDataset(
-        clips, image_transform=image_transform, n_views=2 if paper_views and views_differ(recipe) else 1, shared_geometry=True,
-        audio=a_args, spec_augment=spec_augment, train=True, seed=recipe.seed, cache_dir=cache_dir)
-    batch_size = recipe.optim.batch_size // env.world
-    sampler = EpochSampler(len(dataset), batch_size, recipe.seed, env.rank, env.world)
-    steps_per_epoch = sampler.batches_per_epoch()
-    if steps_per_epoch == 0:
-        raise DataError(f"{len(dataset)} usable training clips are fewer than one batch of {recipe.optim.batch_size}",
-                        ["lower optim.batch_size or prepare more clips"])
-    total_steps = recipe.optim.max_steps or recipe.optim.epochs * steps_per_epoch
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
-
-    val_clips, val_annotations = [], {}
-    if recipe.data.val:
-        from sslt_cli.evaluate import load_test_set
-
-        val_set = load_test_set(recipe.data.set_path(recipe.data.val))
-        val_clips = [val_set.clips[i] for i in val_set.ids if i in val_set.clips and i in val_set.annotations]
-        if recipe.data.holdout_classes:
-            # model selection sees the training classes only: held-out classes are for the open-set evaluation
-            held = set(recipe.data.holdout_classes)
-            val_clips = [c for c in val_clips if c.label not in held]
-        val_clips = val_clips[: recipe.data.limit_val] if recipe.data.limit_val else val_clips
-        val_annotations = val_set.annotations
-        if env.main:
-            write_skipped(run, [(i, r) for i, r in {**val_set.annotation_problems, **val_set.unavailable}.items()], "val")
-
-    # -- model and optimiser
-    base_model = build_model(vision_init=recipe.model.vision_init, audio_init=recipe.model.audio_init).to(device)
-    if channels_last:
-        base_model = base_model.to(memory_format=torch.channels_last)
-    if sync_bn_of(recipe) and env.world > 1:
-        # converts the BatchNorm layers in place (same parameters and state_dict keys), so checkpoints stay plain
-        base_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(base_model)
-    net: torch.nn.Module = ModelForTraining(base_model)
-    if env.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(base_model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_for(recipe, steps_per_epoch))
-
-    # -- state (fresh or resumed)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best = {"ciou": -1.0, "epoch": None, "step": None}
-    mix_neighbours: np.ndarray | None = None
-    skipped_steps = 0
-    if resume_run is not None:
-        last = run.latest_checkpoint()
-        if last is None:
-            raise TrainingError(f"{run.dir}: nothing to resume (no checkpoints/last-*.pt)")
-        state = load_checkpoint(last)
-        load_weights(base_model, model_state_from_checkpoint(state, last), last)
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        best = state["best"]
-        skipped_steps = state.get("skipped_steps", 0)
-        if state.get("mix_neighbours") is not None:
-            mix_neighbours = state["mix_neighbours"].numpy()
-        set_rng_state(state["rng"])
-        if env.main:
-            run.truncate_metrics_after(step)
-        say(f"resuming {run.dir} from {last.name}: step {step}, epoch {epoch}, batch {batch_in_epoch}"
-            + (f" (world size {state.get('world_size', 1)} -> {env.world})"
-               if state.get("world_size", 1) != env.world else ""))
-
-    tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
-                      warn=lambda m: say(f"warning: {m}"))
-    meta = run.meta() if env.main else {}
-    tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
-                  tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
-    if env.main:
-        run.update_meta(status="running", mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri,
-                        steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_clips=len(clips),
-                        skipped_train_clips=len(skipped), device=str(device), world_size=env.world)
-        tracker.log_artifacts(run.dir / "config.yaml")
-        say(f"run {run.dir}: {len(clips)} training clips ({len(skipped)} skipped), {len(val_clips)} validation clips, "
-            f"{steps_per_epoch} steps/epoch x {total_epochs} epochs, batch {recipe.optim.batch_size}, device {device}, "
-            f"precision {'fp32' if recipe.train.precision == 'fp32' else 'bf16 autocast'}")
-        if env.world > 1:
-            say(f"distributed: {env.world} processes ({dist.get_backend()}), {batch_size} clips per process and step, "
-                f"{negatives_of(recipe)} negatives, "
-                f"{'SyncBatchNorm' if sync_bn_of(recipe) else 'BatchNorm statistics per process'}")
-
-    stop_requested = {"signal": None}
-
-    def on_signal(signum, frame):  # finish the current step, checkpoint, stop
-        stop_requested["signal"] = signum
-
-    # every rank listens: under torchrun a signal may reach any of them, and they agree on stopping each step
-    old_handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread
-            pass
-
-    def save_last() -> Path | None:
-        if not env.main:
-            return None
-        state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
-                                 batch_in_epoch=batch_in_epoch, best=best, mix_neighbours=mix_neighbours,
-                                 skipped_steps=skipped_steps, world_size=env.world)
-        return run.save_checkpoint(state, f"last-{step:08d}", keep_last=recipe.train.keep_last)
-
-    skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
-
-    def collect_skipped() -> None:
-        """Rank 0 lists the clips the other ranks dropped (one gather, at epoch ends and when stopping)."""
-        gathered: list | None = [None] * env.world if env.main else None
-        dist.gather_object(list(skipped_elsewhere), gathered, dst=0)
-        skipped_elsewhere.clear()
-        if env.main:
-            by_stage: dict[str, list[tuple[str, str]]] = {}
-            for rows in gathered[1:]:
-                for clip_id, reason, stage in rows:
-                    by_stage.setdefault(stage, []).append((clip_id, reason))
-            for stage, rows in by_stage.items():
-                write_skipped(run, rows, stage)
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
-                        disable=not env.main, transient=False)
-    steps_this_call = 0
-    status = "finished"
-    last_logs: dict[str, float] = {}
-    try:
-        with progress:
-            task = progress.add_task("train", total=total_steps, completed=step, rate="", losses="")
-            while step < total_steps and status == "finished":
-                dataset.set_epoch(epoch)
-                k = epoch - t.mix.start_epoch + 1
-                if t.mix.enabled and mix_neighbours is not None and k >= 1:
-                    dataset.set_mix(mix_neighbours, k)
-                else:
-                    dataset.set_mix(None, 0)
-                sampler.set_epoch(epoch, skip_batches=batch_in_epoch)
-                loader = make_loader(dataset, sampler, batch_size, recipe.data.num_workers, True, device)
-                net.train()
-                window_start, window_samples = time.perf_counter(), 0
-                for batch in loader:
-                    if batch.get("skipped"):
-                        if env.main:
-                            write_skipped(run, batch["skipped"], f"train epoch {epoch}")
-                        else:
-                            skipped_elsewhere.extend((i, r, f"train epoch {epoch}") for i, r in batch["skipped"])
-                    rows = batch["images"].shape[0] if "images" in batch else 0
-                    shard = None
-                    if env.world > 1:
-                        sizes, stop_anywhere = exchange_step_state(rows, stop_requested["signal"] is not None, device)
-                        if stop_anywhere:
-                            status = "interrupted"
-                            break
-                        shard = Shard(sizes, env.rank)
-                    # every rank skips together: a process with no clip left cannot run BatchNorm or the gather
-                    global_rows, fewest = (shard.total, min(shard.sizes)) if shard else (rows, rows)
-                    if global_rows < 2 or fewest == 0:
-                        skipped_steps += 1
-                        batch_in_epoch += 1
-                        continue
-                    loss, logs = forward_views(net, batch, recipe, recipe.seed * 1_000_003 + step, device,
-                                               channels_last, amp, shard=shard)
-                    if shard is not None:
-                        logs = mean_over_global_batch(logs, shard)
-                        # DDP averages gradients over processes; weighting each process's mean by its share of the
-                        # global batch makes that average the gradient of the global mean (a factor of exactly 1
-                        # when the shards are equal)
-                        loss = loss * (env.world * shard.local / shard.total)
-                    if not torch.isfinite(loss if shard is None else logs["loss"]):
-                        values = {k: float(v) for k, v in logs.items()}
-                        raise TrainingError(
-                            f"the loss became {float(loss.detach())} at step {step + 1} (epoch {epoch}); training stopped",
-                            [f"loss terms: {values}",
-                             f"last good checkpoint: {run.latest_checkpoint() or 'none yet'} (intact)",
-                             "try a lower optim.lr, train.precision=fp32, or optim.grad_clip"])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if recipe.optim.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(base_model.parameters(), recipe.optim.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    steps_this_call += 1
-                    batch_in_epoch += 1
-                    window_samples += shard.total if shard else rows
-                    if step % recipe.train.log_every == 0 or step == total_steps:
-                        elapsed = time.perf_counter() - window_start
-                        rate = window_samples / elapsed if elapsed > 0 else 0.0
-                        last_logs = {k: float(v) for k, v in logs.items()}
-                        last_logs.update(lr=scheduler.get_last_lr()[0], samples_per_s=rate)
-                        if env.main:
-                            run.append_metrics({"kind": "train", "step": step, "epoch": epoch, **last_logs})
-                            tracker.log_metrics({f"train/{k}": v for k, v in last_logs.items()}, step)
-                        progress.update(task, rate=f"{rate:.1f} samples/s",
-                                        losses=" ".join(f"{k}={last_logs[k]:.3f}" for k in ("loss", "l_cl1", "l_geo")
-                                                        if k in last_logs))
-                        window_start, window_samples = time.perf_counter(), 0
-                    progress.update(task, completed=step)
-                    # several processes stop on a signal together, at the next step's exchange
-                    if ((env.world == 1 and stop_requested["signal"] is not None)
-                            or (stop_after_steps and steps_this_call >= stop_after_steps)):
-                        status = "interrupted"
-                        break
-                    if step >= total_steps:
-                        break
-                if status != "finished":
-                    break
-                # -- end of epoch
-                epoch += 1
-                batch_in_epoch = 0
-                if env.world > 1:
-                    collect_skipped()
-                    broadcast_buffers(base_model)
-                if t.mix.enabled and epoch >= t.mix.start_epoch and step < total_steps:
-                    mix_neighbours = refresh_mix_neighbours(base_model, clips, a_args, recipe, device, amp, env,
-                                                            cache_dir, epoch)
-                if val_clips and (epoch % recipe.train.val_every == 0 or step >= total_steps):
-                    metrics = validate(base_model, val_clips, val_annotations, recipe, device, run, epoch, env)
-                    if env.main:
-                        run.append_metrics({"kind": "val", "step": step, "epoch": epoch, **metrics})
-                        tracker.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step)
-                        grid = run.dir / "val" / f"heatmaps-epoch{epoch:04d}.png"
-                        if grid.exists():
-                            tracker.log_artifacts(grid, "val")
-                        say(f"epoch {epoch}: val cIoU {metrics['ciou']:.4f} AUC {metrics['auc']:.4f} "
-                            f"L_cl {metrics.get('l_cl', float('nan')):.4f} (N={metrics['n']})")
-                        if metrics["ciou"] > best["ciou"]:
-                            best = {"ciou": metrics["ciou"], "auc": metrics["auc"], "epoch": epoch, "step": step}
-                            state = checkpoint_state(base_model, optimizer, scheduler, recipe, step=step, epoch=epoch,
-                                                     batch_in_epoch=0, best=best, mix_neighbours=mix_neighbours,
-                                                     skipped_steps=skipped_steps, world_size=env.world)
-                            run.save_checkpoint(state, "best")
-                save_last()
-            if status != "finished":
-                if env.world > 1:
-                    collect_skipped()
-                path = save_last()
-                say(f"stopped at step {step} ({'signal ' + str(stop_requested['signal']) if stop_requested['signal'] else 'as asked'}); "
-                    f"checkpoint {path}; continue with: sslt train --resume {run.dir}")
-    except BaseException as exc:
-        if env.main:
-            run.update_meta(status="failed", error=f"{type(exc).__name__}: {exc}", step=step)
-            run.log(f"failed at step {step}: {type(exc).__name__}: {exc}")
-        tracker.end("FAILED")
-        raise
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-
-    if env.main:
-        run.update_meta(status=status if status != "finished" else "trained", step=step, epoch=epoch, best=best)
-    if status == "finished" and evaluate_at_end and env.main:
-        from sslt_cli.evaluate import evaluate_run_checkpoints
-
-        results = evaluate_run_checkpoints(run, recipe, device=device, tracker=tracker, console=console, out=out)
-        run.update_meta(status="finished", test=results)
-    elif status == "finished" and env.main:
-        run.update_meta(status="finished")
-    if env.main:
-        end_table(run, recipe, best, last_logs, out)
-        tracker.log_artifacts(run.dir / "metrics.jsonl")
-        tracker.log_artifacts(run.dir / "train.log")
-        tracker.log_artifacts(run.dir / "meta.json")
-        if (run.dir / SKIPPED).exists():
-            tracker.log_artifacts(run.dir / SKIPPED)
-        tracker.end("FINISHED" if status == "finished" else "KILLED")
-    # no closing barrier: rank 0's final evaluation can outlast the collective timeout, and the other ranks have
-    # nothing left to do (torchrun waits for every process)
-    return run
-
-
-# ------------------------------------------------------------------------------------- epoch-level helpers
+# --------------------------------------------------------------------------------------------- end-of-epoch helpers
 
 def mix_queue_seed(seed: int, epoch: int) -> int:
     """Seed of T_mix's candidate queue for the refresh at the end of ``epoch``: one per (run seed, epoch)."""
@@ -822,8 +786,8 @@ def mix_queue_seed(seed: int, epoch: int) -> int:
 
 
 @torch.no_grad()
-def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recipe, device: torch.device, amp,
-                           env: Dist, cache_dir: Path | None, epoch: int) -> np.ndarray:
+def refresh_mix_neighbours(model, clips: list[Clip], recipe: Recipe, device: torch.device, amp, env: Dist,
+                           cache_dir: Path | None, epoch: int) -> np.ndarray:
     """T_mix: embed every training clip's audio with the current encoder and take each clip's top-1 neighbour.
 
     The random queue of candidates is drawn anew for every epoch (``mix_queue_seed``), as the official retrieval
@@ -831,7 +795,7 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
     each embeds a contiguous shard of the clips and all gather the (N, 512) table, so every rank draws the same
     neighbours (same seed) as one process would.
     """
-    dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=a_args, spec_augment=None,
+    dataset = AudioVisualDataset(clips, image_transform=None, n_views=1, audio=recipe.audio, spec_augment=None,
                                  train=False, seed=recipe.seed, cache_dir=cache_dir)
     per_rank = math.ceil(len(clips) / env.world)
     bounds = [(min(r * per_rank, len(clips)), min((r + 1) * per_rank, len(clips))) for r in range(env.world)]
@@ -864,45 +828,29 @@ def refresh_mix_neighbours(model, clips: list[Clip], a_args: dict, recipe: Recip
     return neighbours.numpy()
 
 
-@torch.no_grad()
-def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device: torch.device, run: Run,
-             epoch: int, env: Dist) -> dict[str, float]:
-    """cIoU / AUC / mean IoU on the validation set under the recipe's protocol, and the validation L_cl.
+def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objective, grid: Path | None,
+             epoch: int) -> dict[str, float]:
+    """cIoU / AUC / mean IoU on the validation set under the recipe's protocol (``evaluate.evaluate_model``, as every
+    evaluation), and the validation L_cl (``tie`` objective); a heatmap grid of the first batch to ``grid``."""
+    from sslt_cli.evaluate import evaluate_model
 
-    Maps are computed at ``eval.precision`` (fp32 by default), as the final test evaluation computes them.
-    """
-    from sslt_cli.evaluate import eval_loader, get_protocol, score_maps
-
-    protocol = get_protocol(recipe.eval.protocol)
-    model.eval()
-    maps: dict[str, np.ndarray] = {}
     losses, weights = 0.0, 0
-    shown: tuple | None = None
-    loss_cfg = recipe.loss
-    amp = autocast_for(device, recipe.eval.precision)
-    for batch in eval_loader(clips, recipe, device, protocol.image_preprocessing):
-        if "image" not in batch:
-            continue
-        images = batch["image"].to(device)
-        specs = batch["spec"].to(device)
-        with amp:
-            v = model.embed_image(images)
-            a = model.embed_audio(specs)
-        if images.shape[0] >= 2 and loss_cfg.objective == "tie":
-            l, _ = LOSSES["tie"](v, a, eps_pos=loss_cfg.eps_pos, eps_neg=loss_cfg.eps_neg, tau=loss_cfg.tau,
-                                 temperature=loss_cfg.temperature)
-            losses += float(l) * images.shape[0]
+    shown: list = []
+
+    def look(ids, images, v, a, maps) -> None:
+        nonlocal losses, weights
+        if images.shape[0] >= 2 and recipe.loss.objective == "tie":
+            loss, _ = objective(v, a)
+            losses += float(loss) * images.shape[0]
             weights += images.shape[0]
-        A = localisation_map(v.float(), a.float())[:, 0].cpu()
-        for clip_id, m in zip(batch["id"], A.numpy()):
-            maps[clip_id] = m
-        if shown is None:
-            shown = (list(batch["id"]), batch["image"][:8], A[:8])
+        if not shown:
+            shown.append((list(ids), images[:8], maps[:8]))
+
+    result = evaluate_model(model, val, recipe.eval.protocol, recipe, device=device, baselines=False, on_batch=look)
     model.train()
-    result = score_maps(maps, annotations, protocol, [c.id for c in clips], baselines=False, name="val")
-    if env.main and shown is not None:
-        heatmap_grid(shown[1], shown[2], [annotations.get(i) for i in shown[0]],
-                     run.dir / "val" / f"heatmaps-epoch{epoch:04d}.png", title=f"validation, epoch {epoch}")
+    if grid is not None and shown:
+        ids, images, maps = shown[0]
+        heatmap_grid(images, maps, [val.annotations.get(i) for i in ids], grid, title=f"validation, epoch {epoch}")
     method = result.method or {}
     metrics = {"ciou": method.get("ciou", 0.0), "auc": method.get("auc", 0.0), "mean_iou": method.get("mean_iou", 0.0),
                "n": result.n}
@@ -948,7 +896,8 @@ def heatmap_grid(images: torch.Tensor, maps: torch.Tensor, annotations: list, pa
     return path
 
 
-def end_table(run: Run, recipe: Recipe, best: dict, last_logs: dict, out: Console) -> None:
+def end_table(run: Run, best: dict, last_logs: dict, out: Console) -> None:
+    """The run's summary on stdout: status, steps, last losses, best validation, skipped clips, folder."""
     meta = run.meta()
     table = Table(title=f"run {run.dir.name}")
     table.add_column("what")

@@ -378,7 +378,8 @@ def test_export_writes_the_official_format(tmp_path: Path) -> None:
     import torch
 
     from sslt_cli.config import Recipe
-    from sslt_cli.model import build_model, load_official_checkpoint
+    from sslt_cli.checkpoint import load_official_checkpoint
+    from sslt_cli.model import build_model
     from sslt_cli.train import CHECKPOINT_FORMAT
 
     torch.manual_seed(0)

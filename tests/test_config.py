@@ -164,7 +164,7 @@ def test_the_resolved_recipe_round_trips_through_yaml() -> None:
     ("optim:\n  batch_size: abc\n", [], "key 'optim.batch_size': expected an integer, got 'abc'"),
     ("", ["optim.lr=abc"], "key 'optim.lr': expected a number, got 'abc' (from override 'optim.lr=abc')"),
     ("eval:\n  protocol: foo\n", [],
-     "key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac' or 'sspl', got 'foo'"),
+     "key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'"),
     ("", ["optim.lr=-1"], "key 'optim.lr': input should be greater than 0, got -1 (from override 'optim.lr=-1')"),
 ], ids=["unknown_key", "unknown_key_no_match", "unknown_override_key", "wrong_type", "wrong_type_override",
         "bad_literal", "out_of_range"])
@@ -182,7 +182,7 @@ def test_all_problems_are_reported_together() -> None:
         "  - recipe.yaml: key 'seed': expected an integer, got 1.5 (from override 'seed=1.5')\n"
         "  - recipe.yaml: key 'optim.batch_size': expected an integer, got 'abc'\n"
         "  - recipe.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)\n"
-        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac' or 'sspl', got 'foo'")
+        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'")
 
 
 def test_malformed_override() -> None:

@@ -9,10 +9,11 @@ from PIL import Image
 
 from sslt_cli import audio as audio_lib
 from sslt_cli.data.augment import build_eval_transform, build_image_transform, spec_augment
-from sslt_cli.data.datasets import AudioParams, AudioVisualDataset, BadClip, collate_skip_bad, precheck_clips
+from sslt_cli.config import AudioConfig
+from sslt_cli.data.datasets import AudioVisualDataset, BadClip, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, layout_paths, read_set, write_set
 
-AUDIO = AudioParams(sample_rate=8000, clip_seconds=1.0, n_fft=256, hop_length=128, n_mels=32, normalized=True)
+AUDIO = AudioConfig(sample_rate=8000, clip_seconds=1.0, n_fft=256, hop_length=128, n_mels=32, normalized=True)
 FRAMES = 1 + 8000 // 128
 
 
@@ -69,7 +70,7 @@ def test_training_item_holds_views_of_the_right_shape(tmp_path):
 def test_eval_item_and_audio_only_item(tmp_path):
     clips = make_set(tmp_path)
     dataset = AudioVisualDataset(clips, image_transform=build_eval_transform(32, "resize_centercrop"), n_views=1,
-                                 audio=dict(AUDIO.__dict__), train=False, seed=0)
+                                 audio=AUDIO.model_dump(), train=False, seed=0)
     item = dataset[2]
     assert set(item) == {"index", "id", "image", "spec"}
     expected_image = build_eval_transform(32, "resize_centercrop")(Image.open(clips[2].frame).convert("RGB"))
@@ -188,7 +189,7 @@ def test_cache_is_written_once_and_gives_the_same_spectrogram(tmp_path):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert not list(cache.glob(".*.tmp"))
     # Other front-end settings never read these files.
-    other = AudioVisualDataset(clips, image_transform=None, audio=AudioParams(**{**AUDIO.__dict__, "n_mels": 16}),
+    other = AudioVisualDataset(clips, image_transform=None, audio=AUDIO.model_copy(update={"n_mels": 16}),
                                train=False, cache_dir=cache)[0]
     assert other["spec"].shape == (1, 16, FRAMES) and len(list(cache.glob("*.npy"))) == 4
     # A re-prepared audio file gets a new cache entry.

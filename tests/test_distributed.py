@@ -34,13 +34,16 @@ import torch
 import yaml
 from rich.console import Console
 
+from sslt_cli import distributed
 from sslt_cli import train as train_module
+from sslt_cli.checkpoint import load as load_checkpoint
 from sslt_cli.config import flatten, load_recipe, recipe_dict
 from sslt_cli.errors import TrainingError
 from sslt_cli.losses import LOSSES, ezvsl_loss, rank_gather, tie_contrastive_loss
 from sslt_cli.model import build_model
-from sslt_cli.runs import Run, load_checkpoint
-from sslt_cli.train import Dist, EpochSampler
+from sslt_cli.distributed import Dist
+from sslt_cli.runs import Run
+from sslt_cli.train import EpochSampler
 
 pytestmark = pytest.mark.timeout(300)  # a collective that waits for a process that died would hang, not fail
 
@@ -133,6 +136,11 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tu
     return worst
 
 
+def train_new(recipe, **kwargs) -> Run:
+    """Train a new run folder in this process, created as `sslt train` creates it."""
+    return train_module.train(recipe, Run.create(recipe), **kwargs).run
+
+
 # --- the 2-process worker ----------------------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
@@ -148,11 +156,15 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
                 train_module.negatives_of = lambda recipe, mode=job["negatives"]: mode
             if job.get("resume"):
                 run = run_in(Path(job["resume"]))
-                train_module.train(run.recipe(), resume_run=run, stop_after_steps=job.get("stop_after"),
+                train_module.train(run.recipe(), run, resume=True, stop_after_steps=job.get("stop_after"),
                                    evaluate_at_end=False, **quiet())
             else:
-                train_module.train(load_recipe(job["recipe"], []),
-                                   stop_after_steps=job.get("stop_after"), evaluate_at_end=False, **quiet())
+                # as `sslt train` under torchrun: rank 0 creates the run folder and every rank trains into it
+                recipe = load_recipe(job["recipe"], [])
+                env = distributed.init_distributed("cpu")
+                run = distributed.share_run(env, lambda: Run.create(recipe))
+                train_module.train(recipe, run, stop_after_steps=job.get("stop_after"), evaluate_at_end=False,
+                                   **quiet())
             train_module.negatives_of = real_negatives
         elif job["kind"] == "clone":
             if rank == 0:
@@ -229,13 +241,13 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one = train_module.train(load_recipe(make_recipe_file(base / "one", bench), []), stop_after_steps=1,
-                                 evaluate_at_end=False, **quiet())
-        train_module.train(one.recipe(), resume_run=one, stop_after_steps=STOP_AT - 1, evaluate_at_end=False,
+        one = train_new(load_recipe(make_recipe_file(base / "one", bench), []), stop_after_steps=1,
+                        evaluate_at_end=False, **quiet())
+        train_module.train(one.recipe(), one, resume=True, stop_after_steps=STOP_AT - 1, evaluate_at_end=False,
                            **quiet())
         one_to_two = clone_run(one.dir, base / "one-to-two" / one.dir.name)
         one_finished = clone_run(one.dir, base / "one-finished" / one.dir.name)
-        train_module.train(one_finished.recipe(), resume_run=one_finished, evaluate_at_end=False, **quiet())
+        train_module.train(one_finished.recipe(), one_finished, resume=True, evaluate_at_end=False, **quiet())
 
         row_a = dict(transforms={"views": "code", "app": {"enabled": False}, "geo": {"enabled": False},
                                  "mask": {"enabled": False}, "mix": {"enabled": False},
@@ -250,8 +262,8 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
 
         with pytest.MonkeyPatch.context() as capture:
             capture.setitem(LOSSES, "tie", remembering_tie)
-            train_module.train(load_recipe(make_recipe_file(base / "captured", bench, **row_a), []),
-                               evaluate_at_end=False, **quiet())
+            train_new(load_recipe(make_recipe_file(base / "captured", bench, **row_a), []), evaluate_at_end=False,
+                      **quiet())
 
         two_runs = base / "two" / "runs"  # the 2-process jobs find the run folder in it
         (base / "losses").mkdir()
@@ -266,7 +278,7 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
             {"kind": "losses", "out": str(base / "losses")},
         ])
         two_to_one = Run(base / "two-to-one" / "pair")
-        train_module.train(two_to_one.recipe(), resume_run=two_to_one, evaluate_at_end=False, **quiet())
+        train_module.train(two_to_one.recipe(), two_to_one, resume=True, evaluate_at_end=False, **quiet())
         yield Session(
             one=one, two=only_run(two_runs), one_finished=one_finished, one_to_two=one_to_two, two_to_one=two_to_one,
             negatives={mode: only_run(base / mode / "runs") for mode in ("global", "local")},
@@ -439,31 +451,28 @@ def test_rank_gather_refuses_a_shard_of_another_size() -> None:
 # --- recipe checks before anything starts ------------------------------------------------------------------------
 
 def test_a_global_batch_that_does_not_split_is_refused(bench, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(train_module, "init_distributed", lambda kind: Dist(rank=0, world=3))
+    monkeypatch.setattr(distributed, "init_distributed", lambda kind: Dist(rank=0, world=3))
     recipe = load_recipe(make_recipe_file(tmp_path, bench), [])
+    never = Run(tmp_path / "runs" / "never")
     with pytest.raises(TrainingError) as info:
-        train_module.train(recipe, evaluate_at_end=False, **quiet())
+        train_module.train(recipe, never, evaluate_at_end=False, **quiet())
     assert info.value.message == "optim.batch_size=8 (the global batch) does not split over 3 processes"
     assert info.value.problems == ["use a multiple of 3, or another number of processes"]
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
 def test_sync_batchnorm_on_cpu_is_refused(bench, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(train_module, "init_distributed", lambda kind: Dist(rank=0, world=2))
+    monkeypatch.setattr(distributed, "init_distributed", lambda kind: Dist(rank=0, world=2))
     monkeypatch.setattr(train_module, "sync_bn_of", lambda recipe: True)
     recipe = load_recipe(make_recipe_file(tmp_path, bench), [])
     with pytest.raises(TrainingError) as info:
-        train_module.train(recipe, evaluate_at_end=False, **quiet())
+        train_module.train(recipe, Run(tmp_path / "runs" / "never"), evaluate_at_end=False, **quiet())
     assert info.value.message == ("train.sync_bn=true needs CUDA devices; this run has 2 processes on cpu "
                                   "(torch's SyncBatchNorm runs on GPUs only)")
     assert info.value.problems == ["set train.sync_bn=false"]
 
 
 def test_the_recipe_switches_reach_the_loop(bench, tmp_path) -> None:
-    from sslt_cli.config import LossConfig, TrainConfig
-
-    if "negatives" not in LossConfig.model_fields or "sync_bn" not in TrainConfig.model_fields:
-        pytest.skip("the recipe schema has no loss.negatives / train.sync_bn yet (config.py)")
     default = load_recipe(make_recipe_file(tmp_path / "default", bench), [])
     assert (train_module.negatives_of(default), train_module.sync_bn_of(default)) == ("global", False)
     switched = load_recipe(make_recipe_file(tmp_path / "switched", bench),
@@ -489,7 +498,7 @@ def test_torchrun_training_mirrors_to_a_shared_server_once(bench, tmp_path, mlfl
     recipe_path = make_recipe_file(tmp_path / "served", bench, optim={"batch_size": 8, "max_steps": 2},
                                    data={"val": "val"}, tracking={"enabled": True, "experiment": "shared"})
 
-    code = train_module.launch_torchrun(WORLD, ["train", str(recipe_path), "transforms.mix.enabled=false"])
+    code = distributed.launch_torchrun(WORLD, ["train", str(recipe_path), "transforms.mix.enabled=false"])
 
     assert code == 0
     run = only_run(tmp_path / "served" / "runs")  # rank 1 made no run folder

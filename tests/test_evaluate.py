@@ -549,11 +549,11 @@ def test_model_extended_lists_every_non_sounding_pair_left_out(tmp_path):
     recipe = Recipe.model_validate({"data": {"image_size": 64, "num_workers": 0},
                                     "audio": {"clip_seconds": 3.0, "n_mels": 40}})
     torch.manual_seed(0)
-    loaded = E.LoadedModel(model=build_model().eval(), recipe=recipe, label="t", source=tmp_path / "none.pt")
+    model = build_model().eval()
     pairs = [("a", "b"), ("a", "gone"), ("nowhere", "b"), ("c", "a")]
     done = []
-    result = E.evaluate_model_on_set(loaded, test, "ssltie", tmp_path / "eval", extended=(pairs, test),
-                                     progress=done.append)
+    result = E.evaluate_model(model, test, "ssltie", recipe, out_dir=tmp_path / "eval", extended=(pairs, test),
+                              progress=done.append)
     assert sum(done) == 2 + 1  # a and b, then the pair a+b; c and c+a fail to decode
     ext = result.extended
     assert (ext.n_sounding, ext.n_silent) == (2, 1)

@@ -133,8 +133,13 @@ def test_every_preset_on_hand_maps_4x4(name):
 
 
 def test_presets_follow_the_reference_table():
+    from sslt_cli import PROTOCOL_NAMES
+    from sslt_cli.config import EvalConfig
+
     p = M.PROTOCOLS
-    assert set(p) == {"ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc"}
+    # one list of names: the presets, the recipe schema and `sslt eval --protocol` (which reads PROTOCOL_NAMES)
+    assert tuple(p) == PROTOCOL_NAMES == ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
+    assert [EvalConfig(protocol=name).protocol for name in PROTOCOL_NAMES] == list(PROTOCOL_NAMES)
     for name in ("ssltie", "lvs"):
         assert (p[name].map_size, p[name].upsample, p[name].threshold, p[name].image_preprocessing) == (
             14, "bilinear", "above_median", "resize_centercrop")

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import torchvision
 
 from sslt_cli.errors import CheckpointError
-from sslt_cli.model import (SSLTIEModel, all_pairs_map, build_model, load_official_checkpoint, localisation_map,
-                            save_official_checkpoint, to_official_state_dict)
+from sslt_cli.checkpoint import (init_from_torchvision, load_official_checkpoint, save_official_checkpoint,
+                                 to_official_state_dict)
+from sslt_cli.model import SSLTIEModel, all_pairs_map, build_model, localisation_map
 
 torch.set_num_threads(1)
 
@@ -108,11 +109,18 @@ def test_scratch_init_is_the_official_one_and_conv3_norm3_are_frozen():
     assert frozen == {"conv3.weight", "conv3.bias", "norm3.weight", "norm3.bias"}
 
 
+def initialised(vision_init="scratch", audio_init="scratch"):
+    """A scratch model with torchvision weights loaded, as training builds it from ``model.vision_init`` etc."""
+    model = build_model()
+    init_from_torchvision(model, vision_init, audio_init)
+    return model
+
+
 def test_torchvision_weight_file_as_vision_and_audio_init(tmp_path):
     reference = torchvision.models.resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
-    net = build_model(vision_init=path, audio_init=str(path))
+    net = initialised(vision_init=path, audio_init=str(path))
     torch.testing.assert_close(net.vision.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
     torch.testing.assert_close(net.vision.bn1.running_var, reference.bn1.running_var)
     torch.testing.assert_close(net.audio.conv1.weight, reference.conv1.weight.sum(dim=1, keepdim=True))
@@ -124,12 +132,12 @@ def test_torchvision_weight_file_as_vision_and_audio_init(tmp_path):
     # Files saved before PyTorch 0.4 have no BatchNorm num_batches_tracked counters.
     old_style = {k: v for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(old_style, path)
-    torch.testing.assert_close(build_model(vision_init=path).vision.layer1[0].bn1.bias, reference.layer1[0].bn1.bias)
+    torch.testing.assert_close(initialised(vision_init=path).vision.layer1[0].bn1.bias, reference.layer1[0].bn1.bias)
 
 
 def test_bad_torchvision_init_files(tmp_path):
     with pytest.raises(CheckpointError) as err:
-        build_model(vision_init=tmp_path / "nope.pth")
+        initialised(vision_init=tmp_path / "nope.pth")
     assert err.value.message == (f"vision init {str(tmp_path / 'nope.pth')!r}: no such file; use 'scratch' or the "
                                  "path of a torchvision resnet18 state_dict file "
                                  "(torchvision.models.resnet18(...).state_dict())")
@@ -139,7 +147,7 @@ def test_bad_torchvision_init_files(tmp_path):
     path = tmp_path / "partial.pth"
     torch.save(state, path)
     with pytest.raises(CheckpointError) as err:
-        build_model(vision_init=path)
+        initialised(vision_init=path)
     assert err.value.message.startswith(f"{path}: cannot initialise the vision encoder: keys do not match")
     assert err.value.problems == ["missing keys (1): layer2.0.downsample.1.running_mean",
                                   "unexpected keys (1): extra.weight"]
@@ -198,12 +206,12 @@ def test_not_a_checkpoint(tmp_path):
     junk.write_bytes(os.urandom(64))
     with pytest.raises(CheckpointError) as err:
         load_official_checkpoint(junk)
-    assert err.value.message.startswith(f"{junk}: not a checkpoint torch can load with weights_only=True (")
+    assert err.value.message.startswith(f"{junk}: not a checkpoint torch can load safely (")
 
     missing = tmp_path / "missing.pth"
     with pytest.raises(CheckpointError) as err:
         load_official_checkpoint(missing)
-    assert err.value.message == f"{missing}: no such checkpoint file"
+    assert err.value.message == f"{missing}: checkpoint file not found"
 
     no_state = tmp_path / "no_state.pth"
     torch.save({"epoch": 1, "weights": [1, 2]}, no_state)
@@ -245,7 +253,7 @@ def test_long_key_lists_are_cut_after_ten(model, tmp_path):
 
 
 def test_sslt_weights_that_do_not_fit_are_listed(model, tmp_path):
-    from sslt_cli.model import load_weights
+    from sslt_cli.checkpoint import load_weights
 
     state = model.state_dict()
     del state["audio.layer1.0.bn1.bias"]

@@ -47,5 +47,5 @@ def test_prepared_vggsound_trains_and_evaluates(tmp_path: Path) -> None:
     assert json.loads((run_dir / "meta.json").read_text())["status"] == "finished"
     printed = sslt("eval", str(run_dir), "--which", "last")
     assert "test_vggss: last" in printed
-    metrics = json.loads((run_dir / "eval" / "test_vggss-last-ssltie" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "vggss-last-ssltie" / "metrics.json").read_text())
     assert metrics["accounting"]["scored"] == 6

@@ -597,7 +597,8 @@ def test_retrieve_recomputes_for_another_checkpoint(tmp_path, synthetic_test_set
 
 
 def test_load_target_picks_a_checkpoint_and_places_outputs(tmp_path):
-    from sslt_cli.model import build_model, save_official_checkpoint
+    from sslt_cli.checkpoint import save_official_checkpoint
+    from sslt_cli.model import build_model
 
     run, last = _untrained_run(tmp_path, tmp_path / "nowhere", tracking=False)
     target = R.load_target(run.dir, torch.device("cpu"))

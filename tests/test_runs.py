@@ -15,7 +15,8 @@ import torch
 from sslt_cli import runs as runs_module
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import CheckpointError, SsltError
-from sslt_cli.runs import Run, list_runs, load_checkpoint
+from sslt_cli.checkpoint import load as load_checkpoint
+from sslt_cli.runs import Run, list_runs
 
 
 @pytest.fixture

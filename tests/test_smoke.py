@@ -51,7 +51,7 @@ def test_cli_end_to_end(repo_root: Path, tmp_path: Path) -> None:
 
     evaluated = sslt("eval", str(run_dir), "--which", "last", "--protocol", "ezvsl")
     assert "test_vggss: last" in evaluated.stdout
-    metrics = json.loads((run_dir / "eval" / "test_vggss-last-ezvsl" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "vggss-last-ezvsl" / "metrics.json").read_text())
     assert metrics["accounting"]["scored"] == 16
 
     retrieved = sslt("retrieve", str(run_dir), "--task", "a2a")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import requests
 
-from sslt_cli.tracking import DEFAULT_URI, Tracker, metric_name, tracking_uri
+from sslt_cli.runs import Run
+from sslt_cli.tracking import DEFAULT_URI, MetricsSink, Tracker, metric_name, tracking_uri
 
 MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
 
@@ -236,3 +237,35 @@ def test_a_run_arrives_at_a_real_mlflow_server(mlflow_server: str, tmp_path: Pat
     files = requests.get(f"{mlflow_server}/api/2.0/mlflow/artifacts/list", params={"run_id": run_id},
                          timeout=10).json()["files"]
     assert [f["path"] for f in files] == ["metrics.jsonl"]
+
+
+# --- the metrics sink ---------------------------------------------------------------------------------------------
+
+def test_the_sink_writes_the_run_file_and_mlflow_in_one_call(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sslt_cli.config import Recipe
+
+    run = Run.create(Recipe(), runs_dir=tmp_path / "runs", argv=[])
+    tracker = Tracker(experiment="sink")
+    run_id = tracker.start("sink")
+    sink = MetricsSink(run, tracker)
+    sink.log("train", 3, {"loss": 1.5, "lr": 0.001}, fields={"epoch": 0})
+    sink.log("test", 3, {"ciou": 0.25}, fields={"set": "vggss"}, mlflow={"test_vggss/last/ciou": 0.25})
+    sink.artifact(run.dir / "config.yaml")
+    sink.artifact(run.dir / "no-such-file.png")  # a missing artifact is left out, not an error
+    tracker.end()
+
+    assert run.metrics() == [{"kind": "train", "step": 3, "epoch": 0, "loss": 1.5, "lr": 0.001},
+                             {"kind": "test", "step": 3, "set": "vggss", "ciou": 0.25}]
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    logged = client.get_run(run_id).data.metrics
+    assert logged == {"train/loss": 1.5, "train/lr": 0.001, "test_vggss/last/ciou": 0.25}
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+
+
+def test_the_null_sink_writes_nothing(tmp_path: Path) -> None:
+    sink = MetricsSink.null()
+    sink.log("train", 1, {"loss": 1.0})
+    sink.artifact(tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -33,9 +33,11 @@ from typer.testing import CliRunner
 from sslt_cli import train as train_module
 from sslt_cli.config import Recipe, load_recipe, recipe_dict
 from sslt_cli.errors import CheckpointError, TrainingError
-from sslt_cli.evaluate import get_protocol, load_model, load_test_set, predict_maps
-from sslt_cli.model import build_model, save_official_checkpoint, to_official_state_dict
-from sslt_cli.runs import Run, load_checkpoint
+from sslt_cli.checkpoint import load as load_checkpoint
+from sslt_cli.checkpoint import load_model, save_official_checkpoint, to_official_state_dict
+from sslt_cli.evaluate import get_protocol, load_test_set, predict_maps
+from sslt_cli.model import build_model
+from sslt_cli.runs import Run
 from sslt_cli.train import train
 
 STEPS_PER_EPOCH = 4  # 32 training clips in batches of 8
@@ -104,6 +106,16 @@ def quiet() -> dict[str, Console]:
     return {"console": sink, "out": sink}
 
 
+def train_new(recipe: Recipe, **kwargs) -> Run:
+    """Train a new run folder, created as `sslt train` creates it."""
+    return train(recipe, Run.create(recipe), **kwargs).run
+
+
+def train_on(run: Run, **kwargs) -> Run:
+    """Resume ``run`` from its newest checkpoint, as `sslt train --resume` does."""
+    return train(run.recipe(), run, resume=True, **kwargs).run
+
+
 def only_run(runs_dir: Path) -> Run:
     """The single run folder a test created under ``runs_dir``."""
     found = [p for p in runs_dir.iterdir() if (p / "meta.json").is_file()]
@@ -152,7 +164,7 @@ def reference_run(bench, session_dir) -> Run:
     """Run A: TOTAL_STEPS steps without interruption (validation after each epoch, T_mix refresh after epoch 0)."""
     recipe = make_recipe(session_dir / "reference", bench)
     with one_thread():
-        run = train(recipe, evaluate_at_end=False, **quiet())
+        run = train_new(recipe, evaluate_at_end=False, **quiet())
     assert run.meta()["status"] == "finished"
     return run
 
@@ -172,13 +184,26 @@ class Interrupted:
 def interrupted(bench, session_dir) -> Interrupted:
     recipe = make_recipe(session_dir / "interrupted", bench)
     with one_thread():
-        run = train(recipe, stop_after_steps=3, evaluate_at_end=False, **quiet())
+        run = train_new(recipe, stop_after_steps=3, evaluate_at_end=False, **quiet())
         first_status, first_checkpoints = run.meta()["status"], checkpoint_names(run)
-        train(run.recipe(), resume_run=run, stop_after_steps=2, evaluate_at_end=False, **quiet())
+        train_on(run, stop_after_steps=2, evaluate_at_end=False, **quiet())
     return Interrupted(run, first_status, first_checkpoints, run.meta()["status"], checkpoint_names(run))
 
 
 # --- resume -----------------------------------------------------------------------------------------------------
+
+def test_train_state_round_trips_through_a_checkpoint(interrupted) -> None:
+    saved = load_checkpoint(interrupted.run.checkpoints / "last-00000005.pt")
+    state = train_module.TrainState.from_checkpoint(saved)
+    assert (state.step, state.epoch, state.batch_in_epoch) == (5, 1, 1)
+    assert [h["step"] for h in state.history] == [4] and state.best["step"] == 4
+    assert state.mix_neighbours is not None and state.mix_neighbours.shape == (32,)
+    again = state.to_checkpoint()
+    assert again["step"] == saved["step"] and torch.equal(again["mix_neighbours"], saved["mix_neighbours"])
+    # a checkpoint written before the validation history was saved loads with an empty one
+    older = {k: v for k, v in saved.items() if k != "history"}
+    assert train_module.TrainState.from_checkpoint(older).history == []
+
 
 def test_stopping_leaves_a_resumable_checkpoint_mid_epoch(interrupted) -> None:
     assert interrupted.first_status == "interrupted"
@@ -196,7 +221,7 @@ def test_stopping_leaves_a_resumable_checkpoint_mid_epoch(interrupted) -> None:
 
 def test_resumed_run_ends_with_the_uninterrupted_weights(reference_run, interrupted, tmp_path) -> None:
     run = clone_run(interrupted.run.dir, tmp_path / "resumed")
-    train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+    train_on(run, evaluate_at_end=False, **quiet())
 
     assert run.meta()["status"] == "finished"
     final = f"last-{TOTAL_STEPS:08d}.pt"
@@ -334,7 +359,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(bench, tmp_path, m
     monkeypatch.setattr(Run, "save_checkpoint", remembering_save)
     monkeypatch.setattr(train_module, "forward_views", nan_loss_at_call(3))
     with pytest.raises(TrainingError) as info:
-        train(recipe, evaluate_at_end=False, **quiet())
+        train_new(recipe, evaluate_at_end=False, **quiet())
 
     run = only_run(tmp_path / "runs")
     # two steps per epoch: updates 1 and 2 happen, the third forward (epoch 1) gives NaN; which number the message
@@ -352,7 +377,7 @@ def test_nan_message_names_the_failing_step(bench, tmp_path, monkeypatch) -> Non
     recipe = make_recipe(tmp_path, bench, *NAN_RUN)
     monkeypatch.setattr(train_module, "forward_views", nan_loss_at_call(3))
     with pytest.raises(TrainingError, match=r"at step 3 \(epoch 1\)"):
-        train(recipe, evaluate_at_end=False, **quiet())
+        train_new(recipe, evaluate_at_end=False, **quiet())
 
 
 def test_bad_clips_are_skipped_and_listed(bench, tmp_path) -> None:
@@ -368,7 +393,7 @@ def test_bad_clips_are_skipped_and_listed(bench, tmp_path) -> None:
     # 17 clips: the precheck drops the missing one, leaving two full batches, so every clip is read in epoch 0
     recipe = make_recipe(tmp_path, root, "data.limit_train=17", "data.val=null", "optim.max_steps=2")
 
-    run = train(recipe, evaluate_at_end=False, **quiet())
+    run = train_new(recipe, evaluate_at_end=False, **quiet())
 
     assert run.meta()["status"] == "finished" and run.meta()["step"] == 2
     with open(run.dir / "skipped.csv", newline="") as f:
@@ -389,8 +414,8 @@ def test_resume_does_not_list_a_skipped_clip_twice(bench, tmp_path) -> None:
         missing = list(csv.DictReader(f))[0]
     (root / "train" / missing["frame"]).unlink()
     recipe = make_recipe(tmp_path, root, "data.limit_train=9", "data.val=null", "optim.max_steps=2", *ROW_A)
-    run = train(recipe, stop_after_steps=1, evaluate_at_end=False, **quiet())
-    train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+    run = train_new(recipe, stop_after_steps=1, evaluate_at_end=False, **quiet())
+    train_on(run, evaluate_at_end=False, **quiet())
 
     assert run.meta()["status"] == "finished"
     with open(run.dir / "skipped.csv", newline="") as f:
@@ -404,7 +429,7 @@ def test_a_few_steps_lower_the_loss_from_chance(bench, tmp_path) -> None:
     # loss is plain gradient descent on a fixed objective.
     recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.batch_size=16", "data.val=null",
                          "optim.max_steps=6", *ROW_A)
-    run = train(recipe, evaluate_at_end=False, **quiet())
+    run = train_new(recipe, evaluate_at_end=False, **quiet())
 
     losses = [r["loss"] for r in run.metrics() if r["kind"] == "train"]
     assert len(losses) == 6
@@ -417,11 +442,19 @@ def test_a_few_steps_lower_the_loss_from_chance(bench, tmp_path) -> None:
 def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from sslt_cli.tracking import Tracker
+
     recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.max_steps=2", "tracking.enabled=true",
                          "tracking.experiment=tiny", "transforms.mix.enabled=false")
-    run = train(recipe, evaluate_at_end=True, **quiet())
+    parent_id = Tracker(experiment="tiny").start("an ablation")
+    result = train(recipe, Run.create(recipe), parent_run_id=parent_id, evaluate_at_end=True, **quiet())
+    run = result.run
 
     assert run.meta()["status"] == "finished"
+    assert (result.status, result.protocol, result.best, result.last) == (
+        "finished", "ssltie", run.checkpoints / "best.pt", run.checkpoints / "last-00000002.pt")
+    val_records = [r for r in run.metrics() if r["kind"] == "val"]
+    assert result.history == [{k: v for k, v in r.items() if k != "kind"} for r in val_records]
     tests = [r for r in run.metrics() if r["kind"] == "test"]
     assert sorted((r["set"], r["checkpoint"]) for r in tests) == [
         ("flickr", "best"), ("flickr", "last"), ("vggss", "best"), ("vggss", "last")]
@@ -432,10 +465,17 @@ def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
         assert written["method"]["ciou"] == pytest.approx(record["ciou"])
         assert written["method"]["auc"] == pytest.approx(record["auc"])
         assert record["step"] == 2
+        # what train hands back is what it wrote: no caller needs to read the files again
+        returned = result.test[record["set"]][record["checkpoint"]]
+        assert {k: returned[k] for k in ("ciou", "auc", "mean_iou", "n")} == {
+            k: record[k] for k in ("ciou", "auc", "mean_iou", "n")}
+        centre = written["baselines"]["centre"]
+        assert (returned["baseline_centre/ciou"], returned["baseline_centre/auc"]) == (centre["ciou"], centre["auc"])
 
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     mlflow_run = client.get_run(run.meta()["mlflow_run_id"])
     assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["mlflow.parentRunId"] == parent_id  # a child from its creation
     assert mlflow_run.data.params["optim.lr"] == "0.0001"
     assert mlflow_run.data.params["transforms.views"] == "paper"
     train_records = [r for r in run.metrics() if r["kind"] == "train"]
@@ -464,7 +504,7 @@ def test_view_modes(bench, tmp_path, monkeypatch, mode) -> None:
         return real_forward(self, *views)
 
     monkeypatch.setattr(train_module.ModelForTraining, "forward", recording_forward)
-    run = train(recipe, evaluate_at_end=False, **quiet())
+    run = train_new(recipe, evaluate_at_end=False, **quiet())
 
     assert len(seen) == 1
     (record,) = [r for r in run.metrics() if r["kind"] == "train"]

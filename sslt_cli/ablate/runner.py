@@ -344,7 +344,7 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> 
         run = plan.run
     else:
         run = Run.create(cell.recipe, overrides=list(cell.overrides),
-                         extra_meta={"recipe_path": str(ablation.base_path)})
+                         extra_meta={"recipe_path": str(ablation.base_path), "world_size": 1})
     _record_run(entry, run)
     return run
 

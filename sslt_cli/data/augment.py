@@ -116,6 +116,15 @@ def build_image_transform(
     return ImageTransform(v2.Compose(geometric), v2.Compose(appearance + _to_normalised_tensor()))
 
 
+def image_transform_for(image_size: int, app: Any, geo: Any) -> ImageTransform:
+    """The training image transform of a recipe's ``transforms.app`` and ``transforms.geo`` sections
+    (``config.AppearanceConfig``, ``config.GeometricConfig``): :func:`build_image_transform` with their settings."""
+    return build_image_transform(image_size, app=app.enabled, geo=geo.enabled, crop=geo.crop,
+                                 crop_scale=geo.crop_scale, rotation=geo.rotation, flip=geo.flip, jitter=app.jitter,
+                                 jitter_p=app.jitter_p, gray_p=app.gray_p, blur_p=app.blur_p,
+                                 blur_sigma=app.blur_sigma)
+
+
 def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], torch.Tensor]:
     """The evaluation image transform of a protocol: PIL RGB image -> (3, image_size, image_size), ImageNet-normalised.
 
@@ -144,16 +153,6 @@ def seeded_call(transform: Callable[[Any], Any], value: Any, seed: int) -> Any:
 
 
 # --- T_mask -------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpecAugmentParams:
-    """T_mask's settings: with probability ``p``, one time mask narrower than ``time`` frames, then one frequency
-    mask narrower than ``freq`` mel bins (the official 0.8 / 180 / 35)."""
-
-    p: float = 0.8
-    time: int = 180
-    freq: int = 35
 
 
 def _mask_along(spec: torch.Tensor, axis: int, max_width: int, generator: torch.Generator | None, fill: float) -> None:

@@ -14,12 +14,10 @@ that keeps the cache usable with T_mask on.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence, cast
 
@@ -28,9 +26,9 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from sslt_cli import audio as audio_lib
+from sslt_cli.config import AudioConfig, MaskConfig
 from sslt_cli.data.augment import (
     ImageTransform,
-    SpecAugmentParams,
     mix_probability_and_alpha,
     mix_waveforms,
     seeded_call,
@@ -40,18 +38,6 @@ from sslt_cli.data.manifest import Clip, atomic_write_bytes
 from sslt_cli.errors import DataError
 
 CACHE_FORMAT = "sslt-logmel/1"
-
-
-@dataclass(frozen=True)
-class AudioParams:
-    """The log-mel front end's settings (REFERENCE.md section 4 defaults)."""
-
-    sample_rate: int = 16000
-    clip_seconds: float = 10.0
-    n_fft: int = 512
-    hop_length: int = 239
-    n_mels: int = 257
-    normalized: bool = True
 
 
 class BadClip(NamedTuple):
@@ -128,8 +114,8 @@ class AudioVisualDataset(Dataset):
     - ``train=False``: ``image`` (3, H, W) and ``spec`` (1, n_mels, T), no augmentation (pass an eval transform).
 
     ``image_transform=None`` skips the frames (audio only, e.g. to embed every clip for T_mix). ``audio``: an
-    :class:`AudioParams` or a mapping of its fields. ``spec_augment``: a ``SpecAugmentParams``, a mapping of its
-    fields, or None (T_mask off). ``mix_neighbours``: (N,) index of each clip's T_mix partner (-1: never mix) and
+    the recipe's ``audio`` section (``config.AudioConfig``) or a mapping of its fields. ``spec_augment``: the recipe's
+    ``transforms.mask`` section (``config.MaskConfig``: p, time, freq), a mapping of those fields, or None (T_mask off). ``mix_neighbours``: (N,) index of each clip's T_mix partner (-1: never mix) and
     ``mix_k`` the curriculum step (p = 0.1 + 0.01k, a = 0.01k; k < 1: off); both can change later with
     :meth:`set_mix`. ``source_seconds`` keeps only the first seconds of each file before tiling. ``cache_dir``
     enables the log-mel cache.
@@ -144,8 +130,8 @@ class AudioVisualDataset(Dataset):
         *,
         image_transform: Callable[[Any], torch.Tensor] | None,
         n_views: int = 1,
-        audio: AudioParams | Mapping[str, Any] = AudioParams(),
-        spec_augment: SpecAugmentParams | Mapping[str, Any] | None = None,
+        audio: AudioConfig | Mapping[str, Any] = AudioConfig(),
+        spec_augment: MaskConfig | Mapping[str, Any] | None = None,
         train: bool = True,
         shared_geometry: bool = False,
         mix_neighbours: np.ndarray | torch.Tensor | None = None,
@@ -161,9 +147,9 @@ class AudioVisualDataset(Dataset):
         self.clips = list(clips)
         self.image_transform = image_transform
         self.n_views = n_views
-        self.audio = audio if isinstance(audio, AudioParams) else AudioParams(**audio)
-        self.spec_augment = (spec_augment if spec_augment is None or isinstance(spec_augment, SpecAugmentParams)
-                             else SpecAugmentParams(**spec_augment))
+        self.audio = audio if isinstance(audio, AudioConfig) else AudioConfig(**audio)
+        self.spec_augment = (spec_augment if spec_augment is None or isinstance(spec_augment, MaskConfig)
+                             else MaskConfig(**spec_augment))
         self.train = train
         self.shared_geometry = shared_geometry
         self.seed = int(seed)
@@ -299,7 +285,7 @@ class AudioVisualDataset(Dataset):
             stat = os.stat(clip.audio)
         except OSError:
             raise DataError(f"unreadable audio {clip.audio}: file not found") from None
-        key = json.dumps([CACHE_FORMAT, dataclasses.asdict(self.audio), self.source_seconds,
+        key = json.dumps([CACHE_FORMAT, self.audio.model_dump(), self.source_seconds,
                           os.path.abspath(clip.audio), stat.st_size, stat.st_mtime_ns])
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         safe_id = clip.id.replace("/", "_").replace("\\", "_")

@@ -1,0 +1,351 @@
+"""Checkpoints: the sslt format, the one loader, the training state in and out, official SSL-TIE import/export.
+
+An sslt checkpoint (``CHECKPOINT_FORMAT``) is the training state serialised (``train.TrainState``: step, epoch,
+batch in epoch, best, T_mix neighbours, skipped steps, validation history) with the model, the optimiser, the
+scheduler, the RNG states, the resolved recipe and the world size that wrote it. Files are written atomically
+(``runs.Run.save_checkpoint``) and read with ``weights_only=True`` by :func:`read_file`, the only place that loads.
+
+Official checkpoint: ``{'epoch', 'state_dict', 'best_miou', 'optimizer', 'iteration'}``; ``state_dict`` holds 257
+tensors (23.9 M parameters): ``imgnet.*`` and ``audnet.*`` are torchvision-named ResNet-18s that each also carry a
+1-channel stem ``conv1_a``, a 3-channel ``conv1``, a 6-channel ``conv1_flow`` and a 1000-way ``fc`` (the vision net
+runs ``conv1``, the audio net ``conv1_a``), plus ``vision_fc1`` (1x1 conv 1024->512), ``conv3`` and ``norm3``.
+The stems a net never runs, both ``fc`` layers and ``vision_fc1`` are never read by the official forward: sslt
+does not hold them, checks their presence and shapes on import and writes zeros for them on export.
+"""
+from __future__ import annotations
+
+import io
+import random
+import re
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from sslt_cli.data.manifest import atomic_write_bytes
+from sslt_cli.errors import CheckpointError, DataError
+from sslt_cli.config import Recipe, validate_tree
+from sslt_cli.model import EMBED_DIM, build_model, model_shapes
+from sslt_cli.runs import Run
+
+CHECKPOINT_FORMAT = "sslt-checkpoint/1"
+
+_LIST_AT_MOST = 10
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_OFFICIAL_FORMAT = ("expected the state_dict of SSL-TIE's AVENet (keys imgnet.*, audnet.*, vision_fc1.*, conv3.*, "
+                    "norm3.*), bare or inside {'state_dict': ...}")
+_TORCHVISION_FORMAT = "a torchvision resnet18 state_dict file (torchvision.models.resnet18(...).state_dict())"
+
+
+def _torchvision_trunk_state(path: Path, role: str, trunk: nn.Module) -> dict[str, torch.Tensor]:
+    """The trunk's tensors from a torchvision resnet18 weight file, checked against ``trunk``'s keys and shapes."""
+    if not path.is_file():
+        raise CheckpointError(f"{role} init {str(path)!r}: no such file; use 'scratch' or the path of "
+                              f"{_TORCHVISION_FORMAT}")
+    state = _state_dict_in(read_file(path), path, f"expected {_TORCHVISION_FORMAT}")
+    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
+    expected = {key: value.shape for key, value in trunk.state_dict().items()}
+    for key in expected:
+        if key.endswith(".num_batches_tracked"):
+            # Weight files saved before PyTorch 0.4 (such as torchvision's first resnet18) lack this counter.
+            state.setdefault(key, torch.tensor(0))
+    stem = state.get("conv1.weight")
+    expected_stem = trunk.conv1.weight.shape
+    if isinstance(stem, torch.Tensor) and stem.dim() == 4 and stem.shape[1] == 3 and expected_stem[1] == 1:
+        # A 1-channel input equal to a grey image feeds the RGB filters the same value on each channel.
+        state["conv1.weight"] = stem.sum(dim=1, keepdim=True)
+    problems = _key_problems(expected, state)
+    if problems:
+        raise CheckpointError(f"{path}: cannot initialise the {role} encoder: keys do not match; expected "
+                              f"{_TORCHVISION_FORMAT}", problems)
+    return state
+
+
+def _numpy_scalar_globals() -> list[Any]:
+    """Allow-list for numpy scalars in checkpoint pickles (the official ``best_miou`` is a numpy.float64)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    dtype_classes = [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    # Pickles written under numpy 1 name numpy.core, those under numpy 2 numpy._core: accept both spellings.
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype,
+            *dtype_classes]
+
+
+def read_file(path: str | Path) -> Any:
+    """The one checkpoint loader: any weight file (an sslt checkpoint, the official SSL-TIE pickle whose
+    ``best_miou`` is a numpy scalar, a torchvision state_dict) loaded on the CPU with ``weights_only=True`` and numpy
+    scalars allowed. A missing file, or one that is not such a file, raises CheckpointError saying why."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file; all mean "not loadable"
+        raise CheckpointError(f"{path}: not a checkpoint torch can load safely ({_load_error_reason(exc)})") from None
+
+
+def load(path: str | Path) -> dict:
+    """An sslt checkpoint (or any dict saved with torch.save) through :func:`read_file`; CheckpointError when the
+    file holds something else."""
+    state = read_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+    return state
+
+
+def _load_error_reason(exc: Exception) -> str:
+    """The first line of a torch.load error, without colour codes, cut to about 300 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0].strip() if text else type(exc).__name__
+    if len(first) > 300:
+        cut = first[:300]
+        first = cut[: cut.rfind(". ") + 1] if ". " in cut else cut.rsplit(" ", 1)[0] + " ..."
+    return first
+
+
+def _state_dict_in(obj: Any, path: Path, expected: str) -> dict[str, torch.Tensor]:
+    """The state_dict in a loaded file (bare, or under ``'state_dict'``) with any DataParallel/compile prefix removed."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    elif not (isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        if isinstance(obj, Mapping):
+            found = f"a dict with keys {_listing(sorted(map(str, obj)))}" if obj else "an empty dict"
+        else:
+            found = f"a {type(obj).__name__}"
+        raise CheckpointError(f"{path}: no 'state_dict' in this file and it is not a state_dict itself (found "
+                              f"{found}); {expected}")
+    not_tensors = sorted(str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {_listing(not_tensors)}; {expected}")
+    return _strip_wrapper_prefixes(dict(obj))
+
+
+def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a ``module.`` (DataParallel/DDP) or ``_orig_mod.`` (torch.compile) prefix shared by every key."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if state and all(key.startswith(prefix) for key in state):
+                state = {key[len(prefix):]: value for key, value in state.items()}
+                stripped = True
+    return state
+
+
+def _listing(names: list[str]) -> str:
+    """The first few names, then how many more."""
+    shown = ", ".join(names[:_LIST_AT_MOST])
+    more = len(names) - _LIST_AT_MOST
+    return f"{shown}, ... (+{more} more)" if more > 0 else shown
+
+
+def _key_problems(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line per kind of mismatch (missing keys, unexpected keys, wrong shapes); empty when all match."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong_shape = [f"{key} is {tuple(found[key].shape)}, expected {tuple(shape)}"
+                   for key, shape in expected.items() if key in found and found[key].shape != shape]
+    problems = []
+    for kind, names in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shape)):
+        if names:
+            problems.append(f"{kind} ({len(names)}): {_listing(names)}")
+    return problems
+
+
+def _official_layout() -> list[tuple[str, str | None, tuple[int, ...]]]:
+    """Every official key in the official order as (official key, our key or None if unused, shape)."""
+    ours = {key: tuple(shape) for key, shape in model_shapes().items()}
+    unused_heads = [("fc.weight", (1000, EMBED_DIM)), ("fc.bias", (1000,))]
+    layout: list[tuple[str, str | None, tuple[int, ...]]] = []
+    for net, prefix, stem_in_use in (("imgnet", "vision.", "conv1"), ("audnet", "audio.", "conv1_a")):
+        for stem, channels in (("conv1_a", 1), ("conv1", 3), ("conv1_flow", 6)):
+            used = stem == stem_in_use
+            layout.append((f"{net}.{stem}.weight", f"{prefix}conv1.weight" if used else None, (64, channels, 7, 7)))
+        for key, shape in ours.items():
+            if key.startswith(prefix) and key != f"{prefix}conv1.weight":
+                layout.append((f"{net}.{key[len(prefix):]}", key, shape))
+        layout += [(f"{net}.{name}", None, shape) for name, shape in unused_heads]
+    layout += [("vision_fc1.weight", None, (EMBED_DIM, 2 * EMBED_DIM, 1, 1)), ("vision_fc1.bias", None, (EMBED_DIM,))]
+    layout += [(key, key, shape) for key, shape in ours.items() if key.startswith(("conv3.", "norm3."))]
+    return layout
+
+
+
+def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read an official SSL-TIE checkpoint and return a state_dict for :class:`SSLTIEModel` (``load_state_dict``).
+
+    Accepts the full pickle ``{'epoch', 'state_dict', ...}`` or a bare state_dict, with or without a ``module.``
+    prefix; loads with ``weights_only=True``. Raises CheckpointError for a file that is not a checkpoint or whose
+    keys or shapes differ from the official 257 (listing the first 10 of each kind and the count).
+    """
+    path = Path(path)
+    state = _state_dict_in(read_file(path), path, _OFFICIAL_FORMAT)
+    layout = _official_layout()
+    problems = _key_problems({key: torch.Size(shape) for key, _, shape in layout}, state)
+    if problems:
+        raise CheckpointError(f"{path}: keys do not match the official SSL-TIE checkpoint; {_OFFICIAL_FORMAT}",
+                              problems)
+    return {ours: state[official] for official, ours, _ in layout if ours is not None}
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Load an sslt ``state_dict`` into ``model``; a CheckpointError from ``path`` lists missing, unexpected and
+    wrong-shape keys (never torch's RuntimeError with a traceback)."""
+    state = _strip_wrapper_prefixes(dict(weights))
+    problems = _key_problems({key: value.shape for key, value in model.state_dict().items()}, state)
+    if problems:
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit the SSL-TIE model", problems)
+    model.load_state_dict(state)
+
+
+def to_official_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the official key set (257 tensors, CPU); tensors the official forward never
+    reads (unused stems, ``fc`` of both nets, ``vision_fc1``) are zeros. Accepts a DDP- or compile-wrapped model."""
+    ours = _strip_wrapper_prefixes({key: value.detach() for key, value in model.state_dict().items()})
+    dtype = ours["vision.conv1.weight"].dtype
+    return {official: (ours[key].to("cpu", copy=True) if key is not None else torch.zeros(shape, dtype=dtype))
+            for official, key, shape in _official_layout()}
+
+
+def save_official_checkpoint(model: nn.Module, path: str | Path, *, epoch: int = 0, best_miou: float = 0.0,
+                             iteration: int = 0) -> Path:
+    """Write the model as an official SSL-TIE checkpoint (``{'epoch', 'state_dict', 'best_miou', 'optimizer',
+    'iteration'}``) atomically. ``optimizer`` is None: the official resume then keeps its own fresh Adam (with the
+    user's lr) after a warning, rather than adopting param groups that do not describe its parameters."""
+    payload = {"epoch": int(epoch), "state_dict": to_official_state_dict(model), "best_miou": float(best_miou),
+               "optimizer": None, "iteration": int(iteration)}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def init_from_torchvision(model: nn.Module, vision_init: str | Path = "scratch", audio_init: str | Path = "scratch") -> None:
+    """Load torchvision resnet18 weights into the model's encoders (``model.vision_init`` / ``model.audio_init``).
+
+    Each is ``"scratch"`` (nothing loaded) or the path of a local torchvision resnet18 ``state_dict`` file (nothing
+    is downloaded; ``fc.*`` is ignored). For the audio encoder the RGB stem is summed over its 3 input channels to
+    make the 1-channel stem. Raises CheckpointError for a missing or mismatching file.
+    """
+    for role, init, trunk in (("vision", vision_init, model.vision), ("audio", audio_init, model.audio)):
+        if str(init) != "scratch":
+            trunk.load_state_dict(_torchvision_trunk_state(Path(init), role, trunk))
+
+
+# ------------------------------------------------------------------------------------------- training state
+
+def rng_state() -> dict:
+    """The torch, Python, numpy (and CUDA) RNG states, as tensors and numbers ``weights_only`` loading accepts."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_weights(state: dict, path: Path) -> dict:
+    """The model state_dict inside an sslt checkpoint (CheckpointError when it is not one)."""
+    if state.get("format") != CHECKPOINT_FORMAT or "model" not in state:
+        raise CheckpointError(f"{path}: not an sslt checkpoint (no format '{CHECKPOINT_FORMAT}' and 'model' entry); "
+                              "official SSL-TIE weights cannot be resumed; evaluate them with `sslt eval CHECKPOINT` "
+                              "(the format is recognised) or start a new run")
+    return state["model"]
+
+
+# ------------------------------------------------------------------------------------------ models from files
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with the recipe that describes its inputs and where it came from."""
+
+    model: torch.nn.Module
+    recipe: Any
+    label: str
+    source: Path
+    step: int | None = None
+    epoch: int | None = None
+
+
+def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
+    """(recipe or None, [(label, checkpoint path)], run folder or None) for a run folder or a checkpoint file.
+
+    ``which``: ``best``, ``last`` or ``both`` (for run folders). A checkpoint file inside ``<run>/checkpoints/``
+    belongs to that run.
+    """
+    target = Path(target)
+    if target.is_dir():
+        run = Run.open(target)
+        recipe = run.recipe()
+        found: list[tuple[str, Path]] = []
+        last, best = run.latest_checkpoint(), run.best_checkpoint()
+        if which in ("last", "both") and last is not None:
+            found.append(("last", last))
+        if which in ("best", "both") and best is not None:
+            found.append(("best", best))
+        if not found:
+            raise DataError(f"{target}: no {'checkpoint' if which == 'both' else which + ' checkpoint'} in "
+                            f"{target / 'checkpoints'}; train first, or pass --which last/best")
+        return recipe, found, run.dir
+    if not target.is_file():
+        raise DataError(f"{target}: neither a run folder nor a checkpoint file")
+    run_dir = target.parent.parent if target.parent.name == "checkpoints" and (target.parent.parent / "meta.json").is_file() else None
+    return None, [(target.stem, target)], run_dir
+
+
+def load_model(path: str | Path, recipe: Any = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Build the model and load weights from an sslt checkpoint or an official SSL-TIE checkpoint.
+
+    The recipe (for image size and audio front end) comes from, in order: the argument, the sslt checkpoint, the
+    schema's defaults (the paper's settings, which the official weights were trained with).
+    """
+    path = Path(path)
+    state = read_file(path)
+    step = epoch = None
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and "model" in state:
+        weights = state["model"]
+        step, epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
+        if recipe is None and isinstance(state.get("recipe"), dict):
+            recipe = validate_tree(state["recipe"], f"{path} (saved recipe)")
+        label = "sslt"
+    else:
+        weights = load_official_checkpoint(path)
+        label = "official SSL-TIE"
+    recipe = recipe or Recipe()
+    model = build_model()
+    load_weights(model, weights, path)
+    model.to(device).eval()
+    return LoadedModel(model=model, recipe=recipe, label=label, source=path, step=step, epoch=epoch)
+
+
+def export_official(target: str | Path, out: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """Write an sslt model in the official SSL-TIE checkpoint format, so the released code (and other tools that read
+    it) can load it. ``target``: a run folder (its ``which`` checkpoint, ``best`` or ``last``) or a checkpoint file.
+    Returns (the checkpoint read, the file written)."""
+    if which not in ("best", "last"):
+        raise DataError(f"--which must be best or last for an export, got {which!r}")
+    _, checkpoints, _ = resolve_checkpoints(target, which)
+    (_, source), = checkpoints
+    loaded = load_model(source)
+    written = save_official_checkpoint(loaded.model, out, epoch=loaded.epoch or 0, iteration=loaded.step or 0)
+    return source, written
