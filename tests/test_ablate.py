@@ -709,6 +709,25 @@ def test_a_second_process_on_the_same_ablation_is_refused(recipes: Path, fake: F
 
 # -------------------------------------------------------------------------------------- real, end to end
 
+def tiny_two_rows(tmp_path: Path, repo_root: Path, epochs: int) -> tuple[Path, list[str]]:
+    """Rows A and F of the paper over tie_full on a tiny synthetic benchmark (16 training clips: two steps an
+    epoch), tracked in MLflow: the ablation file and its command-line overrides."""
+    import torch
+
+    from sslt_cli.data.synthetic import generate
+
+    torch.set_num_threads(1)
+    data = tmp_path / "bench"
+    generate(data, n_train=16, n_val=8, n_test=8, n_flickr=4, image_size=64, workers=1, progress=False)
+    path = tmp_path / "two.yaml"
+    path.write_text(f"base: {repo_root / 'recipes' / 'tie_full.yaml'}\nseeds: 1\nrows:\n"
+                    "  A: {switches: {T_app: false, T_geo: false, T_mask: false, T_mix: false, L_geo: false},"
+                    " paper: {ciou: 0.3292, auc: 0.3744}}\n"
+                    "  F: {paper: {ciou: 0.3863, auc: 0.3965}}\n")
+    return path, [f"data.root={data}", "data.image_size=64", "audio.clip_seconds=3", "audio.n_mels=32",
+                  "optim.batch_size=8", f"optim.epochs={epochs}", "data.num_workers=0", "tracking.enabled=true"]
+
+
 @pytest.fixture
 def mlflow_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
     """Records, for every MLflow run created, its id and the tags it was created with ("created"), and every run
@@ -735,22 +754,11 @@ def mlflow_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
 
 def test_two_cells_end_to_end_children_from_the_start_and_resumed_after_an_interruption(
         tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch, mlflow_calls: dict[str, list]) -> None:
-    import torch
     from mlflow.tracking import MlflowClient
 
     from sslt_cli import train as train_module
-    from sslt_cli.data.synthetic import generate
 
-    torch.set_num_threads(1)
-    data = tmp_path / "bench"
-    generate(data, n_train=16, n_val=8, n_test=8, n_flickr=4, image_size=64, workers=1, progress=False)
-    path = tmp_path / "two.yaml"
-    path.write_text(f"base: {repo_root / 'recipes' / 'tie_full.yaml'}\nseeds: 1\nrows:\n"
-                    "  A: {switches: {T_app: false, T_geo: false, T_mask: false, T_mix: false, L_geo: false},"
-                    " paper: {ciou: 0.3292, auc: 0.3744}}\n"
-                    "  F: {paper: {ciou: 0.3863, auc: 0.3965}}\n")
-    overrides = [f"data.root={data}", "data.image_size=64", "audio.clip_seconds=3", "audio.n_mels=32",
-                 "optim.batch_size=8", "optim.epochs=1", "data.num_workers=0", "tracking.enabled=true"]
+    path, overrides = tiny_two_rows(tmp_path, repo_root, epochs=1)
     ablation = load_ablation(path, overrides)
     train = train_module.train
 
@@ -810,3 +818,43 @@ def test_two_cells_end_to_end_children_from_the_start_and_resumed_after_an_inter
     assert [c.action for c in again.cells] == ["skip", "skip"]
     assert again.parent_run_id == result.parent_run_id
     assert len(list(ablation.folder.glob("*-seed4-*"))) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_ablate_process_resumes_its_cell_and_finishes(tmp_path: Path, repo_root: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    path, overrides = tiny_two_rows(tmp_path, repo_root, epochs=2)
+    ablation = load_ablation(path, overrides)
+    with open(tmp_path / "ablate.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "sslt_cli", "ablate", str(path), *overrides],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:  # killed (no handler runs) once F's first epoch has its checkpoint
+            deadline = time.monotonic() + 540
+            while not list(ablation.folder.glob("F-seed4-*/checkpoints/last-*.pt")):
+                assert process.poll() is None, (tmp_path / "ablate.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint of F-seed4 in time"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait()
+    killed = json.loads((ablation.folder / "ablation.json").read_text())["cells"]
+    assert (killed["A-seed4"]["status"], killed["F-seed4"]["status"]) == ("finished", "running")
+    plans = [inspect_cell(c, ablation, load_state(ablation.folder)) for c in expand_cells(ablation)]
+    assert [(p.status, p.action) for p in plans] == [("finished", "skip"), ("interrupted", "resume")]
+
+    result = run_ablation(ablation, console=quiet(), out=quiet())  # the stale lock of the killed process is taken
+    assert [c.status for c in result.cells] == ["finished", "finished"]
+    assert result.cells[1].run.dir.name == killed["F-seed4"]["run_dir"]
+    assert len(list(ablation.folder.glob("F-seed4-*"))) == 1
+    resumed = [r for r in result.cells[1].run.metrics() if r.get("kind") == "train"]
+    assert [r["step"] for r in resumed] == sorted({r["step"] for r in resumed})  # no step logged twice
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
