@@ -828,34 +828,41 @@ def refresh_mix_neighbours(model, clips: list[Clip], recipe: Recipe, device: tor
     return neighbours.numpy()
 
 
+class ValidationProbe:
+    """What validation takes from each batch besides the maps: the L_cl of the ``tie`` objective (weighted by batch
+    size) and the first batch's frames and maps for the heatmap grid (an ``evaluate.evaluate_model`` batch hook)."""
+
+    def __init__(self, objective, enabled: bool):
+        self.objective, self.enabled = objective, enabled
+        self.loss_sum, self.weight = 0.0, 0
+        self.shown: tuple[list, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, ids: list, images: torch.Tensor, v: torch.Tensor, a: torch.Tensor, maps: torch.Tensor) -> None:
+        if self.enabled and images.shape[0] >= 2:
+            loss, _ = self.objective(v, a)
+            self.loss_sum += float(loss) * images.shape[0]
+            self.weight += images.shape[0]
+        if self.shown is None:
+            self.shown = (list(ids), images[:8], maps[:8])
+
+
 def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objective, grid: Path | None,
              epoch: int) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol (``evaluate.evaluate_model``, as every
     evaluation), and the validation L_cl (``tie`` objective); a heatmap grid of the first batch to ``grid``."""
     from sslt_cli.evaluate import evaluate_model
 
-    losses, weights = 0.0, 0
-    shown: list = []
-
-    def look(ids, images, v, a, maps) -> None:
-        nonlocal losses, weights
-        if images.shape[0] >= 2 and recipe.loss.objective == "tie":
-            loss, _ = objective(v, a)
-            losses += float(loss) * images.shape[0]
-            weights += images.shape[0]
-        if not shown:
-            shown.append((list(ids), images[:8], maps[:8]))
-
-    result = evaluate_model(model, val, recipe.eval.protocol, recipe, device=device, baselines=False, on_batch=look)
+    probe = ValidationProbe(objective, enabled=recipe.loss.objective == "tie")
+    result = evaluate_model(model, val, recipe.eval.protocol, recipe, device=device, baselines=False, on_batch=probe)
     model.train()
-    if grid is not None and shown:
-        ids, images, maps = shown[0]
+    if grid is not None and probe.shown is not None:
+        ids, images, maps = probe.shown
         heatmap_grid(images, maps, [val.annotations.get(i) for i in ids], grid, title=f"validation, epoch {epoch}")
     method = result.method or {}
     metrics = {"ciou": method.get("ciou", 0.0), "auc": method.get("auc", 0.0), "mean_iou": method.get("mean_iou", 0.0),
                "n": result.n}
-    if weights:
-        metrics["l_cl"] = losses / weights
+    if probe.weight:
+        metrics["l_cl"] = probe.loss_sum / probe.weight
     return metrics
 
 
