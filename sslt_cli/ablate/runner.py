@@ -312,8 +312,9 @@ def inspect_cell(cell: Cell, ablation: Ablation, state: dict) -> CellResult:
 def _tag_child(run: Run | None, cell: Cell, ablation: Ablation, status: str, console: Console,
                parent_id: str | None = None) -> None:
     """Name the cell on its MLflow run (``sslt.ablation``, ``sslt.cell``, ``sslt.row``, ``sslt.seed``) and close it
-    with ``status``. ``parent_id`` only for a run that an earlier process made under another parent run (other
-    seeds got a new parent): it becomes that parent's child. A run made here is a child from its creation."""
+    with ``status``. A run trained here is the parent's child from its creation (``train``'s ``parent_run_id``;
+    ``train`` takes no other tags, so these names follow when the cell ends). ``parent_id`` only for a run that an
+    earlier process made under another parent run (other seeds got a new parent): it becomes that parent's child."""
     child_id = run.meta().get("mlflow_run_id") if run is not None else None
     if not child_id:
         return
