@@ -13,12 +13,13 @@ import pytest
 from rich.console import Console
 
 from sslt_cli import ablate
-from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, paper_orderings, resolve_seeds,
-                             run_ablation)
+from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, load_state, paper_orderings,
+                             resolve_seeds, run_ablation)
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run
 from sslt_cli.tracking import Tracker
+from sslt_cli.train import TrainResult
 
 SHIPPED = ("paper_transformations", "per_transform", "geo_weight", "baselines")
 # REFERENCE.md section 7: row -> (T_app, T_geo, T_mask, T_mix, L_cl, L_geo), cIoU, AUC
@@ -233,17 +234,20 @@ def test_seeds_from_the_file_a_count_or_a_list(recipes: Path) -> None:
     assert resolve_seeds(load_ablation(path, ["seeds=[1]"]), None, [3, 9]) == [1]
 
 
+def test_every_shipped_ablation_file_is_tested(repo_root: Path) -> None:
+    assert sorted(p.stem for p in (repo_root / "recipes" / "ablations").glob("*.yaml")) == sorted(SHIPPED)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-@pytest.mark.parametrize("base", ["tie_full", "quickstart"])
-def test_shipped_ablation_files_validate(repo_root: Path, name: str, base: str) -> None:
-    if not (repo_root / "recipes" / f"{base}.yaml").exists():
-        pytest.skip(f"recipes/{base}.yaml is not written yet")
+@pytest.mark.parametrize("base", [None, "tie_full", "quickstart"])
+def test_shipped_ablation_files_validate(repo_root: Path, name: str, base: str | None) -> None:
     path = repo_root / "recipes" / "ablations" / f"{name}.yaml"
-    lines = path.read_text().splitlines()
-    assert all(line.startswith("# ") for line in lines[:3]), "a recipe starts with a 3-line comment"
-    ablation = load_ablation(path, [f"base={base}"])
-    assert ablation.base_path == repo_root / "recipes" / f"{base}.yaml"
-    assert expand_cells(ablation)
+    ablation = load_ablation(path, [f"base={base}"] if base else [])
+    if base:
+        assert ablation.base_path == repo_root / "recipes" / f"{base}.yaml"
+    cells = expand_cells(ablation)
+    assert [c.name for c in cells] == [f"{row.name}-seed{seed}" for seed in ablation.seeds for row in ablation.rows]
+    assert all(c.recipe.name == c.name and c.recipe.runs_dir == str(ablation.folder) for c in cells)
 
 
 def test_the_paper_file_has_rows_a_to_f_exactly_as_the_paper(repo_root: Path) -> None:
@@ -284,43 +288,55 @@ CIOU = {("A", 4): 0.30, ("A", 5): 0.32, ("B", 4): 0.33, ("B", 5): 0.37, ("C", 4)
 
 
 class FakeTrainer:
-    """Stands in for sslt_cli.train.train: makes a real run folder with test records, or fails, or stops."""
+    """Stands in for sslt_cli.train.train: fills the run folder it is given with test records (as train writes them,
+    for a later process to read) and returns them in a TrainResult, or fails, or stops. ``files=False``: it writes
+    no test record, so only the returned result carries the numbers."""
 
-    def __init__(self, behaviour: dict[str, str] | None = None):
+    def __init__(self, behaviour: dict[str, str] | None = None, files: bool = True):
         self.behaviour = behaviour or {}
+        self.files = files
         self.calls: list[tuple[str, str | None]] = []
 
     def __call__(self, recipe, run, *, resume=False, parent_run_id=None, console=None, out=None,
-                 stop_after_steps=None, evaluate_at_end=True) -> Run:
+                 stop_after_steps=None, evaluate_at_end=True) -> TrainResult:
         self.calls.append((recipe.name, run.dir.name if resume else None))
-        if recipe.tracking.enabled and not resume:  # the run's own MLflow run, as train starts it
+        if recipe.tracking.enabled and not resume:  # the run's own MLflow run, a child from its creation as in train
             tracker = Tracker(experiment=recipe.tracking.experiment)
-            run.update_meta(mlflow_run_id=tracker.start(run.dir.name))
+            run.update_meta(mlflow_run_id=tracker.start(run.dir.name, parent_run_id=parent_run_id))
             tracker.end()
         what = self.behaviour.get(recipe.name, "ok")
         if what == "fail":
             run.update_meta(status="failed", error="TrainingError: the loss became nan")
             raise TrainingError("the loss became nan at step 3 (epoch 0); training stopped")
-        if what == "ctrl-c":  # outside train's own signal handling: it marks the run failed and re-raises
-            (run.checkpoints / "last-00000002.pt").write_bytes(b"")
-            run.update_meta(status="failed", error="KeyboardInterrupt: ")
-            raise KeyboardInterrupt
-        if what == "interrupt":
-            (run.checkpoints / "last-00000002.pt").write_bytes(b"")
+        if what in ("ctrl-c", "interrupt"):
+            last = run.checkpoints / "last-00000002.pt"
+            last.write_bytes(b"")
+            if what == "ctrl-c":  # outside train's own signal handling: it marks the run failed and re-raises
+                run.update_meta(status="failed", error="KeyboardInterrupt: ")
+                raise KeyboardInterrupt
             run.update_meta(status="interrupted")
-            return run
+            return TrainResult(run=run, status="interrupted", best=None, last=last, history=[], protocol=None,
+                               test={})
+        return self.finish(recipe, run)
+
+    def finish(self, recipe, run: Run) -> TrainResult:
         row, seed = recipe.name.rsplit("-seed", 1)
         ciou = CIOU[(row, int(seed))]
+        test: dict[str, dict[str, float]] = {}
         for checkpoint, shift in (("last", -0.1), ("best", 0.0)):
-            run.append_metrics({"kind": "test", "set": "vggss", "checkpoint": checkpoint, "step": 4, "n": 8,
-                                "protocol": "ssltie", "ciou": ciou + shift, "auc": ciou + 0.05 + shift,
-                                "mean_iou": ciou - 0.1 + shift})
-            evaluation = run.dir / "eval" / f"vggss-{checkpoint}-ssltie"
-            evaluation.mkdir(parents=True)
-            (evaluation / "metrics.json").write_text(json.dumps(
-                {"n": 8, "baselines": {"centre": {"ciou": 0.5, "auc": 0.4375, "n": 8}}}))
+            numbers = {"n": 8, "ciou": ciou + shift, "auc": ciou + 0.05 + shift, "mean_iou": ciou - 0.1 + shift}
+            test[checkpoint] = {**numbers, "baseline_centre/ciou": 0.5, "baseline_centre/auc": 0.4375}
+            if self.files:
+                run.append_metrics({"kind": "test", "set": "vggss", "checkpoint": checkpoint, "step": 4,
+                                    "protocol": "ssltie", **numbers})
+                evaluation = run.dir / "eval" / f"vggss-{checkpoint}-ssltie"
+                evaluation.mkdir(parents=True)
+                (evaluation / "metrics.json").write_text(json.dumps(
+                    {"n": 8, "baselines": {"centre": {"ciou": 0.5, "auc": 0.4375, "n": 8}}}))
         run.update_meta(status="finished")
-        return run
+        return TrainResult(run=run, status="finished", best=run.checkpoints / "best.pt",
+                           last=run.checkpoints / "last-00000004.pt", history=[], protocol="ssltie",
+                           test={"vggss": test})
 
 
 @pytest.fixture
@@ -359,6 +375,16 @@ def test_summary_values_files_and_chart(recipes: Path, fake: FakeTrainer) -> Non
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     cells = list(csv.DictReader(open(folder / "cells.csv")))
     assert [(r["cell"], float(r["ciou"])) for r in cells][:2] == [("A-seed4", 0.30), ("B-seed4", 0.33)]
+
+
+def test_the_cells_run_now_are_tabulated_from_what_train_returns(recipes: Path, fake: FakeTrainer) -> None:
+    fake.files = False  # no test record in any run folder: the numbers are only in the returned TrainResult
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
+    result = run_ablation(ablation, console=quiet(), out=quiet())
+    assert [(c.status, c.metrics["ciou"]) for c in result.cells] == [("finished", 0.30), ("finished", 0.33),
+                                                                      ("finished", 0.31)]
+    assert result.cells[0].metrics["baseline_centre/auc"] == 0.4375
+    assert [r["ciou"] for r in csv.DictReader(open(ablation.folder / "cells.csv"))] == ["0.3", "0.33", "0.31"]
 
 
 def test_paper_orderings_compare_the_direction_of_each_step(recipes: Path, fake: FakeTrainer) -> None:
@@ -419,8 +445,8 @@ def test_a_failing_cell_is_recorded_the_rest_go_on_and_a_rerun_retries_it(recipe
     assert (ablation.folder / failed_dir).is_dir()  # the failed run folder is kept
 
 
-def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(recipes: Path,
-                                                                               fake: FakeTrainer) -> None:
+def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(recipes: Path, fake: FakeTrainer,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
     fake.behaviour = {"B-seed4": "interrupt"}
     result = run_ablation(ablation, console=quiet(), out=quiet())
@@ -429,8 +455,15 @@ def test_an_interrupted_cell_stops_the_ablation_and_resumes_on_the_next_call(rec
     interrupted = result.cells[1].run.dir.name
     assert [(c.status, c.action) for c in result.cells] == [("finished", "skip"), ("interrupted", "resume"),
                                                             ("pending", "train")]
+    state = json.loads((ablation.folder / "ablation.json").read_text())
+    assert state["cells"]["B-seed4"]["runs"] == [interrupted] and state["cells"]["B-seed4"]["status"] == "interrupted"
     fake.behaviour = {}
     fake.calls.clear()
+
+    def no_scan(*args):
+        raise AssertionError("the cells' runs are recorded in ablation.json: no folder scan")
+
+    monkeypatch.setattr("sslt_cli.ablate.runner._record_found_runs", no_scan)
     result = run_ablation(ablation, console=quiet(), out=quiet())
     assert fake.calls == [("B-seed4", interrupted), ("C-seed4", None)]
     assert [c.status for c in result.cells] == ["finished"] * 3
@@ -455,6 +488,7 @@ def test_ctrl_c_outside_the_training_loop_stops_everything_and_the_cell_resumes(
 def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recipes: Path, fake: FakeTrainer,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from sslt_cli.errors import DataError
+    from sslt_cli.retrieve import RetrievalReport, TaskResult, mlflow_metrics
 
     retrieved: list[str] = []
     failing = {"B-seed4"}
@@ -465,8 +499,15 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
         assert which == "best"
         if run.meta()["recipe_name"] in failing:
             raise DataError("no labels for the test set")
+        tasks = [TaskResult(task=task, score="loc", metrics={"p_at_1": p}, random={"p_at_1": 0.01}, ranked=None,
+                            n_queries=8, n_without_relevant=0, gallery_size=8, n_classes=4)
+                 for task, p in (("a2a", 0.25), ("a2i", 0.125))]
+        report = RetrievalReport(tasks=tasks, ids=[], labels=[], classes=[], classes_without_clips=[], n_embedded=8,
+                                 unlabeled=[], n_other_classes=0, skipped=[])
+        # what retrieve writes for a later process (--report) to read; this process reads what it returns
         run.append_metrics({"kind": "retrieve", "step": 4, "set": "test_vggss", "classes": "all",
-                            "retrieve/a2a/p_at_1": 0.25, "retrieve/a2i/p_at_1": 0.125})
+                            **mlflow_metrics(report)})
+        return report
 
     monkeypatch.setattr("sslt_cli.retrieve.retrieve", fake_retrieve)
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
@@ -486,20 +527,46 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
     assert [c.status for c in result.cells] == ["finished"] * 3
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_or_trains_anew_without_one(recipes: Path,
-                                                                              fake: FakeTrainer) -> None:
+def test_ctrl_c_in_a_retrieval_leaves_the_trained_cell_to_retrieve_again(recipes: Path, fake: FakeTrainer,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def stopped_retrieve(target, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("sslt_cli.retrieve.retrieve", stopped_retrieve)
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
+                             ["retrieve=true"])
+    with pytest.raises(KeyboardInterrupt):
+        run_ablation(ablation, console=quiet(), out=quiet())
+    state = json.loads((ablation.folder / "ablation.json").read_text())
+    assert state["cells"]["A-seed4"]["status"] == "interrupted" and fake.calls == [("A-seed4", None)]
+    rows = list(csv.DictReader(open(ablation.folder / "cells.csv")))
+    assert (rows[0]["status"], rows[0]["ciou"]) == ("interrupted", "0.3")  # its test result is kept
+    plans = run_ablation(ablation, dry_run=True, console=quiet(), out=quiet()).cells
+    assert [(p.status, p.action) for p in plans] == [("pending", "retrieve"), ("pending", "train"),
+                                                     ("pending", "train")]
+
+
+def test_a_killed_run_of_an_older_state_resumes_from_its_checkpoint_or_trains_anew_without_one(
+        recipes: Path, fake: FakeTrainer) -> None:
+    # a state written before ablation.json recorded each cell's runs (no "runs"): they are found by their recipe name
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
     cells = expand_cells(ablation)
     with_checkpoint = Run.create(cells[0].recipe)
     with_checkpoint.update_meta(status="running")  # its process was killed: meta never said otherwise
     (with_checkpoint.checkpoints / "last-00000010.pt").write_bytes(b"")
     Run.create(cells[1].recipe).update_meta(status="running")
-    state = {"cells": {}}
+    older = {"format": "sslt-ablation/1", "cells": {"A-seed4": {"status": "running", "run_dir": None}}}
+    (ablation.folder / "ablation.json").write_text(json.dumps(older))
+    state = load_state(ablation.folder)
     plans = [inspect_cell(c, ablation, state) for c in cells]
     assert [(p.status, p.action) for p in plans] == [("interrupted", "resume"), ("interrupted", "train"),
                                                      ("pending", "train")]
     run_ablation(ablation, console=quiet(), out=quiet())
     assert fake.calls == [("A-seed4", with_checkpoint.dir.name), ("B-seed4", None), ("C-seed4", None)]
+    # the scan's finds are recorded with the new runs: B-seed4's killed run, then the one that trained anew
+    recorded = json.loads((ablation.folder / "ablation.json").read_text())["cells"]
+    assert recorded["A-seed4"]["runs"] == [with_checkpoint.dir.name]
+    assert len(recorded["B-seed4"]["runs"]) == 2 and recorded["B-seed4"]["run_dir"] == recorded["B-seed4"]["runs"][1]
 
 
 def test_a_changed_recipe_trains_anew_and_keeps_the_old_runs(recipes: Path, fake: FakeTrainer) -> None:
@@ -642,9 +709,10 @@ def test_a_second_process_on_the_same_ablation_is_refused(recipes: Path, fake: F
 
 # -------------------------------------------------------------------------------------- real, end to end
 
-def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, repo_root: Path) -> None:
+def tiny_two_rows(tmp_path: Path, repo_root: Path, epochs: int) -> tuple[Path, list[str]]:
+    """Rows A and F of the paper over tie_full on a tiny synthetic benchmark (16 training clips: two steps an
+    epoch), tracked in MLflow: the ablation file and its command-line overrides."""
     import torch
-    from mlflow.tracking import MlflowClient
 
     from sslt_cli.data.synthetic import generate
 
@@ -656,12 +724,62 @@ def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, re
                     "  A: {switches: {T_app: false, T_geo: false, T_mask: false, T_mix: false, L_geo: false},"
                     " paper: {ciou: 0.3292, auc: 0.3744}}\n"
                     "  F: {paper: {ciou: 0.3863, auc: 0.3965}}\n")
-    overrides = [f"data.root={data}", "data.image_size=64", "audio.clip_seconds=3", "audio.n_mels=32",
-                 "optim.batch_size=8", "optim.epochs=1", "data.num_workers=0", "tracking.enabled=true"]
+    return path, [f"data.root={data}", "data.image_size=64", "audio.clip_seconds=3", "audio.n_mels=32",
+                  "optim.batch_size=8", f"optim.epochs={epochs}", "data.num_workers=0", "tracking.enabled=true"]
+
+
+@pytest.fixture
+def mlflow_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, list]:
+    """Records, for every MLflow run created, its id and the tags it was created with ("created"), and every run
+    whose mlflow.parentRunId is set after its creation ("reparented")."""
+    from mlflow.tracking import MlflowClient
+
+    calls: dict[str, list] = {"created": [], "reparented": []}
+    create_run, set_tag = MlflowClient.create_run, MlflowClient.set_tag
+
+    def recording_create_run(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        calls["created"].append((run.info.run_id, {**(kwargs.get("tags") or {}), **run.data.tags}))
+        return run
+
+    def recording_set_tag(self, run_id, key, value, *args, **kwargs):
+        if key == "mlflow.parentRunId":
+            calls["reparented"].append(run_id)
+        return set_tag(self, run_id, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", recording_create_run)
+    monkeypatch.setattr(MlflowClient, "set_tag", recording_set_tag)
+    return calls
+
+
+def test_two_cells_end_to_end_children_from_the_start_and_resumed_after_an_interruption(
+        tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch, mlflow_calls: dict[str, list]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sslt_cli import train as train_module
+
+    path, overrides = tiny_two_rows(tmp_path, repo_root, epochs=1)
     ablation = load_ablation(path, overrides)
+    train = train_module.train
+
+    def stopped_in_f(recipe, run, **kwargs):
+        """F's first training stops after one of its two steps, with a checkpoint, as Ctrl-C in the loop does."""
+        if recipe.name == "F-seed4" and not kwargs.get("resume"):
+            kwargs["stop_after_steps"] = 1
+        return train(recipe, run, **kwargs)
+
+    monkeypatch.setattr(train_module, "train", stopped_in_f)
+    first = run_ablation(ablation, console=quiet(), out=quiet())
+    assert first.interrupted
+    assert [(c.cell.name, c.status, c.action) for c in first.cells] == [("A-seed4", "finished", "skip"),
+                                                                       ("F-seed4", "interrupted", "resume")]
+    stopped = first.cells[1].run.dir
+
     out = quiet()
     result = run_ablation(ablation, console=quiet(), out=out)
     assert [(c.cell.name, c.status) for c in result.cells] == [("A-seed4", "finished"), ("F-seed4", "finished")]
+    assert result.cells[1].run.dir == stopped and len(list(ablation.folder.glob("F-seed4-*"))) == 1
+    assert result.parent_run_id == first.parent_run_id
 
     # the summary holds each run's best-checkpoint test record
     rows = list(csv.DictReader(open(ablation.folder / "summary.csv")))
@@ -686,11 +804,57 @@ def test_two_cells_end_to_end_with_mlflow_parent_and_children(tmp_path: Path, re
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
-    assert {c.info.run_id for c in children} == {c.run.meta()["mlflow_run_id"] for c in result.cells}
+    child_ids = {c.run.meta()["mlflow_run_id"] for c in result.cells}
+    assert {c.info.run_id for c in children} == child_ids
     assert all(c.info.status == "FINISHED" and "test_vggss/best/ciou" in c.data.metrics for c in children)
+    # each child was created once (F's resume reopened it) as the parent's child, and never re-parented
+    created = {run_id: tags for run_id, tags in mlflow_calls["created"]}
+    assert len(mlflow_calls["created"]) == 3 and set(created) == child_ids | {parent.info.run_id}
+    assert all(created[child]["mlflow.parentRunId"] == parent.info.run_id for child in child_ids)
+    assert mlflow_calls["reparented"] == []
 
-    # a second call finds both cells finished and trains nothing
+    # a third call finds both cells finished and trains nothing
     again = run_ablation(ablation, console=quiet(), out=quiet())
     assert [c.action for c in again.cells] == ["skip", "skip"]
     assert again.parent_run_id == result.parent_run_id
     assert len(list(ablation.folder.glob("*-seed4-*"))) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_ablate_process_resumes_its_cell_and_finishes(tmp_path: Path, repo_root: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    path, overrides = tiny_two_rows(tmp_path, repo_root, epochs=2)
+    ablation = load_ablation(path, overrides)
+    with open(tmp_path / "ablate.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "sslt_cli", "ablate", str(path), *overrides],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        try:  # killed (no handler runs) once F's first epoch has its checkpoint
+            deadline = time.monotonic() + 540
+            while not list(ablation.folder.glob("F-seed4-*/checkpoints/last-*.pt")):
+                assert process.poll() is None, (tmp_path / "ablate.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint of F-seed4 in time"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait()
+    killed = json.loads((ablation.folder / "ablation.json").read_text())["cells"]
+    assert (killed["A-seed4"]["status"], killed["F-seed4"]["status"]) == ("finished", "running")
+    plans = [inspect_cell(c, ablation, load_state(ablation.folder)) for c in expand_cells(ablation)]
+    assert [(p.status, p.action) for p in plans] == [("finished", "skip"), ("interrupted", "resume")]
+
+    result = run_ablation(ablation, console=quiet(), out=quiet())  # the stale lock of the killed process is taken
+    assert [c.status for c in result.cells] == ["finished", "finished"]
+    assert result.cells[1].run.dir.name == killed["F-seed4"]["run_dir"]
+    assert len(list(ablation.folder.glob("F-seed4-*"))) == 1
+    resumed = [r for r in result.cells[1].run.metrics() if r.get("kind") == "train"]
+    assert [r["step"] for r in resumed] == sorted({r["step"] for r in resumed})  # no step logged twice
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
