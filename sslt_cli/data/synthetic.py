@@ -527,7 +527,7 @@ def moving_clip(seed: int, label: int, *, seconds: float = 4.0, fps: int = 10, s
     if flip:
         start[0], end[0] = end[0], start[0]
     image_seed = int(image_rng.integers(2 ** 63))
-    count = int(round(seconds * fps))
+    count = max(1, int(round(seconds * fps)))
     frames, boxes = [], []
     for k in range(count):
         cx, cy = start + (end - start) * (k / max(1, count - 1))
