@@ -139,8 +139,9 @@ window.addEventListener('load', function () {
   var waits = items.map(function (el) {
     return new Promise(function (done) {
       if (el.tagName === 'IMG') { done(el.complete && el.naturalWidth > 0); return; }
-      if (el.readyState >= 1) { done(el.videoWidth > 0); return; }
-      el.addEventListener('loadedmetadata', function () { done(el.videoWidth > 0); });
+      // loadeddata: the first picture is decoded, so the browser plays this codec, not only parses the file
+      if (el.readyState >= 2) { done(el.videoWidth > 0); return; }
+      el.addEventListener('loadeddata', function () { done(el.videoWidth > 0); });
       el.addEventListener('error', function () { done(false); });
     });
   });
@@ -162,7 +163,7 @@ def _input_section(item: dict[str, Any]) -> str:
     parts = [f'<section><h2>{name}</h2><p class="source">{html.escape(item["source"])}</p>']
     files = item["files"]
     if "video" in files:
-        parts.append(f'<video controls preload="metadata" src="{html.escape(files["video"])}"></video>')
+        parts.append(f'<video controls preload="auto" src="{html.escape(files["video"])}"></video>')
     if "overlay" in files:
         parts.append(f'<img class="overlay" alt="overlay of {name}" src="{html.escape(files["overlay"])}">')
     if "sheet" in files:

@@ -16,12 +16,12 @@ import torch
 from typer.testing import CliRunner
 
 from sslt_cli.audio import log_mel, tile_and_cut
-from sslt_cli.calibration import Calibration, mismatched_partners
+from sslt_cli.calibration import Calibration, calibration_for, mismatched_partners
 from sslt_cli.cli import app
 from sslt_cli.config import Recipe, recipe_dict
 from sslt_cli.data.manifest import Clip
 from sslt_cli.data.synthetic import generate, moving_clip
-from sslt_cli.evaluate import load_maps
+from sslt_cli.evaluate import load_maps, load_model
 from sslt_cli.localize import LocalizeOptions, localize, window_specs
 from sslt_cli.media import Mp4Writer, frames_at, read_audio, sample_times
 from sslt_cli.model import build_model, save_official_checkpoint
@@ -175,17 +175,19 @@ def test_calibration_from_the_run_validation_set_is_stored_and_reused(tmp_path: 
     run = Run.create(recipe, runs_dir=tmp_path / "runs")
     state = torch.load(assets["checkpoint"], weights_only=True)
     run.save_checkpoint({**state, "recipe": recipe_dict(recipe)}, "best")
-    first = localize(run.dir, [assets["a"]], Path("loc"))
+    video = write_clip(tmp_path / "short.mp4", 4, seconds=1.0)
+    first = localize(run.dir, [video], Path("loc"))
     assert "computed and stored in" in first.calibration_note
     stored = json.loads((run.dir / "calibration.json").read_text())
     (entry,) = stored["entries"].values()
     assert entry["step"] == 7 and entry["n"] == 6 and len(entry["mismatched"]) == 6
-    second = localize(run.dir, [assets["a"]], Path("loc2"))
-    assert "read from" in second.calibration_note
-    rows = list(csv.DictReader(open("loc2/a/localize.csv")))
-    calibration = Calibration(np.sort(entry["matched"]), np.sort(entry["mismatched"]), entry["set"], 7)
-    visible, _ = calibration.scores(np.array([float(r["max_cos"]) for r in rows]))
+    loaded = load_model(run.dir / "checkpoints" / "best.pt")
+    again, note = calibration_for(loaded, run.dir, None, Path("elsewhere"), "cpu")
+    assert note.startswith("calibrated on 6 matched and mismatched pairs of data/val (read from")
+    rows = list(csv.DictReader(open("loc/short/localize.csv")))
+    visible, _ = again.scores(np.array([float(r["max_cos"]) for r in rows]))
     assert [float(r["visible"]) for r in rows] == pytest.approx(list(visible))
+    assert len(rows) == 2 and json.loads(Path("loc/short/localize.json").read_text())["calibration"]["n_pairs"] == 6
 
 
 def test_calibration_scores_are_mid_ranks_and_partners_have_another_label() -> None:
