@@ -97,8 +97,10 @@ class InputResult:
 
 @dataclass
 class Timings:
-    """Seconds spent decoding and preparing inputs (in the loader thread), in the model, and drawing and encoding."""
+    """Seconds spent loading the model and its calibration, decoding and preparing inputs (in the loader thread), in
+    the model, and drawing and encoding."""
 
+    setup: float = 0.0
     decode: float = 0.0
     model: float = 0.0
     write: float = 0.0
@@ -467,7 +469,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     calibration, note = calibration_for(loaded, run_dir, calibrate_on, out, device)
     report(note)
     ctx = _Context(loaded, get_protocol(loaded.recipe.eval.protocol), options, torch.device(device), calibration,
-                   Timings(), build_eval_transform(loaded.recipe.data.image_size, "resize_square"))
+                   Timings(setup=time.perf_counter() - wall),
+                   build_eval_transform(loaded.recipe.data.image_size, "resize_square"))
     results = list(failed)
     for item in inputs:
         result = _localize_one(ctx, item, out)

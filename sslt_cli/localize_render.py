@@ -30,6 +30,7 @@ def display_size(width: int, height: int, longer: int) -> tuple[int, int]:
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
+@functools.lru_cache(maxsize=8)
 def _font(size: int):
     from PIL import ImageFont
 
@@ -93,7 +94,7 @@ def sheet_indices(count: int, wanted: int) -> list[int]:
 def write_png(picture: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    Image.fromarray(picture).save(path, format="PNG", optimize=True)
+    Image.fromarray(picture).save(path, format="PNG")
     return path
 
 

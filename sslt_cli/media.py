@@ -244,3 +244,14 @@ class Mp4Writer:
             self.container.mux(self.audio_stream.encode(None))
         self.container.close()
         self.container = None
+
+
+def write_video(path: str | Path, frames: Sequence[np.ndarray] | np.ndarray, fps: float,
+                audio: np.ndarray | None = None, audio_rate: int = 0) -> Path:
+    """Write (N, H, W, 3) uint8 RGB pictures (even H and W) at ``fps`` with optional (channels, samples) audio as
+    an MP4 (H.264 + AAC); returns the path."""
+    height, width = frames[0].shape[:2]
+    with Mp4Writer(path, width, height, fps, audio, audio_rate) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return Path(path)

@@ -23,7 +23,7 @@ from sslt_cli.data.manifest import Clip
 from sslt_cli.data.synthetic import generate, moving_clip
 from sslt_cli.evaluate import load_maps, load_model
 from sslt_cli.localize import LocalizeOptions, localize, window_specs
-from sslt_cli.media import Mp4Writer, frames_at, read_audio, sample_times
+from sslt_cli.media import frames_at, read_audio, sample_times, write_video
 from sslt_cli.model import build_model, save_official_checkpoint
 from sslt_cli.runs import Run
 
@@ -34,10 +34,7 @@ WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
 
 def write_clip(path: Path, label: int, seconds: float = 4.0, audio: bool = True) -> Path:
     clip = moving_clip(0, label, seconds=seconds)
-    with Mp4Writer(path, 128, 128, clip.fps, clip.audio[None] if audio else None, clip.sample_rate) as writer:
-        for frame in clip.frames:
-            writer.write(frame)
-    return path
+    return write_video(path, clip.frames, clip.fps, clip.audio[None] if audio else None, clip.sample_rate)
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +87,7 @@ def test_outputs_of_two_videos_play_and_hold_one_record_per_sampled_frame(assets
 
 def test_frames_at_gives_the_frame_shown_at_each_time_across_seeks(tmp_path: Path) -> None:
     path = tmp_path / "ramp.mp4"
-    with Mp4Writer(path, 64, 64, 10) as writer:  # frame k is a flat grey of 4 * k
-        for k in range(60):
-            writer.write(np.full((64, 64, 3), 4 * k, np.uint8))
+    write_video(path, np.stack([np.full((64, 64, 3), 4 * k, np.uint8) for k in range(60)]), 10)  # frame k: grey 4k
     times = [0.0, 0.04, 0.55, 5.0, 5.92]  # 0.55 -> frame 5; 5.0 is more than SEEK_AHEAD_S on: a seek
     got = [(round(shown, 2), int(round(rgb.mean() / 4))) for _, shown, rgb in frames_at(path, times)]
     assert got == [(0.0, 0), (0.0, 0), (0.5, 5), (5.0, 50), (5.9, 59)]

@@ -14,7 +14,7 @@ import torch
 from sslt_cli.config import Recipe, recipe_dict
 from sslt_cli.data.synthetic import moving_clip
 from sslt_cli.localize import localize
-from sslt_cli.media import Mp4Writer
+from sslt_cli.media import write_video
 from sslt_cli.model import build_model
 
 pytestmark = pytest.mark.slow
@@ -41,10 +41,8 @@ def test_index_page_loads_every_video_and_picture_in_chromium(tmp_path: Path) ->
     videos = []
     for label in (0, 6):
         clip = moving_clip(1, label, seconds=3.0)
-        videos.append(tmp_path / f"scene{label}.mp4")
-        with Mp4Writer(videos[-1], 128, 128, clip.fps, clip.audio[None], clip.sample_rate) as writer:
-            for frame in clip.frames:
-                writer.write(frame)
+        videos.append(write_video(tmp_path / f"scene{label}.mp4", clip.frames, clip.fps, clip.audio[None],
+                                  clip.sample_rate))
     result = localize(tmp_path / "tiny.pt", [*videos, tmp_path / "missing.mp4"], tmp_path / "loc")
     assert len(result.failed) == 1
     page = (tmp_path / "loc" / "index.html").as_uri()
