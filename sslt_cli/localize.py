@@ -446,10 +446,13 @@ def _summary(item: InputResult) -> str:
 
 def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[Path] = (),
              audios: Sequence[Path] = (), options: LocalizeOptions = LocalizeOptions(), device: Any = "cpu",
-             which: str = "best", calibrate_on: Path | None = None,
+             which: str = "best", calibrate_on: Path | None = None, recipe: Any = None,
              report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
     """Localise the sound in every input with one model (a run folder, an sslt or an official SSL-TIE checkpoint)
-    and write the outputs and ``out/index.html``. Per-input problems are in the result, not raised."""
+    and write the outputs and ``out/index.html``. Per-input problems are in the result, not raised.
+
+    ``recipe``: the image size and audio front end the model was trained with, for an official checkpoint (which
+    does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's."""
     from sslt_cli.calibration import calibration_for
     from sslt_cli.data.augment import build_eval_transform
     from sslt_cli.evaluate import get_protocol, load_model, resolve_checkpoints
@@ -460,11 +463,11 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     inputs, failed = collect_inputs(media, images, audios)
     if not inputs and not failed:
         raise SsltError("nothing to localise: pass video files or folders, or --image FRAME --audio SOUND pairs")
-    recipe, found, run_dir = resolve_checkpoints(model, "both")
+    run_recipe, found, run_dir = resolve_checkpoints(model, "both")
     chosen = dict(found)
     label = which if which in chosen else found[0][0]
     path = chosen[label]
-    loaded = load_model(path, recipe, device)
+    loaded = load_model(path, recipe or run_recipe, device)
     out.mkdir(parents=True, exist_ok=True)
     calibration, note = calibration_for(loaded, run_dir, calibrate_on, out, device)
     report(note)

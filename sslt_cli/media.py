@@ -26,7 +26,7 @@ _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 120
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What :func:`probe_video` found: picture size, duration (s), frame rate and the audio stream's rate and channels."""
+    """What :func:`probe_video` found: picture size, duration (s), frame rate, the audio stream's rate and channels."""
 
     path: Path
     width: int

@@ -45,7 +45,8 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     state = {"format": "sslt-checkpoint/1", "model": build_model().state_dict(), "step": 7, "epoch": 0,
              "recipe": recipe_dict(Recipe.model_validate(TINY))}
     torch.save(state, folder / "tiny.pt")
-    return {"checkpoint": folder / "tiny.pt", "a": write_clip(folder / "a.mp4", 0), "b": write_clip(folder / "b.mp4", 3)}
+    return {"checkpoint": folder / "tiny.pt", "a": write_clip(folder / "a.mp4", 0),
+            "b": write_clip(folder / "b.mp4", 3)}
 
 
 def test_outputs_of_two_videos_play_and_hold_one_record_per_sampled_frame(assets, tmp_path: Path) -> None:
@@ -162,6 +163,21 @@ def test_image_and_audio_pair_with_an_official_checkpoint(tmp_path: Path) -> Non
     assert Image.open(tmp_path / "loc" / "still" / "overlay.png").size == (384 + 72, 384)
     assert len(item.records) == 1 and "official SSL-TIE" in result.model
     assert result.calibration_note.startswith("uncalibrated: this checkpoint comes without a validation set")
+
+
+def test_an_official_export_with_its_recipe_gives_the_same_maps_as_the_sslt_checkpoint(assets, tmp_path: Path) -> None:
+    from sslt_cli.evaluate import export_official
+
+    export_official(assets["checkpoint"], tmp_path / "official.pth.tar")
+    options = LocalizeOptions(fps=2.0, save_maps=True)
+    ours = localize(assets["checkpoint"], [assets["b"]], Path("ours"), options=options)
+    theirs = localize(tmp_path / "official.pth.tar", [assets["b"]], Path("theirs"), options=options,
+                      recipe=Recipe.model_validate(TINY))
+    assert "official SSL-TIE" in theirs.model
+    mine, exported = load_maps("ours/b/maps.npz"), load_maps("theirs/b/maps.npz")
+    assert sorted(mine) == sorted(exported) and len(mine) == 8
+    assert all(np.allclose(mine[k], exported[k], atol=1e-5) for k in mine)
+    assert [r.peak_x for r in ours.inputs[0].records] == [r.peak_x for r in theirs.inputs[0].records]
 
 
 def test_calibration_from_the_run_validation_set_is_stored_and_reused(tmp_path: Path, assets) -> None:

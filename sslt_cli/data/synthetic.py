@@ -505,6 +505,12 @@ class MovingClip:
     fps: int
     sample_rate: int
 
+    def contains(self, time_s: float, x: float, y: float) -> bool:
+        """Whether the normalised point (x, y) lies in the sounding object's box in the frame shown at ``time_s``."""
+        index = min(len(self.boxes) - 1, max(0, int(math.floor(time_s * self.fps + 1e-6))))
+        x0, y0, x1, y1 = self.boxes[index]
+        return bool(x0 <= x <= x1 and y0 <= y <= y1)
+
 
 def moving_clip(seed: int, label: int, *, seconds: float = 4.0, fps: int = 10, size: int = 128,
                 sample_rate: int = 16000, n_classes: int = 10) -> MovingClip:
