@@ -172,7 +172,7 @@ def _input_section(item: dict[str, Any]) -> str:
     if "plot" in files:
         parts.append(f'<img class="plot" alt="map maximum over time of {name}" src="{html.escape(files["plot"])}">')
     links = " · ".join(f'<a href="{html.escape(files[k])}">{k}</a>' for k in ("csv", "json", "maps") if k in files)
-    parts.append(f"<p>{item['summary']} — {links}</p></section>")
+    parts.append(f"<p>{html.escape(item['summary'])} — {links}</p></section>")
     return "\n".join(parts)
 
 
@@ -180,7 +180,7 @@ def index_html(title: str, notes: Sequence[str], items: Sequence[dict[str, Any]]
     """The page: one section per input (video, contact sheet, plot, record files), failed inputs with their reason.
 
     items: dicts with ``name``, ``source``, ``error`` (or None), ``files`` ({kind: path relative to the page}) and
-    ``summary`` (HTML-safe text).
+    ``summary`` (plain text).
     """
     sections = "\n".join(_input_section(item) for item in items)
     note_list = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
