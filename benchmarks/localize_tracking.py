@@ -3,10 +3,11 @@ sounding object's box, on synthetic benchmark scenes where that object glides ac
 one scene per category and seed, 4 s at 10 frames/s, 128 px, with the category's sound; distractors stay still).
 
 A model that ignored the sound and the picture would hit the box in about the share of the frame it covers (printed
-as the chance level: the mean box area). Optionally writes the README's picture: the contact sheet of one clip.
+as the chance level: the mean box area). Optionally writes the README's picture: the contact sheet of one clip. The
+calibration is computed on the run's validation set on the first call and stored in the run folder.
 
     python benchmarks/localize_tracking.py runs/quickstart-20261206-030147
-    python benchmarks/localize_tracking.py RUN --seeds 3 --picture docs/localize_quickstart.png
+    python benchmarks/localize_tracking.py RUN --seeds 1 --picture docs/localize_quickstart.png --picture-clip s0-6
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="run folder or checkpoint")
     parser.add_argument("--seeds", type=int, default=2, help="scenes per category")
     parser.add_argument("--fps", type=float, default=2.0)
-    parser.add_argument("--picture", type=Path, default=None, help="write the first clip's contact sheet here")
+    parser.add_argument("--picture", type=Path, default=None, help="write a clip's contact sheet here")
+    parser.add_argument("--picture-clip", default="s0-0", help="the clip of --picture (s<seed>-<category>)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -48,9 +50,9 @@ def main() -> None:
         if args.picture is not None:
             from PIL import Image
 
-            sheet = Image.open(folder / "out" / result.inputs[0].name / "contact_sheet.png")
-            sheet.thumbnail((960, 960))
-            sheet.save(args.picture, optimize=True)
+            sheet = Image.open(folder / "out" / args.picture_clip / "contact_sheet.png")
+            sheet.thumbnail((800, 800))
+            sheet.convert("RGB").quantize(colors=128).save(args.picture, optimize=True)  # small enough to commit
     chance = float(np.mean([(c.boxes[:, 2] - c.boxes[:, 0]).mean() * (c.boxes[:, 3] - c.boxes[:, 1]).mean()
                             for c in clips.values()]))
     print(json.dumps({"model": result.model, "clips": len(clips), "frames": frames, "peak_in_box": hits,
