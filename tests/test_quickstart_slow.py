@@ -81,5 +81,5 @@ def test_quickstart_localises_and_retrieves(repo_root: Path) -> None:
               for name in clips for r in rows[name]]
     chance = np.mean([((c.boxes[:, 2] - c.boxes[:, 0]) * (c.boxes[:, 3] - c.boxes[:, 1])).mean()
                       for c in clips.values()])
-    assert len(inside) == 160 and np.mean(inside) >= max(TRACKING_SHARE, 4 * chance), (np.mean(inside), chance)
+    assert len(inside) == 160 and np.mean(inside) >= max(TRACKING_SHARE, 3 * chance), (np.mean(inside), chance)
     assert all(0 <= float(r["visible"]) <= 1 for clip_rows in rows.values() for r in clip_rows)  # calibrated on val
