@@ -496,7 +496,8 @@ def _render_audio(label: int, seconds: int, sr: int, rng: np.random.Generator) -
 @dataclass(frozen=True)
 class MovingClip:
     """A benchmark scene whose sounding object moves: ``frames`` (N, size, size, 3) uint8 RGB at ``fps``,
-    ``audio`` (samples,) float32 at ``sample_rate``, ``boxes`` (N, 4) the sounding object's normalised box per frame."""
+    ``audio`` (samples,) float32 at ``sample_rate``, ``boxes`` (N, 4) the sounding object's normalised box per frame,
+    ``shown``: the categories in the picture (the sounding one and the distractors')."""
 
     label: str
     frames: np.ndarray
@@ -504,6 +505,7 @@ class MovingClip:
     boxes: np.ndarray
     fps: int
     sample_rate: int
+    shown: tuple[str, ...]
 
     def contains(self, time_s: float, x: float, y: float) -> bool:
         """Whether the normalised point (x, y) lies in the sounding object's box in the frame shown at ``time_s``."""
@@ -545,7 +547,8 @@ def moving_clip(seed: int, label: int, *, seconds: float = 4.0, fps: int = 10, s
     wav, _ = soundfile.read(io.BytesIO(_render_audio(label, math.ceil(seconds), sample_rate, audio_rng)),
                             dtype="float32")
     return MovingClip(CLASSES[label], np.stack(frames), wav[:int(round(seconds * sample_rate))],
-                      np.asarray(boxes, np.float32), fps, sample_rate)
+                      np.asarray(boxes, np.float32), fps, sample_rate,
+                      tuple(sorted({CLASSES[o.category] for o in scene.objects})))
 
 
 # ------------------------------------------------------------------------------------------------------ clip files
