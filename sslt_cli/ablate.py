@@ -66,6 +66,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from sslt_cli.catalog import RECIPES_DIR, resolve_recipe
 from sslt_cli.config import (Recipe, apply_overrides, flatten, load_tree, parse_override, parse_yaml, recipe_dict,
                              validate_tree)
 from sslt_cli.errors import RecipeError, SsltError
@@ -288,14 +289,14 @@ def _yaml_value(value: Any) -> str:
 
 def resolve_base(value: str, ablation_path: Path) -> Path:
     """The base recipe file: ``value`` as a path relative to the ablation file's folder or the cwd, with or without
-    ``.yaml``; a bare name (``quickstart``) is also looked up in the recipes folder above the ablation file and in
-    ``./recipes``. Raises RecipeError listing the places tried."""
+    ``.yaml``; a bare name (``quickstart``) is also looked up in the recipes folder above the ablation file, in
+    ``./recipes`` and among the recipes shipped with sslt. Raises RecipeError listing the places tried."""
     raw = Path(value).expanduser()
     names = [raw] if raw.suffix in (".yaml", ".yml") else [raw.with_name(raw.name + ".yaml"), raw]
     here = ablation_path.parent
     folders = [Path()] if raw.is_absolute() else [here, Path()]
     if not raw.is_absolute() and len(raw.parts) == 1:
-        folders += [here.parent, Path("recipes")]
+        folders += [here.parent, Path("recipes"), RECIPES_DIR]
     tried: list[Path] = []
     for folder in folders:
         for name in names:
@@ -548,7 +549,7 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
     (the file, the base recipe, the common overrides, each row) and a stage runs only when the one before it passed,
     so one mistake is reported once.
     """
-    path = Path(path)
+    path = resolve_recipe(path, "ablation")
     source = str(path)
     tree = load_tree(path, "ablation")
     problems: list[str] = []

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from sslt_cli.errors import SsltError
+from sslt_cli.preflight import writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -26,7 +27,7 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
-    epilog="Example: sslt prepare synthetic --out data/synthetic && sslt train recipes/quickstart.yaml",
+    epilog="Example: sslt prepare synthetic --out data/synthetic && sslt train quickstart",
 )
 prepare_app = typer.Typer(
     help="Prepare data sets in the layouts train/eval read (writes a manifest; never crawls at train time).",
@@ -34,6 +35,28 @@ prepare_app = typer.Typer(
     epilog="Example: sslt prepare synthetic --out data/synthetic",
 )
 app.add_typer(prepare_app, name="prepare")
+data_app = typer.Typer(
+    help="The public benchmark metadata shipped with sslt (test lists, VGG-SS boxes), usable by short name.",
+    no_args_is_help=True,
+    epilog="Example: sslt data list",
+)
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sslt_cli import __version__
+
+        typer.echo(f"sslt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """The options of ``sslt`` itself (before any command)."""
 
 
 def _example(text: str) -> str:
@@ -58,6 +81,7 @@ def prepare_synthetic(
     """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
     from sslt_cli.data.synthetic import generate
 
+    writable_dir(out_dir, "--out")
     summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
                        image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
     _print_mapping("synthetic benchmark", summary)
@@ -69,8 +93,8 @@ def prepare_vggsound(
     videos: Path = typer.Option(..., "--videos", help="Folder of VGGSound clips (<ytid>_<start>.mp4 or <ytid>_<start>_<end>.mp4)."),
     out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
     split: str = typer.Option("train", help="train (frame 125 + 3 s audio) or test (VGG-SS layout, 10 s audio, boxes)."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (a published list); missing videos are reported."),
-    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes for --split test (anno/<id>.xml)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare: a list file or a built-in name (ssltie-vggss-4911; sslt data list); missing videos are reported."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes for --split test (anno/<id>.xml): vggss.json, or vggss for the built-in copy."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv (ytid,start,label,split) for the label column."),
     sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
     neighbours: int = typer.Option(0, min=0, help="Also write this many frames either side of frame 125."),
@@ -79,6 +103,7 @@ def prepare_vggsound(
     """Prepare VGGSound clips: frame 125 (t = 5 s) as JPEG and the audio window, with a manifest; resumable."""
     from sslt_cli.data.prepare import prepare_vggsound as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -87,12 +112,12 @@ def prepare_vggsound(
 
 @prepare_app.command("flickr", epilog=_example(
     "sslt prepare flickr --archive ~/Flickr-SoundNet --out data/flickr/test_flickr --split test "
-    "--list ../shared/realdata/flickr_test_249.csv"))
+    "--list flickr-249"))
 def prepare_flickr(
     archive: Path = typer.Option(..., "--archive", help="The Flickr-SoundNet download (Annotations/ + Data/)."),
     out_dir: Path = typer.Option(..., "--out", help="Output set folder."),
     split: str = typer.Option("test", help="test (frames, audio, 3-annotator boxes) or train."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare (e.g. the 249/250 test list)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids to prepare: a list file or a built-in name (flickr-249, slavc-flickr-250)."),
     sample_rate: int = typer.Option(16000, "--sample-rate", min=4000, help="Output audio rate (mono)."),
     seconds: Optional[float] = typer.Option(None, help="Audio seconds kept (default: 10 for test, 4 for train)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes."),
@@ -100,6 +125,7 @@ def prepare_flickr(
     """Prepare the Flickr-SoundNet test set (or training pairs) from the downloaded archive, with a manifest."""
     from sslt_cli.data.prepare import prepare_flickr as run
 
+    writable_dir(out_dir, "--out")
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -107,9 +133,9 @@ def prepare_flickr(
 
 
 @prepare_app.command("vggss-annotations", epilog=_example(
-    "sslt prepare vggss-annotations --json ../shared/realdata/vggss.json --out data/vggss/anno"))
+    "sslt prepare vggss-annotations --json vggss --out data/vggss/anno"))
 def prepare_vggss_annotations(
-    json_path: Optional[Path] = typer.Option(None, "--json", help="vggss.json to convert into per-clip XML."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="vggss.json to convert into per-clip XML (vggss: the built-in copy)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder for <id>.xml files."),
     from_xml: Optional[Path] = typer.Option(None, "--from-xml", help="The reverse: a folder of <id>.xml ..."),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="... collected into this vggss.json."),
@@ -130,24 +156,78 @@ def prepare_vggss_annotations(
 
 
 @prepare_app.command("index", epilog=_example(
-    "sslt prepare index ~/vggss_test --layout vggss_test --list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+    "sslt prepare index ~/vggss_test --layout vggss_test --list ssltie-vggss-4911"))
 def prepare_index(
     root: Path = typer.Argument(..., help="A folder already in one of the layouts (made by other tools)."),
     layout: str = typer.Option(..., help="vggsound_train | vggss_test | flickr_test | flickr_train."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected (default: every clip found)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Ids expected: a list file or a built-in name (default: every clip found)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="vggsound.csv or id,label CSV."),
+    workers: Optional[int] = typer.Option(None, min=1, help="Threads checking clips (default: 2 per CPU)."),
 ) -> None:
-    """Write the manifest for a folder laid out by other tools (checks each clip's files; missing ones are listed)."""
+    """Write the manifest for a folder laid out by other tools: each clip's frame and audio headers are read and its
+    boxes parsed; every incomplete clip is listed with its reason."""
     from sslt_cli.data.prepare import index_existing
 
-    _print_prepare(index_existing(root, layout, id_list, labels=labels))
+    writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
+    _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+
+@data_app.command("list", epilog=_example("sslt data list && sslt eval --baselines-only --vggss-json vggss "
+                                          "--list ssltie-vggss-4911"))
+def data_list() -> None:
+    """The built-in files (short name, kind, records, source, licence) and the shipped recipes.
+
+    A short name works wherever sslt takes a path of that kind (--list, --vggss-json, --labels, --extended, recipe
+    data.labels); a file of yours with the same name, where it exists, wins.
+    """
+    from rich.table import Table
+
+    from sslt_cli import catalog
+
+    table = Table(title="built-in data files (sslt_cli/resources; sources, commits, licences: NOTICE there)")
+    table.add_column("name", no_wrap=True, min_width=max(len(entry.name) for entry in catalog.BUILTINS))
+    table.add_column("kind")
+    table.add_column("records", justify="right")
+    for col in ("what", "source", "licence"):
+        table.add_column(col)
+    for entry in catalog.BUILTINS:
+        kinds = ", ".join(catalog.KIND_WORDS[k] for k in entry.kinds)
+        table.add_row(entry.name, kinds, _count_records(entry), entry.what, entry.source, entry.licence)
+    out.print(table)
+    recipes = Table(title="shipped recipes (sslt train NAME; sslt ablate NAME base=NAME)")
+    recipes.add_column("kind")
+    recipes.add_column("names")
+    recipes.add_row("recipes", ", ".join(catalog.builtin_recipes(catalog.RECIPES_DIR)))
+    recipes.add_row("ablations", ", ".join(catalog.builtin_recipes(catalog.RECIPES_DIR / "ablations")))
+    out.print(recipes)
+    err.print(f"files: {catalog.RESOURCES_DIR}")
+
+
+def _count_records(entry) -> str:
+    """What a built-in file holds, counted by the reader sslt uses for its kind."""
+    import json
+
+    if "boxes" in entry.kinds:
+        records = json.loads(entry.path.read_text())
+        classes = {r.get("class") for r in records}
+        return f"{len(records)} clips ({sum(len(r['bbox']) for r in records)} boxes, {len(classes)} classes)"
+    if "pairs" in entry.kinds:
+        from sslt_cli.evaluate import read_silent_pairs
+
+        return f"{len(read_silent_pairs(entry.path))} pairs"
+    from sslt_cli.data.annotations import read_id_list
+
+    return f"{len(read_id_list(entry.path))} clips"
 
 
 # ------------------------------------------------------------------------------------------------------------ train
 
-@app.command(epilog=_example("sslt train recipes/quickstart.yaml optim.epochs=2 --dry-run"))
+@app.command(epilog=_example("sslt train quickstart optim.epochs=2 --dry-run"))
 def train(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file (not with --resume)."),
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML file, or the name of a shipped recipe "
+                                           "(quickstart, tie_full, ...; sslt data list); not with --resume."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. optim.lr=3e-4."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the run folder; do nothing."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue this run folder from its last checkpoint."),
@@ -173,6 +253,9 @@ def train(
         run = Run.open(resume)
         if recipe is not None and recipe.suffix not in (".yaml", ".yml") and "=" in str(recipe):
             overrides.insert(0, str(recipe))
+        elif recipe is not None:
+            raise SsltError(f"--resume continues {run.dir} with the recipe saved in it; a recipe file is not allowed",
+                            [f"got {recipe}: drop it to resume, or start a new run with `sslt train {recipe}`"])
         if overrides:
             raise SsltError("--resume continues a run with its saved recipe; overrides are not allowed",
                             [f"got {' '.join(overrides)}; start a new run to change the recipe"])
@@ -180,9 +263,7 @@ def train(
             typer.echo(dump_yaml(recipe_dict(run.recipe())), nl=False)
             typer.echo(f"would resume {run.dir}", err=True)
             return
-        from sslt_cli.train import train as run_training
-
-        run_training(run.recipe(), resume_run=run, console=err, out=out)
+        _run_training(run.recipe(), resume_run=run)
         return
     if recipe is None:
         raise SsltError("give a recipe file (e.g. recipes/quickstart.yaml), or --resume RUN_DIR")
@@ -191,9 +272,22 @@ def train(
         typer.echo(dump_yaml(recipe_dict(resolved)), nl=False)
         typer.echo(f"would create a run folder under {Path(resolved.runs_dir) / (resolved.name + '-<timestamp>')}", err=True)
         return
+    _run_training(resolved, overrides=overrides, recipe_path=str(recipe))
+
+
+def _run_training(recipe, **kwargs) -> None:
+    """Train (:func:`sslt_cli.train.train`) after opening a local MLflow store, so a broken one stops before a run
+    folder is made. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its
+    checkpoint and the resume hint are written by then)."""
+    from sslt_cli.tracking import check_store
     from sslt_cli.train import train as run_training
 
-    run_training(resolved, overrides=overrides, console=err, out=out, recipe_path=str(recipe))
+    if recipe.tracking.enabled:
+        check_store()
+    run = run_training(recipe, console=err, out=out, **kwargs)
+    if run.meta().get("status") == "interrupted":
+        err.print(f"not finished: {run.resume_hint()}", highlight=False)
+        raise typer.Exit(130)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -202,20 +296,19 @@ PROTOCOL_NAMES = ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
 
 
 @app.command("eval", epilog=_example(
-    "sslt eval --baselines-only --vggss-json ../shared/realdata/vggss.json "
-    "--list ../shared/realdata/ssltie_test_vggss_4911.txt"))
+    "sslt eval --baselines-only --vggss-json vggss --list ssltie-vggss-4911"))
 def eval_cmd(
     target: Optional[Path] = typer.Argument(None, help="Run folder, or checkpoint file (sslt or official SSL-TIE)."),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Prepared test set folder(s) (vggss_test or "
                                               "flickr_test layout). Default: the run recipe's data.test sets."),
-    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON (vggss: the built-in copy)."),
     media: Optional[Path] = typer.Option(None, "--media", help="With --vggss-json: folder with frame/ and audio/."),
-    id_list: Optional[Path] = typer.Option(None, "--list", help="Evaluate a published subset (e.g. the 4911 list)."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="Evaluate a published subset: a list file or a built-in name (ssltie-vggss-4911, vggss-5158, flickr-249, ...; sslt data list)."),
     protocol: Optional[str] = typer.Option(None, help=f"One of {', '.join(PROTOCOL_NAMES)} (default: the recipe's, "
                                                       "else ssltie)."),
     maps: Optional[Path] = typer.Option(None, "--maps", help="Score precomputed maps: a folder of <id>.npy or an .npz."),
     baselines_only: bool = typer.Option(False, "--baselines-only", help="Only the baselines and the oracle ceiling."),
-    extended: Optional[Path] = typer.Option(None, "--extended", help="SLAVC *_plus_silent.csv: AP and max-F1 with "
+    extended: Optional[Path] = typer.Option(None, "--extended", help="SLAVC *_plus_silent.csv (built-in: slavc-vggss-plus-silent, slavc-flickr-plus-silent): AP and max-F1 with "
                                             "non-sounding pairs."),
     silent_data: Optional[Path] = typer.Option(None, "--silent-data", help="With --extended: the prepared set holding "
                                                "the non-sounding pairs' frames and audio (default: the test set)."),
@@ -256,6 +349,8 @@ def eval_cmd(
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     recipe, checkpoints, run_dir = (ev.resolve_checkpoints(target, which) if target is not None else (None, [], None))
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
@@ -392,7 +487,7 @@ def retrieve(
     data: Optional[Path] = typer.Option(None, "--data", help="Prepared set to retrieve in (default: the recipe's "
                                         "first test set)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Labels: vggsound.csv (ytid,start,label,split), "
-                                          "id,label CSV or vggss.json (default: the recipe's data.labels)."),
+                                          "id,label CSV, vggss.json or vggss (built-in) (default: the recipe's data.labels)."),
     task: str = typer.Option("all", "--task", help="all, or a comma list of a2a, a2i, i2a."),
     classes: str = typer.Option("all", help="all | novel (the recipe's data.holdout_classes) | comma list | file."),
     score: str = typer.Option("loc", help="Cross-modal score: loc (max of the cosine map) or pooled."),
@@ -406,15 +501,18 @@ def retrieve(
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
     from sslt_cli.retrieve import retrieve as run
 
+    if out_dir is not None:
+        writable_dir(out_dir, "--out")
     run(target, data=data, labels=labels, tasks=task, classes=classes, cross_score=score, image_pool=image_pool,
         which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
 
 
 # ----------------------------------------------------------------------------------------------------------- ablate
 
-@app.command(epilog=_example("sslt ablate recipes/ablations/paper_transformations.yaml base=quickstart"))
+@app.command(epilog=_example("sslt ablate paper_transformations base=quickstart"))
 def ablate(
-    file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds)."),
+    file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds), "
+                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
                                                     "applied to every cell."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "
@@ -510,6 +608,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     table = Table(title=f"runs in {runs_dir}")
     for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
         table.add_column(col)
+    stale = []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -522,10 +621,51 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         chosen = [r for r in test if r.get("set") == first_set and r.get("checkpoint") == "best"] or test
         shown = chosen[-1] if chosen else {}
         where = f"{shown.get('set', '')} ({shown.get('checkpoint', '')})" if shown else "-"
-        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), str(meta.get("status", "")),
+        state = run.state()
+        if state.startswith("stale"):
+            stale.append(run)
+        table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
                       str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run in stale:
+        err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
+                  highlight=False)
+
+
+@app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
+def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
+    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
+    from sslt_cli.config import flatten, recipe_dict
+    from sslt_cli.runs import Run
+    from sslt_cli.tracking import Tracker, tracking_uri
+
+    run = Run.open(run_dir)
+    meta, recipe = run.meta(), run.recipe()
+    problems: list[str] = []
+    uri = tracking_uri()
+    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
+    tracker = Tracker(experiment=recipe.tracking.experiment, uri=uri, warn=problems.append)
+    tracker.start(run.dir.name, params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
+                  tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    if tracker.run_id is None or problems:
+        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
+    if run_id is None:
+        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
+    try:
+        sent = tracker.push_missing(run.metrics())
+    except Exception as exc:
+        from sslt_cli.tracking import describe
+
+        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
+                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
+    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
+    if status:
+        tracker.end(status)
+    if problems:
+        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
+    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
+              + (f"; marked {status}" if status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui
@@ -576,21 +716,27 @@ def _print_mapping(title: str, mapping: dict) -> None:
     out.print(table)
 
 
-def _print_prepare(result) -> None:
-    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason."""
+def _print_prepare(result, indexed: bool = False) -> None:
+    """The final table of a prepare run: requested, prepared, already done, missing, failed by reason; for
+    ``sslt prepare index`` (``indexed``), which writes no media: clips found, complete, incomplete by reason."""
     from rich.table import Table
 
     for note in result.notes:
         err.print(f"note: {note}", highlight=False)
-    table = Table(title=f"prepared {result.out} ({result.layout})")
+    table = Table(title=f"{'indexed' if indexed else 'prepared'} {result.out} ({result.layout})")
     table.add_column("clips")
     table.add_column("count", justify="right")
-    table.add_row("requested", str(result.requested))
-    table.add_row("prepared now", str(result.prepared))
-    table.add_row("already done", str(result.already_done))
-    table.add_row("missing (no source video)", str(result.missing))
+    if indexed:
+        table.add_row("listed", str(result.requested))
+        table.add_row("complete (headers read, boxes parsed)", str(result.already_done))
+        table.add_row("incomplete: a file is absent or empty", str(result.missing))
+    else:
+        table.add_row("requested", str(result.requested))
+        table.add_row("prepared now", str(result.prepared))
+        table.add_row("already done", str(result.already_done))
+        table.add_row("missing (no source video)", str(result.missing))
     for reason, count in sorted(result.failed.items()):
-        table.add_row(f"failed: {reason}", str(count))
+        table.add_row(f"{'incomplete' if indexed else 'failed'}: {reason}", str(count))
     table.add_row("usable", str(result.ok))
     out.print(table)
     err.print(f"manifest: {result.manifest}")

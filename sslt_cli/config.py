@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sslt_cli.catalog import RECIPES_DIR, builtin_recipes, resolve_data_file, resolve_recipe
 from sslt_cli.errors import RecipeError
 
 
@@ -43,6 +44,15 @@ class DataConfig(_Strict):
         """A set named in the recipe: absolute as written, else relative to ``root``."""
         path = Path(name).expanduser()
         return path if path.is_absolute() else Path(self.root).expanduser() / path
+
+    def labels_file(self) -> Path | None:
+        """``labels`` as a file: relative to ``root`` (as :meth:`set_path`), else a built-in label file (``vggss``,
+        see :func:`catalog.resolve_data_file`); None when unset or neither exists."""
+        if not self.labels:
+            return None
+        path = self.set_path(self.labels)
+        path = path if path.is_file() else resolve_data_file(self.labels, "labels")
+        return path if path.is_file() else None
 
 
 class AudioConfig(_Strict):
@@ -213,9 +223,28 @@ class Recipe(_Strict):
 
 # --- YAML 1.2-style loading -------------------------------------------------------------------------------------
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping repeats a key (PyYAML would keep the last value silently): the key and the 1-based lines of both."""
+
+    def __init__(self, key: str, first: int, second: int):
+        super().__init__(f"key {key!r} appears twice, on line {first} and line {second}")
+        self.key, self.first, self.second = key, first, second
+
+
 class _Yaml12Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars: booleans are only true/false, integers are decimal (or 0o/0x),
-    floats include ``2e-5`` and ``1e4``, and there are no implicit timestamps, base-60 numbers or leading-zero octals."""
+    floats include ``2e-5`` and ``1e4``, and there are no implicit timestamps, base-60 numbers or leading-zero octals.
+    A key repeated in one mapping is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[str, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if key_node.value in seen:
+                    raise DuplicateKeyError(key_node.value, seen[key_node.value], line)
+                seen[key_node.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _DROPPED = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"}
@@ -263,6 +292,8 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML with the 1.2-style rules above; a syntax error becomes a RecipeError naming ``source``."""
     try:
         return yaml.load(text, Loader=_Yaml12Loader)
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{source}: {exc}; keep one of them") from None
     except yaml.MarkedYAMLError as exc:
         def at(mark: Any, text: str | None) -> str:
             return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark is not None else str(text)
@@ -407,17 +438,33 @@ def validate_tree(tree: dict, source: str, model: type[BaseModel] = Recipe,
         raise RecipeError(f"{source}: {len(problems)} problem(s) in the recipe", problems) from None
 
 
+_SHIPPED_EXAMPLE = {"recipe": "recipes/quickstart.yaml", "ablation": "recipes/ablations/paper_transformations.yaml"}
+
+
 def load_tree(path: str | Path, kind: str = "recipe") -> dict:
     """The raw mapping of a YAML file of ``kind`` (``recipe``, ``ablation``), not validated."""
     path = Path(path)
     article = "an" if kind[:1] in "aeiou" else "a"
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise RecipeError(f"{path}: {kind} file not found") from None
+        folder = RECIPES_DIR if kind == "recipe" else RECIPES_DIR / "ablations"
+        raise RecipeError(f"{path}: {kind} file not found",
+                          [f"give a path, or the name of one shipped with sslt: {', '.join(builtin_recipes(folder))}"]
+                          ) from None
     except IsADirectoryError:
         raise RecipeError(f"{path}: is a folder, expected {article} {kind} .yaml file") from None
-    tree = parse_yaml(text, str(path)) or {}
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line "
+                          f"{line}) cannot be decoded", [f"save the {kind} as UTF-8"]) from None
+    tree = parse_yaml(text, str(path))
+    if tree is None:
+        raise RecipeError(f"{path}: the {kind} is empty (only blank lines or comments); nothing to run",
+                          [f"write the settings that differ from the defaults, starting from a shipped {kind} "
+                           f"(e.g. {_SHIPPED_EXAMPLE.get(kind, 'recipes/quickstart.yaml')})"])
     if not isinstance(tree, dict):
         raise RecipeError(f"{path}: {article} {kind} must be a mapping of keys, got {type(tree).__name__}")
     return tree
@@ -435,7 +482,9 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe; raises RecipeError with every problem found."""
+    """Load, override and validate a recipe (a file, or the name of a shipped one: :func:`catalog.resolve_recipe`);
+    raises RecipeError with every problem found."""
+    path = resolve_recipe(path)
     tree = load_tree(path)
     overrides = list(overrides or [])
     problems: list[str] = []

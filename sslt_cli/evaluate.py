@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from sslt_cli import metrics
+from sslt_cli import metrics, published
 from sslt_cli.data.annotations import (
     Annotation,
     DefectReport,
@@ -47,8 +47,10 @@ from sslt_cli.data.annotations import (
     read_id_list,
 )
 from sslt_cli.data.manifest import Clip, atomic_write_bytes, layout_paths, read_set
+from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.errors import DataError, SsltError
 from sslt_cli.metrics import Protocol
+from sslt_cli.runs import describe_file
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -162,7 +164,7 @@ def load_vggss_json_set(json_path: str | Path, list_path: str | Path | None = No
     clips missing either are reported. The defects (huge or degenerate boxes) of the requested clips are kept in
     ``defects`` and summarised in ``notes``, with the whole file's counts beside them when the list leaves some out.
     """
-    json_path = Path(json_path)
+    json_path = resolve_data_file(json_path, "boxes")  # notes name the file, also when given a built-in name
     annotations, report = load_vggss_json(json_path)
     ids = read_id_list(list_path) if list_path else list(annotations)
     test = TestSet(name=Path(list_path).stem if list_path else json_path.stem, anno_kind="vggss", ids=ids,
@@ -232,8 +234,8 @@ def load_maps(path: str | Path) -> dict[str, np.ndarray]:
         for file in files:
             try:
                 array = np.load(file, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise DataError(f"{file}: not a readable .npy array ({exc})") from None
+            except (ValueError, OSError, EOFError):
+                raise DataError(f"{file}: {numpy_file_problem(file, '.npy array')}") from None
             maps[file.stem] = _as_map(array, str(file))
         return maps
     if path.suffix != ".npz":
@@ -243,11 +245,20 @@ def load_maps(path: str | Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             for key in archive.files:
                 maps[key] = _as_map(archive[key], f"{path}[{key}]")
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DataError(f"{path}: not a readable .npz archive ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        raise DataError(f"{path}: {numpy_file_problem(path, '.npz archive')}; {hint}") from None
     if not maps:
         raise DataError(f"{path}: the archive holds no arrays; {hint}")
     return maps
+
+
+def numpy_file_problem(path: Path, expected: str) -> str:
+    """Why numpy could not read ``path`` (``expected``: '.npy array' or '.npz archive'), from what the file is; never
+    numpy's advice to load pickled data unsafely."""
+    kind = describe_file(path)
+    if kind.startswith(("a zip archive", "a .npy array")):
+        return f"a truncated or damaged {expected} ({kind})"
+    return f"not a {expected}: {kind}"
 
 
 def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:
@@ -351,6 +362,7 @@ class EvalResult:
     excluded: list[Exclusion]
     notes: list[str] = field(default_factory=list)
     extended: ExtendedResult | None = None
+    published: dict[str, Any] | None = None  # the papers' numbers when the requested set is a published list
 
     @property
     def n(self) -> int:
@@ -506,6 +518,7 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
         name=name, protocol=proto, rows=rows,
         method=_stage_summary(method_values) if maps is not None else None,
         baselines=baseline_summaries, accounting=accounting, excluded=excluded, notes=notes,
+        published=published.lookup(requested, proto.name),
     )
 
 
@@ -583,11 +596,11 @@ def silent_pair_key(video: str, audio: str) -> str:
 
 def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """The non-sounding pairs of a SLAVC ``*_plus_silent.csv`` (``video,audio,label`` rows, label ``non-sounding``)."""
-    path = Path(path)
+    path = resolve_data_file(path, "pairs")
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise DataError(f"{path}: non-sounding pairs list not found") from None
+        raise DataError(f"{path}: non-sounding pairs list not found", [names_hint("pairs")]) from None
     rows = list(csv.reader(io.StringIO(text)))
     if not rows or [c.strip().lower() for c in rows[0][:3]] != ["video", "audio", "label"]:
         raise DataError(f"{path}: expected a 'video,audio,label' header (SLAVC's *_plus_silent.csv), "
@@ -723,6 +736,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
         "extended": result.extended.to_dict() if result.extended is not None else None,
         "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
         "notes": result.notes,
+        "published": result.published,
     })
 
 
@@ -892,6 +906,7 @@ def result_table(result: EvalResult) -> "Table":
         table.caption += (f"\nextended ({ext.protocol}, {ext.n_sounding} sounding + {ext.n_silent} non-sounding "
                           f"pairs): AP {_pct(ext.ap)} (SLAVC sampling {_pct(ext.ap_slavc)}), max-F1 "
                           f"{_pct(ext.max_f1)} (SLAVC sampling {_pct(ext.max_f1_slavc)})")
+    published.add_rows(table, result.published, len(keys))
     return table
 
 

@@ -41,6 +41,7 @@ from torch import nn
 
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError
+from sslt_cli.runs import checkpoint_problem
 
 EMBED_DIM = 512
 
@@ -176,8 +177,7 @@ def _load_file(path: Path) -> Any:
         with torch.serialization.safe_globals(_numpy_scalar_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file; all mean "not loadable"
-        raise CheckpointError(f"{path}: not a checkpoint torch can load with weights_only=True "
-                              f"({_load_error_reason(exc)})") from None
+        raise CheckpointError(f"{path}: {checkpoint_problem(path, exc)}") from None
 
 
 def read_checkpoint_file(path: str | Path) -> Any:
@@ -187,15 +187,6 @@ def read_checkpoint_file(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     return _load_file(path)
-
-
-def _load_error_reason(exc: Exception) -> str:
-    """The informative line of a torch.load error (weights-only errors bury it under generic advice)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _state_dict_in(obj: Any, path: Path, expected: str) -> dict[str, torch.Tensor]:

@@ -884,8 +884,8 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
                          image_pool)
     task_root = t.out_dir / scope if scope else t.out_dir
     prefix = f"retrieve/{scope}" if scope else "retrieve"
-    if labels is None and recipe.data.labels and recipe.data.set_path(recipe.data.labels).is_file():
-        labels = recipe.data.set_path(recipe.data.labels)
+    if labels is None:
+        labels = recipe.data.labels_file()
     clip_labels, label_source = clip_labels_for(clip_set, Path(labels) if labels is not None else None)
     # The class choice is checked before the (long) embedding; run_retrieval applies it.
     select_classes(classes, [clip_labels[c.id] for c in clip_set.clips if c.id in clip_labels],

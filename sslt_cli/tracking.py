@@ -1,24 +1,39 @@
 """MLflow behind four methods that never stop a run.
 
 The run folder is the record; MLflow mirrors it. If the tracking store is unreachable at start, or fails mid-run,
-the tracker warns once on stderr, stops talking to MLflow, and the run goes on: every number is still in the run
-folder's ``metrics.jsonl``.
+the tracker warns once on stderr (one line, naming the root cause; MLflow's own error log is silenced), stops talking
+to MLflow, and the run goes on: every number is still in the run folder's ``metrics.jsonl``, and ``sslt sync RUN``
+(:func:`sync_run`) sends what the store is missing once it works again.
+
+A local sqlite store is created and migrated under a file lock beside it (``mlflow.db.lock``), so runs started at
+the same moment in a fresh folder do not race MLflow's schema migration; a store that is already broken (a
+half-finished migration) stops the command with :class:`TrackingStoreError`, which names it and says how to recover.
 
 Store: ``MLFLOW_TRACKING_URI`` if set (e.g. a shared ``mlflow server``), else ``sqlite:///mlflow.db`` in the current
 directory, which ``sslt ui`` and a plain ``mlflow ui`` started from the same directory both show.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import numbers
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+from sslt_cli.errors import SsltError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 _BAD_NAME_CHARACTER = re.compile(r"[^/\w.\- ]")
 _MAX_NAME_LENGTH = 250  # MLflow's limit on metric, parameter and tag keys
+STORE_LOCK_TIMEOUT_S = 300.0
+SYNC_HINT = "send them to the store later with: sslt sync RUN_DIR"
+
+
+class TrackingStoreError(SsltError):
+    """The local MLflow store exists but cannot be opened or upgraded (e.g. a migration that was cut short)."""
 
 
 def tracking_uri() -> str:
@@ -45,6 +60,134 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the current folder, or ``sqlite:////abs``), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception of ``exc``'s cause/context chain (``sqlite3.OperationalError: attempt to write a
+    readonly database`` rather than SQLAlchemy's "Query-invoked autoflush" wrapper around it)."""
+    seen = {id(exc)}
+    while True:
+        inner = exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: first line of the message`` of the root cause, at most 200 characters."""
+    cause = root_cause(exc)
+    text = str(cause).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+@contextlib.contextmanager
+def quiet_mlflow() -> Iterator[None]:
+    """Hold MLflow's own log (its ERROR lines with tracebacks on a store failure) while sslt calls it: the tracker
+    reports a failure itself, once."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, an exclusive file lock beside the database (``<db>.lock``) while it is created, migrated
+    or given its experiment: MLflow's migrations are not safe when several processes open a fresh store at once.
+    Other stores (a server) need none. A folder where the lock cannot be created goes on without it (the store
+    itself then fails to open and the tracker warns)."""
+    path = sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock", timeout=STORE_LOCK_TIMEOUT_S)
+        lock.acquire()
+    except Timeout:
+        raise TimeoutError(f"another process held {path}.lock for {STORE_LOCK_TIMEOUT_S:.0f} s") from None
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def open_client(uri: str) -> Any:
+    """An ``MlflowClient`` whose store is open (created, migrated) now, inside :func:`store_lock`; an existing sqlite
+    store that cannot be opened raises :class:`TrackingStoreError`."""
+    from mlflow.tracking import MlflowClient
+
+    path = sqlite_path(uri)
+    existed = path is not None and path.is_file() and path.stat().st_size > 0
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+        return client
+    except Exception as exc:
+        if not existed:
+            raise
+        cause = describe(exc)
+        raise TrackingStoreError(
+            f"the MLflow store {path.resolve()} cannot be opened ({cause[:150]}{'...' if len(cause) > 150 else ''}); "
+            "it is half-migrated (runs started together by an older sslt) or was made by another MLflow version",
+            [f"made by an older MLflow: back it up, then upgrade it in place: mlflow db upgrade {uri}",
+             f"half-migrated: move it aside (mv {path} {path}.broken) and run again: a new store is created; the run "
+             "folders keep every number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
+             "or train without tracking: tracking.enabled=false"]) from None
+
+
+def check_store(uri: str | None = None) -> None:
+    """Open (create, migrate) a local sqlite store now, under its lock, before any work: a broken store raises
+    :class:`TrackingStoreError` before a run folder is made. Any other failure is left to the tracker, which warns
+    and lets the run go on; a server store is not contacted here."""
+    uri = uri or tracking_uri()
+    if sqlite_path(uri) is None:
+        return
+    try:
+        with quiet_mlflow(), store_lock(uri):
+            open_client(uri)
+    except TrackingStoreError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by the tracker when the run starts
+        return
+
+
+_RECORD_FIELDS = ("kind", "step", "epoch", "set", "checkpoint", "protocol", "classes")
+_TEST_KEYS = ("n", "ciou", "auc", "mean_iou", "pointing")
+
+
+def record_metrics(record: dict) -> dict[str, float]:
+    """The MLflow metrics a ``metrics.jsonl`` record was logged as (the names train, eval and retrieve use):
+    ``train/<k>``, ``val/<k>``, ``test_<set>/<checkpoint>/<k>``, and retrieval's names as they are."""
+    kind = record.get("kind")
+    values = {k: v for k, v in record.items() if k not in _RECORD_FIELDS and isinstance(v, numbers.Real)
+              and not isinstance(v, bool)}
+    if kind in ("train", "val"):
+        return {f"{kind}/{k}": v for k, v in values.items()}
+    if kind == "test":
+        prefix = metric_name(f"test_{record.get('set')}/{record.get('checkpoint')}")
+        return {f"{prefix}/{k}": values[k] for k in _TEST_KEYS if k in values}
+    if kind == "retrieve":
+        return values
+    return {}
+
+
 class Tracker:
     """start / log_metrics / log_artifacts / end, on one MLflow run; a no-op once disabled."""
 
@@ -59,9 +202,8 @@ class Tracker:
 
     def _fail(self, what: str, exc: BaseException) -> None:
         if self.enabled:
-            self._warn(f"MLflow tracking at {self.uri} failed while {what} ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the run goes on and keeps every "
-                       "number in its run folder")
+            self._warn(f"MLflow tracking at {self.uri} failed while {what} ({describe(exc)}); the run goes on "
+                       f"and keeps every number in its run folder ({SYNC_HINT})")
         self.enabled = False
 
     def start(self, run_name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None,
@@ -73,31 +215,26 @@ class Tracker:
             if self.uri.startswith(("http://", "https://")):
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
                 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-            import logging
-
-            from mlflow.tracking import MlflowClient
-
-            # the store's own INFO lines (table creation, migrations) are noise on the user's console; set after the
-            # import, which configures mlflow's logger itself
-            logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-            self._client = MlflowClient(tracking_uri=self.uri)
-            if run_id is not None:
-                self._client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
-                return run_id
-            exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
-            all_tags = {metric_name(k): str(v) for k, v in (tags or {}).items()}
-            all_tags["mlflow.runName"] = run_name
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self._client.create_run(exp_id, tags=all_tags, run_name=run_name)
+            with quiet_mlflow(), store_lock(self.uri):
+                self._client = open_client(self.uri)
+                if run_id is not None:
+                    self._client.update_run(run_id, status="RUNNING")
+                    self.run_id = run_id
+                    return run_id
+                exp = self._client.get_experiment_by_name(self.experiment)
+                exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+                all_tags = {metric_name(k): str(v) for k, v in (tags or {}).items()}
+                all_tags["mlflow.runName"] = run_name
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = self._client.create_run(exp_id, tags=all_tags, run_name=run_name)
             self.run_id = run.info.run_id
             if params:
                 self.log_params(params)
             return self.run_id if self.enabled else None
-        except Exception as exc:  # any store failure must not stop training
+        except TrackingStoreError:
+            raise
+        except Exception as exc:  # any other store failure must not stop training
             self._fail("starting the run", exc)
             return None
 
@@ -111,8 +248,9 @@ class Tracker:
             # A dict, so two names that clean to the same key do not make MLflow refuse the whole batch.
             cleaned = {metric_name(str(k)): str(v)[:6000] for k, v in params.items()}
             items = [Param(k, v) for k, v in cleaned.items()]
-            for i in range(0, len(items), 100):
-                self._client.log_batch(self.run_id, params=items[i:i + 100])
+            with quiet_mlflow():
+                for i in range(0, len(items), 100):
+                    self._client.log_batch(self.run_id, params=items[i:i + 100])
         except Exception as exc:
             self._fail("logging parameters", exc)
 
@@ -132,8 +270,9 @@ class Tracker:
             now = int(time.time() * 1000)
             items = [Metric(metric_name(k), float(v), now, int(step)) for k, v in metrics.items()
                      if isinstance(v, numbers.Real) and math.isfinite(float(v))]
-            for i in range(0, len(items), 500):
-                self._client.log_batch(self.run_id, metrics=items[i:i + 500])
+            with quiet_mlflow():
+                for i in range(0, len(items), 500):
+                    self._client.log_batch(self.run_id, metrics=items[i:i + 500])
         except Exception as exc:
             self._fail("logging metrics", exc)
 
@@ -143,10 +282,11 @@ class Tracker:
             return
         path = Path(path)
         try:
-            if path.is_dir():
-                self._client.log_artifacts(self.run_id, str(path), artifact_path)
-            elif path.is_file():
-                self._client.log_artifact(self.run_id, str(path), artifact_path)
+            with quiet_mlflow():
+                if path.is_dir():
+                    self._client.log_artifacts(self.run_id, str(path), artifact_path)
+                elif path.is_file():
+                    self._client.log_artifact(self.run_id, str(path), artifact_path)
         except Exception as exc:
             self._fail(f"uploading {path}", exc)
 
@@ -155,16 +295,51 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         try:
-            for k, v in tags.items():
-                self._client.set_tag(self.run_id, metric_name(str(k)), str(v))
+            with quiet_mlflow():
+                for k, v in tags.items():
+                    self._client.set_tag(self.run_id, metric_name(str(k)), str(v))
         except Exception as exc:
             self._fail("setting tags", exc)
+
+    def push_missing(self, records: list[dict]) -> int:
+        """Log every number of ``records`` (``metrics.jsonl``'s objects) that the MLflow run does not hold yet at
+        its step; returns how many were sent. Raises on a store failure (``sslt sync`` reports it)."""
+        import math
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        wanted: dict[str, dict[int, float]] = {}
+        for record in records:
+            for name, value in record_metrics(record).items():
+                wanted.setdefault(metric_name(name), {})[int(record.get("step", 0))] = float(value)
+        missing = []
+        with quiet_mlflow():
+            for name, by_step in wanted.items():
+                held = {m.step for m in self._client.get_metric_history(self.run_id, name)}
+                missing += [Metric(name, v, now, step) for step, v in by_step.items()
+                            if step not in held and math.isfinite(v)]
+            for i in range(0, len(missing), 500):
+                self._client.log_batch(self.run_id, metrics=missing[i:i + 500])
+        return len(missing)
+
+    def catch_up(self, records: list[dict]) -> None:
+        """On ``--resume``: send the numbers of ``records`` the MLflow run lacks (a store that failed during the
+        earlier part of the run); a failure now warns like any other."""
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            self.push_missing(records)
+        except Exception as exc:
+            self._fail("sending the numbers it missed", exc)
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with ``FINISHED``, ``FAILED`` or ``KILLED``."""
         if not self.enabled or self.run_id is None:
             return
         try:
-            self._client.set_terminated(self.run_id, status=status)
+            with quiet_mlflow():
+                self._client.set_terminated(self.run_id, status=status)
         except Exception as exc:
             self._fail("closing the run", exc)

@@ -51,7 +51,8 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.losses import LOSSES, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model, load_weights, localisation_map
-from sslt_cli.runs import SKIPPED, Run, load_checkpoint
+from sslt_cli.preflight import check_eval_sets
+from sslt_cli.runs import SKIPPED, Run
 from sslt_cli.tracking import Tracker
 
 CHECKPOINT_FORMAT = "sslt-checkpoint/1"
@@ -516,6 +517,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     channels_last = recipe.train.channels_last == "on" or (recipe.train.channels_last == "auto")
     amp = autocast_for(device, recipe.train.precision)
 
+    check_eval_sets(recipe, tests=evaluate_at_end)
     run = resume_run
     if env.main and run is None:
         run = Run.create(recipe, overrides=overrides, extra_meta={"recipe_path": recipe_path, "world_size": env.world})
@@ -588,10 +590,7 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     mix_neighbours: np.ndarray | None = None
     skipped_steps = 0
     if resume_run is not None:
-        last = run.latest_checkpoint()
-        if last is None:
-            raise TrainingError(f"{run.dir}: nothing to resume (no checkpoints/last-*.pt)")
-        state = load_checkpoint(last)
+        last, state = run.resume_point()
         load_weights(base_model, model_state_from_checkpoint(state, last), last)
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scheduler"):
@@ -613,6 +612,8 @@ def train(recipe: Recipe, *, overrides: list[str] | None = None, resume_run: Run
     meta = run.meta() if env.main else {}
     tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
                   tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    if resume_run is not None and env.main:
+        tracker.catch_up(run.metrics())
     if env.main:
         run.update_meta(status="running", mlflow_run_id=tracker.run_id, mlflow_uri=tracker.uri,
                         steps_per_epoch=steps_per_epoch, total_steps=total_steps, train_clips=len(clips),

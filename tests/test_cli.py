@@ -16,6 +16,7 @@ import requests
 import typer.main
 from typer.testing import CliRunner
 
+from sslt_cli.catalog import builtin_recipes
 from sslt_cli.cli import app
 from sslt_cli.config import load_recipe, parse_yaml, recipe_dict, validate_tree
 from sslt_cli.errors import SsltError
@@ -107,9 +108,20 @@ def test_resume_dry_run_prints_the_saved_recipe() -> None:
     Path("recipe.yaml").write_text("name: t\n")
     recipe = load_recipe("recipe.yaml", ["data.holdout_classes=[dog, cat]"])
     run = Run.create(recipe, argv=[])
-    result = CliRunner().invoke(app, ["train", "recipe.yaml", "--resume", str(run.dir), "--dry-run"], env=WIDE)
+    result = CliRunner().invoke(app, ["train", "--resume", str(run.dir), "--dry-run"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert parse_yaml(result.stdout) == recipe_dict(recipe)
+
+
+def test_resume_with_a_recipe_file_is_refused() -> None:
+    Path("recipe.yaml").write_text("name: t\n")
+    run = Run.create(load_recipe("recipe.yaml"), argv=[])
+    Path("other.yaml").write_text("name: other\noptim:\n  lr: 0.5\n")
+    result = sslt("train", "--resume", str(run.dir), "other.yaml", env=WIDE)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: --resume continues {run.dir} with the recipe saved in it; a recipe file is not "
+                             f"allowed\n  - got other.yaml: drop it to resume, or start a new run with `sslt train "
+                             "other.yaml`\n")
 
 
 # --- user errors: exit 1, message on stderr, no traceback -----------------------------------------------------------
@@ -133,12 +145,34 @@ def test_a_bad_recipe_exits_1_with_the_message_on_stderr(recipe: str, overrides:
     assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "error: recipe.yaml: the recipe is empty (only blank lines or comments); nothing to run\n"
+          "  - write the settings that differ from the defaults, starting from a shipped recipe (e.g. "
+          "recipes/quickstart.yaml)\n"),
+    (b"# a recipe\n\n# with only comments\n", "error: recipe.yaml: the recipe is empty (only blank lines or "
+     "comments); nothing to run\n  - write the settings that differ from the defaults, starting from a shipped recipe "
+     "(e.g. recipes/quickstart.yaml)\n"),
+    (b"name: t\noptim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
+     "error: recipe.yaml: key 'lr' appears twice, on line 3 and line 5; keep one of them\n"),
+    (b"name: t\noptim: {lr: 1}\noptim: {epochs: 2}\n",
+     "error: recipe.yaml: key 'optim' appears twice, on line 2 and line 3; keep one of them\n"),
+    (b"name: t\n# caf\xe9 au lait\n", "error: recipe.yaml: not UTF-8 text: byte 0xe9 at byte offset 13 (line 2) "
+     "cannot be decoded\n  - save the recipe as UTF-8\n"),
+], ids=["empty", "comments-only", "duplicate-key", "duplicate-section", "latin-1"])
+def test_recipes_that_would_run_on_defaults_or_lose_a_value_are_refused(content: bytes, message: str) -> None:
+    Path("recipe.yaml").write_bytes(content)
+    result = sslt("train", "recipe.yaml", "--dry-run", env=WIDE)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", message)
+
+
 def test_other_user_errors_exit_1_without_traceback() -> None:
     result = sslt("train", "missing.yaml")
-    assert (result.returncode, result.stderr) == (1, "error: missing.yaml: recipe file not found\n")
+    assert (result.returncode, result.stderr) == (
+        1, "error: missing.yaml: recipe file not found\n  - give a path, or the name of one shipped with sslt: "
+           f"{', '.join(builtin_recipes())}\n")
     Path("recipe.yaml").write_text("name: t\n")
     run = Run.create(load_recipe("recipe.yaml"), argv=[])
-    result = sslt("train", "recipe.yaml", "--resume", str(run.dir), "optim.lr=1")
+    result = sslt("train", "--resume", str(run.dir), "optim.lr=1")
     assert (result.returncode, result.stderr) == (
         1, "error: --resume continues a run with its saved recipe; overrides are not allowed\n"
            "  - got optim.lr=1; start a new run to change the recipe\n")
@@ -149,26 +183,18 @@ def test_other_user_errors_exit_1_without_traceback() -> None:
 
 # The README's "Baselines on the real VGG-SS boxes" (protocol ssltie, cIoU / AUC x100), per list: N, the excluded
 # clips (empty ground truth once clipped to [0, 1]), the defective boxes of the listed clips, the note on the whole
-# file's defects (printed when the list leaves some out) and the table rows.
+# file's defects (printed when the list leaves some out) and the table rows. The lists and vggss.json are the
+# built-in copies (sslt_cli/resources), named by their short names as a user would.
 README_BASELINES = {
-    "vggss_test_5158.csv": (5156, ["M1P1xla8rg0_000000", "MKC9LvRivTM_000030"], 30, None, {
+    "vggss-5158": (5156, ["M1P1xla8rg0_000000", "MKC9LvRivTM_000030"], 30, None, {
         "centre prior": ["33.96", "37.44"], "random map (3 seeds)": ["0.08", "21.68"],
         "whole frame": ["21.96", "31.27"], "oracle ceiling": ["50.50", "49.49"]}),
-    "ssltie_test_vggss_4911.txt": (4911, [], 5, (
+    "ssltie-vggss-4911": (4911, [], 5, (
         "note: vggss.json as a whole (5158 clips): 12 boxes with a non-finite or huge coordinate, 18 degenerate "
         "boxes; in the 4911 requested clips: 5 degenerate boxes"), {
         "centre prior": ["33.94", "37.40"], "random map (3 seeds)": ["0.15", "21.64"],
         "whole frame": ["21.97", "31.24"], "oracle ceiling": ["50.52", "49.45"]}),
 }
-
-
-@pytest.fixture
-def realdata(repo_root: Path) -> Path:
-    """The public annotation files beside the repository (``../shared/realdata``)."""
-    folder = repo_root.parent / "shared" / "realdata"
-    if not folder.is_dir():
-        pytest.skip("shared/realdata is not beside the repository")
-    return folder
 
 
 def words(text: str) -> str:
@@ -193,48 +219,58 @@ def csv_rows(path: Path) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("id_list", list(README_BASELINES))
-def test_eval_baselines_only_on_the_real_vggss_boxes(realdata: Path, id_list: str) -> None:
+def test_eval_baselines_only_on_the_real_vggss_boxes(id_list: str) -> None:
     n, excluded, defects, whole_file_note, figures = README_BASELINES[id_list]
-    result = CliRunner().invoke(app, ["eval", "--baselines-only", "--vggss-json", str(realdata / "vggss.json"),
-                                      "--list", str(realdata / id_list)], env=WIDE)
+    result = CliRunner().invoke(app, ["eval", "--baselines-only", "--vggss-json", "vggss", "--list", id_list],
+                                env=WIDE)
     assert result.exit_code == 0, result.output
-    name = Path(id_list).stem
+    name = id_list
     assert f"{name}: baselines only · protocol ssltie · N = {n}" in words(result.stdout)
     rows = table_rows(result.stdout)
-    assert {method: cells[:2] for method, cells in rows.items()} == figures
+    assert {method: cells[:2] for method, cells in rows.items() if not method.startswith("published")} == figures
+    # the papers' numbers on VGG-SS beside them: SSL-TIE's on its own 4911 list and protocol is unmarked
+    published = {method: cells[:2] for method, cells in rows.items() if method.startswith("published")}
+    ssltie = "published: SSL-TIE, VGGSound-144k" + ("" if id_list == "ssltie-vggss-4911" else "*")
+    assert published[ssltie] == ["38.63", "39.65"]
+    assert published["published: LVS, VGGSound-144k*"] == ["34.40", "38.20"]
+    assert published["published: SSL-Align, VGGSound-144k?"] == ["41.42", "-"]
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
     if whole_file_note:
         assert notes[-1] == whole_file_note
     else:
         assert not any(" as a whole " in note for note in notes)
     folder = Path("eval") / f"{name}-baselines-ssltie"
-    assert json.loads((folder / "metrics.json").read_text())["n"] == n
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["n"] == n and metrics["published"]["list"] == id_list
+    assert {(e["method"], e["ciou"], e["same_list"]) for e in metrics["published"]["entries"]} >= {
+        ("SSL-TIE", 0.3863, id_list == "ssltie-vggss-4911"), ("EZ-VSL", 0.3885, id_list == "vggss-5158")}
     assert [row[0] for row in csv_rows(folder / "excluded.csv")[1:]] == excluded
     listed = csv_rows(folder / "defects.csv")
     assert len(listed) == 1 + defects and listed[0] == ["id", "xmin", "ymin", "xmax", "ymax", "defect"]
     assert ["UyCw7pCgYg8_000055", "0.00625", "0.015625", "0.00625", "0.015625", "degenerate"] in listed
 
 
-def test_eval_maps_of_the_centre_prior_score_as_the_centre_prior_baseline(realdata: Path, tmp_path: Path) -> None:
+def test_eval_maps_of_the_centre_prior_score_as_the_centre_prior_baseline(tmp_path: Path) -> None:
+    from sslt_cli.catalog import RESOURCES_DIR
     from sslt_cli.data.annotations import read_id_list
     from sslt_cli.metrics import centre_prior_map
 
-    id_list = realdata / "vggss_test_5158.csv"
+    id_list = RESOURCES_DIR / "vggss_test_5158.csv"  # given by its path: a file always works
     np.save(tmp_path / "centre.npy", centre_prior_map())  # on the protocol's 224 x 224 grid: no upsampling
     maps = tmp_path / "maps"
     maps.mkdir()
     for cid in read_id_list(id_list):
         (maps / f"{cid}.npy").symlink_to(tmp_path / "centre.npy")
-    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", str(realdata / "vggss.json"),
-                                      "--list", str(id_list)], env=WIDE)
+    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", "vggss", "--list", str(id_list)],
+                                env=WIDE)
     assert result.exit_code == 0, result.output
     assert "protocol ssltie · N = 5156" in words(result.stdout)
     rows = table_rows(result.stdout)
     assert rows["vggss_test_5158"] == rows["centre prior"]
-    assert rows["centre prior"][:2] == README_BASELINES["vggss_test_5158.csv"][4]["centre prior"]
+    assert rows["centre prior"][:2] == README_BASELINES["vggss-5158"][4]["centre prior"]
 
 
-def test_eval_maps_need_no_frames_or_audio(realdata: Path, tmp_path: Path) -> None:
+def test_eval_maps_need_no_frames_or_audio(tmp_path: Path) -> None:
     ids = ["zpWuikVorYg_000032", "-0BIyqJj9ZU_000030", "gEvCUcZ6w88_000030"]
     (tmp_path / "list.txt").write_text("\n".join(ids) + "\n")
     maps = tmp_path / "maps"
@@ -244,7 +280,7 @@ def test_eval_maps_need_no_frames_or_audio(realdata: Path, tmp_path: Path) -> No
     media = tmp_path / "media"  # the first clip's frame only: no clip has both its frame and its audio
     (media / "frame").mkdir(parents=True)
     (media / "frame" / f"{ids[0]}.jpg").write_bytes(b"x")
-    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", str(realdata / "vggss.json"),
+    result = CliRunner().invoke(app, ["eval", "--maps", str(maps), "--vggss-json", "vggss",
                                       "--media", str(media), "--list", str(tmp_path / "list.txt"),
                                       "--out", "out"], env=WIDE)
     assert result.exit_code == 0, result.output

@@ -9,6 +9,7 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from sslt_cli.catalog import builtin_recipes
 from sslt_cli.config import (
     Recipe,
     closest_key,
@@ -52,8 +53,11 @@ def test_defaults_are_the_papers_settings() -> None:
     assert (recipe.loss.cl_weight, recipe.loss.geo_weight) == (0.5, 1.0)
 
 
-def test_an_empty_file_gives_the_defaults() -> None:
-    assert load_recipe(write_recipe("")) == Recipe()
+def test_an_empty_file_is_refused_and_an_explicit_empty_mapping_gives_the_defaults() -> None:
+    for text in ("", "# nothing yet\n\n"):
+        with pytest.raises(RecipeError, match="the recipe is empty"):
+            load_recipe(write_recipe(text))
+    assert load_recipe(write_recipe("{}\n")) == Recipe()
 
 
 def test_recipes_are_frozen() -> None:
@@ -108,7 +112,7 @@ def test_dump_then_parse_keeps_strings_that_look_like_other_types() -> None:
 
 @pytest.mark.parametrize("override", ["name=2024", "tracking.experiment=2024"])
 def test_string_field_takes_a_number_as_text(override: str) -> None:
-    recipe = load_recipe(write_recipe(""), [override])
+    recipe = load_recipe(write_recipe("{}\n"), [override])
     assert (recipe.name, recipe.tracking.experiment) in {("2024", "sslt"), ("run", "2024")}
 
 
@@ -180,7 +184,7 @@ def test_wrong_type() -> None:
 
 
 def test_wrong_type_from_an_override() -> None:
-    assert recipe_error(write_recipe(""), ["optim.lr=abc"]) == (
+    assert recipe_error(write_recipe("{}\n"), ["optim.lr=abc"]) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
         "  - recipe.yaml: key 'optim.lr': expected a number, got 'abc' (from override 'optim.lr=abc')")
 
@@ -192,7 +196,7 @@ def test_bad_literal() -> None:
 
 
 def test_out_of_range_value() -> None:
-    assert recipe_error(write_recipe(""), ["optim.lr=-1"]) == (
+    assert recipe_error(write_recipe("{}\n"), ["optim.lr=-1"]) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
         "  - recipe.yaml: key 'optim.lr': input should be greater than 0, got -1 (from override 'optim.lr=-1')")
 
@@ -210,7 +214,7 @@ def test_all_problems_are_reported_together() -> None:
 
 
 def test_malformed_override() -> None:
-    assert recipe_error(write_recipe(""), ["bad"]) == (
+    assert recipe_error(write_recipe("{}\n"), ["bad"]) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
         "  - override 'bad' is not of the form key=value: write overrides as dotted.key=value, "
         "e.g. optim.lr=3e-4 data.root=/data/vggsound")
@@ -228,7 +232,9 @@ def test_yaml_syntax_error() -> None:
 
 
 def test_missing_file_folder_and_non_mapping() -> None:
-    assert recipe_error("missing.yaml") == "missing.yaml: recipe file not found"
+    assert recipe_error("missing.yaml") == (
+        "missing.yaml: recipe file not found\n"
+        f"  - give a path, or the name of one shipped with sslt: {', '.join(builtin_recipes())}")
     Path("folder").mkdir()
     assert recipe_error("folder") == "folder: is a folder, expected a recipe .yaml file"
     assert recipe_error(write_recipe("- a\n- b\n")) == "recipe.yaml: a recipe must be a mapping of keys, got list"
@@ -237,7 +243,7 @@ def test_missing_file_folder_and_non_mapping() -> None:
 @pytest.mark.parametrize("override", ["transforms.equivariance.scales=[a]", "optimm.lr=3", "optim.lr.x=3",
                                       "audio.n_mels=300"])
 def test_every_problem_caused_by_an_override_says_so(override: str) -> None:
-    assert f"(from override '{override}')" in recipe_error(write_recipe(""), [override])
+    assert f"(from override '{override}')" in recipe_error(write_recipe("{}\n"), [override])
 
 
 @pytest.mark.parametrize(("bad", "closest"), [("optim.lrr", "optim.lr"), ("optimm", "optim"), ("lr", "optim.lr"),

@@ -17,13 +17,12 @@ from rich.console import Console
 
 from sslt_cli import evaluate as E
 from sslt_cli import metrics as M
+from sslt_cli.catalog import RESOURCES_DIR
 from sslt_cli.data.annotations import Annotation, write_annotation_xml
 from sslt_cli.data.manifest import Clip, layout_paths, write_set
 from sslt_cli.errors import DataError, SsltError
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
+REALDATA = RESOURCES_DIR  # the public metadata shipped in the package
 
 torch.set_num_threads(1)
 HINT = "--maps takes a folder of <clip id>.npy files or one .npz file keyed by clip id"
@@ -334,7 +333,10 @@ def test_load_maps_errors(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.npy").write_bytes(b"garbage")
-    assert message(bad).startswith(f"{bad / 'x.npy'}: not a readable .npy array (")
+    assert message(bad) == f"{bad / 'x.npy'}: not a .npy array: a text file of 7 bytes (it starts with 'garbage')"
+    np.save(bad / "x.npy", np.zeros((14, 14)))
+    (bad / "x.npy").write_bytes((bad / "x.npy").read_bytes()[:100])
+    assert message(bad) == f"{bad / 'x.npy'}: a truncated or damaged .npy array (a .npy array of 100 bytes)"
     cube = tmp_path / "cube"
     cube.mkdir()
     np.save(cube / "x.npy", np.zeros((3, 14, 14)))
@@ -343,7 +345,10 @@ def test_load_maps_errors(tmp_path):
     assert message(tmp_path / "text.npz") == (f"{tmp_path / 'text.npz'}[x]: dtype <U1 is not a real number type; "
                                               f"save maps as float arrays")
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    assert message(tmp_path / "broken.npz").startswith(f"{tmp_path / 'broken.npz'}: not a readable .npz archive (")
+    said = message(tmp_path / "broken.npz")
+    assert said == (f"{tmp_path / 'broken.npz'}: not a .npz archive: a text file of 9 bytes (it starts with "
+                    f"'not a zip'); {HINT}")
+    assert "pickle" not in said and "unsafe" not in said
 
 
 # ------------------------------------------------------------------------------------------------ outputs

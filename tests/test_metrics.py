@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from sslt_cli import metrics as M
+from sslt_cli.catalog import RESOURCES_DIR
 from sslt_cli.data.annotations import load_vggss_json, read_id_list
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
-if not REALDATA.is_dir():
-    REALDATA = Path("/work/shared/realdata")
+REALDATA = RESOURCES_DIR  # the public metadata shipped in the package
 
 torch.set_num_threads(1)
 

@@ -1,6 +1,7 @@
 """SSL-TIE model: shapes, norms, maps, initialisation and the official checkpoint format (import, export, errors)."""
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -195,10 +196,19 @@ def test_official_pickle_with_module_prefix_and_numpy_best_miou(model, tmp_path)
 
 def test_not_a_checkpoint(tmp_path):
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(64))
+    junk.write_bytes(b"\x00\xff" + bytes(range(62)))
     with pytest.raises(CheckpointError) as err:
         load_official_checkpoint(junk)
-    assert err.value.message.startswith(f"{junk}: not a checkpoint torch can load with weights_only=True (")
+    assert err.value.message == f"{junk}: not a checkpoint: a binary file of 64 bytes"
+
+    truncated = tmp_path / "truncated.pth"
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, buffer, _use_new_zipfile_serialization=False)
+    truncated.write_bytes(buffer.getvalue()[:101])
+    with pytest.raises(CheckpointError) as err:
+        load_official_checkpoint(truncated)
+    assert err.value.message == (f"{truncated}: a truncated or damaged checkpoint (a pickle of 101 bytes that ends "
+                                 "early or is corrupt)")
 
     missing = tmp_path / "missing.pth"
     with pytest.raises(CheckpointError) as err:

@@ -504,10 +504,8 @@ def test_flickr_train_pairs_from_frames_and_mp3_folders(tmp_path: Path):
 # VGG-SS annotations and indexing existing folders
 
 
-def test_vggss_json_to_xml_and_back_on_the_real_file(repo_root: Path, tmp_path: Path):
-    realdata = repo_root.parent / "shared" / "realdata"
-    if not realdata.is_dir():
-        pytest.skip("shared/realdata is not beside the repository")
+def test_vggss_json_to_xml_and_back_on_the_real_file(tmp_path: Path):
+    from sslt_cli.catalog import RESOURCES_DIR as realdata  # the public files shipped in the package
     anno = tmp_path / "anno"
     report = prep.prepare_vggss_annotations(realdata / "vggss.json", anno)
     assert (report.clips, report.boxes, report.written, report.unchanged) == (5158, 5941, 5158, 0)
@@ -559,6 +557,43 @@ def test_index_existing_checks_each_listed_clip(tmp_path: Path):
     assert [c.id for c in read_set(root).clips] == ["aaaaaaaaaaa_000001"]
 
 
+def test_index_decode_checks_every_clip_and_lists_each_incomplete_one(tmp_path: Path):
+    root = tmp_path / "VGGSound_test"
+    for folder in ("frame", "audio", "anno"):
+        (root / folder).mkdir(parents=True)
+    good_box = ("<annotation><bbox><box><xmin>0</xmin><ymin>0</ymin><xmax>1</xmax><ymax>1</ymax></box></bbox>"
+                "</annotation>")
+    ids = ["good_000001", "noframe_000002", "badjpeg_000003", "badwav_000004", "badxml_000005"]
+    for clip_id in ids:
+        Image.fromarray(frame_image(1)).save(root / "frame" / f"{clip_id}.jpg")
+        sf.write(root / "audio" / f"{clip_id}.wav", np.zeros(160), 16000)
+        (root / "anno" / f"{clip_id}.xml").write_text(good_box)
+    (root / "frame" / "noframe_000002.jpg").unlink()  # listed from its audio and box files all the same
+    (root / "frame" / "badjpeg_000003.jpg").write_bytes(b"not a jpeg at all")
+    (root / "audio" / "badwav_000004.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (root / "anno" / "badxml_000005.xml").write_text("<annotation><bbox>")
+
+    result = CliRunner().invoke(app, ["prepare", "index", str(root), "--layout", "vggss_test", "--workers", "3"],
+                                env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    incomplete = [f"incomplete clip {i}" for i in sorted(ids) if i != "good_000001"]
+    assert [n.split(":")[1].strip() for n in notes] == incomplete
+    rows = manifest_rows(root)
+    assert {i: rows[i]["status"] for i in ids} == {"good_000001": "ok", "noframe_000002": "missing",
+                                                   "badjpeg_000003": "decode error", "badwav_000004": "decode error",
+                                                   "badxml_000005": "decode error"}
+    assert rows["noframe_000002"]["reason"] == "no file frame/noframe_000002.jpg"
+    assert rows["badjpeg_000003"]["reason"].startswith("frame/badjpeg_000003.jpg: not a readable image (")
+    assert rows["badwav_000004"]["reason"].startswith("audio/badwav_000004.wav: not a readable audio file (")
+    assert rows["badxml_000005"]["reason"].startswith(f"{root / 'anno' / 'badxml_000005.xml'}: ")
+    table = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.stdout.splitlines()
+             if line.count("│") == 3}
+    assert table == {"listed": "5", "complete (headers read, boxes parsed)": "1",
+                     "incomplete: a file is absent or empty": "1", "incomplete: decode error": "3", "usable": "1"}
+    assert [c.id for c in read_set(root).clips] == ["good_000001"]
+
+
 def test_user_errors_name_the_problem(tmp_path: Path):
     with pytest.raises(DataError) as err:
         prep.prepare_vggsound(tmp_path / "nowhere", tmp_path / "out", split="train", progress=False)
@@ -569,8 +604,9 @@ def test_user_errors_name_the_problem(tmp_path: Path):
     assert err.value.message == "split 'val' is not one of train, test"
     with pytest.raises(DataError) as err:
         prep.index_existing(tmp_path, "vggss_test")
-    assert err.value.message == (f"{tmp_path}: no frame/ folder, so this is not a vggss_test folder "
-                                 "(expected frame/{id}.jpg); pass --list to name the clips")
+    assert err.value.message == (f"{tmp_path}: none of frame/, audio/, anno/ is there, so this is not a vggss_test "
+                                 "folder (expected frame/{id}.jpg, audio/{id}.wav, anno/{id}.xml); pass --list to "
+                                 "name the clips")
     os.makedirs(tmp_path / "empty_archive")
     with pytest.raises(DataError) as err:
         prep.prepare_flickr(tmp_path / "empty_archive", tmp_path / "out", progress=False)
@@ -578,13 +614,61 @@ def test_user_errors_name_the_problem(tmp_path: Path):
                                  "Annotations/*.xml); pass --list with the ids")
 
 
-def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911(repo_root: Path):
+def test_shipped_vggss_validation_list_is_the_5158_list_outside_ssltie_4911():
     from sslt_cli.data.annotations import read_id_list
 
-    realdata = repo_root.parent / "shared" / "realdata"
-    if not realdata.is_dir():
-        pytest.skip("shared/realdata is not beside the repository")
-    test_4911 = set(read_id_list(realdata / "ssltie_test_vggss_4911.txt"))
-    expected = [i for i in read_id_list(realdata / "vggss_test_5158.csv") if i not in test_4911]
-    assert read_id_list(repo_root / "recipes" / "lists" / "vggss_val_247.txt") == expected
+    test_4911 = set(read_id_list("ssltie-vggss-4911"))
+    expected = [i for i in read_id_list("vggss-5158") if i not in test_4911]
+    assert read_id_list("vggss-val-247") == expected
     assert len(expected) == 247
+
+
+# --- kill -9 of sslt prepare (issue 13) -----------------------------------------------------------------------------
+
+def _children(pid: int) -> set[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc")
+@pytest.mark.timeout(180)
+def test_kill_9_of_prepare_leaves_no_worker_or_resource_tracker(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "sslt_cli", "prepare", "synthetic", "--out", str(tmp_path / "s"),
+                                "--train", "4000", "--workers", "2"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    children: set[int] = set()
+    while time.monotonic() < deadline and len(children) < 3:  # two workers and the resource tracker
+        time.sleep(0.2)
+        children = _children(process.pid)
+    assert len(children) >= 3, "the pool did not start"
+    time.sleep(1.0)  # the workers are busy rendering clips
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+        time.sleep(0.2)
+    left = [pid for pid in children if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "processes outlived their parent"

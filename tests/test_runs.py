@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from sslt_cli import runs as runs_module
 from sslt_cli.config import load_recipe
@@ -196,7 +197,8 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     truncated.write_bytes(buffer.getvalue()[:200])
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(truncated)
-    assert info.value.render().startswith(f"{truncated}: not a checkpoint torch can load safely (")
+    assert info.value.render() == (f"{truncated}: a truncated or damaged checkpoint (a zip archive of 200 bytes that "
+                                   "ends early or is corrupt)")
 
     tensor_only = tmp_path / "tensor.pt"
     torch.save(torch.zeros(2), tensor_only)
@@ -209,14 +211,19 @@ class _NotAllowed:
     """A class that ``weights_only`` unpickling refuses."""
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not really a zip", b"\x80\x02}q\x00"],
-                         ids=["empty", "zip-magic", "cut-pickle"])
-def test_load_checkpoint_on_broken_bytes(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(("content", "said"), [
+    (b"", "an empty file (0 bytes), not a checkpoint"),
+    (b"PK\x03\x04 not really a zip", "a truncated or damaged checkpoint (a zip archive of 21 bytes that ends early or "
+                                      "is corrupt)"),
+    (b"\x80\x02}q\x00", "a truncated or damaged checkpoint (a pickle of 5 bytes that ends early or is corrupt)"),
+    (b"\x00\xff\xfe binary", "not a checkpoint: a binary file of 10 bytes"),
+], ids=["empty", "zip-magic", "cut-pickle", "binary"])
+def test_load_checkpoint_on_broken_bytes(tmp_path: Path, content: bytes, said: str) -> None:
     path = tmp_path / "broken.pt"
     path.write_bytes(content)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert info.value.render().startswith(f"{path}: not a checkpoint torch can load safely (")
+    assert info.value.render() == f"{path}: {said}"
 
 
 def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
@@ -224,7 +231,11 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"x": _NotAllowed()}, path)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
-    assert info.value.render().startswith(f"{path}: not a checkpoint torch can load safely (Weights only load failed")
+    refused = f"{_NotAllowed.__module__}._NotAllowed"
+    assert info.value.render() == (f"{path}: a checkpoint holding Python objects ({refused}) that a safe load "
+                                   "refuses; sslt loads weights only (tensors, numbers, text): save the model's "
+                                   "state_dict instead")
+    assert "weights_only=False" not in info.value.render() and "unsafe" not in info.value.render()
 
 
 @pytest.mark.parametrize("content", [b"this is not a checkpoint at all\n" * 3, b"hello world\n"],
@@ -232,8 +243,11 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
 def test_load_checkpoint_on_text_garbage(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "garbage.pt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(path)
+    first = content.decode().splitlines()[0][:40]
+    assert info.value.render() == (f"{path}: not a checkpoint: a text file of {len(content)} bytes (it starts with "
+                                   f"{first!r})")
 
 
 def test_load_checkpoint_message_is_plain_text(tmp_path: Path) -> None:
@@ -261,3 +275,113 @@ def test_list_runs_newest_first_within_a_second(recipe, frozen_clock) -> None:
     older = Run.create(recipe, argv=[], name="b-cell")
     newer = Run.create(recipe, argv=[], name="a-cell")
     assert [r.dir for r in list_runs("runs")] == [newer.dir, older.dir]
+
+
+# --- full disks, resume points, stale runs (issue 13) ---------------------------------------------------------------
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(
+        recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    run = Run.create(recipe, argv=[])
+    run.save_checkpoint({"step": 1, "w": torch.ones(10)}, "last-00000001")
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(runs_module.TrainingError) as info:
+        run.save_checkpoint({"step": 2}, "last-00000002", keep_last=1)
+    assert info.value.message == f"{run.checkpoints}: the disk is full; checkpoint last-00000002.pt was not written"
+    assert info.value.problems[0] == f"the previous checkpoint is intact: continue with: sslt train --resume {run.dir}"
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last-00000001.pt"]
+    assert load_checkpoint(run.checkpoints / "last-00000001.pt")["step"] == 1
+
+
+def test_meta_is_still_written_on_a_full_disk(recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    run = Run.create(recipe, argv=[])
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs_module, "atomic_write_bytes", disk_full)
+    run.update_meta(status="failed", error="TrainingError: disk full")
+    meta = json.loads((run.dir / "meta.json").read_text())
+    assert meta["status"] == "failed" and meta["error"] == "TrainingError: disk full"
+
+
+def test_resume_point_is_the_newest_complete_checkpoint(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    with pytest.raises(runs_module.TrainingError) as info:
+        run.resume_point()
+    assert info.value.message == f"{run.dir}: nothing to resume (no complete checkpoint in {run.checkpoints})"
+    assert info.value.problems == ["no last-*.pt or best.pt: start a new run"]
+
+    run.save_checkpoint({"step": 4}, "best")  # a full disk stopped the run before its last checkpoint
+    path, state = run.resume_point()
+    assert path.name == "best.pt" and state["step"] == 4
+
+    run.save_checkpoint({"step": 6}, "last-00000006")
+    run.save_checkpoint({"step": 8}, "last-00000008")
+    (run.checkpoints / "last-00000008.pt").write_bytes(b"PK\x03\x04 cut short")  # written by an older sslt, torn
+    path, state = run.resume_point()
+    assert path.name == "last-00000006.pt" and state["step"] == 6
+
+
+def test_a_running_run_records_its_process_and_a_heartbeat(recipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import platform
+
+    run = Run.create(recipe, argv=[])
+    meta = run.update_meta(status="running")
+    assert meta["pid"] == os.getpid() and meta["host"] == platform.node()
+    first = meta["heartbeat"]
+    assert run.state() == "running"
+    monkeypatch.setattr(runs_module, "HEARTBEAT_EVERY_S", 0.0)
+    monkeypatch.setattr(runs_module, "_now", lambda: "2030-01-01T00:00:00+00:00")
+    run.append_metrics({"kind": "train", "step": 1})
+    assert run.meta()["heartbeat"] == "2030-01-01T00:00:00+00:00" != first
+
+
+def test_a_killed_run_reads_stale_and_sslt_runs_says_how_to_resume(recipe, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sslt_cli.cli import app
+
+    run = Run.create(recipe, argv=[], runs_dir=tmp_path / "runs")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    meta = run.update_meta(status="running")
+    run.update_meta(pid=gone.pid)
+    assert run.state() == f"stale (last heard at {meta['heartbeat']})"
+
+    result = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert "stale (last heard at" in result.stdout
+    assert (f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); continue with: sslt train "
+            f"--resume {run.dir}") in result.stderr
+
+
+def test_a_run_on_another_host_is_stale_after_its_heartbeat_stops(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    run.update_meta(status="running")
+    run.update_meta(host="elsewhere", heartbeat="2025-01-02T03:04:05+00:00")
+    soon = datetime.datetime(2025, 1, 2, 3, 14, 5, tzinfo=datetime.timezone.utc)
+    late = datetime.datetime(2025, 1, 2, 4, 4, 6, tzinfo=datetime.timezone.utc)
+    assert run.state(now=soon) == "running"
+    assert run.state(now=late) == "stale (last heard at 2025-01-02T03:04:05+00:00)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from /proc")
+def test_a_pid_reused_by_another_process_reads_stale(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    meta = run.update_meta(status="running")
+    assert isinstance(meta["pid_started"], int)
+    assert run.state() == "running"
+    run.update_meta(pid_started=meta["pid_started"] - 1)  # this pid, but a process that started at another time
+    assert run.state() == f"stale (last heard at {meta['heartbeat']})"

@@ -153,7 +153,8 @@ def test_an_unreachable_store_warns_once_and_does_not_hang(port: str, free_port:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1
     assert lines[0].startswith(f"warning: MLflow tracking at {uri} failed while starting the run (")
-    assert lines[0].endswith("); the run goes on and keeps every number in its run folder")
+    assert lines[0].endswith("); the run goes on and keeps every number in its run folder (send them to the store "
+                             "later with: sslt sync RUN_DIR)")
 
 
 def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(store_uri: str,
@@ -182,7 +183,8 @@ def test_a_store_failing_mid_run_warns_once_and_the_run_goes_on(store_uri: str,
     tracker.end()
     assert len(calls) == 1
     assert warnings == [f"MLflow tracking at {uri} failed while logging metrics (ConnectionError: store went away); "
-                        "the run goes on and keeps every number in its run folder"]
+                        "the run goes on and keeps every number in its run folder (send them to the store later with: "
+                        "sslt sync RUN_DIR)"]
     history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(1, 2.0)]
 

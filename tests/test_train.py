@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 from sslt_cli import train as train_module
 from sslt_cli.config import Recipe, load_recipe, recipe_dict
-from sslt_cli.errors import CheckpointError, TrainingError
+from sslt_cli.errors import CheckpointError, DataError, TrainingError
 from sslt_cli.evaluate import get_protocol, load_model, load_test_set, predict_maps
 from sslt_cli.model import build_model, save_official_checkpoint, to_official_state_dict
 from sslt_cli.runs import Run, load_checkpoint
@@ -544,3 +544,122 @@ def test_the_spectrogram_cache_is_checked_against_free_disk_space(tmp_path, monk
         train_module.check_cache_space(cache, 2, recipe)
     (cache / "x.npy").write_bytes(bytes(2**20))
     assert train_module.check_cache_space(cache, 2, recipe).startswith(f"log-mel cache {cache}: about 0.00 GiB")
+
+
+# --- a full disk, signals (issue 13) --------------------------------------------------------------------------------
+
+FULL_DISK_RUN = ("data.limit_train=16", "data.limit_val=4", "optim.max_steps=4", *ROW_A)  # 2 steps/epoch, 2 epochs
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_resume_continues_from_best(bench, tmp_path, monkeypatch) -> None:
+    recipe = make_recipe(tmp_path, bench, *FULL_DISK_RUN)
+    real_usage = shutil.disk_usage
+
+    def nearly_full(path):
+        usage = real_usage(path)
+        return usage._replace(free=1000) if Path(path).name == "checkpoints" else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(TrainingError) as info:
+        train(recipe, evaluate_at_end=False, **quiet())
+    run = only_run(tmp_path / "runs")
+    # epoch 0 ends: best.pt is written (nothing to compare with yet), then last-00000002.pt does not fit
+    assert info.value.message.startswith(f"{run.checkpoints}: not enough disk space for the next checkpoint "
+                                         "(0.0 MiB free, about ")
+    assert info.value.message.endswith(" MiB needed: the size of best.pt and a margin)")
+    assert info.value.problems == ["free disk space, or move runs_dir to a larger disk; the previous checkpoints are "
+                                   f"intact: continue with: sslt train --resume {run.dir}"]
+    assert checkpoint_names(run) == {"best.pt"}
+    meta = run.meta()
+    assert meta["status"] == "failed" and meta["error"].startswith("TrainingError: ") and meta["step"] == 2
+    assert "not enough disk space for the next checkpoint" in (run.dir / "train.log").read_text()
+
+    monkeypatch.undo()
+    with one_thread():
+        train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+    assert run.meta()["status"] == "finished"
+    assert "from best.pt: step 2, epoch 1, batch 0" in (run.dir / "train.log").read_text()
+    assert checkpoint_names(run) >= {"last-00000004.pt", "best.pt"}
+
+
+def test_sigterm_exits_non_zero_with_a_checkpoint_and_the_resume_hint(bench, tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_recipe(tmp_path, bench, *ROW_A, "data.val=null", "optim.max_steps=400")
+    process = subprocess.Popen([sys.executable, "-m", "sslt_cli", "train", str(tmp_path / "tiny.yaml")],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        runs = list((tmp_path / "runs").glob("*/metrics.jsonl"))
+        if runs and runs[0].stat().st_size:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    run = only_run(tmp_path / "runs")
+    assert run.meta()["status"] == "interrupted"
+    assert any(name.startswith("last-") for name in checkpoint_names(run))
+    assert f"not finished: continue with: sslt train --resume {run.dir}" in stderr
+
+
+def _flatten_vggss_xml(folder: Path) -> int:
+    """Rewrite every VGG-SS XML under ``folder`` with its coordinates directly under <bbox> (no <box>)."""
+    files = list(folder.rglob("*.xml"))
+    for xml in files:
+        xml.write_text(re.sub(r"\s*</?box>", "", xml.read_text()))
+    return len(files)
+
+
+@pytest.mark.parametrize("which", ["val", "test_vggss"])
+def test_a_named_set_without_a_usable_clip_stops_before_training(bench, tmp_path, which) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(bench, root)
+    n = _flatten_vggss_xml(root / which)
+    recipe = make_recipe(tmp_path, root, *ROW_A)
+    with pytest.raises(DataError) as info:
+        train(recipe, **quiet())
+    role = "validation set (data.val)" if which == "val" else "test set 'vggss' (data.test)"
+    assert info.value.message == (f"{root / which}: the {role} has no usable clip: {n} requested, {n} without a usable "
+                                  "annotation, 0 without frame or audio; nothing was trained")
+    first = info.value.problems[0]
+    assert re.fullmatch(r"\S+: annotation unreadable: .*\.xml: clip \S+: <xmin> holds a coordinate directly under "
+                        r"<bbox>; SSL-TIE's form puts each box's four coordinates in a <box> element: "
+                        r"<bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box></bbox>", first)
+    assert len(info.value.problems) == min(n, 5) + 1
+    assert info.value.problems[-1].startswith("VGG-SS annotations are read in SSL-TIE's form: <annotation><bbox><box>")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_sends_the_numbers_a_failed_store_missed(bench, isolated_workdir, monkeypatch) -> None:
+    tmp_path = isolated_workdir
+    from mlflow.tracking import MlflowClient
+
+    recipe = make_recipe(tmp_path, bench, *ROW_A, "data.val=null", "optim.max_steps=4", "tracking.enabled=true",
+                         "tracking.experiment=catch-up")
+    real_log_batch = MlflowClient.log_batch
+
+    def metrics_refused(self, run_id, *args, **kwargs):
+        if kwargs.get("metrics"):
+            raise OSError("attempt to write a readonly database")
+        return real_log_batch(self, run_id, *args, **kwargs)
+
+    with monkeypatch.context() as patch, one_thread():
+        patch.setattr(MlflowClient, "log_batch", metrics_refused)
+        run = train(recipe, stop_after_steps=2, evaluate_at_end=False, **quiet())
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    run_id = run.meta()["mlflow_run_id"]
+    assert client.get_metric_history(run_id, "train/loss") == []
+    assert "failed while logging metrics (OSError: attempt to write a readonly database)" in (
+        (run.dir / "train.log").read_text())
+
+    with one_thread():
+        train(run.recipe(), resume_run=run, evaluate_at_end=False, **quiet())
+    history = client.get_metric_history(run_id, "train/loss")
+    records = [r for r in run.metrics() if r["kind"] == "train"]
+    assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in records]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
+from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.errors import DataError
 from sslt_cli.runs import atomic_write_text
 
@@ -130,11 +131,12 @@ def _check_vggss_clip(clip_id: str, boxes: list[tuple[float, ...]], report: Defe
 
 def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectReport]:
     """Parse the public ``vggss.json``: ``{clip id: Annotation}`` (file order kept) and the defects found."""
-    path = Path(path)
+    path = resolve_data_file(path, "boxes")
     try:
         records = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{path}: no such file (expected the VGG-SS box file vggss.json)") from None
+        raise DataError(f"{path}: no such file (expected the VGG-SS box file vggss.json)",
+                        [names_hint("boxes")]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc}); expected the VGG-SS box file vggss.json") from None
     if not isinstance(records, list):
@@ -225,6 +227,10 @@ def read_vggss_xml(path: str | Path, clip_id: str | None = None,
                 box = tuple(float(x.text) for x in box_el)
             except (TypeError, ValueError):
                 raise DataError(f"{path}: clip {clip_id}: a box holds a non-number") from None
+            if not len(box) and (box_el.text or "").strip():
+                raise DataError(f"{path}: clip {clip_id}: <{box_el.tag}> holds a coordinate directly under <bbox>; "
+                                "SSL-TIE's form puts each box's four coordinates in a <box> element: "
+                                "<bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box></bbox>")
             if len(box) != 4:
                 raise DataError(f"{path}: clip {clip_id}: a box has {len(box)} coordinates, expected 4")
             if report is not None:
@@ -276,11 +282,11 @@ def read_id_list(path: str | Path) -> list[str]:
     first column is the id (``10000130166,202``), and SLAVC-style CSV with a ``video,audio,label`` header. Blank lines
     are ignored; order is kept; duplicates are kept once.
     """
-    path = Path(path)
+    path = resolve_data_file(path, "list")
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise DataError(f"{path}: test list not found") from None
+        raise DataError(f"{path}: test list not found", [names_hint("list")]) from None
     ids: list[str] = []
     seen = set()
     for n, line in enumerate(lines):
@@ -345,10 +351,10 @@ def read_labels(path: str | Path) -> dict[str, str]:
     ``id,label``, ...) is skipped; so are blank lines and lines starting with ``#``; a row with an empty label gives
     no label. One id with two different labels is an error.
     """
-    path = Path(path).expanduser()
+    path = resolve_data_file(path, "labels")
     if not path.is_file():
         raise DataError(f"{path}: no such label file; pass --labels with VGGSound's vggsound.csv "
-                        "(ytid,start,label,split), an id,label CSV or vggss.json")
+                        "(ytid,start,label,split), an id,label CSV or vggss.json", [names_hint("labels")])
     if path.suffix.lower() == ".json":
         annotations, _ = load_vggss_json(path)
         return {clip_id: a.label for clip_id, a in annotations.items() if a.label}

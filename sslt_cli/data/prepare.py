@@ -66,6 +66,7 @@ from sslt_cli.data.annotations import (
     load_vggss_json,
     read_flickr_xml,
     read_id_list,
+    read_annotation,
     read_labels,
     read_vggss_xml,
     vggss_xml_text,
@@ -81,6 +82,7 @@ from sslt_cli.data.manifest import (
     layout_paths,
     write_set,
 )
+from sslt_cli.data.workers import die_with_parent
 from sslt_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -690,7 +692,7 @@ def _run_jobs(jobs: list[_Job], workers: int | None) -> Iterator[_Outcome]:
 def _run_pool(queue: Iterator[_Job], n: int, context: SpawnContext) -> Generator[_Outcome, None, list[_Job]]:
     """Run the jobs of ``queue`` in a pool of ``n`` processes, yielding outcomes as clips finish, until ``queue`` is
     exhausted or a worker process dies; returns the jobs whose outcomes the broken pool lost (none if none died)."""
-    pool = ProcessPoolExecutor(n, mp_context=context)
+    pool = ProcessPoolExecutor(n, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
     in_flight: dict[Future, _Job] = {}
     lost: list[_Job] = []
 
@@ -728,7 +730,7 @@ def _run_alone(jobs: list[_Job], context: SpawnContext) -> Iterator[_Outcome]:
     try:
         for job in jobs:
             receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_send_outcome, args=(job, sender), daemon=True)
+            process = context.Process(target=_send_outcome, args=(job, sender, os.getpid()), daemon=True)
             process.start()
             sender.close()  # the child now holds the only writer, so its death ends the pipe
             runs.append((job, process, receiver))
@@ -750,8 +752,9 @@ def _run_alone(jobs: list[_Job], context: SpawnContext) -> Iterator[_Outcome]:
             process.join()
 
 
-def _send_outcome(job: _Job, connection: Connection) -> None:
+def _send_outcome(job: _Job, connection: Connection, parent: int) -> None:
     """Run ``job`` and send its outcome, or the exception it raised (re-raised by the parent, as a pool's would be)."""
+    die_with_parent(parent)
     try:
         result: _Outcome | Exception = job.run()
     except Exception as exc:
@@ -1051,53 +1054,96 @@ def collect_vggss_json(anno_dir: Path, out_json: Path, *, id_list: Path | None =
                             written=0 if unchanged else 1, unchanged=1 if unchanged else 0, defects=defects)
 
 
-_LISTING = {
-    # layout -> (folder whose entries name the clips, entries are folders?, suffix)
-    "vggsound_train": ("total_video_frames", True, ""),
-    "vggss_test": ("frame", False, ".jpg"),
-    "flickr_test": ("frame", False, ".jpg"),
-    "flickr_train": ("frames", True, ""),
-}
+def _ids_in(root: Path, template: str) -> set[str] | None:
+    """Clip ids present under ``root`` for one layout path template (``frame/{id}.jpg``: the .jpg files of frame/;
+    ``total_video_frames/{id}/125.jpg``: the folders of total_video_frames/); None when that folder is absent."""
+    folder, rest = template.split("{id}")
+    base = root / folder
+    if not base.is_dir():
+        return None
+    if rest.startswith("/"):
+        return {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return {p.name[: -len(rest)] for p in base.iterdir() if p.name.endswith(rest) and not p.name.startswith(".")}
+
+
+def _listed_ids(root: Path, layout: str) -> list[str]:
+    """Every clip id that any of the layout's folders (frames, audio, boxes) has a file for, sorted: a clip whose
+    frame is missing is listed (as incomplete) from its audio or box file."""
+    templates = [t for t in LAYOUTS[layout][:3] if t]
+    found = [ids for ids in (_ids_in(root, t) for t in templates) if ids is not None]
+    if not found:
+        folders = ", ".join(t.split("{id}")[0] for t in templates)
+        raise DataError(f"{root}: none of {folders} is there, so this is not a {layout} folder "
+                        f"(expected {', '.join(templates)}); pass --list to name the clips")
+    return sorted(set().union(*found))
+
+
+def _clip_problem(root: Path, layout: str, clip_id: str) -> tuple[str, str] | None:
+    """(status, reason) of a clip that cannot be used, else None: absent or empty files are ``missing``; a frame or
+    audio file whose header does not read, or a box file that does not parse, is ``decode error``."""
+    import soundfile
+
+    from PIL import Image, UnidentifiedImageError
+
+    paths = [p for p in layout_paths(layout, clip_id) if p]
+    absent = [p for p in paths if not (root / p).is_file() or (root / p).stat().st_size == 0]
+    if absent:
+        return MISSING, "no file " + ", ".join(absent)
+    frame, audio, anno = layout_paths(layout, clip_id)
+    try:
+        with Image.open(root / frame) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return DECODE_ERROR, f"{frame}: not a readable image ({exc})"
+    try:
+        info = soundfile.info(str(root / audio))
+    except RuntimeError as exc:  # soundfile's errors (LibsndfileError) are RuntimeErrors
+        return DECODE_ERROR, f"{audio}: not a readable audio file ({' '.join(str(exc).split())})"
+    if info.frames == 0:
+        return DECODE_ERROR, f"{audio}: holds no samples"
+    if anno:
+        try:
+            read_annotation(root / anno, LAYOUTS[layout][3], clip_id)
+        except DataError as exc:
+            return DECODE_ERROR, exc.message
+    return None
 
 
 def index_existing(root: Path, layout: str, id_list: Path | None = None, *,
-                   labels: Path | None = None) -> PrepareResult:
+                   labels: Path | None = None, workers: int | None = None) -> PrepareResult:
     """Write ``set.json`` + ``manifest.csv`` for a folder already laid out by other tools (nothing else is written).
 
-    Clips: ``id_list``, else every clip found in the layout's frame folder (the one prepare command that lists a folder
-    it is given). A clip whose frame, audio or annotation file is absent or empty is ``missing``, its reason naming the
-    file(s). Labels from ``labels`` (see :func:`read_labels`).
+    Clips: ``id_list``, else every clip any of the layout's folders has a file for. Each clip is checked in
+    ``workers`` threads (default: 2 per CPU): a clip whose frame, audio or annotation file is absent or empty is
+    ``missing``, one whose frame or audio header does not read or whose annotation does not parse is ``decode
+    error``; each such clip is listed in ``notes`` with its reason. Labels from ``labels`` (see :func:`read_labels`).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(root).expanduser()
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; known: {', '.join(LAYOUTS)}")
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    if id_list is None:
-        folder, dirs, suffix = _LISTING[layout]
-        base = root / folder
-        if not base.is_dir():
-            raise DataError(f"{root}: no {folder}/ folder, so this is not a {layout} folder "
-                            f"(expected {LAYOUTS[layout][0]}); pass --list to name the clips")
-        order = sorted(p.name if dirs else p.stem for p in base.iterdir()
-                       if not p.name.startswith(".") and (p.is_dir() if dirs else p.suffix == suffix))
-    else:
-        order = _requested_ids(id_list, ())
+    order = _listed_ids(root, layout) if id_list is None else _requested_ids(id_list, ())
     label_of = read_labels(labels) if labels is not None else {}
+    with ThreadPoolExecutor(workers or 2 * (os.cpu_count() or 1)) as pool:
+        problems = list(pool.map(lambda clip_id: _clip_problem(root, layout, clip_id), order, chunksize=64))
     rows = []
-    for clip_id in order:
-        paths = [p for p in layout_paths(layout, clip_id) if p]
-        absent = [p for p in paths if not (root / p).is_file() or (root / p).stat().st_size == 0]
+    for clip_id, problem in zip(order, problems):
         label = label_of.get(clip_id, "")
-        if absent:
-            rows.append(Clip(clip_id, label, status=MISSING, reason="no file " + ", ".join(absent)))
+        if problem is not None:
+            rows.append(Clip(clip_id, label, status=problem[0], reason=problem[1]))
         else:
             frame, audio, anno = layout_paths(layout, clip_id)
             rows.append(Clip(clip_id, label, frame=frame, audio=audio, anno=anno))
     counts = Counter(row.status for row in rows)
     manifest = _write_set_if_changed(root, layout, rows, {"source": "index", "counts": dict(sorted(counts.items()))})
     return PrepareResult(out=root, layout=layout, manifest=manifest, requested=len(order), prepared=0,
-                         already_done=counts.get(OK, 0), missing=counts.get(MISSING, 0), failed={})
+                         already_done=counts.get(OK, 0), missing=counts.get(MISSING, 0),
+                         failed={k: v for k, v in counts.items() if k not in (OK, MISSING)},
+                         notes=tuple(f"incomplete clip {row.id}: {row.status}: {row.reason}" for row in rows
+                                     if row.status != OK))
 
 
 __all__ = [

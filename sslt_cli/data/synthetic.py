@@ -36,6 +36,7 @@ import numpy as np
 from sslt_cli.data.annotations import (FLICKR_GRID, Annotation, annotations_to_vggss_json, flickr_xml_text,
                                       vggss_xml_text)
 from sslt_cli.data.manifest import MANIFEST, SET_INFO, Clip, atomic_write_bytes, layout_paths, read_set, write_set
+from sslt_cli.data.workers import die_with_parent
 from sslt_cli.errors import DataError
 
 if TYPE_CHECKING:
@@ -822,9 +823,10 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
 
 
-def _init_worker() -> None:
+def _init_worker(parent: int) -> None:
     import cv2
 
+    die_with_parent(parent)  # a kill -9 of `sslt prepare` leaves no worker behind
     cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
 
 
@@ -890,7 +892,8 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
         else:
             # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang inside cv2.
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(_make_clips, job): job["set"] for job in jobs}
                 try:
                     for future in as_completed(futures):

@@ -1,0 +1,171 @@
+"""The MLflow store under concurrent starts, a broken store, a store turning read-only mid-run, and `sslt sync`."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sslt_cli.tracking import Tracker, TrackingStoreError, root_cause
+
+STARTER = textwrap.dedent("""
+    import json, os, sys, time
+    import mlflow.tracking  # the slow import first, so the processes reach the store together
+    from sslt_cli.tracking import Tracker
+    go = sys.argv[2]
+    while not os.path.exists(go):
+        time.sleep(0.01)
+    warnings = []
+    tracker = Tracker(uri=sys.argv[1], experiment="together", warn=warnings.append)
+    run_id = tracker.start(f"run-{os.getpid()}", params={"a": 1})
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.end()
+    print(json.dumps({"run_id": run_id, "warnings": warnings}))
+""")
+
+
+SECOND_START = textwrap.dedent("""
+    import sys
+    from sslt_cli.tracking import Tracker, TrackingStoreError
+    try:
+        Tracker(uri=sys.argv[1], warn=print).start("second")
+    except TrackingStoreError as exc:
+        print(exc.render())
+""")
+
+
+@pytest.mark.timeout(240)
+def test_four_processes_starting_at_once_on_a_fresh_store_all_arrive(tmp_path: Path) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", STARTER, uri, str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    time.sleep(0.5)
+    go.touch()
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=200)
+        assert process.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [r["warnings"] for r in results] == [[]] * 4
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("together").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(r["run_id"] for r in results)
+    assert all(r.data.metrics == {"loss": 1.0} and r.info.status == "FINISHED" for r in runs)
+    assert (tmp_path / "fresh" / "mlflow.db.lock").exists()
+
+
+def test_a_broken_store_is_one_clear_error(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    assert Tracker(uri=uri, warn=pytest.fail).start("first") is not None
+    # what a migration cut short by a concurrent one leaves: the schema of today, the revision of an older store
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    # a new process, as every later run is (MLflow keeps a store it opened once per process)
+    second = subprocess.run([sys.executable, "-c", SECOND_START, uri], capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert second.stderr == ""
+    lines = second.stdout.splitlines()
+    assert lines[0].startswith(f"the MLflow store {db.resolve()} cannot be opened (MlflowException: Detected "
+                               "out-of-date database schema (found version 451aebb31d03")
+    assert lines[0].endswith("...); it is half-migrated (runs started together by an older sslt) or was made by "
+                             "another MLflow version")
+    assert lines[1:] == [
+        f"  - made by an older MLflow: back it up, then upgrade it in place: mlflow db upgrade {uri}",
+        f"  - half-migrated: move it aside (mv {db} {db}.broken) and run again: a new store is created; the run "
+        "folders keep every number, and `sslt sync RUN_DIR` sends a run's numbers to the new store",
+        "  - or train without tracking: tracking.enabled=false"]
+
+
+def test_sslt_train_on_a_broken_store_stops_before_making_a_run_folder(isolated_workdir: Path) -> None:
+    db = isolated_workdir / "mlflow.db"
+    assert Tracker(uri=os.environ["MLFLOW_TRACKING_URI"], warn=pytest.fail).start("first") is not None
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '451aebb31d03'")
+    Path("recipe.yaml").write_text(f"name: t\nruns_dir: {isolated_workdir / 'runs'}\n")
+    result = subprocess.run([sys.executable, "-m", "sslt_cli", "train", "recipe.yaml"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "NO_COLOR": "1", "COLUMNS": "400"})
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: the MLflow store {db} cannot be opened (MlflowException: ")
+    assert f"  - half-migrated: move it aside (mv {db} {db}.broken) and run again" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (isolated_workdir / "runs").exists()
+
+
+def test_root_cause_is_the_innermost_exception() -> None:
+    try:
+        try:
+            raise sqlite3.OperationalError("attempt to write a readonly database")
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("Query-invoked autoflush") from exc
+    except RuntimeError as outer:
+        assert isinstance(root_cause(outer), sqlite3.OperationalError)
+
+
+def make_read_only(path: Path) -> None:
+    """Make ``path`` unwritable, for root too (chattr +i) where the file system allows it."""
+    if os.geteuid() != 0:
+        path.chmod(0o444)
+        return
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: cannot make the store read-only")
+
+
+def make_writable(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    else:
+        path.chmod(0o644)
+
+
+def test_a_store_turning_read_only_mid_run_warns_once_then_sync_sends_the_rest(
+        isolated_workdir: Path, capfd: pytest.CaptureFixture) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sslt_cli.cli import app
+    from sslt_cli.config import Recipe
+    from sslt_cli.runs import Run
+
+    db = isolated_workdir / "mlflow.db"
+    run = Run.create(Recipe(name="ro"), runs_dir=isolated_workdir / "runs")
+    warnings: list[str] = []
+    tracker = Tracker(uri=os.environ["MLFLOW_TRACKING_URI"], warn=warnings.append)
+    run_id = tracker.start(run.dir.name)
+    run.update_meta(mlflow_run_id=run_id, mlflow_uri=tracker.uri, status="running")
+    for step in (1, 2, 3):
+        run.append_metrics({"kind": "train", "step": step, "epoch": 0, "loss": 1.0 / step})
+        if step == 2:
+            make_read_only(db)
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.end()
+    captured = capfd.readouterr()
+    make_writable(db)
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"MLflow tracking at {tracker.uri} failed while logging metrics (OperationalError: ")
+    assert "readonly database" in warnings[0] or "disk I/O error" in warnings[0]
+    assert warnings[0].endswith("(send them to the store later with: sslt sync RUN_DIR)")
+    assert "ERROR" not in captured.err + captured.out and "Traceback" not in captured.err
+    assert len(run.metrics()) == 3
+    client = MlflowClient(tracking_uri=tracker.uri)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1]
+
+    run.update_meta(status="finished")
+    result = CliRunner().invoke(app, ["sync", str(run.dir)])
+    assert result.exit_code == 0, result.output
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert CliRunner().invoke(app, ["sync", str(run.dir)]).exit_code == 0
+    assert len(client.get_metric_history(run_id, "train/loss")) == 3  # nothing sent twice
