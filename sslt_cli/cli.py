@@ -318,6 +318,12 @@ def eval_cmd(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run's eval/, else "
                                            "./eval/<set>-<protocol>)."),
     no_clip: bool = typer.Option(False, "--no-clip", help="SSL-TIE's literal unclipped VGG-SS boxes."),
+    constant_maps: Optional[str] = typer.Option(None, "--constant-maps", help="whole_frame (a map constant before "
+                                                "upsampling predicts the whole frame) or official (the preset's "
+                                                "code: value-dependent). Default: the recipe's, else whole_frame."),
+    empty_gt: Optional[str] = typer.Option(None, "--empty-gt", help="exclude (a clip whose ground truth is empty, "
+                                           "e.g. after clipping, is listed, not scored) or zero (scored 0 and counted "
+                                           "in N, as the official code). Default: the recipe's, else exclude."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -358,6 +364,9 @@ def eval_cmd(
         recipe = Run.open(run_dir).recipe()
     protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
     clip_boxes = False if no_clip else None
+    recipe_eval = recipe.eval if recipe is not None else None
+    proto = ev.get_protocol(protocol_name, constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
+                            empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
 
     tests = []
     if vggss_json is not None:
@@ -396,7 +405,7 @@ def eval_cmd(
                 ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
                 to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
                 with _progress(f"{test.name} ({label})", to_predict + len(silent_pairs or ())) as advance:
-                    result = ev.evaluate_model_on_set(loaded, test, protocol_name, folder, device=dev,
+                    result = ev.evaluate_model_on_set(loaded, test, proto, folder, device=dev,
                                                       batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
                                                       progress=advance)
                 _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", tracker,
@@ -406,7 +415,7 @@ def eval_cmd(
             to_score = sum(1 for cid in test.ids
                            if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
             with _progress(f"{test.name} (scoring)", to_score) as advance:
-                result = ev.score_maps(loaded_maps, test.annotations, protocol_name, test.ids,
+                result = ev.score_maps(loaded_maps, test.annotations, proto, test.ids,
                                        annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
                                        name=test.name, notes=test.notes, device=dev, progress=advance)
             if silent_pairs is not None:

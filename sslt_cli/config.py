@@ -73,10 +73,15 @@ class AudioConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """``vision_init``: ``scratch`` (official code) or a local torchvision ResNet-18 state_dict file."""
+    """``vision_init``: ``scratch`` (official code) or a local torchvision ResNet-18 state_dict file.
+
+    ``audio_passes``: when both views share one spectrogram (``code`` views), run the audio network ``once`` a step,
+    or once ``per_view`` as the released code does (the same embeddings and gradients, but the audio BatchNorm
+    running statistics move twice a step: an effective momentum of 0.19 instead of 0.1)."""
 
     vision_init: str = "scratch"
     audio_init: str = "scratch"
+    audio_passes: Literal["once", "per_view"] = "once"
 
 
 class LossConfig(_Strict):
@@ -141,6 +146,9 @@ class EquivarianceConfig(_Strict):
     scales: tuple[float, ...] = (1.0, 0.5)
     scale_p: float = Field(0.5, ge=0, le=1)
     flip_p: float = Field(0.5, ge=0, le=1)
+    # rotate and scale about the true image centre ((W - 1) / 2, ``exact``) or, as the released code's kornia
+    # warp_affine, about pixel (W / 2, H / 2), half a pixel off (``code``)
+    centre: Literal["exact", "code"] = "exact"
 
 
 class TransformsConfig(_Strict):
@@ -184,6 +192,11 @@ class EvalConfig(_Strict):
     """Protocol for validation and the final test evaluation."""
 
     protocol: Literal["ssltie", "lvs", "ezvsl", "fnac", "sspl"] = "ssltie"
+    # the protocol's two documented deviations from the official test loops (README, "Evaluation protocols"):
+    # a map constant before upsampling predicts the whole frame (``official``: the preset's value-dependent result),
+    # and a clip whose ground truth is empty after clipping is excluded (``zero``: scored 0 and counted in N)
+    constant_maps: Literal["whole_frame", "official"] = "whole_frame"
+    empty_gt: Literal["exclude", "zero"] = "exclude"
     batch_size: int = Field(32, ge=1)
     # maps for validation and test in fp32, as the published pipelines score them; bf16 is faster but rounds the
     # cosine map to 8 mantissa bits, which adds ties at the median and at the maximum

@@ -67,13 +67,31 @@ BASELINE_LABELS = {
 }
 
 
-def get_protocol(protocol: str | Protocol) -> Protocol:
-    """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given."""
-    if isinstance(protocol, Protocol):
-        return protocol
-    if protocol not in metrics.PROTOCOLS:
-        raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
-    return metrics.PROTOCOLS[protocol]
+PROTOCOL_OPTIONS = {"constant_maps": ("whole_frame", "official"), "empty_gt": ("exclude", "zero")}
+
+
+def get_protocol(protocol: str | Protocol, *, constant_maps: str | None = None,
+                 empty_gt: str | None = None) -> Protocol:
+    """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given,
+    with the deviation options that are not None replaced (``constant_maps``: ``whole_frame`` | ``official``;
+    ``empty_gt``: ``exclude`` | ``zero``; see :class:`metrics.Protocol`)."""
+    if not isinstance(protocol, Protocol):
+        if protocol not in metrics.PROTOCOLS:
+            raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
+        protocol = metrics.PROTOCOLS[protocol]
+    changes = {key: value for key, value in (("constant_maps", constant_maps), ("empty_gt", empty_gt))
+               if value is not None}
+    for key, value in changes.items():
+        if value not in PROTOCOL_OPTIONS[key]:
+            raise SsltError(f"unknown {key} {value!r}; choose one of {', '.join(PROTOCOL_OPTIONS[key])}")
+    return dataclasses.replace(protocol, **changes) if changes else protocol
+
+
+def recipe_protocol(eval_config: Any, protocol: str | None = None) -> Protocol:
+    """The protocol of a recipe's ``eval`` section (``eval.protocol`` unless ``protocol`` names another preset), with
+    the section's ``constant_maps`` and ``empty_gt``."""
+    return get_protocol(protocol or eval_config.protocol, constant_maps=eval_config.constant_maps,
+                        empty_gt=eval_config.empty_gt)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -417,7 +435,7 @@ def _gt_problem(annotation: Annotation, protocol: Protocol) -> str | None:
         gt = _gt_for(annotation, protocol)
     except ValueError as exc:
         return f"unusable box: {exc}"
-    if not gt.any():
+    if not gt.any() and protocol.empty_gt == "exclude":
         boxes = [list(b) for b in annotation.boxes]
         if annotation.kind == "vggss" and protocol.clip_boxes:
             return f"empty ground truth after clipping boxes to [0, 1]: {boxes}"
@@ -440,7 +458,9 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
     maps: {clip id: (h, w) map, any size}; ids: the requested clips (default: every annotated clip, in order).
     ``unavailable``: id -> why its frame/audio is missing (model path); ``annotation_problems``: id -> why it has no
     annotation (used as the reason text). ``clip_boxes`` overrides the protocol's VGG-SS clipping (False: SSL-TIE's
-    literal, unclipped ``int(x * 224)``). ``device``: where the batched metric computation runs (``cuda`` works).
+    literal, unclipped ``int(x * 224)``). A clip with an empty ground truth is excluded and listed under the protocol's
+    ``empty_gt='exclude'`` and scored (IoU 0, in N) under ``'zero'``. ``device``: where the batched metric
+    computation runs (``cuda`` works).
     Baselines are computed on exactly the scored clips:
 
     * ``centre``: :func:`metrics.centre_prior_map`, a centred Gaussian: every preset predicts a centred disc of about
@@ -480,6 +500,12 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
             else:
                 scored.append(cid)
 
+    if proto.empty_gt == "zero":
+        empty = sum(1 for cid in scored if not _gt_for(annotations[cid], proto).any())
+        if empty:
+            where = " after clipping" if proto.clip_boxes else ""
+            notes.append(f"{empty} scored clips have an empty ground truth{where}: IoU 0, counted in N, as the "
+                         f"official test loops do (empty_gt=zero)")
     stage_counts = Counter(e.stage for e in excluded)
     requested_set = set(requested)
     accounting = {
@@ -535,7 +561,7 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
     base = {name: {k: np.empty(n) for k in ("iou", "pointing", "pred_area")} for name in names}
     if baselines:
         centre = torch.from_numpy(metrics.centre_prior_map(size))[None].to(device)
-        centre_mask = metrics.binarise(centre, proto.threshold)
+        centre_mask = metrics.predict_masks(centre, proto)[1]  # scored as a map: the preset's own normalisation
         centre_at_max = (centre == centre.amax())
         random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
                        for s in random_seeds}
@@ -654,13 +680,13 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
             for key in chunk:
                 by_shape.setdefault(np.shape(items[key]), []).append(key)
             for keys in by_shape.values():
-                up = metrics.upsample_maps(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
-                                                                      for k in keys])), proto.upsample, proto.size)
+                up, masks = metrics.predict_masks(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
+                                                                             for k in keys])), proto)
                 confidence.append(metrics.slavc_confidence(up, value_range).numpy())
                 sounding_flags.append(np.full(len(keys), sounding))
                 if sounding:
                     gt = torch.from_numpy(np.stack([_gt_for(annotations[k], proto) for k in keys]))
-                    ious.append(metrics.iou_scores(metrics.binarise(up, proto.threshold), gt).numpy())
+                    ious.append(metrics.iou_scores(masks, gt).numpy())
                 else:
                     ious.append(np.zeros(len(keys)))
     flags = np.concatenate(sounding_flags) if sounding_flags else np.zeros(0, bool)
@@ -822,10 +848,9 @@ def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: M
     FigureCanvasAgg(figure)
     for i, row in enumerate(picks):
         axes = figure.add_subplot(rows, columns, i + 1)
-        up = metrics.upsample_maps(torch.from_numpy(np.asarray(maps[row.id], np.float32))[None], proto.upsample,
-                                   proto.size)
-        heat, _ = metrics.minmax_normalise(up)
-        mask = metrics.binarise(up, proto.threshold)[0].numpy()
+        up, masks = metrics.predict_masks(torch.from_numpy(np.asarray(maps[row.id], np.float32))[None], proto)
+        heat, _ = metrics.normalised_scores(up, proto.normalise, proto.value_range)
+        mask = masks[0].numpy()
         gt = _gt_for(annotations[row.id], proto)
         axes.imshow(_load_frame(frames[row.id], proto.image_preprocessing, proto.size))
         axes.imshow(heat[0].numpy(), cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
@@ -881,7 +906,7 @@ def result_table(result: EvalResult) -> "Table":
 
     proto = result.protocol
     table = Table(title=f"{result.name or 'evaluation'} · protocol {proto.name} · N = {result.n}",
-                  caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, min-max, "
+                  caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, {proto.normalise}, "
                            f"{proto.threshold.replace('_', ' ')}; frames {proto.image_preprocessing.replace('_', ' ')}"
                            f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}\n"
                            "centre prior: a centred disc of half the frame; random: uniform maps, mean±std over the "
@@ -1109,7 +1134,7 @@ def evaluate_run_checkpoints(run: Any, recipe: Any, *, device: str | torch.devic
 
     console = console or Console(stderr=True)
     out = out or Console()
-    proto = get_protocol(protocol or recipe.eval.protocol)
+    proto = recipe_protocol(recipe.eval, protocol)
     _, checkpoints, _ = resolve_checkpoints(run.dir, which)
     loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]
     summary: dict[str, dict[str, dict[str, float]]] = {}

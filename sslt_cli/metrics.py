@@ -6,26 +6,33 @@ Pipeline per test image (every step batched over a leading B axis):
 
 1. ground truth on a ``size`` x ``size`` grid (224): :func:`vggss_gt_map` (union of normalised boxes, a float
    {0, 1} map) or :func:`flickr_gt_map` (annotator consensus, a float {0, 0.5, 1} map);
-2. the predicted map, any h x w, is upsampled to ``size`` (:func:`upsample_maps`), min-max normalised and binarised
-   by the protocol's threshold rule (:func:`binarise`);
+2. the predicted map, any h x w, is upsampled to ``size`` (:func:`upsample_maps`), normalised by the protocol's
+   formula (:func:`normalised_scores`) and binarised by its threshold rule (:func:`binarise`); :func:`predict_masks`
+   runs the three steps;
 3. per-image IoU = sum(pred * gt) / (sum(gt) + sum(pred * [gt == 0])) (:func:`iou_scores`; a weighted IoU on Flickr),
    pointing game (:func:`pointing_scores`), predicted area;
 4. over images: cIoU (share with IoU >= 0.5), AUC (21-point trapezoid), mean IoU (:func:`summarise`).
 
-Faithfulness notes (checked against the official SSL-TIE, LVS, EZ-VSL and SLAVC test code):
+Faithfulness (checked digit for digit against the official SSL-TIE, LVS, EZ-VSL, FNAC, SLAVC and SSPL test code;
+``tests/test_official_parity.py`` re-states each official loop and requires identical per-clip IoUs):
 
-* Upsampling is computed in torch for every preset. ``bilinear`` is OpenCV's ``INTER_LINEAR`` formula (half-pixel
-  centres, border replicated), i.e. ``F.interpolate(..., "bilinear", align_corners=False)``; on upsampling it matches
-  ``cv2.resize`` to about 1e-6 (float32 rounding order differs, so a pixel that sits exactly at the median can flip).
-* SSL-TIE and LVS compute ``1 - normalise(-map)``; that is the min-max normalisation of the map, up to float rounding
-  (both are monotone in the map value), so sslt uses plain min-max for every preset.
-* The strict rule of SSL-TIE/LVS (``pred[pred > thr] = 1; pred[pred < 1] = 0``) keeps pixels equal to 1 (the map's
-  maximum) even when they are not above the threshold: when more than half of the frame sits at the maximum, the
-  plateau is predicted. :func:`binarise` reproduces this.
-* A constant map (max == min after upsampling) has no ordering: every preset predicts the whole frame. The official
-  code skips the normalisation for such a map; the result then depends on the constant (SSL-TIE/LVS: whole frame for
-  a value >= 0, nothing below 0; EZ-VSL: whole frame; SSPL: whole frame only for a value >= 0.5). sslt makes it
-  independent of the value.
+* Upsampling is computed as each preset's official code computes it: ``cv2.resize(map, (224, 224),
+  interpolation=cv2.INTER_LINEAR)`` on the float32 map for ``opencv_linear`` (SSL-TIE, LVS, SSPL; one call per map, a
+  few tens of microseconds), ``F.interpolate`` with the official mode and ``align_corners=True`` for the torch presets
+  (EZ-VSL, FNAC, SLAVC), on the device the scores are computed on (CUDA kernels may round differently from CPU ones).
+* Normalisation is each preset's own float32 formula, so ties at the threshold fall as in the official code:
+  ``negated_minmax`` is SSL-TIE/LVS's ``1 - normalize_img(-map)``; ``minmax`` is ``normalize_img`` (EZ-VSL, FNAC);
+  ``range_minmax`` is SLAVC's relative prediction, ``normalize_img((map - lo) / (hi - lo))`` with the map's fixed
+  value range; ``minmax_ptp`` is SSPL's ``(map - min) / ptp`` (a constant map gives NaN, which predicts nothing).
+* The strict rule of SSL-TIE/LVS (``pred[pred > thr] = 1; pred[pred < 1] = 0``) keeps pixels whose score is 1 (the
+  map's maximum, and any value within half an ulp of it) even when they are not above the threshold: when more than
+  half of the frame sits at the maximum, the plateau is predicted. :func:`binarise` reproduces this.
+* Constant maps (``constant_maps``): the official code skips the normalisation of a map whose upsampled values are
+  all equal, and the result then depends on the constant (SSL-TIE/LVS: whole frame for a value >= 0, nothing below
+  0; EZ-VSL/FNAC/SLAVC: whole frame; SSPL: nothing); a constant map of more than one pixel also gains float noise on
+  upsampling (up to a few 1e-7), which the official code then ranks as if it were signal. sslt's default
+  (``whole_frame``) judges a map constant by its own values before upsampling and predicts the whole frame under
+  every preset, whatever the value; ``official`` reproduces the official behaviour.
 * cIoU and AUC use the official thresholds ``0.05 * i`` as Python floats (``0.05 * 3 = 0.15000000000000002``) and the
   same trapezoid as ``sklearn.metrics.auc``, so an IoU of exactly 3/20 does not pass the 0.15 step, as in the papers.
 """
@@ -45,8 +52,11 @@ FLICKR_GRID = 256
 AUC_THRESHOLDS: tuple[float, ...] = tuple(0.05 * i for i in range(21))
 CIOU_THRESHOLD = 0.5
 
-UpsampleMode = Literal["bilinear", "bilinear_align_corners", "bicubic_align_corners"]
+UpsampleMode = Literal["opencv_linear", "bilinear_align_corners", "bicubic_align_corners"]
+Normalisation = Literal["minmax", "negated_minmax", "range_minmax", "minmax_ptp"]
 ThresholdRule = Literal["above_median", "at_least_median", "at_least_half"]
+ConstantMaps = Literal["whole_frame", "official"]
+EmptyGroundTruth = Literal["exclude", "zero"]
 ImagePreprocessing = Literal["resize_centercrop", "resize_square"]
 
 
@@ -55,11 +65,20 @@ class Protocol:
     """One published evaluation protocol (REFERENCE.md section 5).
 
     ``map_size``: side of the maps the protocol was made for (used for the random baseline);
-    ``upsample``: how a map reaches ``size`` x ``size``; ``threshold``: the binarisation rule on the min-max normalised
-    map (``above_median``: strictly above ``sorted[N/2]``; ``at_least_median``: ``>= sorted[N/2]``;
-    ``at_least_half``: ``>= 0.5``); ``image_preprocessing``: how the model path prepares a test frame
-    (``resize_centercrop``: Resize(224, bicubic) + CenterCrop(224); ``resize_square``: Resize((224, 224), bicubic));
-    ``clip_boxes``: VGG-SS box coordinates are clipped to [0, 1] before ``int(x * size)``.
+    ``upsample``: how a map reaches ``size`` x ``size`` (``opencv_linear``: ``cv2.resize`` INTER_LINEAR; the others:
+    torch ``F.interpolate`` with ``align_corners=True``); ``normalise``: the official float32 normalisation formula
+    (see the module notes); ``threshold``: the binarisation rule on the normalised map (``above_median``: strictly
+    above ``sorted[N/2]``, plus scores of 1; ``at_least_median``: ``>= sorted[N/2]``; ``at_least_half``: ``>= 0.5``);
+    ``value_range``: the fixed range of ``range_minmax`` (SLAVC: the map's range, (-1, 1) for cosine maps);
+    ``image_preprocessing``: how the model path prepares a test frame (``resize_centercrop``: Resize(224, bicubic) +
+    CenterCrop(224); ``resize_square``: Resize((224, 224), bicubic)); ``clip_boxes``: VGG-SS box coordinates are
+    clipped to [0, 1] before ``int(x * size)``.
+
+    Two documented deviations from the official loops, each with the official behaviour available:
+    ``constant_maps`` (``whole_frame``: a map constant before upsampling predicts the whole frame under every preset;
+    ``official``: as the preset's code, see the module notes) and ``empty_gt`` (``exclude``: a clip whose ground
+    truth is empty, e.g. after clipping, is excluded and listed; ``zero``: it is scored, IoU 0, and counted in N, as
+    the official loops do).
     """
 
     name: str
@@ -68,26 +87,32 @@ class Protocol:
     threshold: ThresholdRule
     image_preprocessing: ImagePreprocessing
     source: str
+    normalise: Normalisation = "minmax"
+    value_range: tuple[float, float] | None = None
     clip_boxes: bool = True
+    constant_maps: ConstantMaps = "whole_frame"
+    empty_gt: EmptyGroundTruth = "exclude"
     size: int = EVAL_SIZE
 
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
     for p in (
-        Protocol("ssltie", 14, "bilinear", "above_median", "resize_centercrop",
-                 "SSL-TIE main.py test(): cv2 INTER_LINEAR, 1 - normalise(-map), strictly above sorted[N/2]"),
-        Protocol("lvs", 14, "bilinear", "above_median", "resize_centercrop",
-                 "LVS test.py: the same pipeline as SSL-TIE (SSL-TIE inherited it)"),
+        Protocol("ssltie", 14, "opencv_linear", "above_median", "resize_centercrop",
+                 "SSL-TIE main.py test(): cv2 INTER_LINEAR, 1 - normalise(-map), strictly above sorted[N/2]",
+                 normalise="negated_minmax"),
+        Protocol("lvs", 14, "opencv_linear", "above_median", "resize_centercrop",
+                 "LVS test.py: the same pipeline as SSL-TIE (SSL-TIE inherited it)", normalise="negated_minmax"),
         Protocol("ezvsl", 7, "bilinear_align_corners", "at_least_median", "resize_square",
                  "EZ-VSL test.py: F.interpolate bilinear align_corners=True, min-max, >= sorted[N/2]"),
         Protocol("fnac", 7, "bilinear_align_corners", "at_least_median", "resize_square",
                  "FNAC: the EZ-VSL evaluation"),
-        Protocol("sspl", 14, "bilinear", "at_least_half", "resize_square",
-                 "SSPL: cv2 INTER_LINEAR, min-max, >= 0.5"),
+        Protocol("sspl", 14, "opencv_linear", "at_least_half", "resize_square",
+                 "SSPL test.py eval_cal_ciou: cv2 INTER_LINEAR, (map - min) / ptp, >= 0.5", normalise="minmax_ptp"),
         Protocol("slavc", 7, "bicubic_align_corners", "at_least_median", "resize_square",
-                 "SLAVC test.py: bicubic align_corners=True, relative prediction (>= sorted[N/2] of the min-max "
-                 "normalised map); confidence = mean of the top 25% of the fixed-range normalised map"),
+                 "SLAVC test.py --relative_prediction: bicubic align_corners=True, fixed-range scores "
+                 "(A - lo) / (hi - lo), min-max, >= sorted[N/2]; confidence = mean of the top 25% of the scores",
+                 normalise="range_minmax", value_range=(-1.0, 1.0)),
     )
 }
 
@@ -170,37 +195,89 @@ def gt_map(boxes: Sequence[Sequence[float]], kind: Literal["vggss", "flickr"], s
 # Prediction processing
 
 
+def _opencv_linear(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``cv2.resize(m, (size, size), interpolation=cv2.INTER_LINEAR)`` of each float32 map, as the official loops call
+    it (one call per map; OpenCV's own rounding, so the result is the official one to the bit). (B, h, w) -> (B, S, S).
+    """
+    import cv2
+
+    src = np.ascontiguousarray(maps.detach().cpu().numpy(), dtype=np.float32)
+    out = np.empty((src.shape[0], size, size), dtype=np.float32)
+    # OpenCV's thread pool only adds wake-up latency on maps this small (and much of it on a busy machine); the
+    # result does not depend on the thread count
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        for i in range(src.shape[0]):
+            cv2.resize(src[i], (size, size), dst=out[i], interpolation=cv2.INTER_LINEAR)
+    finally:
+        cv2.setNumThreads(threads)
+    return torch.from_numpy(out).to(maps.device)
+
+
 def upsample_maps(maps: torch.Tensor, mode: UpsampleMode, size: int = EVAL_SIZE) -> torch.Tensor:
     """Bring maps to the evaluation grid. maps: (B, h, w) -> (B, size, size) float32.
 
-    A map already at ``size`` x ``size`` is returned as is (every mode is the identity there).
+    ``opencv_linear``: OpenCV's INTER_LINEAR (half-pixel centres, border replicated) computed by OpenCV on the CPU;
+    ``bilinear_align_corners`` / ``bicubic_align_corners``: ``F.interpolate(..., align_corners=True)`` on the maps'
+    device. A map already at ``size`` x ``size`` is returned as is (every mode is the identity there).
     """
     maps = maps.float()
     if tuple(maps.shape[-2:]) == (size, size):
         return maps
-    x = maps[:, None]
-    if mode == "bilinear":
-        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    elif mode == "bilinear_align_corners":
-        out = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True)
+    if mode == "opencv_linear":
+        return _opencv_linear(maps, size)
+    if mode == "bilinear_align_corners":
+        out = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=True)
     elif mode == "bicubic_align_corners":
-        out = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
+        out = F.interpolate(maps[:, None], size=(size, size), mode="bicubic", align_corners=True)
     else:
         raise ValueError(f"unknown upsampling mode {mode!r}")
     return out[:, 0]
 
 
-def minmax_normalise(up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max normalise each map. up: (B, S, S) -> (p (B, S, S) float32 in [0, 1], constant (B,) bool).
+def _normalize_img(x: torch.Tensor, guard: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official ``normalize_img`` of each map in float32: (x - min) / (max - min).
 
-    ``constant`` marks maps with max == min; their ``p`` is all zeros (they have no ordering to normalise).
+    x: (B, S, S) -> (p (B, S, S), constant (B,) bool).
+
+    ``guard``: a map with max == min is left as it is (LVS / SSL-TIE / EZ-VSL / SLAVC); without it the division gives
+    NaN (SSPL's ``/ np.ptp``).
     """
-    flat = up.reshape(up.shape[0], -1)
-    lo = flat.amin(dim=1)
-    span = flat.amax(dim=1) - lo
-    constant = span == 0
-    p = (up - lo[:, None, None]) / torch.where(constant, torch.ones_like(span), span)[:, None, None]
+    flat = x.reshape(x.shape[0], -1)
+    lo = flat.amin(dim=1)[:, None, None]
+    span = flat.amax(dim=1)[:, None, None] - lo
+    constant = span.flatten() == 0
+    p = (x - lo) / span
+    if guard:
+        p = torch.where(constant[:, None, None], x, p)
     return p, constant
+
+
+def normalised_scores(up: torch.Tensor, normalise: Normalisation = "minmax",
+                      value_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A preset's official normalisation, in float32 with the official operation order.
+
+    up: (B, S, S) upsampled maps -> (scores (B, S, S), constant (B,) bool: the normalised quantity was constant, so
+    the official code skipped the normalisation and the scores are the un-normalised values).
+    ``minmax``: ``normalize_img(up)``; ``negated_minmax``: ``1 - normalize_img(-up)`` (SSL-TIE, LVS);
+    ``range_minmax``: ``normalize_img((up - lo) / (hi - lo))`` with ``value_range`` = (lo, hi) (SLAVC);
+    ``minmax_ptp``: ``(up - min) / ptp`` without the guard (SSPL).
+    """
+    if normalise == "minmax":
+        return _normalize_img(up)
+    if normalise == "negated_minmax":
+        p, constant = _normalize_img(-up)
+        return 1 - p, constant
+    if normalise == "range_minmax":
+        if value_range is None:
+            raise ValueError("range_minmax needs the maps' value_range (lo, hi)")
+        lo, hi = value_range
+        fixed = (up - torch.tensor(lo, dtype=torch.float32)) / torch.tensor(hi - lo, dtype=torch.float32)
+        return _normalize_img(fixed)
+    if normalise == "minmax_ptp":
+        return _normalize_img(up, guard=False)
+    raise ValueError(f"unknown normalisation {normalise!r}")
 
 
 def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -213,15 +290,17 @@ def _kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return flat.kthvalue(k + 1, dim=1).values
 
 
-def binarise(up: torch.Tensor, rule: ThresholdRule) -> torch.Tensor:
+def binarise(up: torch.Tensor, rule: ThresholdRule, normalise: Normalisation = "minmax",
+             value_range: tuple[float, float] | None = None, whole_frame: torch.Tensor | None = None) -> torch.Tensor:
     """The predicted region under a threshold rule. up: (B, S, S) upsampled maps -> (B, S, S) bool.
 
-    The map is min-max normalised to p; with N = S * S and ``thr = sort(p)[int(N / 2)]``:
-    ``above_median`` predicts p > thr, plus the pixels at the maximum (p == 1) when thr is the maximum (the official
-    SSL-TIE/LVS behaviour, see the module notes); ``at_least_median`` predicts p >= thr; ``at_least_half`` p >= 0.5.
-    A constant map predicts the whole frame under every rule.
+    The map is normalised to p (:func:`normalised_scores`); with N = S * S and ``thr = sort(p)[int(N / 2)]``:
+    ``above_median`` predicts p > thr, plus the pixels whose score is 1 (the official SSL-TIE/LVS
+    ``pred[pred < 1] = 0`` keeps them; see the module notes); ``at_least_median`` predicts p >= thr;
+    ``at_least_half`` p >= 0.5. Applied to a constant map this is the official behaviour (value-dependent).
+    ``whole_frame``: (B,) bool, maps to predict as the whole frame instead (sslt's constant-map rule).
     """
-    p, constant = minmax_normalise(up)
+    p, _ = normalised_scores(up, normalise, value_range)
     flat = p.reshape(p.shape[0], -1)
     if rule == "at_least_half":
         mask = flat >= 0.5
@@ -230,8 +309,33 @@ def binarise(up: torch.Tensor, rule: ThresholdRule) -> torch.Tensor:
         mask = (flat > thr) | (flat >= 1.0) if rule == "above_median" else flat >= thr
     else:
         raise ValueError(f"unknown threshold rule {rule!r}")
-    mask[constant] = True
+    if whole_frame is not None:
+        mask[whole_frame.to(mask.device)] = True
     return mask.reshape(p.shape)
+
+
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Maps whose own values are all equal. maps: (B, h, w) -> (B,) bool (judged before any upsampling, whose float
+    rounding can add noise of a few 1e-7 to a constant map)."""
+    flat = maps.reshape(maps.shape[0], -1)
+    return flat.amax(dim=1) == flat.amin(dim=1)
+
+
+def predict_masks(maps: torch.Tensor, protocol: Protocol, size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsample, normalise and binarise raw maps as the protocol does. maps: (B, h, w) -> (up, masks), (B, S, S) each.
+
+    Under ``constant_maps='whole_frame'`` a map constant before upsampling (or after) predicts the whole frame.
+    """
+    size = protocol.size if size is None else size
+    up = upsample_maps(maps, protocol.upsample, size)
+    whole = None
+    if protocol.constant_maps == "whole_frame":
+        flat = up.reshape(up.shape[0], -1)
+        whole = constant_maps(maps.float()).to(up.device) | (flat.amax(dim=1) == flat.amin(dim=1))
+    elif protocol.constant_maps != "official":
+        raise ValueError(f"unknown constant_maps {protocol.constant_maps!r}; expected 'whole_frame' or 'official'")
+    return up, binarise(up, protocol.threshold, protocol.normalise, protocol.value_range, whole)
 
 
 def nominal_predicted_pixels(rule: ThresholdRule, n_pixels: int) -> int | None:
@@ -296,8 +400,7 @@ def localisation_scores(maps: torch.Tensor, gt: torch.Tensor, protocol: Protocol
     on the same device (CPU or CUDA).
     """
     size = gt.shape[-1]
-    up = upsample_maps(maps, protocol.upsample, size)
-    masks = binarise(up, protocol.threshold)
+    up, masks = predict_masks(maps, protocol, size)
     return LocalisationScores(
         iou=iou_scores(masks, gt).cpu().numpy(),
         pointing=pointing_scores(up, gt).cpu().numpy(),
@@ -355,13 +458,14 @@ def oracle_ious(gt: torch.Tensor, rule: ThresholdRule) -> torch.Tensor:
     IoU* = (sum of the A largest weights) / (sum(gt) + max(0, A - #(gt > 0))).
     This bounds every prediction of area A whatever its shape; it ignores that a 14 x 14 map upsampled cannot draw
     every pixel set. A map with ties at the median can predict less (strict rule) or more (``>=`` rule) than A.
-    For ``at_least_half`` no area is imposed: the support of the ground truth gives IoU 1.
+    For ``at_least_half`` no area is imposed: the support of the ground truth gives IoU 1. An empty ground truth
+    (scored under ``empty_gt='zero'``) gives 0: every prediction of a rule is non-empty.
     """
     flat = gt.reshape(gt.shape[0], -1).double()
     total = flat.sum(dim=1)
     area = nominal_predicted_pixels(rule, flat.shape[1])
     if area is None:
-        return torch.where(total > 0, torch.ones_like(total), torch.full_like(total, math.nan))
+        return (total > 0).double()
     positive = (flat > 0).sum(dim=1)
     taken = total.clone()
     crowded = (positive > area).nonzero().flatten()

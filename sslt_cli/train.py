@@ -364,6 +364,8 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     specs = batch["specs"].to(device, non_blocking=True)
     view1, spec1 = images[:, 0], specs[:, 0]
     spec2 = specs[:, 1] if specs.shape[1] > 1 else spec1
+    if spec2 is spec1 and recipe.model.audio_passes == "per_view":
+        spec2 = spec1.clone()  # a tensor of its own: ModelForTraining embeds it again, as the released code does
     base2 = images[:, 1] if images.shape[1] > 1 else view1
 
     use_geo = t.equivariance.enabled and recipe.loss.geo_weight > 0
@@ -375,7 +377,7 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
                                                  scale_p=eq.scale_p, flip_p=eq.flip_p)
         if shard is not None:
             transform = dataclasses.replace(transform, angles=transform.angles[shard.first:shard.first + shard.local])
-        view2 = augment.apply_geo_transform(base2, transform)
+        view2 = augment.apply_geo_transform(base2, transform, centre=eq.centre)
     else:
         transform = None
         view2 = base2
@@ -402,7 +404,7 @@ def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: to
     logs = {"l_cl1": l_cl1.detach(), "l_cl2": l_cl2.detach(), "acc1": parts1["acc1"]}
     if use_geo:
         target = augment.apply_geo_transform(parts1["map"], transform, out_size=parts2["map"].shape[-2:],
-                                             upsample_to=view1.shape[-2:])
+                                             upsample_to=view1.shape[-2:], centre=t.equivariance.centre)
         l_geo = equivariance_loss(parts2["map"], target)
         total = total + loss_cfg.geo_weight * l_geo
         logs["l_geo"] = l_geo.detach()
@@ -872,9 +874,9 @@ def validate(model, clips: list[Clip], annotations: dict, recipe: Recipe, device
 
     Maps are computed at ``eval.precision`` (fp32 by default), as the final test evaluation computes them.
     """
-    from sslt_cli.evaluate import eval_loader, get_protocol, score_maps
+    from sslt_cli.evaluate import eval_loader, recipe_protocol, score_maps
 
-    protocol = get_protocol(recipe.eval.protocol)
+    protocol = recipe_protocol(recipe.eval)
     model.eval()
     maps: dict[str, np.ndarray] = {}
     losses, weights = 0.0, 0

@@ -434,3 +434,28 @@ def test_export_writes_the_official_format(tmp_path: Path) -> None:
     refused = sslt("export", str(checkpoint), "--out", str(out), "--which", "both")
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "--which must be best or last for an export, got 'both'" in refused.stderr
+
+
+def test_eval_official_deviation_flags(tmp_path: Path) -> None:
+    """--empty-gt zero scores a clip whose boxes clip to nothing (IoU 0, in N); --constant-maps official lets a
+    negative constant map predict nothing under ssltie, as SSL-TIE's loop does; both are recorded in metrics.json."""
+    boxes = {"empty": [[0.5, 0.5, -2.8823037615171176e16, 0.9]], "half": [[0.0, 0.0, 1.0, 0.5]]}
+    (tmp_path / "vggss.json").write_text(json.dumps([{"file": k, "bbox": v} for k, v in boxes.items()]))
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    np.save(maps / "empty.npy", np.random.default_rng(0).random((14, 14), dtype=np.float32))
+    np.save(maps / "half.npy", np.full((1, 1), -0.5, dtype=np.float32))
+    base = ["eval", "--maps", str(maps), "--vggss-json", str(tmp_path / "vggss.json")]
+    default = CliRunner().invoke(app, [*base, "--out", "default"], env=WIDE)
+    official = CliRunner().invoke(app, [*base, "--out", "official", "--empty-gt", "zero", "--constant-maps",
+                                        "official"], env=WIDE)
+    assert default.exit_code == 0 and official.exit_code == 0, default.output + official.output
+    assert "N = 1" in words(default.stdout) and "N = 2" in words(official.stdout)
+    # the constant map: the whole frame (IoU 0.5) by default, nothing (IoU 0) as SSL-TIE's code
+    assert csv_rows(Path("default/per_clip.csv"))[1][:2] == ["half", "0.5"]
+    assert [row[:2] for row in csv_rows(Path("official/per_clip.csv"))[1:]] == [["empty", "0.0"], ["half", "0.0"]]
+    recorded = json.loads(Path("official/metrics.json").read_text())["protocol"]
+    assert (recorded["empty_gt"], recorded["constant_maps"]) == ("zero", "official")
+    bad = CliRunner().invoke(app, [*base, "--empty-gt", "skip"])
+    assert isinstance(bad.exception, SsltError) and bad.exception.render() == (
+        "unknown empty_gt 'skip'; choose one of exclude, zero")

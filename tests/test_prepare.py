@@ -510,8 +510,9 @@ def test_vggss_json_to_xml_and_back_on_the_real_file(tmp_path: Path):
     report = prep.prepare_vggss_annotations(realdata / "vggss.json", anno)
     assert (report.clips, report.boxes, report.written, report.unchanged) == (5158, 5941, 5158, 0)
     assert (len(report.defects.non_finite_or_huge), len(report.defects.degenerate)) == (12, 18)
-    empty_line = ("2 clips have an empty ground truth once their boxes are clipped to [0, 1], so evaluation excludes "
-                  "them: M1P1xla8rg0_000000, MKC9LvRivTM_000030")
+    empty_line = ("2 clips have an empty ground truth once their boxes are clipped to [0, 1]; evaluation excludes "
+                  "them (--empty-gt zero scores them 0, as the official code): M1P1xla8rg0_000000, "
+                  "MKC9LvRivTM_000030")
     assert report.defects.summary()[-1] == empty_line
     assert read_vggss_xml(anno / "Db6Hjt0x28k_000056.xml").boxes[0] == (0.384375, 0.859375, 0.696875,
                                                                          -2.8823037615171176e+16)

@@ -74,7 +74,8 @@ class DefectReport:
                          f"{', '.join(self.duplicate_ids[:5])}")
         if self.empty_after_clipping:
             lines.append(f"{len(self.empty_after_clipping)} clips have an empty ground truth once their boxes are "
-                         f"clipped to [0, 1], so evaluation excludes them: "
+                         f"clipped to [0, 1]; evaluation excludes them (--empty-gt zero scores them 0, as the "
+                         f"official code): "
                          f"{', '.join(self.empty_after_clipping[:5])}")
         return lines
 
@@ -118,7 +119,8 @@ def _check_box(clip_id: str, box: tuple[float, ...], report: DefectReport, norma
 
 
 def _check_vggss_clip(clip_id: str, boxes: list[tuple[float, ...]], report: DefectReport) -> None:
-    """Record ``clip_id`` if its ground truth is empty once its boxes are clipped to [0, 1] (evaluation excludes it)."""
+    """Record ``clip_id`` if its ground truth is empty once its boxes are clipped to [0, 1] (evaluation excludes it by
+    default)."""
     from sslt_cli import metrics  # imports torch: only where boxes are checked, so `sslt --help` stays instant
 
     try:

@@ -278,18 +278,22 @@ def sample_geo_transform(
     return GeoTransform(angles=angles, scale=scale, flip=flip)
 
 
-def _warp_matrices(angles: torch.Tensor, scale: float, height: int, width: int) -> torch.Tensor:
+def _warp_matrices(angles: torch.Tensor, scale: float, height: int, width: int, centre: str = "exact") -> torch.Tensor:
     """(B, 2, 3) ``affine_grid`` matrices mapping each output position to its source (normalised coordinates).
 
     Forward map in pixels about the centre c (y points down): dst - c = scale * [[cos, sin], [-sin, cos]] (src - c),
     which turns content counter-clockwise on screen for a positive angle. affine_grid needs the inverse,
-    src - c = (1 / scale) * [[cos, -sin], [sin, cos]] (dst - c), rewritten for coordinates normalised by (W/2, H/2).
+    src - c = (1 / scale) * [[cos, -sin], [sin, cos]] (dst - c), rewritten for coordinates normalised by (W/2, H/2)
+    (``align_corners=False``: pixel x sits at (2x + 1) / W - 1). ``centre``: ``exact``, the image centre
+    ((W - 1) / 2, (H - 1) / 2), normalised (0, 0); ``code``, pixel (W / 2, H / 2) as the released code's kornia call,
+    normalised (1 / W, 1 / H): then src = A dst + (c - A c).
     """
     rad = torch.deg2rad(angles)
     cos, sin = torch.cos(rad) / scale, torch.sin(rad) / scale
-    zeros = torch.zeros_like(cos)
-    row_x = torch.stack([cos, -sin * (height / width), zeros], dim=1)
-    row_y = torch.stack([sin * (width / height), cos, zeros], dim=1)
+    cx, cy = {"exact": (0.0, 0.0), "code": (1.0 / width, 1.0 / height)}[centre]
+    a_xy, a_yx = -sin * (height / width), sin * (width / height)
+    row_x = torch.stack([cos, a_xy, cx - (cos * cx + a_xy * cy)], dim=1)
+    row_y = torch.stack([a_yx, cos, cy - (a_yx * cx + cos * cy)], dim=1)
     return torch.stack([row_x, row_y], dim=1)
 
 
@@ -298,6 +302,7 @@ def apply_geo_transform(
     transform: GeoTransform,
     out_size: tuple[int, int] | None = None,
     upsample_to: tuple[int, int] | None = None,
+    centre: str = "exact",
 ) -> torch.Tensor:
     """Apply T to images or maps: (B, C, H, W) -> (B, C, H', W'), float32.
 
@@ -305,14 +310,16 @@ def apply_geo_transform(
     upsampled to the image size so it is warped at the image's resolution), warp by rotation and scale about the
     centre (bilinear, zeros outside), resize to ``out_size`` (default: ``int(scale * H), int(scale * W)`` of the
     input's size, e.g. a 14 x 14 map -> 7 x 7 at scale 0.5, a 224 image -> 112), then flip horizontally if T flips.
-    The rotation centre is the true image centre ((W - 1) / 2, (H - 1) / 2 in pixel indices; kornia's code uses
-    (W / 2, H / 2), half a pixel off), so a 90-degree turn or a flip moves pixel centres onto pixel centres.
+    ``centre``: ``exact`` rotates and scales about the true image centre ((W - 1) / 2, (H - 1) / 2 in pixel indices),
+    so a 90-degree turn or a flip moves pixel centres onto pixel centres; ``code`` about pixel (W / 2, H / 2), half a
+    pixel off, as the released code's kornia ``warp_affine`` (``transforms.equivariance.centre``).
     """
     height, width = x.shape[-2:]
     x = x.float()
     if upsample_to is not None and tuple(upsample_to) != (height, width):
         x = F.interpolate(x, size=tuple(upsample_to), mode="bilinear", align_corners=False)
-    theta = _warp_matrices(transform.angles.to(device=x.device, dtype=torch.float32), transform.scale, *x.shape[-2:])
+    theta = _warp_matrices(transform.angles.to(device=x.device, dtype=torch.float32), transform.scale, *x.shape[-2:],
+                           centre)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if out_size is None:
