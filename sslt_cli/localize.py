@@ -294,8 +294,8 @@ def _records(ctx: _Context, maps: torch.Tensor, indices: Sequence[int], times: S
     from sslt_cli import metrics
 
     proto = ctx.protocol
-    up = metrics.upsample_maps(maps, proto.upsample, proto.size)
-    above = metrics.binarise(up, proto.threshold).float().mean(dim=(1, 2))
+    up, masks = metrics.predict_masks(maps, proto)
+    above = masks.float().mean(dim=(1, 2))
     flat = up.reshape(up.shape[0], -1).argmax(dim=1)
     peak_y, peak_x = (flat // proto.size + 0.5) / proto.size, (flat % proto.size + 0.5) / proto.size
     max_cos, mean_cos = maps.amax(dim=(1, 2)).numpy(), maps.mean(dim=(1, 2)).numpy()
@@ -313,11 +313,9 @@ def _overlay(picture: np.ndarray, up: torch.Tensor, original: torch.Tensor, reco
     """The overlay picture of one frame: up (S, S) upsampled map, original (h, w) map, picture (H, W, 3)."""
     import torch.nn.functional as F
 
-    from sslt_cli import metrics
-
     h, w = picture.shape[:2]
-    heat, _ = metrics.minmax_normalise(F.interpolate(up[None, None], size=(h, w), mode="bilinear",
-                                                     align_corners=False)[0])
+    heat = F.interpolate(up[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # colours span this frame's range
     caption = f"{record.time_s:6.2f} s  max cos {record.max_cos:.2f}"
     if record.visible is not None:
         caption += f"  visible {record.visible:.0%}"
