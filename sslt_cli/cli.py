@@ -610,6 +610,43 @@ def export(
                                         "'iteration'}; 257 tensors)"})
 
 
+# --------------------------------------------------------------------------------------------------------- localize
+
+@app.command(epilog=_example("sslt localize runs/quickstart-20261125-101500 street.mp4 clips/ --out loc/"))
+def localize(
+    model: Path = typer.Argument(..., help="Run folder, sslt checkpoint or official SSL-TIE checkpoint."),
+    media: Optional[List[Path]] = typer.Argument(None, help="Video files (mp4, mkv, webm, mov) or folders of them."),
+    out_dir: Path = typer.Option(Path("localize"), "--out", help="Output folder (index.html, a folder per input)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="A still frame; pair each with an --audio."),
+    audio: Optional[List[Path]] = typer.Option(None, "--audio", help="The sound of the --image at the same place."),
+    fps: float = typer.Option(2.0, "--fps", min=0.01, help="Frames sampled per second of video."),
+    window: Optional[float] = typer.Option(None, "--window", min=0.05, help="Seconds of audio per frame, centred on "
+                                           "it (default: the recipe's clip length, what the model was trained on)."),
+    maps: bool = typer.Option(False, "--maps", help="Also save the raw maps (maps.npz, as sslt eval --maps reads)."),
+    which: str = typer.Option("best", help="For a run folder: the best (validation cIoU) or the last checkpoint."),
+    calibrate_on: Optional[Path] = typer.Option(None, "--calibrate-on", help="Prepared set to calibrate the "
+                                                "'visible' score on (default: the run's validation set)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="The recipe the model was trained with (image "
+                                          "size, audio front end): for official checkpoints, which do not carry it."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Where is the sound? Heatmap videos, contact sheets, per-frame CSV/JSON and an index.html for your own media."""
+    from sslt_cli.config import load_recipe
+    from sslt_cli.localize import LocalizeOptions, localize as run_localize
+
+    options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
+    result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
+                          device=_device(device), which=which, calibrate_on=calibrate_on,
+                          recipe=load_recipe(recipe) if recipe is not None else None,
+                          report=lambda line: err.print(line, highlight=False, markup=False))
+    done = len(result.inputs) - len(result.failed)
+    out.print(f"{done} of {len(result.inputs)} input(s) localised: open {result.page}", highlight=False)
+    if result.failed:
+        raise SsltError(f"{len(result.failed)} input(s) could not be localised (the others are in {result.page})",
+                        [item.error or "" for item in result.failed])
+
+
 # ------------------------------------------------------------------------------------------------------------- runs
 
 @app.command(epilog=_example("sslt runs --runs-dir runs"))
