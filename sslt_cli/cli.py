@@ -633,11 +633,12 @@ def localize(
 ) -> None:
     """Where is the sound? Heatmap videos, contact sheets, per-frame CSV/JSON and an index.html for your own media."""
     from sslt_cli.config import load_recipe
+    from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
     options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
-                          device=_device(device), which=which, calibrate_on=calibrate_on,
+                          device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
                           recipe=load_recipe(recipe) if recipe is not None else None,
                           report=lambda line: err.print(line, highlight=False, markup=False))
     done = len(result.inputs) - len(result.failed)

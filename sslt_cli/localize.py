@@ -453,7 +453,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's."""
     from sslt_cli.calibration import calibration_for
     from sslt_cli.data.augment import build_eval_transform
-    from sslt_cli.evaluate import get_protocol, load_model, resolve_checkpoints
+    from sslt_cli.checkpoint import load_model, resolve_checkpoints
+    from sslt_cli.evaluate import get_protocol
 
     wall = time.perf_counter()
     if which not in ("best", "last"):

@@ -21,10 +21,11 @@ from sslt_cli.cli import app
 from sslt_cli.config import Recipe, recipe_dict
 from sslt_cli.data.manifest import Clip
 from sslt_cli.data.synthetic import generate, moving_clip
-from sslt_cli.evaluate import load_maps, load_model
+from sslt_cli.checkpoint import load_model, save_official_checkpoint
+from sslt_cli.evaluate import load_maps
 from sslt_cli.localize import LocalizeOptions, localize, window_specs
 from sslt_cli.media import frames_at, read_audio, sample_times, write_video
-from sslt_cli.model import build_model, save_official_checkpoint
+from sslt_cli.model import build_model
 from sslt_cli.runs import Run
 
 TINY = {"data": {"image_size": 64, "root": "data"}, "audio": {"clip_seconds": 1.0, "hop_length": 956, "n_mels": 40},
@@ -166,7 +167,7 @@ def test_image_and_audio_pair_with_an_official_checkpoint(tmp_path: Path) -> Non
 
 
 def test_an_official_export_with_its_recipe_gives_the_same_maps_as_the_sslt_checkpoint(assets, tmp_path: Path) -> None:
-    from sslt_cli.evaluate import export_official
+    from sslt_cli.checkpoint import export_official
 
     export_official(assets["checkpoint"], tmp_path / "official.pth.tar")
     options = LocalizeOptions(fps=2.0, save_maps=True)
