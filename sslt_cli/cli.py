@@ -352,10 +352,8 @@ def eval_cmd(
         from sslt_cli.runs import Run
 
         recipe = Run.open(run_dir).recipe()
-    protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
-    recipe_eval = recipe.eval if recipe is not None else None
-    proto = ev.get_protocol(protocol_name, constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
-                            empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
+    proto = _eval_protocol(recipe, protocol, constant_maps, empty_gt)
+    protocol_name = proto.name
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
     silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
     silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
@@ -421,6 +419,17 @@ def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, 
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
+
+
+def _eval_protocol(recipe, protocol: str | None, constant_maps: str | None, empty_gt: str | None):
+    """The protocol `sslt eval` scores under: the option, else the recipe's, else ssltie; its deviation options from
+    the command line, else the recipe's."""
+    from sslt_cli import evaluate as ev
+
+    recipe_eval = recipe.eval if recipe is not None else None
+    return ev.get_protocol(protocol or (recipe_eval.protocol if recipe_eval is not None else "ssltie"),
+                           constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
+                           empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
 
 
 def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
