@@ -352,10 +352,8 @@ def eval_cmd(
         from sslt_cli.runs import Run
 
         recipe = Run.open(run_dir).recipe()
-    protocol_name = protocol or (recipe.eval.protocol if recipe is not None else "ssltie")
-    recipe_eval = recipe.eval if recipe is not None else None
-    proto = ev.get_protocol(protocol_name, constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
-                            empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
+    proto = _eval_protocol(recipe, protocol, constant_maps, empty_gt)
+    protocol_name = proto.name
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
     silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
     silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
@@ -421,6 +419,17 @@ def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, 
                         f"audio too",
                         ["pass --media DIR, a folder with frame/<id>.jpg and audio/<id>.wav (the vggss_test layout), "
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
+
+
+def _eval_protocol(recipe, protocol: str | None, constant_maps: str | None, empty_gt: str | None):
+    """The protocol `sslt eval` scores under: the option, else the recipe's, else ssltie; its deviation options from
+    the command line, else the recipe's."""
+    from sslt_cli import evaluate as ev
+
+    recipe_eval = recipe.eval if recipe is not None else None
+    return ev.get_protocol(protocol or (recipe_eval.protocol if recipe_eval is not None else "ssltie"),
+                           constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
+                           empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
 
 
 def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
@@ -608,6 +617,44 @@ def export(
     _print_mapping("export", {"read": str(source), "written": str(written),
                               "format": "official SSL-TIE ({'epoch', 'state_dict', 'best_miou', 'optimizer', "
                                         "'iteration'}; 257 tensors)"})
+
+
+# --------------------------------------------------------------------------------------------------------- localize
+
+@app.command(epilog=_example("sslt localize runs/quickstart-20261125-101500 street.mp4 clips/ --out loc/"))
+def localize(
+    model: Path = typer.Argument(..., help="Run folder, sslt checkpoint or official SSL-TIE checkpoint."),
+    media: Optional[List[Path]] = typer.Argument(None, help="Video files (mp4, mkv, webm, mov) or folders of them."),
+    out_dir: Path = typer.Option(Path("localize"), "--out", help="Output folder (index.html, a folder per input)."),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="A still frame; pair each with an --audio."),
+    audio: Optional[List[Path]] = typer.Option(None, "--audio", help="The sound of the --image at the same place."),
+    fps: float = typer.Option(2.0, "--fps", min=0.01, help="Frames sampled per second of video."),
+    window: Optional[float] = typer.Option(None, "--window", min=0.05, help="Seconds of audio per frame, centred on "
+                                           "it (default: the recipe's clip length, what the model was trained on)."),
+    maps: bool = typer.Option(False, "--maps", help="Also save the raw maps (maps.npz, as sslt eval --maps reads)."),
+    which: str = typer.Option("best", help="For a run folder: the best (validation cIoU) or the last checkpoint."),
+    calibrate_on: Optional[Path] = typer.Option(None, "--calibrate-on", help="Prepared set to calibrate the "
+                                                "'visible' score on (default: the run's validation set)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="The recipe the model was trained with (image "
+                                          "size, audio front end): for official checkpoints, which do not carry it."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Where is the sound? Heatmap videos, contact sheets, per-frame CSV/JSON and an index.html for your own media."""
+    from sslt_cli.config import load_recipe
+    from sslt_cli.distributed import pick_device
+    from sslt_cli.localize import LocalizeOptions, localize as run_localize
+
+    options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
+    result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
+                          device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
+                          recipe=load_recipe(recipe) if recipe is not None else None,
+                          report=lambda line: err.print(line, highlight=False, markup=False))
+    done = len(result.inputs) - len(result.failed)
+    out.print(f"{done} of {len(result.inputs)} input(s) localised: open {result.page}", highlight=False)
+    if result.failed:
+        raise SsltError(f"{len(result.failed)} input(s) could not be localised (the others are in {result.page})",
+                        [item.error or "" for item in result.failed])
 
 
 # ------------------------------------------------------------------------------------------------------------- runs

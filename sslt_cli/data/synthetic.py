@@ -89,6 +89,8 @@ _ID_ALPHABET = string.ascii_letters + string.digits + "_-"
 # Extra SeedSequence words that keep id and label draws apart from the clip's own [seed, stream, index]; non-zero
 # because SeedSequence pads short entropy with zeros, so a trailing 0 would not tell two sequences apart.
 _ID_STREAM, _LABEL_STREAM = 1, 2
+_MOVING_STREAM = 10  # RNG stream of moving_clip's scenes, apart from every set's (0-3)
+_MOVING_MAX_SIDE = 0.4
 
 
 # ------------------------------------------------------------------------------------------------------ scene specs
@@ -338,10 +340,8 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _render_frame(scene: _Scene, size: int, rng: np.random.Generator) -> bytes:
-    """The scene as JPEG bytes (``size`` x ``size``, quality 90)."""
-    import cv2
-
+def _render_pixels(scene: _Scene, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The scene as a (size, size, 3) uint8 RGB picture."""
     img = _background(size, rng)
     for obj in scene.objects:
         x0, y0, x1, y1 = _pixel_box(obj.box, size)
@@ -351,7 +351,14 @@ def _render_frame(scene: _Scene, size: int, rng: np.random.Generator) -> bytes:
         region = img[y0:y1, x0:x1]
         img[y0:y1, x0:x1] = region * (1.0 - alpha) + patch * alpha
     img += rng.normal(0.0, 4.0, img.shape).astype(np.float32)  # sensor noise over everything
-    bgr = np.clip(img, 0, 255).astype(np.uint8)[..., ::-1]
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _render_frame(scene: _Scene, size: int, rng: np.random.Generator) -> bytes:
+    """The scene as JPEG bytes (``size`` x ``size``, quality 90)."""
+    import cv2
+
+    bgr = _render_pixels(scene, size, rng)[..., ::-1]
     ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise RuntimeError("cv2.imencode failed to encode a JPEG frame")
@@ -485,6 +492,64 @@ def _render_audio(label: int, seconds: int, sr: int, rng: np.random.Generator) -
         w.setframerate(sr)
         w.writeframes(pcm.tobytes())
     return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class MovingClip:
+    """A benchmark scene whose sounding object moves: ``frames`` (N, size, size, 3) uint8 RGB at ``fps``,
+    ``audio`` (samples,) float32 at ``sample_rate``, ``boxes`` (N, 4) the sounding object's normalised box per frame,
+    ``shown``: the categories in the picture (the sounding one and the distractors')."""
+
+    label: str
+    frames: np.ndarray
+    audio: np.ndarray
+    boxes: np.ndarray
+    fps: int
+    sample_rate: int
+    shown: tuple[str, ...]
+
+    def contains(self, time_s: float, x: float, y: float) -> bool:
+        """Whether the normalised point (x, y) lies in the sounding object's box in the frame shown at ``time_s``."""
+        index = min(len(self.boxes) - 1, max(0, int(math.floor(time_s * self.fps + 1e-6))))
+        x0, y0, x1, y1 = self.boxes[index]
+        return bool(x0 <= x <= x1 and y0 <= y <= y1)
+
+
+def moving_clip(seed: int, label: int, *, seconds: float = 4.0, fps: int = 10, size: int = 128,
+                sample_rate: int = 16000, n_classes: int = 10) -> MovingClip:
+    """A scene of the benchmark (one sounding object, 1-2 distractors, the category's sound) in which the sounding
+    object glides from one side of the picture to the other while the rest stays still; it is drawn in front, so it
+    is never hidden; its longer side is at most 0.4 of the picture's. For testing what a model follows over time
+    (``sslt localize``)."""
+    import soundfile
+
+    scene_rng, image_rng, audio_rng, _ = _clip_rngs(seed, _MOVING_STREAM, label)
+    scene = _sample_scene(scene_rng, label, n_classes, False)
+    sounding = next(o for o in scene.objects if o.sounding)
+    others = [o for o in scene.objects if not o.sounding]
+    w, h = sounding.box[2] - sounding.box[0], sounding.box[3] - sounding.box[1]
+    shrink = min(1.0, _MOVING_MAX_SIDE / max(w, h))  # a large object would have nowhere to go
+    w, h = w * shrink, h * shrink
+    flip = bool(scene_rng.uniform() < 0.5)
+    start = np.array([max(w / 2, 0.25), max(h / 2, 0.25)])
+    end = np.array([min(1 - w / 2, 0.75), min(1 - h / 2, 0.75)])
+    if flip:
+        start[0], end[0] = end[0], start[0]
+    image_seed = int(image_rng.integers(2 ** 63))
+    count = max(1, int(round(seconds * fps)))
+    frames, boxes = [], []
+    for k in range(count):
+        cx, cy = start + (end - start) * (k / max(1, count - 1))
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        moved = _Scene(scene.label, tuple(others) + (_Object(sounding.category, box, True),))
+        # the same generator seed for every frame: background, textures and noise stay put, only the object moves
+        frames.append(_render_pixels(moved, size, np.random.default_rng(image_seed)))
+        boxes.append(box)
+    wav, _ = soundfile.read(io.BytesIO(_render_audio(label, math.ceil(seconds), sample_rate, audio_rng)),
+                            dtype="float32")
+    return MovingClip(CLASSES[label], np.stack(frames), wav[:int(round(seconds * sample_rate))],
+                      np.asarray(boxes, np.float32), fps, sample_rate,
+                      tuple(sorted({CLASSES[o.category] for o in scene.objects})))
 
 
 # ------------------------------------------------------------------------------------------------------ clip files
