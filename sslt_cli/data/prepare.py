@@ -274,6 +274,17 @@ def _nearest_frames(container, stream, origin: float, targets: list[float], fall
     return best
 
 
+@contextmanager
+def _decoder_failures() -> Iterator[None]:
+    """Any decoder failure inside is this clip's problem, never the run's: it becomes a ``decode error``."""
+    try:
+        yield
+    except _ClipFailure:
+        raise
+    except Exception as exc:
+        raise _ClipFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+
 def _decode_audio(container, stream, origin: float, start: float, end: float, sample_rate: int,
                   need_until: float) -> "np.ndarray":
     """Mono float32 samples at ``sample_rate`` for ``[start, end)`` seconds after ``origin`` (the video's first frame,
@@ -422,7 +433,7 @@ class _VideoJob:
                 if not container.streams.audio:
                     raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
                 video, audio = container.streams.video[0], container.streams.audio[0]
-                try:
+                with _decoder_failures():
                     origin = _stream_origin(video)
                     frames = _nearest_frames(container, video, origin, targets, self.fps)
                     jpegs = [_jpeg_bytes(f, self.frame_size) for f in frames]
@@ -431,10 +442,6 @@ class _VideoJob:
                     half = TRAIN_AUDIO_SECONDS / 2
                     start, end, need = (t - half, t + half, t + half) if self.train else (0.0, CLIP_SECONDS, t)
                     samples = _decode_audio(container, audio, origin, start, end, self.sample_rate, need)
-                except _ClipFailure:
-                    raise
-                except Exception as exc:  # any decoder failure is this clip's problem, never the run's
-                    raise _ClipFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
         except _ClipFailure as failure:
             return _Outcome(self.clip_id, failure.status, failure.reason)
         atomic_write_bytes(self.out / self.audio, _wav_bytes(samples, self.sample_rate))
@@ -498,13 +505,9 @@ class _FlickrJob:
                 if not container.streams.audio:
                     raise _ClipFailure(NO_AUDIO, f"{self.source.name} has no audio stream")
                 stream = container.streams.audio[0]
-                try:
+                with _decoder_failures():
                     samples = _decode_audio(container, stream, _stream_origin(stream), 0.0, self.seconds,
                                             self.sample_rate, 0.0)
-                except _ClipFailure:
-                    raise
-                except Exception as exc:  # any decoder failure is this clip's problem, never the run's
-                    raise _ClipFailure(DECODE_ERROR, f"{type(exc).__name__}: {exc}") from None
         except _ClipFailure as failure:
             return _Outcome(self.clip_id, failure.status, failure.reason)
         atomic_write_bytes(self.out / self.audio, _wav_bytes(samples, self.sample_rate))
