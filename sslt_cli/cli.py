@@ -283,7 +283,7 @@ def train(
 def _run_training(recipe, make_run, resume: bool) -> None:
     """Train (:func:`sslt_cli.train.train`) into the run ``make_run(world size)`` gives: under torchrun rank 0 makes
     it and every rank gets it. What must stop a run before its folder exists is checked first: the processes fit the
-    recipe, the validation and test sets have usable clips, a local MLflow store opens. A training stopped by
+    recipe, a local MLflow store opens, the validation and test sets have usable clips. A training stopped by
     SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its checkpoint and the resume hint are
     written by then)."""
     from sslt_cli import distributed
@@ -292,9 +292,9 @@ def _run_training(recipe, make_run, resume: bool) -> None:
 
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
     check_processes(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    check_eval_sets(recipe)
     if recipe.tracking.enabled:
-        check_store()
+        check_store()  # cheap, so a broken store is named before the sets are read
+    check_eval_sets(recipe)
     run = distributed.share_run(env, lambda: make_run(env.world))
     result = run_training(recipe, run, resume=resume, console=err, out=out)
     if result.status == "interrupted":
