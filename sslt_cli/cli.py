@@ -333,6 +333,12 @@ def eval_cmd(
     empty_gt: Optional[str] = typer.Option(None, "--empty-gt", help="exclude (a clip whose ground truth is empty, "
                                            "e.g. after clipping, is listed, not scored) or zero (scored 0 and counted "
                                            "in N, as the official code). Default: the recipe's, else exclude."),
+    ogl_weights: Optional[Path] = typer.Option(None, "--ogl-weights", help="EZ-VSL's object-guided localisation: a "
+                                               "local torchvision resnet18 state_dict (ImageNet weights); the maps "
+                                               "scored are alpha * AV + (1 - alpha) * object map. Default: the "
+                                               "recipe's eval.ogl_weights (off)."),
+    ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
+                                              "weight of the audio-visual map (default: the recipe's, else 0.4)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -344,6 +350,9 @@ def eval_cmd(
     _check_eval_options(target=target, maps=maps, baselines_only=baselines_only, extended=extended,
                         silent_maps=silent_maps, silent_data=silent_data, vggss_json=vggss_json, media=media,
                         protocol=protocol, which=which)
+    if (ogl_weights is not None or ogl_alpha is not None) and target is None:
+        raise SsltError("--ogl-weights / --ogl-alpha go with a model (RUN or CHECKPOINT): object-guided localisation "
+                        "runs an ImageNet ResNet-18 on the frames, which precomputed maps and baselines do not have")
     if out_dir is not None:
         writable_dir(out_dir, "--out")
     recipe, checkpoints, run_dir = (checkpoint.resolve_checkpoints(target, which) if target is not None
@@ -370,7 +379,8 @@ def eval_cmd(
             for label, path in checkpoints:
                 ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
                 _eval_checkpoint(path, label, recipe, set_name, test, proto, where, sink, device=dev,
-                                 batch_size=batch_size, clip_boxes=clip_boxes, extended=ext)
+                                 batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
+                                 ogl=(ogl_weights, ogl_alpha))
             continue
         # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
         to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
@@ -468,12 +478,22 @@ def _eval_tracking(recipe, run_dir: Path | None, protocol_name: str):
 
 
 def _eval_checkpoint(path: Path, label: str, recipe, set_name: str, test, protocol, where: Path, sink, *,
-                     device, batch_size, clip_boxes, extended) -> None:
-    """One checkpoint on one test set through the one evaluation function, reported and mirrored."""
+                     device, batch_size, clip_boxes, extended, ogl=(None, None)) -> None:
+    """One checkpoint on one test set through the one evaluation function, reported and mirrored. ``ogl``:
+    (--ogl-weights, --ogl-alpha), each overriding the recipe's ``eval.ogl_*`` when given."""
     from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
 
     loaded = checkpoint.load_model(path, recipe, device)
+    weights, alpha = ogl
+    if weights is not None or alpha is not None:
+        current = loaded.recipe.eval
+        weights = str(weights) if weights is not None else current.ogl_weights
+        if weights is None:
+            raise SsltError("--ogl-alpha needs object-guided localisation switched on: add --ogl-weights PATH (a "
+                            "local torchvision resnet18 state_dict) or set eval.ogl_weights in the recipe")
+        update = {"ogl_weights": weights, "ogl_alpha": current.ogl_alpha if alpha is None else alpha}
+        loaded.recipe = loaded.recipe.model_copy(update={"eval": current.model_copy(update=update)})
     folder = ev.eval_folder(where, set_name, label, protocol.name)
     to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
     with _progress(f"{test.name} ({label})", to_predict + len(extended[0] if extended else ())) as advance:

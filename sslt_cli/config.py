@@ -202,6 +202,10 @@ class EvalConfig(_Strict):
     # maps for validation and test in fp32, as the published pipelines score them; bf16 is faster but rounds the
     # cosine map to 8 mantissa bits, which adds ties at the median and at the maximum
     precision: Literal["fp32", "bf16"] = "fp32"
+    # EZ-VSL's object-guided localisation for the test evaluation (not validation): the path of a local torchvision
+    # resnet18 state_dict (ImageNet weights); the scored map is normalize_img(ogl_alpha * AV + (1 - ogl_alpha) * object)
+    ogl_weights: str | None = None
+    ogl_alpha: float = Field(0.4, ge=0.0, le=1.0)
 
 
 class TrackingConfig(_Strict):

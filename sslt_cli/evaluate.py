@@ -55,6 +55,8 @@ from sslt_cli.metrics import Protocol
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from sslt_cli.ogl import ObjectGuidance
+
 CHUNK = 64  # clips per scoring batch: a (64, 224, 224) float32 tensor is 13 MB
 RANDOM_SEEDS = (0, 1, 2)
 MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
@@ -291,14 +293,16 @@ def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:
 
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
                       device: str | torch.device, progress: Callable[[int], None] | None = None,
-                      on_batch: BatchHook | None = None) -> dict[str, np.ndarray]:
+                      on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
+                      ) -> dict[str, np.ndarray]:
     """Localisation maps of a model over test batches -> {clip id: (h, w) float32 cosine map}.
 
     batches yield ``(ids, images (B, 3, H, W) normalised, specs (B, 1, n_mels, T) log-mel dB)``; the map of each
     image with its own audio is ``localisation_map(model.embed_image(images), model.embed_audio(specs))``
     (B, 1, h, w). The model is put in eval mode; ``progress`` is called with the clip count of each batch and
     ``on_batch(ids, images, v, a, maps (B, h, w))`` sees each batch's embeddings (validation's L_cl and heatmaps),
-    outside autocast.
+    outside autocast. ``ogl``: EZ-VSL's object-guided localisation; each map is then the combined (S, S) map
+    (:mod:`sslt_cli.ogl`).
     """
     from sslt_cli.model import localisation_map
 
@@ -308,7 +312,10 @@ def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[s
         for ids, images, specs in batches:
             v = model.embed_image(images.to(device, non_blocking=True))
             a = model.embed_audio(specs.to(device, non_blocking=True))
-            batch_maps = localisation_map(v, a)[:, 0].float().cpu().numpy()
+            batch_maps = localisation_map(v, a)[:, 0].float()
+            if ogl is not None:
+                batch_maps = ogl.apply(batch_maps, images)
+            batch_maps = batch_maps.cpu().numpy()
             if on_batch is not None:
                 with torch.autocast(torch.device(device).type, enabled=False):
                     on_batch(list(ids), images, v, a, torch.from_numpy(batch_maps))
@@ -387,6 +394,7 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     extended: ExtendedResult | None = None
     published: dict[str, Any] | None = None  # the papers' numbers when the requested set is a published list
+    object_guidance: dict[str, Any] | None = None  # EZ-VSL's OGL when the scored maps are its combination
 
     @property
     def n(self) -> int:
@@ -770,7 +778,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
     """The content of ``metrics.json``: protocol settings, N accounting, method, baselines, extended, exclusions."""
     return _json_safe({
         "name": result.name,
-        "protocol": dataclasses.asdict(result.protocol),
+        "protocol": {**dataclasses.asdict(result.protocol), "object_guidance": result.object_guidance},
         "n": result.n,
         "accounting": result.accounting,
         "n_explained": result.n_explained(),
@@ -926,6 +934,9 @@ def result_table(result: EvalResult) -> "Table":
                   caption=(f"{result.n_explained()}\n{proto.upsample} upsampling to {proto.size}, {proto.normalise}, "
                            f"{proto.threshold.replace('_', ' ')}; frames {proto.image_preprocessing.replace('_', ' ')}"
                            f"; boxes {'clipped to [0, 1]' if proto.clip_boxes else 'not clipped'}\n"
+                           + (f"maps: EZ-VSL object-guided localisation, alpha {result.object_guidance['alpha']:g} "
+                              f"(object map from {result.object_guidance['weights']})\n"
+                              if result.object_guidance else "") +
                            "centre prior: a centred disc of half the frame; random: uniform maps, mean±std over the "
                            "seeds; oracle ceiling: the best IoU a prediction of the rule's area can reach"),
                   caption_justify="left")
@@ -976,11 +987,13 @@ def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, 
 def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, protocol: Protocol,
                  device: str | torch.device, *, batch_size: int | None = None, num_workers: int | None = None,
                  pairs: Sequence[tuple[str, Clip, Clip]] | None = None, progress: Callable[[int], None] | None = None,
-                 on_batch: BatchHook | None = None) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+                 on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
+                 ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Maps of ``model`` on ``clips`` (each frame with its own audio), or on ``pairs`` (key, frame clip, audio clip).
 
     Frames get the protocol's image pre-processing at ``recipe.data.image_size``; audio gets the recipe's front end.
-    Returns ({key: (h, w) map}, [(key, reason)] for clips that could not be decoded).
+    Returns ({key: (h, w) map}, [(key, reason)] for clips that could not be decoded); ``ogl`` as in
+    :func:`maps_from_batches`.
     """
     if pairs is None:
         items = list(clips)
@@ -1003,7 +1016,7 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
 
     device = torch.device(device)
     with autocast_for(device, recipe.eval.precision):
-        maps = maps_from_batches(model, batches(), device, progress, on_batch)
+        maps = maps_from_batches(model, batches(), device, progress, on_batch, ogl)
     return maps, skipped
 
 
@@ -1018,7 +1031,8 @@ def evaluate_model(model: torch.nn.Module, test: TestSet, protocol: str | Protoc
                    device: str | torch.device = "cpu", out_dir: Path | None = None, baselines: bool = True,
                    batch_size: int | None = None, num_workers: int | None = None, clip_boxes: bool | None = None,
                    extended: tuple[list[tuple[str, str]], TestSet] | None = None,
-                   progress: Callable[[int], None] | None = None, on_batch: BatchHook | None = None) -> EvalResult:
+                   progress: Callable[[int], None] | None = None, on_batch: BatchHook | None = None,
+                   object_guidance: bool = True) -> EvalResult:
     """The one evaluation of a model: maps for the test set's clips (``recipe``'s image size and audio front end at
     ``eval.precision``), scored under ``protocol`` with baselines, outputs written to ``out_dir`` when given.
 
@@ -1026,16 +1040,24 @@ def evaluate_model(model: torch.nn.Module, test: TestSet, protocol: str | Protoc
     ``extended``: (non-sounding pairs, the set holding their frames and audio) adds SLAVC's extended evaluation; a
     pair whose frame or audio is unavailable is left out and listed. ``progress`` is called with the clip count of
     each predicted batch, the non-sounding pairs' batches included; ``on_batch`` as in :func:`maps_from_batches`.
+    With ``recipe.eval.ogl_weights`` set (and ``object_guidance``), the scored maps are EZ-VSL's object-guided
+    combination (:mod:`sslt_cli.ogl`), and the result's notes say so.
     """
+    from sslt_cli.ogl import ObjectGuidance
+
     proto = get_protocol(protocol)
+    ogl = ObjectGuidance.from_eval(recipe.eval, proto, device) if object_guidance else None
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
     maps, skipped = predict_maps(model, clips, recipe, proto, device, batch_size=batch_size, num_workers=num_workers,
-                                 progress=progress, on_batch=on_batch)
+                                 progress=progress, on_batch=on_batch, ogl=ogl)
     unavailable = dict(test.unavailable)
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
                         annotation_problems=test.annotation_problems, baselines=baselines, clip_boxes=clip_boxes,
                         name=test.name, notes=test.notes, device=device)
+    if ogl is not None:
+        result.notes = [*result.notes, ogl.note()]
+        result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
     if extended is not None:
         silent_pairs, silent_set = extended
         pairs: list[tuple[str, Clip, Clip]] = []
@@ -1051,7 +1073,7 @@ def evaluate_model(model: torch.nn.Module, test: TestSet, protocol: str | Protoc
             dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {silent_set.name}: {'; '.join(missing)}"))
         silent_maps, silent_skipped = predict_maps(model, [], recipe, proto, device,
                                                    batch_size=batch_size, num_workers=num_workers, pairs=pairs,
-                                                   progress=progress)
+                                                   progress=progress, ogl=ogl)
         dropped += [Exclusion(key, "no frame/audio", f"decode error: {reason}") for key, reason in silent_skipped]
         if dropped:
             result.notes.append(f"extended evaluation: {len(dropped)} of {len(silent_pairs)} non-sounding pairs have "

@@ -893,7 +893,7 @@ def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objectiv
 
     probe = ValidationProbe(objective, enabled=recipe.loss.objective == "tie")
     result = evaluate_model(model, val, recipe_protocol(recipe.eval), recipe, device=device, baselines=False,
-                            on_batch=probe)
+                            on_batch=probe, object_guidance=False)
     model.train()
     if grid is not None and probe.shown is not None:
         ids, images, maps = probe.shown
