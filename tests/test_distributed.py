@@ -172,6 +172,10 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
             torch.distributed.barrier()
         elif job["kind"] == "losses":
             _loss_job(rank, job)
+    # both ranks leave the group together: a rank that exits while the other still tears gloo down can abort it
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def loss_inputs() -> tuple[torch.Tensor, torch.Tensor]:
