@@ -91,3 +91,27 @@ def _stop_process_group(process: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     process.wait(timeout=15)
+
+
+def _write_noise_clips(folder: Path, ids, size: int, seed: int) -> dict:
+    """One clip per id in ``folder``: a (size, size) JPEG of random pixels and 3 s of 16 kHz uniform noise."""
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from sslt_cli.data.manifest import Clip
+
+    rng = np.random.default_rng(seed)
+    clips = {}
+    for cid in ids:
+        frame, audio = folder / f"{cid}.jpg", folder / f"{cid}.wav"
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(frame)
+        sf.write(audio, rng.uniform(-0.5, 0.5, 16000 * 3).astype(np.float32), 16000)
+        clips[cid] = Clip(cid, frame=str(frame), audio=str(audio))
+    return clips
+
+
+@pytest.fixture(scope="session")
+def write_noise_clips():
+    """``write_noise_clips(folder, ids, size, seed) -> {id: Clip}``: random frames with noise audio, for model tests."""
+    return _write_noise_clips

@@ -533,20 +533,11 @@ def test_extended_maps_follow_the_pairs_list_and_the_requested_ids_and_defects_a
                                        ["b", "0.4", "0.3", "0.4", "0.9", "degenerate"]]
 
 
-def test_model_extended_lists_every_non_sounding_pair_left_out(tmp_path):
-    import soundfile as sf
-    from PIL import Image
-
+def test_model_extended_lists_every_non_sounding_pair_left_out(tmp_path, write_noise_clips):
     from sslt_cli.config import Recipe
     from sslt_cli.model import build_model
 
-    rng = np.random.default_rng(2)
-    clips = {}
-    for cid in ("a", "b", "c"):
-        frame, audio = tmp_path / f"{cid}.jpg", tmp_path / f"{cid}.wav"
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(frame)
-        sf.write(audio, rng.uniform(-0.5, 0.5, 16000 * 3).astype(np.float32), 16000)
-        clips[cid] = Clip(cid, frame=str(frame), audio=str(audio))
+    clips = write_noise_clips(tmp_path, ("a", "b", "c"), size=64, seed=2)
     (tmp_path / "c.jpg").write_bytes(b"not a jpeg")
     test = E.TestSet(name="t", anno_kind="vggss", ids=["a", "b", "c"],
                      annotations={cid: ann(cid, (0.0, 0.0, 0.5, 0.5)) for cid in "abc"}, clips=clips,

@@ -12,7 +12,6 @@ from rich.console import Console
 
 from sslt_cli import evaluate as E
 from sslt_cli.data.annotations import Annotation
-from sslt_cli.data.manifest import Clip
 from sslt_cli.errors import CheckpointError, SsltError
 
 SIZE = 224
@@ -30,22 +29,12 @@ def weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, write_noise_clips):
     """(model, test set, recipe): three clips of random frames and noise, an untrained sslt model."""
-    import soundfile as sf
-    from PIL import Image
-
     from sslt_cli.config import Recipe
     from sslt_cli.model import build_model
 
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(5)
-    clips = {}
-    for cid in ("a", "b", "c"):
-        frame, audio = root / f"{cid}.jpg", root / f"{cid}.wav"
-        Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)).save(frame)
-        sf.write(audio, rng.uniform(-0.5, 0.5, 16000 * 3).astype(np.float32), 16000)
-        clips[cid] = Clip(cid, frame=str(frame), audio=str(audio))
+    clips = write_noise_clips(tmp_path_factory.mktemp("tiny"), ("a", "b", "c"), size=96, seed=5)
     boxes = {"a": (0.1, 0.1, 0.6, 0.5), "b": (0.4, 0.3, 0.9, 0.9), "c": (0.0, 0.5, 0.5, 1.0)}
     test = E.TestSet(name="t", anno_kind="vggss", ids=list(clips), clips=clips,
                      annotations={cid: Annotation(cid, "vggss", (box,))
