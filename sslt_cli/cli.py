@@ -349,10 +349,7 @@ def eval_cmd(
 
     _check_eval_options(target=target, maps=maps, baselines_only=baselines_only, extended=extended,
                         silent_maps=silent_maps, silent_data=silent_data, vggss_json=vggss_json, media=media,
-                        protocol=protocol, which=which)
-    if (ogl_weights is not None or ogl_alpha is not None) and target is None:
-        raise SsltError("--ogl-weights / --ogl-alpha go with a model (RUN or CHECKPOINT): object-guided localisation "
-                        "runs an ImageNet ResNet-18 on the frames, which precomputed maps and baselines do not have")
+                        protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
     recipe, checkpoints, run_dir = (checkpoint.resolve_checkpoints(target, which) if target is not None
@@ -362,13 +359,12 @@ def eval_cmd(
 
         recipe = Run.open(run_dir).recipe()
     proto = _eval_protocol(recipe, protocol, constant_maps, empty_gt)
-    protocol_name = proto.name
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
     silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
     silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
     loaded_maps = ev.load_maps(maps) if maps is not None else None
     loaded_silent_maps = ev.load_maps(silent_maps) if silent_maps is not None else None
-    tracker, sink = _eval_tracking(recipe, run_dir, protocol_name)
+    tracker, sink = _eval_tracking(recipe, run_dir, proto.name)
     dev = pick_device(device, option="--device")
     clip_boxes = False if no_clip else None
     for set_name, test in tests:
@@ -382,27 +378,41 @@ def eval_cmd(
                                  batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
                                  ogl=(ogl_weights, ogl_alpha))
             continue
-        # precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored
-        to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
-        with _progress(f"{test.name} (scoring)", to_score) as advance:
-            result = ev.score_maps(loaded_maps, test.annotations, proto, test.ids,
-                                   annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
-                                   name=test.name, notes=test.notes, device=dev, progress=advance)
-        if silent_pairs is not None:
-            result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
-                                                            test.ids, test.annotations, str(silent_maps))
-            result.notes += notes
-        what = "maps" if maps else "baselines"
-        folder = out_dir or ev.eval_folder(Path("eval"), set_name, what, protocol_name)
-        ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
-                         defects=test.defects)
-        _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
-                     sink, f"eval_{test.name}/{what}", 0)
+        silent = (silent_pairs, loaded_silent_maps, str(silent_maps)) if silent_pairs is not None else None
+        _eval_without_model(set_name, test, proto, maps, loaded_maps, silent, out_dir, sink, clip_boxes=clip_boxes,
+                            device=dev)
     tracker.end("FINISHED")
 
 
+def _eval_without_model(set_name: str, test, proto, maps: Path | None, loaded_maps, silent, out_dir: Path | None,
+                        sink, *, clip_boxes, device) -> None:
+    """Score precomputed maps (``maps``) or only the baselines on one set, write its outputs and report them.
+
+    ``silent``: (non-sounding pairs, their loaded maps, where those came from) for SLAVC's extended evaluation.
+    Precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored.
+    """
+    from sslt_cli import evaluate as ev
+
+    to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
+    with _progress(f"{test.name} (scoring)", to_score) as advance:
+        result = ev.score_maps(loaded_maps, test.annotations, proto, test.ids,
+                               annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
+                               name=test.name, notes=test.notes, device=device, progress=advance)
+    if silent is not None:
+        silent_pairs, loaded_silent_maps, source = silent
+        result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
+                                                        test.ids, test.annotations, source)
+        result.notes += notes
+    what = "maps" if maps else "baselines"
+    folder = out_dir or ev.eval_folder(Path("eval"), set_name, what, proto.name)
+    ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
+                     defects=test.defects)
+    _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
+                 sink, f"eval_{test.name}/{what}", 0)
+
+
 def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, silent_data, vggss_json, media,
-                        protocol, which) -> None:
+                        protocol, which, ogl) -> None:
     """`sslt eval`'s option combinations that cannot work, each refused with what to do instead."""
     if protocol is not None and protocol not in PROTOCOL_NAMES:
         raise SsltError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOL_NAMES)}")
@@ -424,6 +434,9 @@ def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, 
     if silent_data is not None and (extended is None or target is None):
         raise SsltError("--silent-data goes with a model (RUN or CHECKPOINT) and --extended; with --maps, give the "
                         "non-sounding pairs' maps with --silent-maps")
+    if ogl and target is None:
+        raise SsltError("--ogl-weights / --ogl-alpha go with a model (RUN or CHECKPOINT): object-guided localisation "
+                        "runs an ImageNet ResNet-18 on the frames, which precomputed maps and baselines do not have")
     if target is not None and vggss_json is not None and media is None:
         raise SsltError(f"--vggss-json {vggss_json} holds boxes only: running a model on them needs the frames and "
                         f"audio too",
