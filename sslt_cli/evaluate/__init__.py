@@ -1,0 +1,30 @@
+"""Evaluation: score localisation maps under a published protocol, beside honest baselines, with N accounted for.
+
+The package, in the order ``sslt eval`` uses it:
+
+* :mod:`~sslt_cli.evaluate.options`: protocol presets by name and their deviation options;
+* :mod:`~sslt_cli.evaluate.sets`: a test set (:func:`load_test_set`, :func:`load_vggss_json_set`), every listed clip
+  whose annotation, frame or audio cannot be used reported; SLAVC's non-sounding pairs;
+* :mod:`~sslt_cli.evaluate.maps`: maps of a model over a set's clips (:func:`predict_maps`) or precomputed ones
+  (:func:`load_maps`: a folder of ``<clip id>.npy`` or one ``.npz`` keyed by clip id, any map size);
+* :mod:`~sslt_cli.evaluate.scoring`: :func:`score_maps` (per-clip IoU, pointing game, predicted area, cIoU / AUC /
+  mean IoU and the baselines on the same clips: centre prior, uniform random maps, whole frame, the oracle ceiling)
+  and :func:`score_extended` (SLAVC's AP and max-F1 with non-sounding pairs);
+* :mod:`~sslt_cli.evaluate.outputs`: ``metrics.json``, ``per_clip.csv``, ``excluded.csv``, ``defects.csv``,
+  ``gallery.png`` (:func:`write_outputs`), MLflow names (:func:`mlflow_metrics`), the table (:func:`result_table`);
+* :mod:`~sslt_cli.evaluate.orchestrate`: models x test sets -> results, the one path every caller takes.
+"""
+from sslt_cli.evaluate.maps import eval_loader, load_maps, maps_from_batches, numpy_file_problem, predict_maps, save_maps
+from sslt_cli.evaluate.options import PROTOCOL_OPTIONS, get_protocol, recipe_protocol
+from sslt_cli.evaluate.orchestrate import evaluate_checkpoints, evaluate_model
+from sslt_cli.evaluate.outputs import MLFLOW_NAME, eval_folder, mlflow_metrics, result_dict, result_table, write_outputs
+from sslt_cli.evaluate.scoring import (BASELINE_LABELS, CHUNK, RANDOM_SEEDS, STAGES, ClipScore, EvalResult, Exclusion,
+                                       ExtendedResult, score_extended, score_extended_maps, score_maps, test_summary)
+from sslt_cli.evaluate.sets import TestSet, load_test_set, load_vggss_json_set, read_silent_pairs, silent_pair_key
+
+__all__ = ["BASELINE_LABELS", "CHUNK", "MLFLOW_NAME", "PROTOCOL_OPTIONS", "RANDOM_SEEDS", "STAGES", "ClipScore",
+           "EvalResult", "Exclusion", "ExtendedResult", "TestSet", "eval_folder", "eval_loader", "evaluate_checkpoints",
+           "evaluate_model", "get_protocol", "load_maps", "load_test_set", "load_vggss_json_set", "maps_from_batches",
+           "mlflow_metrics", "numpy_file_problem", "predict_maps", "read_silent_pairs", "recipe_protocol",
+           "result_dict", "result_table", "save_maps", "score_extended", "score_extended_maps", "score_maps",
+           "silent_pair_key", "test_summary", "write_outputs"]
