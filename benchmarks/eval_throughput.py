@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sslt_cli import evaluate, metrics
+from sslt_cli.checkpoint import LoadedModel
 from sslt_cli.config import Recipe
 from sslt_cli.data.annotations import Annotation, load_vggss_json
 from sslt_cli.data.synthetic import generate
@@ -63,14 +64,15 @@ def time_whole_eval(test: evaluate.TestSet, protocol: metrics.Protocol, device: 
                     ) -> tuple[float, float, dict[str, np.ndarray], evaluate.EvalResult]:
     """(seconds of the whole eval, seconds of its metric part alone, the model's maps, the scoring result)."""
     recipe = Recipe()  # the paper's settings: 224 px, 10 s audio at 16 kHz, 257 mels
-    model = build_model().to(device).eval()
+    loaded = LoadedModel(build_model().to(device).eval(), recipe, "untrained", Path("untrained"))
     clips = [test.clips[cid] for cid in test.ids]
-    evaluate.predict_maps(model, clips[:recipe.eval.batch_size], recipe, protocol, device,
+    evaluate.predict_maps(loaded, clips[:recipe.eval.batch_size], protocol, device=device,
                           num_workers=0)  # warm-up: allocator, kernels
     sync(device)
     start = time.perf_counter()
-    evaluate.evaluate_model(model, test, protocol, recipe, device=device, out_dir=out_dir, batch_size=batch_size,
-                            num_workers=workers)
+    options = evaluate.EvalOptions(protocol=protocol.name, batch_size=batch_size, num_workers=workers,
+                                   device=str(device))
+    evaluate.evaluate_model(loaded, test, options, out_dir=out_dir)
     sync(device)
     whole = time.perf_counter() - start
     maps = evaluate.load_maps(out_dir / "maps.npz")

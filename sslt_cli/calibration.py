@@ -96,11 +96,11 @@ def compute_calibration(loaded: Any, set_path: str | Path, device: Any, *, batch
     clips = clip_set.clips[:MAX_CLIPS]
     partners = mismatched_partners(clips)
     protocol = dataclasses.replace(get_protocol(loaded.recipe.eval.protocol), image_preprocessing="resize_square")
-    matched, skipped = predict_maps(loaded.model, clips, loaded.recipe, protocol, device, batch_size=batch_size,
-                                    num_workers=0, progress=progress)
+    matched, skipped = predict_maps(loaded, clips, protocol, device=device, batch_size=batch_size, num_workers=0,
+                                    progress=progress)
     pairs = [(f"{clip.id}+{clips[j].id}", clip, clips[j]) for clip, j in zip(clips, partners)]
-    mismatched, _ = predict_maps(loaded.model, [], loaded.recipe, protocol, device, batch_size=batch_size,
-                                 num_workers=0, pairs=pairs, progress=progress)
+    mismatched, _ = predict_maps(loaded, [], protocol, device=device, batch_size=batch_size, num_workers=0,
+                                 pairs=pairs, progress=progress)
     if len(matched) < 2 or len(mismatched) < 2:
         raise DataError(f"{set_path}: too few decodable clips to calibrate ({len(matched)} of {len(clips)}; "
                         f"{len(skipped)} could not be decoded)")

@@ -5,6 +5,7 @@ Results go to stdout; progress and diagnostics to stderr.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -343,72 +344,66 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
-    from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
-    from sslt_cli.distributed import pick_device
+    from sslt_cli.progress import ClipProgress
 
     _check_eval_options(target=target, maps=maps, baselines_only=baselines_only, extended=extended,
                         silent_maps=silent_maps, silent_data=silent_data, vggss_json=vggss_json, media=media,
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
-    recipe, checkpoints, run_dir = (checkpoint.resolve_checkpoints(target, which) if target is not None
-                                    else (None, [], None))
+    recipe, sources, run_dir = _eval_sources(target, which, maps)
+    options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
+                            no_clip=no_clip, ogl=(ogl_weights, ogl_alpha), batch_size=batch_size, device=device,
+                            extended=(extended, silent_data, silent_maps))
+    tests = _eval_sets(recipe, data, vggss_json, media, id_list)
+    for _, test in tests:
+        for note in test.notes:
+            err.print(f"note: {note}", highlight=False)
+    where = out_dir if out_dir is not None and target is None else out_dir or (
+        run_dir / "eval" if run_dir is not None else Path("eval"))
+    tracker, sink = _eval_tracking(recipe, run_dir, options.protocol_for(getattr(recipe, "eval", None)).name)
+    evaluation = ev.run_evaluation(sources, tests, options, sink, out=where, kind="eval",
+                                   exact_folder=target is None and out_dir is not None,
+                                   progress=lambda what, total: ClipProgress(err, what, total))
+    tracker.end("FINISHED")
+    ev.print_evaluation(evaluation, out, err, title=lambda item: f"{item.result.name}: {item.described} · protocol "
+                                                                  f"{item.protocol} · N = {item.result.n}")
+
+
+def _eval_sources(target: Path | None, which: str, maps: Path | None):
+    """(the run's recipe or None, what `sslt eval` scores, the run folder or None): the checkpoints of a run folder
+    or a checkpoint file, else precomputed maps, else only the baselines."""
+    from sslt_cli import checkpoint
+    from sslt_cli import evaluate as ev
+
+    if target is None:
+        return None, [ev.Source.precomputed(ev.load_maps(maps), maps) if maps is not None else ev.Source.baselines()], None
+    recipe, checkpoints, run_dir = checkpoint.resolve_checkpoints(target, which)
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
 
         recipe = Run.open(run_dir).recipe()
-    proto = _eval_protocol(recipe, protocol, constant_maps, empty_gt)
-    tests = _eval_sets(recipe, data, vggss_json, media, id_list)
-    silent_pairs = ev.read_silent_pairs(extended) if extended is not None else None
-    silent_set = ev.load_test_set(silent_data) if silent_data is not None else None
-    loaded_maps = ev.load_maps(maps) if maps is not None else None
-    loaded_silent_maps = ev.load_maps(silent_maps) if silent_maps is not None else None
-    tracker, sink = _eval_tracking(recipe, run_dir, proto.name)
-    dev = pick_device(device, option="--device")
-    clip_boxes = False if no_clip else None
-    for set_name, test in tests:
-        for note in test.notes:
-            err.print(f"note: {note}", highlight=False)
-        if target is not None:
-            where = out_dir or ((run_dir / "eval") if run_dir is not None else Path("eval"))
-            for label, path in checkpoints:
-                ext = (silent_pairs, silent_set or test) if silent_pairs is not None else None
-                _eval_checkpoint(path, label, recipe, set_name, test, proto, where, sink, device=dev,
-                                 batch_size=batch_size, clip_boxes=clip_boxes, extended=ext,
-                                 ogl=(ogl_weights, ogl_alpha))
-            continue
-        silent = (silent_pairs, loaded_silent_maps, str(silent_maps)) if silent_pairs is not None else None
-        _eval_without_model(set_name, test, proto, maps, loaded_maps, silent, out_dir, sink, clip_boxes=clip_boxes,
-                            device=dev)
-    tracker.end("FINISHED")
+    return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir) for label, path in checkpoints], run_dir
 
 
-def _eval_without_model(set_name: str, test, proto, maps: Path | None, loaded_maps, silent, out_dir: Path | None,
-                        sink, *, clip_boxes, device) -> None:
-    """Score precomputed maps (``maps``) or only the baselines on one set, write its outputs and report them.
-
-    ``silent``: (non-sounding pairs, their loaded maps, where those came from) for SLAVC's extended evaluation.
-    Precomputed maps and baselines need no frame or audio: only the boxes decide which clips are scored.
-    """
+def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, batch_size, device, extended):
+    """`sslt eval`'s options as one :class:`EvalOptions` (None: the recipe's), checked before any work: the protocol
+    and its deviation options; ``extended``: (--extended, --silent-data, --silent-maps)."""
     from sslt_cli import evaluate as ev
+    from sslt_cli.distributed import pick_device
 
-    to_score = sum(1 for cid in test.ids if cid in test.annotations and (loaded_maps is None or cid in loaded_maps))
-    with _progress(f"{test.name} (scoring)", to_score) as advance:
-        result = ev.score_maps(loaded_maps, test.annotations, proto, test.ids,
-                               annotation_problems=test.annotation_problems, clip_boxes=clip_boxes,
-                               name=test.name, notes=test.notes, device=device, progress=advance)
-    if silent is not None:
-        silent_pairs, loaded_silent_maps, source = silent
-        result.extended, notes = ev.score_extended_maps(loaded_maps, loaded_silent_maps, silent_pairs,
-                                                        test.ids, test.annotations, source)
-        result.notes += notes
-    what = "maps" if maps else "baselines"
-    folder = out_dir or ev.eval_folder(Path("eval"), set_name, what, proto.name)
-    ev.write_outputs(result, folder, maps=loaded_maps, frames=test.frames, annotations=test.annotations,
-                     defects=test.defects)
-    _report_eval(result, folder, f"{test.name}: {'maps ' + str(maps) if maps else 'baselines only'}",
-                 sink, f"eval_{test.name}/{what}", 0)
+    pairs_file, silent_data, silent_maps = extended
+    options = ev.EvalOptions(protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
+                             clip_boxes=False if no_clip else None,
+                             ogl_weights=str(ogl[0]) if ogl[0] is not None else None, ogl_alpha=ogl[1],
+                             batch_size=batch_size, device=str(pick_device(device, option="--device")))
+    options.protocol_for(recipe.eval if recipe is not None else None)
+    if pairs_file is None:
+        return options
+    return dataclasses.replace(options, extended=ev.ExtendedPairs(
+        tuple(ev.read_silent_pairs(pairs_file)), media=ev.load_test_set(silent_data) if silent_data else None,
+        maps=ev.load_maps(silent_maps) if silent_maps else None, maps_source=str(silent_maps or "")))
 
 
 def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, silent_data, vggss_json, media,
@@ -444,17 +439,6 @@ def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, 
                          "or score precomputed maps (--maps) or only the baselines (--baselines-only)"])
 
 
-def _eval_protocol(recipe, protocol: str | None, constant_maps: str | None, empty_gt: str | None):
-    """The protocol `sslt eval` scores under: the option, else the recipe's, else ssltie; its deviation options from
-    the command line, else the recipe's."""
-    from sslt_cli import evaluate as ev
-
-    recipe_eval = recipe.eval if recipe is not None else None
-    return ev.get_protocol(protocol or (recipe_eval.protocol if recipe_eval is not None else "ssltie"),
-                           constant_maps=constant_maps or getattr(recipe_eval, "constant_maps", None),
-                           empty_gt=empty_gt or getattr(recipe_eval, "empty_gt", None))
-
-
 def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
     """[(set name for output folders, test set)]: --vggss-json, --data folders, else the recipe's test sets."""
     from sslt_cli import evaluate as ev
@@ -474,78 +458,19 @@ def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
 
 
 def _eval_tracking(recipe, run_dir: Path | None, protocol_name: str):
-    """(tracker, sink) for `sslt eval`: the run's own MLflow run when evaluating a run folder, else a new one.
-    `sslt eval` leaves metrics.jsonl to training (its numbers are in eval/), so the sink writes MLflow only."""
+    """(tracker, sink) for `sslt eval`: the run's own MLflow run when evaluating a run folder, else a new one."""
     from sslt_cli.tracking import MetricsSink, Tracker
 
     tracker = Tracker(enabled=recipe.tracking.enabled if recipe is not None else True,
                       experiment=recipe.tracking.experiment if recipe is not None else "sslt")
-    run_meta = None
+    run = None
     if run_dir is not None:
         from sslt_cli.runs import Run
 
-        run_meta = Run.open(run_dir).meta()
-    tracker.start(f"eval-{(run_dir or Path('maps')).name}", run_id=(run_meta or {}).get("mlflow_run_id"),
-                  params={"eval.protocol": protocol_name} if run_meta is None else None)
-    return tracker, MetricsSink(None, tracker)
-
-
-def _eval_checkpoint(path: Path, label: str, recipe, set_name: str, test, protocol, where: Path, sink, *,
-                     device, batch_size, clip_boxes, extended, ogl=(None, None)) -> None:
-    """One checkpoint on one test set through the one evaluation function, reported and mirrored. ``ogl``:
-    (--ogl-weights, --ogl-alpha), each overriding the recipe's ``eval.ogl_*`` when given."""
-    from sslt_cli import checkpoint
-    from sslt_cli import evaluate as ev
-
-    loaded = checkpoint.load_model(path, recipe, device)
-    weights, alpha = ogl
-    if weights is not None or alpha is not None:
-        current = loaded.recipe.eval
-        weights = str(weights) if weights is not None else current.ogl_weights
-        if weights is None:
-            raise SsltError("--ogl-alpha needs object-guided localisation switched on: add --ogl-weights PATH (a "
-                            "local torchvision resnet18 state_dict) or set eval.ogl_weights in the recipe")
-        update = {"ogl_weights": weights, "ogl_alpha": current.ogl_alpha if alpha is None else alpha}
-        loaded.recipe = loaded.recipe.model_copy(update={"eval": current.model_copy(update=update)})
-    folder = ev.eval_folder(where, set_name, label, protocol.name)
-    to_predict = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
-    with _progress(f"{test.name} ({label})", to_predict + len(extended[0] if extended else ())) as advance:
-        result = ev.evaluate_model(loaded.model, test, protocol, loaded.recipe, device=device, out_dir=folder,
-                                   batch_size=batch_size, clip_boxes=clip_boxes, extended=extended,
-                                   progress=advance)
-    _report_eval(result, folder, f"{test.name}: {label} ({loaded.label}, {path.name})", sink,
-                 f"eval_{test.name}/{label}", loaded.step or 0)
-
-
-class _progress:
-    """A rich progress bar on stderr (clips done, clips/s, ETA) for at most ``total`` clips; yields the callback that
-    advances it by n clips.
-
-    Clips dropped on the way (a decode error, an empty ground truth) never advance it, so on a normal exit the total
-    becomes the count done and the finished bar is full; what was dropped is reported with N.
-    """
-
-    def __init__(self, description: str, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from sslt_cli.progress import RateColumn
-
-        # the total is lowered to the clips done at the end (dropped clips never advance it): average when finished
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            RateColumn(average_when_finished=True), TextColumn("ETA"), TimeRemainingColumn(),
-                            console=err)
-        self.description, self.total = description, total
-
-    def __enter__(self):
-        self.bar.__enter__()
-        self.task = self.bar.add_task(self.description, total=self.total)
-        return lambda n: self.bar.advance(self.task, n)
-
-    def __exit__(self, kind, *exc):
-        if kind is None:
-            (task,) = self.bar.tasks
-            self.bar.update(self.task, total=task.completed)
-        return self.bar.__exit__(kind, *exc)
+        run = Run.open(run_dir)
+    tracker.start(f"eval-{(run_dir or Path('maps')).name}", run_id=(run.meta() if run else {}).get("mlflow_run_id"),
+                  params={"eval.protocol": protocol_name} if run is None else None)
+    return tracker, MetricsSink(run, tracker)
 
 
 def _recipe_set_name(recipe, folder: Path) -> str | None:
@@ -557,23 +482,6 @@ def _recipe_set_name(recipe, folder: Path) -> str | None:
         if recipe.data.set_path(path).resolve() == Path(folder).resolve():
             return name
     return None
-
-
-def _report_eval(result, folder: Path, title: str, sink, prefix: str, step: int) -> None:
-    from sslt_cli import evaluate as ev
-
-    table = ev.result_table(result)
-    table.title = f"{title} · protocol {result.protocol.name} · N = {result.n}"
-    out.print(table)
-    if result.extended is not None:
-        x = result.extended
-        left_out = f"; {len(x.excluded)} pairs left out (excluded.csv)" if x.excluded else ""
-        out.print(f"extended ({x.protocol}): AP {x.ap:.4f} (SLAVC sampling {x.ap_slavc:.4f}), max-F1 {x.max_f1:.4f} "
-                  f"(SLAVC sampling {x.max_f1_slavc:.4f}); {x.n_sounding} sounding + {x.n_silent} non-sounding "
-                  f"pairs{left_out}")
-    err.print(f"outputs: {folder}")
-    sink.log("eval", step, {}, mlflow=ev.mlflow_metrics(result, prefix))
-    sink.artifact(folder, f"eval/{folder.name}")
 
 
 # --------------------------------------------------------------------------------------------------------- retrieve

@@ -68,13 +68,11 @@ class ObjectGuidance:
     size: int
 
     @classmethod
-    def from_eval(cls, eval_config, protocol: metrics.Protocol, device: str | torch.device) -> "ObjectGuidance | None":
-        """The guidance a recipe's ``eval`` section asks for (``ogl_weights`` / ``ogl_alpha``), or None when unset."""
-        weights = getattr(eval_config, "ogl_weights", None)
-        if not weights:
-            return None
+    def load(cls, weights: str | Path, alpha: float, protocol: metrics.Protocol,
+             device: str | torch.device) -> "ObjectGuidance":
+        """The object trunk of ``weights`` on ``device``, mixed in at ``alpha`` under ``protocol``'s upsampling."""
         trunk = object_trunk(weights).to(device)
-        return cls(trunk, float(eval_config.ogl_alpha), str(weights), protocol.upsample, protocol.size)
+        return cls(trunk, float(alpha), str(weights), protocol.upsample, protocol.size)
 
     def apply(self, av_maps: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Combined maps (B, size, size) of a batch's audio-visual maps (B, h, w) and its normalised frames."""

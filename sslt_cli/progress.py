@@ -1,6 +1,9 @@
 """Rich progress-bar pieces shared by every long command (prepare, eval, retrieve)."""
 from __future__ import annotations
 
+from typing import Callable
+
+from rich.console import Console
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
 
@@ -22,3 +25,32 @@ class RateColumn(ProgressColumn):
         if not speed and self.average_when_finished and task.finished and task.finished_time:
             speed = task.completed / task.finished_time
         return Text(f"{speed:.1f}{self.suffix}" if speed else f"-{self.suffix}")
+
+
+class ClipProgress:
+    """A rich progress bar on ``console`` (clips done, clips/s, ETA) for at most ``total`` clips; as a context manager
+    it gives the callback that advances it by n clips (what an evaluation's ``progress`` takes).
+
+    Clips dropped on the way (a decode error, an empty ground truth) never advance it, so on a normal exit the total
+    becomes the count done and the finished bar is full; what was dropped is reported with N.
+    """
+
+    def __init__(self, console: Console, description: str, total: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        # the total is lowered to the clips done at the end (dropped clips never advance it): average when finished
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            RateColumn(average_when_finished=True), TextColumn("ETA"), TimeRemainingColumn(),
+                            console=console)
+        self.description, self.total = description, total
+
+    def __enter__(self) -> Callable[[int], None]:
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.description, total=self.total)
+        return lambda n: self.bar.advance(self.task, n)
+
+    def __exit__(self, kind, *exc) -> bool | None:
+        if kind is None:
+            (task,) = self.bar.tasks
+            self.bar.update(self.task, total=task.completed)
+        return self.bar.__exit__(kind, *exc)

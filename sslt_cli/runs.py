@@ -33,10 +33,19 @@ META = "meta.json"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
 SKIPPED = "skipped.csv"
+EVAL = "eval"  # evaluations: eval/<set>-<checkpoint>-<protocol>/ (eval_name)
 HEARTBEAT_EVERY_S = 60.0
 STALE_AFTER_S = 1800.0  # a run on another host that has not written for this long is shown as stale
 SPACE_MARGIN = 1.2  # a new checkpoint needs the size of the last one, with room for growth and the log
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def eval_name(set_name: str, checkpoint: str, protocol: str) -> str:
+    """The one name of an evaluation, ``<set>-<checkpoint>-<protocol>``: its folder under a run's ``eval/``, its
+    artifact folder and its MLflow metric prefix (``eval/<name>/ciou``). ``set``: the recipe's name for a test set
+    (``vggss``) when it is one of the recipe's ``data.test`` sets, else the set's own name; ``checkpoint``: ``best``,
+    ``last``, a checkpoint file's stem, ``maps`` or ``baselines``."""
+    return f"{set_name}-{checkpoint}-{protocol}"
 
 
 def _now() -> str:

@@ -168,21 +168,23 @@ def check_store(uri: str | None = None) -> None:
         return
 
 
-_RECORD_FIELDS = ("kind", "step", "epoch", "set", "checkpoint", "protocol", "classes")
-_TEST_KEYS = ("n", "ciou", "auc", "mean_iou", "pointing")
+_RECORD_FIELDS = ("kind", "step", "epoch", "set", "checkpoint", "protocol", "classes", "folder")
 
 
 def record_metrics(record: dict) -> dict[str, float]:
     """The MLflow metrics a ``metrics.jsonl`` record was logged as (the names train, eval and retrieve use):
-    ``train/<k>``, ``val/<k>``, ``test_<set>/<checkpoint>/<k>``, and retrieval's names as they are."""
+    ``train/<k>``, ``val/<k>``, ``eval/<set>-<checkpoint>-<protocol>/<k>`` for an evaluation (``test``: training's
+    final one, ``eval``: ``sslt eval``'s; :func:`runs.eval_name`), and retrieval's names as they are."""
+    from sslt_cli.runs import eval_name
+
     kind = record.get("kind")
     values = {k: v for k, v in record.items() if k not in _RECORD_FIELDS and isinstance(v, numbers.Real)
               and not isinstance(v, bool)}
     if kind in ("train", "val"):
         return {f"{kind}/{k}": v for k, v in values.items()}
-    if kind == "test":
-        prefix = metric_name(f"test_{record.get('set')}/{record.get('checkpoint')}")
-        return {f"{prefix}/{k}": values[k] for k in _TEST_KEYS if k in values}
+    if kind in ("test", "eval"):
+        name = eval_name(str(record.get("set")), str(record.get("checkpoint")), str(record.get("protocol")))
+        return {f"eval/{metric_name(name)}/{k}": v for k, v in values.items()}
     if kind == "retrieve":
         return values
     return {}

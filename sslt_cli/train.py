@@ -54,7 +54,7 @@ from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.evaluate import TestSet
 from sslt_cli.losses import build_objective, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model
-from sslt_cli.runs import SKIPPED, Run
+from sslt_cli.runs import EVAL, SKIPPED, Run
 from sslt_cli.tracking import MetricsSink, Tracker
 
 CHECKPOINT_FORMAT = checkpoint.CHECKPOINT_FORMAT
@@ -461,9 +461,7 @@ class Training:
     # -- 5. finish -----------------------------------------------------------------------------------------------
 
     def finish(self, status: str, evaluate_at_end: bool) -> TrainResult:
-        """Test evaluation of the last and best checkpoints (rank 0, finished runs), the end table, MLflow closed."""
-        from sslt_cli.evaluate import evaluate_checkpoints
-
+        """Test evaluation of the last and best checkpoints (rank 0, finished runs), the end table."""
         run, s = self.run, self.state
         test: dict = {}
         protocol = None
@@ -472,8 +470,7 @@ class Training:
                             best=s.best)
             if status == "finished" and evaluate_at_end:
                 protocol = self.recipe.eval.protocol
-                test = evaluate_checkpoints(run, self.recipe, self.sink, device=self.device, console=self.console,
-                                            out=self.out)
+                test = self.test_evaluation().summaries()
                 run.update_meta(status="finished", test={name: {label: {k: v for k, v in values.items()
                                                                         if k in ("ciou", "auc", "mean_iou", "pointing")}
                                                                 for label, values in by_label.items()}
@@ -488,6 +485,23 @@ class Training:
         # nothing left to do (torchrun waits for every process)
         return TrainResult(run=run, status=status, best=run.best_checkpoint(), last=run.latest_checkpoint(),
                            history=list(s.history), protocol=protocol, test=test)
+
+    def test_evaluation(self):
+        """The run's last and best checkpoints on every test set of the recipe, under its ``eval`` section, through
+        the one orchestrator (``eval/<set>-<checkpoint>-<protocol>/``, a ``test`` record each); tables printed. The
+        best checkpoint was chosen on the validation set, never on a test set."""
+        from sslt_cli.evaluate import EvalOptions, Source, load_test_set, print_evaluation, run_evaluation
+
+        recipe, run = self.recipe, self.run
+        _, checkpoints, _ = checkpoint.resolve_checkpoints(run.dir, "both")
+        sources = [Source.checkpoint_file(label, path, recipe, run.dir) for label, path in checkpoints]
+        sets = [(name, load_test_set(recipe.data.set_path(path))) for name, path in recipe.data.test.items()]
+        evaluation = run_evaluation(sources, sets, EvalOptions(device=str(self.device)), self.sink,
+                                    out=run.dir / EVAL)
+        print_evaluation(evaluation, self.out, self.console,
+                         title=lambda item: f"{item.set_name}: {item.checkpoint} checkpoint (step {item.step}), "
+                                            f"protocol {item.protocol}")
+        return evaluation
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
@@ -888,12 +902,14 @@ class ValidationProbe:
 def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objective, grid: Path | None,
              epoch: int) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol (``evaluate.evaluate_model``, as every
-    evaluation), and the validation L_cl (``tie`` objective); a heatmap grid of the first batch to ``grid``."""
-    from sslt_cli.evaluate import evaluate_model, recipe_protocol
+    evaluation; no baselines, no object guidance), and the validation L_cl (``tie`` objective); a heatmap grid of the
+    first batch to ``grid``."""
+    from sslt_cli.evaluate import EvalOptions, evaluate_model
 
     probe = ValidationProbe(objective, enabled=recipe.loss.objective == "tie")
-    result = evaluate_model(model, val, recipe_protocol(recipe.eval), recipe, device=device, baselines=False,
-                            on_batch=probe, object_guidance=False)
+    loaded = checkpoint.LoadedModel(model=model, recipe=recipe, label="training", source=Path(recipe.name))
+    options = EvalOptions(baselines=False, object_guidance=False, device=str(device))
+    result = evaluate_model(loaded, val, options, on_batch=probe)
     model.train()
     if grid is not None and probe.shown is not None:
         ids, images, maps = probe.shown

@@ -806,7 +806,7 @@ def test_two_cells_end_to_end_children_from_the_start_and_resumed_after_an_inter
     assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
     child_ids = {c.run.meta()["mlflow_run_id"] for c in result.cells}
     assert {c.info.run_id for c in children} == child_ids
-    assert all(c.info.status == "FINISHED" and "test_vggss/best/ciou" in c.data.metrics for c in children)
+    assert all(c.info.status == "FINISHED" and "eval/vggss-best-ssltie/ciou" in c.data.metrics for c in children)
     # each child was created once (F's resume reopened it) as the parent's child, and never re-parented
     created = {run_id: tags for run_id, tags in mlflow_calls["created"]}
     assert len(mlflow_calls["created"]) == 3 and set(created) == child_ids | {parent.info.run_id}

@@ -323,11 +323,10 @@ def test_eval_progress_shows_clips_per_second_and_eta(monkeypatch: pytest.Monkey
 
     from rich.console import Console
 
-    from sslt_cli import cli
+    from sslt_cli.progress import ClipProgress
 
     console = Console(record=True, force_terminal=True, width=120)
-    monkeypatch.setattr(cli, "err", console)
-    with cli._progress("vggss (last)", 10) as advance:
+    with ClipProgress(console, "vggss (last)", 10) as advance:
         for _ in range(4):
             advance(2)
             time.sleep(0.05)

@@ -526,4 +526,5 @@ def test_torchrun_training_mirrors_to_a_shared_server_once(bench, tmp_path, mlfl
                                                                  "metric_key": "train/loss"}, timeout=10).json()
     assert [(m["step"], m["value"]) for m in history["metrics"]] == [(r["step"], r["loss"]) for r in train_records(run)]
     metrics = {m["key"] for m in served["data"]["metrics"]}
-    assert {"train/loss", "train/l_geo", "val/ciou", "test_vggss/last/ciou", "test_flickr/best/auc"} <= metrics
+    assert {"train/loss", "train/l_geo", "val/ciou", "eval/vggss-last-ssltie/ciou",
+            "eval/flickr-best-ssltie/auc"} <= metrics

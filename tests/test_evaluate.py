@@ -18,6 +18,7 @@ from rich.console import Console
 from sslt_cli import evaluate as E
 from sslt_cli import metrics as M
 from sslt_cli.catalog import RESOURCES_DIR
+from sslt_cli.checkpoint import LoadedModel
 from sslt_cli.data.annotations import Annotation, write_annotation_xml
 from sslt_cli.data.manifest import Clip, layout_paths, write_set
 from sslt_cli.errors import DataError, SsltError
@@ -548,8 +549,9 @@ def test_model_extended_lists_every_non_sounding_pair_left_out(tmp_path, write_n
     model = build_model().eval()
     pairs = [("a", "b"), ("a", "gone"), ("nowhere", "b"), ("c", "a")]
     done = []
-    result = E.evaluate_model(model, test, "ssltie", recipe, out_dir=tmp_path / "eval", extended=(pairs, test),
-                              progress=done.append)
+    loaded = LoadedModel(model=model, recipe=recipe, label="sslt", source=tmp_path / "model.pt")
+    options = E.EvalOptions(protocol="ssltie", extended=E.ExtendedPairs(tuple(pairs), media=test))
+    result = E.evaluate_model(loaded, test, options, out_dir=tmp_path / "eval", progress=done.append)
     assert sum(done) == 2 + 1  # a and b, then the pair a+b; c and c+a fail to decode
     ext = result.extended
     assert (ext.n_sounding, ext.n_silent) == (2, 1)
@@ -584,7 +586,7 @@ def test_predict_maps_is_fp32_by_default_and_bf16_on_request(tmp_path):
     torch.manual_seed(0)
     model = build_model().eval()
     protocol = E.get_protocol("ssltie")
-    maps, skipped = E.predict_maps(model, clips, recipe, protocol, "cpu")
+    maps, skipped = E.predict_maps(LoadedModel(model, recipe, "sslt", tmp_path / "m.pt"), clips, protocol, device="cpu")
     assert skipped == [] and recipe.eval.precision == "fp32"
     batch = next(iter(E.eval_loader(clips, recipe, "cpu", protocol.image_preprocessing)))
     with torch.inference_mode():
@@ -594,5 +596,5 @@ def test_predict_maps_is_fp32_by_default_and_bf16_on_request(tmp_path):
     for i, cid in enumerate(("a", "b")):
         np.testing.assert_allclose(maps[cid], expected[i].numpy(), rtol=0, atol=1e-6)
     bf16 = Recipe.model_validate({**recipe.model_dump(), "eval": {"precision": "bf16"}})
-    rounded, _ = E.predict_maps(model, clips, bf16, protocol, "cpu")
+    rounded, _ = E.predict_maps(LoadedModel(model, bf16, "sslt", tmp_path / "m.pt"), clips, protocol, device="cpu")
     assert not np.allclose(rounded["a"], maps["a"], rtol=0, atol=1e-6)

@@ -45,6 +45,14 @@ def tiny(tmp_path_factory, write_noise_clips):
     return build_model().eval(), test, recipe
 
 
+def evaluate(model, test, recipe, out_dir=None, **options):
+    """The one evaluation of ``model`` (described by ``recipe``) on ``test`` under the ezvsl protocol."""
+    from sslt_cli.checkpoint import LoadedModel
+
+    loaded = LoadedModel(model=model, recipe=recipe, label="sslt", source=Path("model.pt"))
+    return E.evaluate_model(loaded, test, E.EvalOptions(protocol="ezvsl", **options), out_dir=out_dir)
+
+
 def _with_ogl(recipe, weights, alpha):
     return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"ogl_weights": str(weights),
                                                                             "ogl_alpha": alpha})})
@@ -87,8 +95,8 @@ def official_ogl_maps(model, test, recipe, weights: Path, alpha: float) -> dict[
 
 def test_ogl_maps_are_ezvsls_combination_and_are_recorded(tiny, weights, tmp_path):
     model, test, recipe = tiny
-    plain = E.evaluate_model(model, test, "ezvsl", recipe, out_dir=tmp_path / "plain", baselines=False)
-    guided = E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, weights, 0.4), out_dir=tmp_path / "ogl",
+    plain = evaluate(model, test, recipe, out_dir=tmp_path / "plain", baselines=False)
+    guided = evaluate(model, test, _with_ogl(recipe, weights, 0.4), out_dir=tmp_path / "ogl",
                               baselines=False)
     maps = E.load_maps(tmp_path / "ogl" / "maps.npz")
     expected = official_ogl_maps(model, test, recipe, weights, 0.4)
@@ -111,15 +119,15 @@ def test_alpha_one_reproduces_the_plain_maps_and_validation_skips_ogl(tiny, weig
     from sslt_cli import metrics
 
     model, test, recipe = tiny
-    plain = E.evaluate_model(model, test, "ezvsl", recipe, out_dir=tmp_path / "plain", baselines=False)
-    alone = E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, weights, 1.0), out_dir=tmp_path / "one",
+    plain = evaluate(model, test, recipe, out_dir=tmp_path / "plain", baselines=False)
+    alone = evaluate(model, test, _with_ogl(recipe, weights, 1.0), out_dir=tmp_path / "one",
                              baselines=False)
     assert [(r.id, r.iou) for r in alone.rows] == [(r.id, r.iou) for r in plain.rows]
     raw, one = E.load_maps(tmp_path / "plain" / "maps.npz"), E.load_maps(tmp_path / "one" / "maps.npz")
     for cid in raw:
         up = metrics.upsample_maps(torch.from_numpy(raw[cid])[None], "bilinear_align_corners")[0].numpy()
         np.testing.assert_allclose(one[cid], normalize_img(up), rtol=0, atol=1e-6)
-    skipped = E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, weights, 0.4), baselines=False,
+    skipped = evaluate(model, test, _with_ogl(recipe, weights, 0.4), baselines=False,
                                object_guidance=False, out_dir=tmp_path / "val")
     assert skipped.object_guidance is None and [r.iou for r in skipped.rows] == [r.iou for r in plain.rows]
 
@@ -127,15 +135,15 @@ def test_alpha_one_reproduces_the_plain_maps_and_validation_skips_ogl(tiny, weig
 def test_missing_or_wrong_weights_are_clear_errors(tiny, tmp_path):
     model, test, recipe = tiny
     with pytest.raises(CheckpointError, match="no such file"):
-        E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, tmp_path / "absent.pth", 0.4))
+        evaluate(model, test, _with_ogl(recipe, tmp_path / "absent.pth", 0.4))
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, wrong)
     with pytest.raises(CheckpointError, match="keys do not match"):
-        E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, wrong, 0.4))
+        evaluate(model, test, _with_ogl(recipe, wrong, 0.4))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError):
-        E.evaluate_model(model, test, "ezvsl", _with_ogl(recipe, junk, 0.4))
+        evaluate(model, test, _with_ogl(recipe, junk, 0.4))
 
 
 def test_recipe_keys_and_cli_options(tmp_path):

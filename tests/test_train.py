@@ -291,8 +291,8 @@ def test_official_format_round_trip_gives_identical_maps(reference_run, bench, t
     test = load_test_set(bench / "test_vggss")
     clips = [test.clips[i] for i in test.ids[:4]]
     protocol = get_protocol("ssltie")
-    maps_ours, skipped_ours = predict_maps(ours.model, clips, recipe, protocol, "cpu", num_workers=0)
-    maps_theirs, skipped_theirs = predict_maps(theirs.model, clips, recipe, protocol, "cpu", num_workers=0)
+    maps_ours, skipped_ours = predict_maps(ours, clips, protocol, device="cpu", num_workers=0)
+    maps_theirs, skipped_theirs = predict_maps(theirs, clips, protocol, device="cpu", num_workers=0)
     assert skipped_ours == skipped_theirs == []
     assert sorted(maps_ours) == sorted(c.id for c in clips)
     for clip_id, m in maps_ours.items():
@@ -484,7 +484,7 @@ def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
     val = [r for r in run.metrics() if r["kind"] == "val"]
     ciou = client.get_metric_history(mlflow_run.info.run_id, "val/ciou")
     assert [(m.step, m.value) for m in ciou] == [(r["step"], r["ciou"]) for r in val]
-    assert "test_vggss/best/ciou" in mlflow_run.data.metrics and "test_flickr/last/auc" in mlflow_run.data.metrics
+    assert {"eval/vggss-best-ssltie/ciou", "eval/flickr-last-ssltie/auc"} <= set(mlflow_run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert {"config.yaml", "metrics.jsonl"} <= artifacts
     assert any(a.path.endswith(".png") for a in client.list_artifacts(mlflow_run.info.run_id, "val"))

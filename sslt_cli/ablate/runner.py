@@ -243,26 +243,18 @@ def pick_test_metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(record[k]) for k in (*TEST_KEYS, *CENTRE_KEYS) if isinstance(record.get(k), (int, float))}
 
 
-def read_cell_metrics(run: Run, set_name: str, checkpoint: str) -> dict[str, float]:
-    """The test result of a run made by an earlier process: its last test record for ``set_name`` and ``checkpoint``
-    in metrics.jsonl (with the centre-prior baseline from its evaluation's metrics.json) and its last retrieval
-    record's metrics; empty when it has no such test record."""
-    test: dict | None = None
-    retrieval: dict | None = None
-    for record in run.metrics():
-        if record.get("kind") == "test" and record.get("set") == set_name and record.get("checkpoint") == checkpoint:
-            test = record
-        elif record.get("kind") == "retrieve":
-            retrieval = record
-    if test is None:
+def read_cell_metrics(run: Run, cell: Cell, ablation: Ablation) -> dict[str, float]:
+    """The result of a cell run by an earlier process: what its final evaluation recorded for the ablation's set and
+    checkpoint under the cell's protocol, read back by the code beside the one that wrote it
+    (:func:`~sslt_cli.evaluate.saved_summaries`), and its last retrieval record's numbers; empty when it has no such
+    evaluation."""
+    from sslt_cli.evaluate import saved_summaries
+
+    summary = saved_summaries(run, cell.recipe.eval.protocol).get(ablation.evaluate_set, {}).get(ablation.checkpoint)
+    if summary is None:
         return {}
-    evaluation = run.dir / "eval" / f"{set_name}-{checkpoint}-{test.get('protocol')}" / "metrics.json"
-    try:
-        centre = (json.loads(evaluation.read_text()).get("baselines") or {}).get("centre") or {}
-    except (OSError, json.JSONDecodeError):
-        centre = {}
-    out = pick_test_metrics({**test, **{f"baseline_centre/{k}": v for k, v in centre.items()}})
-    return out | (_retrieval_numbers(retrieval) if retrieval is not None else {})
+    retrieval = next((r for r in reversed(run.metrics()) if r.get("kind") == "retrieve"), None)
+    return pick_test_metrics(summary) | (_retrieval_numbers(retrieval) if retrieval is not None else {})
 
 
 def _retrieval_numbers(flat: dict[str, Any]) -> dict[str, float]:
@@ -291,7 +283,7 @@ def inspect_cell(cell: Cell, ablation: Ablation, state: dict) -> CellResult:
     status = meta.get("status")
     failed_here = entry.get("status") == "failed" and entry.get("run_dir") == run.dir.name
     error = entry.get("error") if failed_here else None
-    metrics = read_cell_metrics(run, ablation.evaluate_set, ablation.checkpoint)
+    metrics = read_cell_metrics(run, cell, ablation)
     if status == "finished" and metrics:
         if ablation.retrieve and not _has_retrieval(run):
             return CellResult(cell, "failed" if failed_here else "pending", run, metrics, error, "retrieve")
@@ -301,7 +293,7 @@ def inspect_cell(cell: Cell, ablation: Ablation, state: dict) -> CellResult:
         return CellResult(cell, "failed", run, {}, error or meta.get("error"), "train")
     if status == "finished":
         error = error or (f"{run.dir}: no test record for set {ablation.evaluate_set!r}, checkpoint "
-                          f"{ablation.checkpoint!r} in metrics.jsonl")
+                          f"{ablation.checkpoint!r}, protocol {cell.recipe.eval.protocol!r} in metrics.jsonl")
     # created, running (its process was killed), interrupted, trained (stopped during the final evaluation)
     action = "resume" if run.latest_checkpoint() is not None else "train"
     return CellResult(cell, "failed" if error else "interrupted", run, {}, error, action)

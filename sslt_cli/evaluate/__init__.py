@@ -14,17 +14,22 @@ The package, in the order ``sslt eval`` uses it:
   ``gallery.png`` (:func:`write_outputs`), MLflow names (:func:`mlflow_metrics`), the table (:func:`result_table`);
 * :mod:`~sslt_cli.evaluate.orchestrate`: models x test sets -> results, the one path every caller takes.
 """
-from sslt_cli.evaluate.maps import eval_loader, load_maps, maps_from_batches, numpy_file_problem, predict_maps, save_maps
-from sslt_cli.evaluate.options import PROTOCOL_OPTIONS, get_protocol, recipe_protocol
-from sslt_cli.evaluate.orchestrate import evaluate_checkpoints, evaluate_model
+from sslt_cli.evaluate.maps import (embed_audio, embed_images, eval_loader, load_maps, maps_from_batches,
+                                    numpy_file_problem, predict_maps, save_maps)
+from sslt_cli.evaluate.options import PROTOCOL_OPTIONS, EvalOptions, ExtendedPairs, get_protocol
+from sslt_cli.evaluate.orchestrate import (SUMMARY_KEYS, Evaluation, SetEvaluation, Source, evaluate_model,
+                                           log_evaluation, print_evaluation, run_evaluation, saved_summaries,
+                                           score_precomputed)
 from sslt_cli.evaluate.outputs import MLFLOW_NAME, eval_folder, mlflow_metrics, result_dict, result_table, write_outputs
 from sslt_cli.evaluate.scoring import (BASELINE_LABELS, CHUNK, RANDOM_SEEDS, STAGES, ClipScore, EvalResult, Exclusion,
                                        ExtendedResult, score_extended, score_extended_maps, score_maps, test_summary)
 from sslt_cli.evaluate.sets import TestSet, load_test_set, load_vggss_json_set, read_silent_pairs, silent_pair_key
 
-__all__ = ["BASELINE_LABELS", "CHUNK", "MLFLOW_NAME", "PROTOCOL_OPTIONS", "RANDOM_SEEDS", "STAGES", "ClipScore",
-           "EvalResult", "Exclusion", "ExtendedResult", "TestSet", "eval_folder", "eval_loader", "evaluate_checkpoints",
-           "evaluate_model", "get_protocol", "load_maps", "load_test_set", "load_vggss_json_set", "maps_from_batches",
-           "mlflow_metrics", "numpy_file_problem", "predict_maps", "read_silent_pairs", "recipe_protocol",
-           "result_dict", "result_table", "save_maps", "score_extended", "score_extended_maps", "score_maps",
-           "silent_pair_key", "test_summary", "write_outputs"]
+__all__ = ["BASELINE_LABELS", "CHUNK", "MLFLOW_NAME", "PROTOCOL_OPTIONS", "RANDOM_SEEDS", "STAGES", "SUMMARY_KEYS",
+           "ClipScore", "EvalOptions", "EvalResult", "Evaluation", "Exclusion", "ExtendedPairs", "ExtendedResult",
+           "SetEvaluation", "Source", "TestSet", "embed_audio", "embed_images", "eval_folder", "eval_loader",
+           "evaluate_model", "get_protocol", "load_maps", "load_test_set", "load_vggss_json_set", "log_evaluation",
+           "maps_from_batches", "mlflow_metrics", "numpy_file_problem", "predict_maps", "print_evaluation",
+           "read_silent_pairs", "result_dict", "result_table", "run_evaluation", "save_maps", "saved_summaries",
+           "score_extended", "score_extended_maps", "score_maps", "score_precomputed", "silent_pair_key",
+           "test_summary", "write_outputs"]

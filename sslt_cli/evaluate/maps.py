@@ -15,6 +15,7 @@ from sslt_cli.errors import DataError
 from sslt_cli.metrics import Protocol
 
 if TYPE_CHECKING:
+    from sslt_cli.checkpoint import LoadedModel
     from sslt_cli.ogl import ObjectGuidance
 
 BatchHook = Callable[[list, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -86,6 +87,17 @@ def save_maps(maps: Mapping[str, np.ndarray], path: str | Path) -> Path:
     return path
 
 
+def embed_images(model: torch.nn.Module, images: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """images (B, 3, H, W) normalised -> the visual maps (B, C, h, w), L2-normalised over C: the image half of a map,
+    computed once per frame whatever audio it is paired with."""
+    return model.embed_image(images.to(device, non_blocking=True))
+
+
+def embed_audio(model: torch.nn.Module, specs: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """specs (B, 1, n_mels, T) log-mel dB -> the audio embeddings (B, C), L2-normalised: the audio half of a map."""
+    return model.embed_audio(specs.to(device, non_blocking=True))
+
+
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
                       device: str | torch.device, progress: Callable[[int], None] | None = None,
                       on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
@@ -105,8 +117,8 @@ def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[s
     maps: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         for ids, images, specs in batches:
-            v = model.embed_image(images.to(device, non_blocking=True))
-            a = model.embed_audio(specs.to(device, non_blocking=True))
+            v = embed_images(model, images, device)
+            a = embed_audio(model, specs, device)
             batch_maps = localisation_map(v, a)[:, 0].float()
             if ogl is not None:
                 batch_maps = ogl.apply(batch_maps, images)
@@ -142,17 +154,21 @@ def eval_loader(clips: Sequence[Clip], recipe: Any, device: str | torch.device, 
         pin_memory=torch.device(device).type == "cuda")
 
 
-def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, protocol: Protocol,
-                 device: str | torch.device, *, batch_size: int | None = None, num_workers: int | None = None,
+def predict_maps(loaded: "LoadedModel", clips: Sequence[Clip], protocol: Protocol, *, device: str | torch.device,
+                 batch_size: int | None = None, num_workers: int | None = None,
                  pairs: Sequence[tuple[str, Clip, Clip]] | None = None, progress: Callable[[int], None] | None = None,
                  on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
                  ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
-    """Maps of ``model`` on ``clips`` (each frame with its own audio), or on ``pairs`` (key, frame clip, audio clip).
+    """The one step from a loaded model to maps: ``loaded``'s maps on ``clips`` (each frame with its own audio), or on
+    ``pairs`` (key, frame clip, audio clip).
 
-    Frames get the protocol's image pre-processing at ``recipe.data.image_size``; audio gets the recipe's front end.
-    Returns ({key: (h, w) map}, [(key, reason)] for clips that could not be decoded); ``ogl`` as in
-    :func:`maps_from_batches`.
+    ``loaded`` (:class:`~sslt_cli.checkpoint.LoadedModel`) brings the network and the recipe that describes its
+    inputs: frames get the protocol's image pre-processing at ``recipe.data.image_size``, audio the recipe's front end,
+    the maps are computed at ``recipe.eval.precision``. Returns ({key: (h, w) map}, [(key, reason)] for clips that
+    could not be decoded); ``ogl`` as in :func:`maps_from_batches`.
     """
+    from sslt_cli.model import autocast_for
+
     if pairs is None:
         items = list(clips)
         keys = [c.id for c in items]
@@ -160,6 +176,7 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
         # a pair's frame comes from one clip and its audio from another: a synthetic Clip carries both paths
         items = [Clip(id=key, frame=fc.frame, audio=ac.audio) for key, fc, ac in pairs]
         keys = [key for key, _, _ in pairs]
+    recipe = loaded.recipe
     loader = eval_loader(items, recipe, device, protocol.image_preprocessing, batch_size=batch_size,
                          num_workers=num_workers)
     skipped: list[tuple[str, str]] = []
@@ -170,9 +187,7 @@ def predict_maps(model: torch.nn.Module, clips: Sequence[Clip], recipe: Any, pro
             if "image" in batch:
                 yield [keys[int(i)] for i in batch["index"]], batch["image"], batch["spec"]
 
-    from sslt_cli.model import autocast_for
-
     device = torch.device(device)
     with autocast_for(device, recipe.eval.precision):
-        maps = maps_from_batches(model, batches(), device, progress, on_batch, ogl)
+        maps = maps_from_batches(loaded.model, batches(), device, progress, on_batch, ogl)
     return maps, skipped

@@ -1,125 +1,353 @@
-"""The model path: checkpoints -> maps -> scored results -> outputs."""
+"""The one evaluation orchestrator: what is scored (checkpoints, loaded models, precomputed maps, or only the baselines)
+x test sets x :class:`~sslt_cli.evaluate.options.EvalOptions` -> one typed :class:`Evaluation`, each result written
+to its folder and through the one :class:`~sslt_cli.tracking.MetricsSink`.
+
+Training's end, ``sslt eval`` and ``sslt ablate`` (through training) call :func:`run_evaluation`; validation calls
+:func:`evaluate_model`, the evaluation of one model on one set that the orchestrator runs for each pair.
+
+What the sink records, per set and checkpoint (:meth:`SetEvaluation.record`): a ``metrics.jsonl`` record of kind
+``test`` (training's final evaluation) or ``eval`` (``sslt eval``) with ``set``, ``checkpoint``, ``protocol``,
+``folder``, N and the numbers a run keeps (:data:`SUMMARY_KEYS`: the method's cIoU, AUC, mean IoU, pointing and the
+centre-prior baseline's cIoU and AUC), and every finite number under one MLflow prefix, ``eval/<set>-<checkpoint>-
+<protocol>/`` (:func:`runs.eval_name`, also the folder's name). :func:`saved_summaries` reads those records back.
+"""
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
-import torch
+import numpy as np
 
-from sslt_cli.checkpoint import load_model, resolve_checkpoints
+from sslt_cli.checkpoint import LoadedModel, load_model
 from sslt_cli.data.manifest import Clip
+from sslt_cli.errors import DataError
 from sslt_cli.evaluate.maps import BatchHook, predict_maps, save_maps
-from sslt_cli.evaluate.options import get_protocol, recipe_protocol
+from sslt_cli.evaluate.options import EvalOptions
 from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, result_table, write_outputs
-from sslt_cli.evaluate.scoring import EvalResult, Exclusion, score_extended, score_maps, test_summary
-from sslt_cli.evaluate.sets import TestSet, load_test_set, silent_pair_key
+from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
+                                       test_summary)
+from sslt_cli.evaluate.sets import TestSet, silent_pair_key
 from sslt_cli.metrics import Protocol
+from sslt_cli.runs import EVAL, eval_name
 
+if TYPE_CHECKING:
+    from rich.console import Console
 
-def evaluate_model(model: torch.nn.Module, test: TestSet, protocol: str | Protocol, recipe: Any, *,
-                   device: str | torch.device = "cpu", out_dir: Path | None = None, baselines: bool = True,
-                   batch_size: int | None = None, num_workers: int | None = None, clip_boxes: bool | None = None,
-                   extended: tuple[list[tuple[str, str]], TestSet] | None = None,
-                   progress: Callable[[int], None] | None = None, on_batch: BatchHook | None = None,
-                   object_guidance: bool = True) -> EvalResult:
-    """The one evaluation of a model: maps for the test set's clips (``recipe``'s image size and audio front end at
-    ``eval.precision``), scored under ``protocol`` with baselines, outputs written to ``out_dir`` when given.
-
-    Validation, the end of training, ``sslt eval`` and ``sslt ablate`` (through training) all call this.
-    ``extended``: (non-sounding pairs, the set holding their frames and audio) adds SLAVC's extended evaluation; a
-    pair whose frame or audio is unavailable is left out and listed. ``progress`` is called with the clip count of
-    each predicted batch, the non-sounding pairs' batches included; ``on_batch`` as in :func:`maps_from_batches`.
-    With ``recipe.eval.ogl_weights`` set (and ``object_guidance``), the scored maps are EZ-VSL's object-guided
-    combination (:mod:`sslt_cli.ogl`), and the result's notes say so.
-    """
     from sslt_cli.ogl import ObjectGuidance
 
-    proto = get_protocol(protocol)
-    ogl = ObjectGuidance.from_eval(recipe.eval, proto, device) if object_guidance else None
+ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
+"""(description, total clips) -> a context whose value advances a progress display by n clips."""
+SUMMARY_KEYS = ("ciou", "auc", "mean_iou", "pointing", "n", "baseline_centre/ciou", "baseline_centre/auc")
+
+
+# ------------------------------------------------------------------------------------------ one model on one set
+
+def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, out_dir: Path | None = None,
+                   progress: Callable[[int], None] | None = None, on_batch: BatchHook | None = None) -> EvalResult:
+    """The one evaluation of a model on a set: ``loaded``'s maps for the set's clips (its recipe's front end), scored
+    under ``options.protocol_for(loaded.recipe.eval)`` with baselines (``options.baselines``), outputs written to
+    ``out_dir`` when given (with ``maps.npz`` when ``options.save_maps``).
+
+    ``options.extended`` adds SLAVC's extended evaluation (a pair whose frame or audio is unavailable is left out and
+    listed); with object guidance on (:meth:`EvalOptions.guidance_for`) the scored maps are EZ-VSL's combination
+    (:mod:`sslt_cli.ogl`) and the result says so. ``progress`` is called with the clip count of each predicted batch,
+    the non-sounding pairs' batches included; ``on_batch`` as in :func:`~sslt_cli.evaluate.maps.maps_from_batches`.
+    """
+    proto = options.protocol_for(loaded.recipe.eval)
+    ogl = _object_guidance(options, loaded, proto)
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
-    maps, skipped = predict_maps(model, clips, recipe, proto, device, batch_size=batch_size, num_workers=num_workers,
-                                 progress=progress, on_batch=on_batch, ogl=ogl)
+    maps, skipped = predict_maps(loaded, clips, proto, device=options.device, batch_size=options.batch_size,
+                                 num_workers=options.num_workers, progress=progress, on_batch=on_batch, ogl=ogl)
     unavailable = dict(test.unavailable)
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
-                        annotation_problems=test.annotation_problems, baselines=baselines, clip_boxes=clip_boxes,
-                        name=test.name, notes=test.notes, device=device)
+                        annotation_problems=test.annotation_problems, baselines=options.baselines, name=test.name,
+                        notes=test.notes, device=options.device)
     if ogl is not None:
         result.notes = [*result.notes, ogl.note()]
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
-    if extended is not None:
-        silent_pairs, silent_set = extended
-        pairs: list[tuple[str, Clip, Clip]] = []
-        dropped: list[Exclusion] = []
-        for video, audio in silent_pairs:
-            key = silent_pair_key(video, audio)
-            fc, ac = silent_set.clips.get(video), silent_set.clips.get(audio)
-            if fc is not None and ac is not None:
-                pairs.append((key, fc, ac))
-                continue
-            missing = [f"{column} {cid}: {silent_set.unavailable.get(cid, 'not among its usable clips')}"
-                       for column, cid, clip in (("video", video, fc), ("audio", audio, ac)) if clip is None]
-            dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {silent_set.name}: {'; '.join(missing)}"))
-        silent_maps, silent_skipped = predict_maps(model, [], recipe, proto, device,
-                                                   batch_size=batch_size, num_workers=num_workers, pairs=pairs,
-                                                   progress=progress, ogl=ogl)
-        dropped += [Exclusion(key, "no frame/audio", f"decode error: {reason}") for key, reason in silent_skipped]
-        if dropped:
-            result.notes.append(f"extended evaluation: {len(dropped)} of {len(silent_pairs)} non-sounding pairs have "
-                                f"no usable frame/audio in {silent_set.name} and were left out (listed in "
-                                f"excluded.csv)")
-        result.extended = score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+    if options.extended is not None:
+        result.extended = _extended_of_model(loaded, maps, test, proto, options, ogl, progress, result.notes)
     if out_dir is not None:
         write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
                       defects=test.defects)
-        save_maps(maps, out_dir / "maps.npz")
+        if options.save_maps:
+            save_maps(maps, out_dir / "maps.npz")
     return result
 
 
+def _object_guidance(options: EvalOptions, loaded: LoadedModel, proto: Protocol) -> "ObjectGuidance | None":
+    setting = options.guidance_for(loaded.recipe.eval)
+    if setting is None:
+        return None
+    from sslt_cli.ogl import ObjectGuidance
 
-def evaluate_checkpoints(run: Any, recipe: Any, sink: Any, *, device: str | torch.device, console: Any = None,
-                         out: Any = None) -> dict[str, dict[str, dict[str, float]]]:
-    """The end of training: the run's last and best checkpoints on every test set of the recipe under its protocol.
+    return ObjectGuidance.load(setting.weights, setting.alpha, proto, options.device)
 
-    Writes ``eval/<set>-<checkpoint>-<protocol>/`` (:func:`eval_folder`), a ``kind: test`` record per set and
-    checkpoint through ``sink`` (metrics.jsonl, MLflow ``test_<set>/<checkpoint>/...``) and prints a table per set and
-    checkpoint. Returns ``{set: {checkpoint: test_summary}}``. The best checkpoint was chosen on the validation set,
-    never on a test set.
+
+def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test: TestSet, proto: Protocol,
+                       options: EvalOptions, ogl: "ObjectGuidance | None", progress: Callable[[int], None] | None,
+                       notes: list[str]):
+    """SLAVC's extended evaluation of a model: the maps of the non-sounding pairs (frames and audio from
+    ``options.extended.media``, else the test set), scored with the sounding ``maps``; pairs left out go to notes."""
+    extended = options.extended
+    media = extended.media or test
+    pairs: list[tuple[str, Clip, Clip]] = []
+    dropped: list[Exclusion] = []
+    for video, audio in extended.pairs:
+        key = silent_pair_key(video, audio)
+        frame_clip, audio_clip = media.clips.get(video), media.clips.get(audio)
+        if frame_clip is not None and audio_clip is not None:
+            pairs.append((key, frame_clip, audio_clip))
+            continue
+        missing = [f"{column} {cid}: {media.unavailable.get(cid, 'not among its usable clips')}"
+                   for column, cid, clip in (("video", video, frame_clip), ("audio", audio, audio_clip)) if clip is None]
+        dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {media.name}: {'; '.join(missing)}"))
+    silent_maps, silent_skipped = predict_maps(loaded, [], proto, device=options.device,
+                                               batch_size=options.batch_size, num_workers=options.num_workers,
+                                               pairs=pairs, progress=progress, ogl=ogl)
+    dropped += [Exclusion(key, "no frame/audio", f"decode error: {reason}") for key, reason in silent_skipped]
+    if dropped:
+        notes.append(f"extended evaluation: {len(dropped)} of {len(extended.pairs)} non-sounding pairs have no usable "
+                     f"frame/audio in {media.name} and were left out (listed in excluded.csv)")
+    return score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+
+
+def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, proto: Protocol, options: EvalOptions, *,
+                      out_dir: Path | None = None, progress: Callable[[int], None] | None = None) -> EvalResult:
+    """Precomputed ``maps`` (None: only the baselines) on a set, with ``options.extended`` from the pairs' own maps;
+    outputs written to ``out_dir``. Maps and baselines need no frame or audio: the boxes decide what is scored."""
+    result = score_maps(maps, test.annotations, proto, test.ids, annotation_problems=test.annotation_problems,
+                        name=test.name, notes=test.notes, device=options.device, progress=progress)
+    extended = options.extended
+    if extended is not None and maps is not None:
+        result.extended, notes = score_extended_maps(maps, extended.maps or {}, extended.pairs, test.ids,
+                                                     test.annotations, extended.maps_source)
+        result.notes += notes
+    if out_dir is not None:
+        write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
+                      defects=test.defects)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- the orchestrator
+
+@dataclass(frozen=True)
+class Source:
+    """What an evaluation scores, under ``label`` (``best``, ``last``, a checkpoint's stem, ``maps``,
+    ``baselines``): a checkpoint file (loaded when the evaluation starts, with ``recipe`` when given, else its own),
+    a model already loaded, precomputed maps, or nothing (only the baselines).
+
+    ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
+    weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
     """
-    from rich.console import Console
 
-    console = console or Console(stderr=True)
-    out = out or Console()
-    proto = recipe_protocol(recipe.eval)
-    _, checkpoints, _ = resolve_checkpoints(run.dir, "both")
-    loaded_models = [(label, load_model(path, recipe, device)) for label, path in checkpoints]
-    summary: dict[str, dict[str, dict[str, float]]] = {}
-    for set_name, set_path in recipe.data.test.items():
-        test = load_test_set(recipe.data.set_path(set_path))
-        done: dict[int | None, tuple[str, Path, EvalResult]] = {}  # step -> (label, out_dir, result) on this set
-        for label, loaded in loaded_models:
-            out_dir = eval_folder(run.dir / "eval", set_name, label, proto.name)
-            same = done.get(loaded.step) if loaded.step is not None else None
-            if same is not None:
-                # the best checkpoint of the last validation is the last checkpoint's weights: copy, do not redo
-                shutil.copytree(same[1], out_dir, dirs_exist_ok=True)
-                result = same[2]
-                console.print(f"{set_name}: the {label} checkpoint is the {same[0]} checkpoint (step {loaded.step}); "
-                              f"its results are copied to {out_dir}", highlight=False)
-            else:
-                result = evaluate_model(loaded.model, test, proto, recipe, device=device, out_dir=out_dir)
-                done[loaded.step] = (label, out_dir, result)
-            summary.setdefault(set_name, {})[label] = test_summary(result)
-            method = result.method or {}
-            sink.log("test", loaded.step or 0, {k: method[k] for k in ("ciou", "auc", "mean_iou", "pointing")
-                                                if k in method},
-                     fields={"set": set_name, "checkpoint": label, "protocol": proto.name, "n": result.n},
-                     mlflow=mlflow_metrics(result, f"test_{set_name}/{label}"))
-            sink.artifact(out_dir, f"eval/{out_dir.name}")
-            if same is None:
-                table = result_table(result)
-                table.title = f"{set_name}: {label} checkpoint (step {loaded.step}), protocol {proto.name}"
-                out.print(table)
-                console.print(result.n_explained(), highlight=False)
-    return summary
+    label: str
+    checkpoint: Path | None = None
+    recipe: Any = None
+    run_dir: Path | None = None
+    loaded: LoadedModel | None = None
+    maps: Mapping[str, np.ndarray] | None = None
+    maps_path: Path | None = None
+
+    @classmethod
+    def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir)
+
+    @classmethod
+    def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
+        return cls(label, loaded=loaded, run_dir=run_dir)
+
+    @classmethod
+    def precomputed(cls, maps: Mapping[str, np.ndarray], path: Path) -> "Source":
+        return cls("maps", maps=maps, maps_path=Path(path))
+
+    @classmethod
+    def baselines(cls) -> "Source":
+        return cls("baselines")
+
+    @property
+    def scores_a_model(self) -> bool:
+        return self.checkpoint is not None or self.loaded is not None
+
+
+@dataclass(frozen=True)
+class SetEvaluation:
+    """One set x one source: its result (numbers, N and its accounting, baselines, published rows, extended), where
+    its outputs are, and, for a checkpoint with the same weights as one evaluated before, that one's label."""
+
+    set_name: str
+    checkpoint: str
+    step: int | None
+    described: str
+    result: EvalResult
+    folder: Path | None
+    same_as: str | None = None
+
+    @property
+    def protocol(self) -> str:
+        return self.result.protocol.name
+
+    @property
+    def name(self) -> str:
+        """``<set>-<checkpoint>-<protocol>``: the folder name and MLflow prefix (``eval/<name>/...``)."""
+        return eval_name(self.set_name, self.checkpoint, self.protocol)
+
+    def summary(self) -> dict[str, float]:
+        """What a run keeps of it (:data:`SUMMARY_KEYS`), as :func:`~sslt_cli.evaluate.scoring.test_summary`."""
+        return test_summary(self.result)
+
+    def record(self) -> tuple[dict[str, Any], dict[str, float]]:
+        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
+        fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
+                  "folder": str(self.folder.resolve()) if self.folder is not None else None}
+        return fields, self.summary()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything :func:`run_evaluation` produced, set-major in the order the sets and sources were given."""
+
+    items: tuple[SetEvaluation, ...]
+
+    def get(self, set_name: str, checkpoint: str) -> SetEvaluation | None:
+        return next((i for i in self.items if (i.set_name, i.checkpoint) == (set_name, checkpoint)), None)
+
+    def summaries(self) -> dict[str, dict[str, dict[str, float]]]:
+        """``{set: {checkpoint: summary}}``, as :class:`~sslt_cli.train.TrainResult` hands it back."""
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for item in self.items:
+            out.setdefault(item.set_name, {})[item.checkpoint] = item.summary()
+        return out
+
+
+def run_evaluation(sources: Sequence[Source], sets: Sequence[tuple[str, TestSet]], options: EvalOptions, sink: Any,
+                   *, out: Path | None, kind: str = "test", exact_folder: bool = False,
+                   progress: ProgressFactory | None = None) -> Evaluation:
+    """Evaluate every source on every set (``[(name, set)]``, the name the recipe gives it, else its own) under
+    ``options``; each result's outputs go to ``out/<set>-<checkpoint>-<protocol>`` (:func:`eval_folder`; with
+    ``exact_folder``, to ``out`` itself: one set and one source only; None: no outputs) and through ``sink``
+    (a ``kind`` record, ``test`` or ``eval``, and its MLflow numbers; see the module notes).
+
+    Checkpoint files are loaded once, on ``options.device``. ``progress(description, total)`` draws each
+    evaluation's progress (the caller's display). Returns the :class:`Evaluation`.
+    """
+    if exact_folder and (len(sources) != 1 or len(sets) != 1):
+        raise DataError(f"--out names the folder of one evaluation; this one has {len(sets)} test sets x "
+                        f"{len(sources)} sources, which would overwrite each other there",
+                        ["give one test set, or leave --out out (each result gets eval/<set>-<what>-<protocol>)"])
+    models = {source.label: _loaded(source, options) for source in sources}
+    items: list[SetEvaluation] = []
+    for set_name, test in sets:
+        done: dict[tuple[Path, int], SetEvaluation] = {}
+        for source in sources:
+            item = _evaluate_source(source, models[source.label], set_name, test, options, out, exact_folder,
+                                    progress or _no_progress, done)
+            log_evaluation(item, sink, kind)
+            items.append(item)
+    return Evaluation(tuple(items))
+
+
+@contextlib.contextmanager
+def _no_progress(description: str, total: int) -> Iterator[None]:
+    yield None
+
+
+def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
+    if source.checkpoint is not None:
+        return load_model(source.checkpoint, source.recipe, options.device)
+    return source.loaded
+
+
+def _evaluate_source(source: Source, loaded: LoadedModel | None, set_name: str, test: TestSet, options: EvalOptions,
+                     out: Path | None, exact_folder: bool, progress: ProgressFactory,
+                     done: dict[tuple[Path, int], SetEvaluation]) -> SetEvaluation:
+    """One source on one set; a checkpoint whose weights were evaluated on this set already gets a copy."""
+    proto = options.protocol_for(loaded.recipe.eval if loaded is not None else None)
+    folder = (out if exact_folder else eval_folder(out, set_name, source.label, proto.name)) if out else None
+    step = loaded.step if loaded is not None else None
+    same = (source.run_dir, step) if source.run_dir is not None and step is not None else None
+    if same in done:
+        first = done[same]
+        if folder is not None and first.folder is not None:
+            shutil.copytree(first.folder, folder, dirs_exist_ok=True)
+        return SetEvaluation(set_name, source.label, step, first.described, first.result, folder, first.checkpoint)
+    if loaded is not None:
+        total = sum(1 for cid in test.ids if cid in test.clips and cid in test.annotations)
+        total += len(options.extended.pairs) if options.extended is not None else 0
+        with progress(f"{test.name} ({source.label})", total) as advance:
+            result = evaluate_model(loaded, test, options, out_dir=folder, progress=advance)
+        described = f"{source.label} ({loaded.label}, {loaded.source.name})"
+    else:
+        total = sum(1 for cid in test.ids if cid in test.annotations and (source.maps is None or cid in source.maps))
+        with progress(f"{test.name} (scoring)", total) as advance:
+            result = score_precomputed(source.maps, test, proto, options, out_dir=folder, progress=advance)
+        described = f"maps {source.maps_path}" if source.maps is not None else "baselines only"
+    item = SetEvaluation(set_name, source.label, step, described, result, folder)
+    if same is not None:
+        done[same] = item
+    return item
+
+
+def log_evaluation(item: SetEvaluation, sink: Any, kind: str = "test") -> None:
+    """Record ``item`` through ``sink``: its ``kind`` record in metrics.jsonl, every finite number of it under
+    ``eval/<name>/`` in MLflow, its folder as the artifacts ``eval/<name>``."""
+    fields, numbers = item.record()
+    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=mlflow_metrics(item.result, f"{EVAL}/{item.name}"))
+    if item.folder is not None:
+        sink.artifact(item.folder, f"{EVAL}/{item.name}")
+
+
+def print_evaluation(evaluation: Evaluation, out: "Console", console: "Console", *,
+                     title: Callable[[SetEvaluation], str]) -> None:
+    """Each result of an evaluation: its table on ``out`` (titled ``title(item)``) with the extended evaluation's line,
+    then how N was reached and where its outputs are on ``console``; a result copied from a checkpoint with the same
+    weights is one line on ``console``."""
+    for item in evaluation.items:
+        if item.same_as is not None:
+            console.print(f"{item.set_name}: the {item.checkpoint} checkpoint is the {item.same_as} checkpoint (step "
+                          f"{item.step}); its results are copied to {item.folder}", highlight=False)
+            continue
+        table = result_table(item.result)
+        table.title = title(item)
+        out.print(table)
+        extended = item.result.extended
+        if extended is not None:
+            left_out = f"; {len(extended.excluded)} pairs left out (excluded.csv)" if extended.excluded else ""
+            out.print(f"extended ({extended.protocol}): AP {extended.ap:.4f} (SLAVC sampling {extended.ap_slavc:.4f}), "
+                      f"max-F1 {extended.max_f1:.4f} (SLAVC sampling {extended.max_f1_slavc:.4f}); "
+                      f"{extended.n_sounding} sounding + {extended.n_silent} non-sounding pairs{left_out}")
+        console.print(item.result.n_explained(), highlight=False)
+        if item.folder is not None:
+            console.print(f"outputs: {item.folder}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------- reading back
+
+def saved_summaries(run: Any, protocol: str, kind: str = "test") -> dict[str, dict[str, dict[str, float]]]:
+    """``{set: {checkpoint: summary}}`` of the ``kind`` records :func:`log_evaluation` wrote into ``run``'s
+    metrics.jsonl under ``protocol`` (the last record of each set and checkpoint): what :meth:`Evaluation.summaries`
+    gave the process that evaluated. Records written before they carried the centre-prior baseline (sslt before the
+    orchestrator) get it from their evaluation's ``metrics.json``."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for record in run.metrics():
+        if record.get("kind") != kind or record.get("protocol") != protocol:
+            continue
+        summary = {k: float(record[k]) for k in SUMMARY_KEYS if isinstance(record.get(k), (int, float))}
+        if "baseline_centre/ciou" not in summary:
+            summary.update(_centre_baseline(run.dir / EVAL, record))
+        out.setdefault(str(record.get("set")), {})[str(record.get("checkpoint"))] = summary
+    return out
+
+
+def _centre_baseline(base: Path, record: dict) -> dict[str, float]:
+    folder = eval_folder(base, str(record.get("set")), str(record.get("checkpoint")), str(record.get("protocol")))
+    try:
+        centre = (json.loads((folder / "metrics.json").read_text()).get("baselines") or {}).get("centre") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {f"baseline_centre/{k}": float(centre[k]) for k in ("ciou", "auc") if isinstance(centre.get(k), (int, float))}

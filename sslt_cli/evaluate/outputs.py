@@ -20,6 +20,7 @@ from sslt_cli import metrics, published
 from sslt_cli.data.annotations import Annotation, DefectReport
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.evaluate.scoring import BASELINE_LABELS, EvalResult, _gt_for, _reason_kind
+from sslt_cli.runs import eval_name
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -229,7 +230,6 @@ def result_table(result: EvalResult) -> "Table":
 
 
 def eval_folder(base: Path, set_name: str, checkpoint: str, protocol: str) -> Path:
-    """The one naming rule for evaluation outputs: ``<base>/<set>-<checkpoint>-<protocol>``. ``set``: the recipe's
-    name for the test set (``vggss``) when it is one of the recipe's ``data.test`` sets, else the set folder's name;
-    ``checkpoint``: ``best``, ``last``, a checkpoint file's stem, ``maps`` or ``baselines``."""
-    return Path(base) / f"{set_name}-{checkpoint}-{protocol}"
+    """The folder of an evaluation under ``base``: ``<base>/<set>-<checkpoint>-<protocol>`` (:func:`runs.eval_name`,
+    the one naming rule)."""
+    return Path(base) / eval_name(set_name, checkpoint, protocol)
