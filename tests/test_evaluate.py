@@ -598,3 +598,84 @@ def test_predict_maps_is_fp32_by_default_and_bf16_on_request(tmp_path):
     bf16 = Recipe.model_validate({**recipe.model_dump(), "eval": {"precision": "bf16"}})
     rounded, _ = E.predict_maps(LoadedModel(model, bf16, "sslt", tmp_path / "m.pt"), clips, protocol, device="cpu")
     assert not np.allclose(rounded["a"], maps["a"], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- the orchestrator
+
+class RecordingSink:
+    """A MetricsSink stand-in: what each call received."""
+
+    def __init__(self, run=None):
+        self.run, self.logged, self.artifacts = run, [], []
+
+    def log(self, kind, step, values, *, fields=None, mlflow=None):
+        self.logged.append((kind, step, dict(values), dict(fields or {}), dict(mlflow or {})))
+        if self.run is not None:
+            self.run.append_metrics({"kind": kind, "step": step, **(fields or {}), **values})
+
+    def artifact(self, path, folder=None):
+        self.artifacts.append((Path(path), folder))
+
+
+def test_the_orchestrator_records_what_it_returns_and_reads_it_back(tmp_path):
+    from sslt_cli.config import Recipe
+    from sslt_cli.runs import Run
+
+    test = E.TestSet(name="hand", anno_kind="vggss", ids=["a", "b"], annotations=HAND_ANNOTATIONS)
+    run = Run.create(Recipe(runs_dir=str(tmp_path / "runs")))
+    sink = RecordingSink(run)
+    options = E.EvalOptions(protocol="ezvsl")
+    evaluation = E.run_evaluation([E.Source.precomputed(HAND_MAPS, tmp_path / "maps.npz"), E.Source.baselines()],
+                                  [("vggss", test)], options, sink, out=run.dir / "eval")
+    maps_item, baselines_item = evaluation.items
+    assert (maps_item.name, baselines_item.name) == ("vggss-maps-ezvsl", "vggss-baselines-ezvsl")
+    assert maps_item.folder == run.dir / "eval" / "vggss-maps-ezvsl" and (maps_item.folder / "metrics.json").is_file()
+    direct = E.score_maps(HAND_MAPS, HAND_ANNOTATIONS, "ezvsl")
+    assert maps_item.result.method == direct.method and maps_item.result.baselines == direct.baselines
+    # one record per set and source: the numbers a run keeps, with the centre-prior baseline, under eval/<name>/
+    kind, step, values, fields, mlflow = sink.logged[0]
+    assert (kind, step, fields["set"], fields["checkpoint"], fields["protocol"]) == ("test", 0, "vggss", "maps", "ezvsl")
+    assert values == maps_item.summary() and values["baseline_centre/ciou"] == direct.baselines["centre"]["ciou"]
+    assert mlflow["eval/vggss-maps-ezvsl/ciou"] == direct.method["ciou"]
+    assert mlflow["eval/vggss-maps-ezvsl/oracle/ciou"] == direct.baselines["oracle"]["ciou"]
+    assert sink.artifacts[0] == (maps_item.folder, "eval/vggss-maps-ezvsl")
+    # what the run folder holds is what the evaluation returned
+    assert E.saved_summaries(run, "ezvsl") == evaluation.summaries()
+    assert E.saved_summaries(run, "ssltie") == {}
+    with pytest.raises(DataError, match="--out names the folder of one evaluation"):
+        E.run_evaluation([E.Source.baselines()], [("a", test), ("b", test)], options, sink, out=tmp_path / "x",
+                         exact_folder=True)
+
+
+def test_saved_summaries_of_a_record_without_baselines_read_its_metrics_json(tmp_path):
+    from sslt_cli.config import Recipe
+    from sslt_cli.runs import Run
+
+    run = Run.create(Recipe(runs_dir=str(tmp_path / "runs")))
+    run.append_metrics({"kind": "test", "step": 4, "set": "vggss", "checkpoint": "best", "protocol": "ssltie", "n": 8,
+                        "ciou": 0.25, "auc": 0.3, "mean_iou": 0.28})
+    folder = run.dir / "eval" / "vggss-best-ssltie"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"baselines": {"centre": {"ciou": 0.5, "auc": 0.4375}}}))
+    assert E.saved_summaries(run, "ssltie") == {"vggss": {"best": {
+        "n": 8.0, "ciou": 0.25, "auc": 0.3, "mean_iou": 0.28, "baseline_centre/ciou": 0.5,
+        "baseline_centre/auc": 0.4375}}}
+
+
+def test_eval_options_come_before_the_recipe_and_never_rewrite_it():
+    from sslt_cli.config import Recipe
+
+    recipe = Recipe.model_validate({"eval": {"protocol": "lvs", "empty_gt": "zero", "ogl_weights": "obj.pth",
+                                             "ogl_alpha": 0.7}})
+    assert E.EvalOptions().protocol_for(recipe.eval) == E.get_protocol("lvs", empty_gt="zero")
+    assert E.EvalOptions().protocol_for(None).name == "ssltie"
+    chosen = E.EvalOptions(protocol="slavc", constant_maps="official", clip_boxes=False).protocol_for(recipe.eval)
+    assert (chosen.name, chosen.constant_maps, chosen.empty_gt, chosen.clip_boxes) == ("slavc", "official", "zero",
+                                                                                       False)
+    assert E.EvalOptions().guidance_for(recipe.eval) == E.options.ObjectGuidanceSetting("obj.pth", 0.7)
+    assert E.EvalOptions(ogl_alpha=0.2).guidance_for(recipe.eval).alpha == 0.2
+    assert E.EvalOptions(object_guidance=False).guidance_for(recipe.eval) is None
+    assert E.EvalOptions(ogl_weights="mine.pth").guidance_for(None) == E.options.ObjectGuidanceSetting("mine.pth", 0.4)
+    with pytest.raises(SsltError, match="--ogl-alpha needs object-guided localisation switched on"):
+        E.EvalOptions(ogl_alpha=0.5).guidance_for(Recipe().eval)
+    assert recipe.eval.protocol == "lvs" and recipe.eval.ogl_alpha == 0.7  # untouched

@@ -471,6 +471,8 @@ def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
             k: record[k] for k in ("ciou", "auc", "mean_iou", "n")}
         centre = written["baselines"]["centre"]
         assert (returned["baseline_centre/ciou"], returned["baseline_centre/auc"]) == (centre["ciou"], centre["auc"])
+        # and the run folder's record carries the same baselines (what ablate reads for a cell run earlier)
+        assert (record["baseline_centre/ciou"], record["baseline_centre/auc"]) == (centre["ciou"], centre["auc"])
 
     client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     mlflow_run = client.get_run(run.meta()["mlflow_run_id"])
