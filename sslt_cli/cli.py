@@ -346,6 +346,7 @@ def eval_cmd(
     """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
     from sslt_cli import evaluate as ev
     from sslt_cli.progress import ClipProgress
+    from sslt_cli.runs import Run
 
     _check_eval_options(target=target, maps=maps, baselines_only=baselines_only, extended=extended,
                         silent_maps=silent_maps, silent_data=silent_data, vggss_json=vggss_json, media=media,
@@ -357,16 +358,13 @@ def eval_cmd(
                             no_clip=no_clip, ogl=(ogl_weights, ogl_alpha), batch_size=batch_size, device=device,
                             extended=(extended, silent_data, silent_maps))
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
-    for _, test in tests:
-        for note in test.notes:
-            err.print(f"note: {note}", highlight=False)
-    where = out_dir if out_dir is not None and target is None else out_dir or (
-        run_dir / "eval" if run_dir is not None else Path("eval"))
-    tracker, sink = _eval_tracking(recipe, run_dir, options.protocol_for(getattr(recipe, "eval", None)).name)
-    evaluation = ev.run_evaluation(sources, tests, options, sink, out=where, kind="eval",
-                                   exact_folder=target is None and out_dir is not None,
-                                   progress=lambda what, total: ClipProgress(err, what, total))
-    tracker.end("FINISHED")
+    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
+    run = Run.open(run_dir) if run_dir is not None else None
+    with _tracking(run, recipe, f"eval-{target.stem if target is not None else 'maps'}",
+                   params={"eval.protocol": options.protocol_for(getattr(recipe, "eval", None)).name}) as sink:
+        evaluation = ev.run_evaluation(sources, tests, options, sink, out=where, kind="eval",
+                                       exact_folder=target is None and out_dir is not None,
+                                       progress=lambda what, total: ClipProgress(err, what, total))
     ev.print_evaluation(evaluation, out, err, title=lambda item: f"{item.result.name}: {item.described} · protocol "
                                                                   f"{item.protocol} · N = {item.result.n}")
 
@@ -383,7 +381,7 @@ def _eval_sources(target: Path | None, which: str, maps: Path | None):
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
 
-        recipe = Run.open(run_dir).recipe()
+        recipe = Run.open(run_dir).recipe()  # a checkpoint file inside a run folder: the run's recipe
     return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir) for label, path in checkpoints], run_dir
 
 
@@ -440,7 +438,8 @@ def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, 
 
 
 def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
-    """[(set name for output folders, test set)]: --vggss-json, --data folders, else the recipe's test sets."""
+    """[(set name for output folders, test set)]: --vggss-json, --data folders, else the recipe's test sets; their
+    notes (box defects, ...) said on stderr."""
     from sslt_cli import evaluate as ev
 
     tests = []
@@ -454,23 +453,10 @@ def _eval_sets(recipe, data, vggss_json, media, id_list) -> list:
         tests = [(name, ev.load_test_set(recipe.data.set_path(p), id_list)) for name, p in recipe.data.test.items()]
     if not tests:
         raise SsltError("no test set: pass --data DIR (a prepared set) or --vggss-json FILE")
+    for _, test in tests:
+        for note in test.notes:
+            err.print(f"note: {note}", highlight=False)
     return tests
-
-
-def _eval_tracking(recipe, run_dir: Path | None, protocol_name: str):
-    """(tracker, sink) for `sslt eval`: the run's own MLflow run when evaluating a run folder, else a new one."""
-    from sslt_cli.tracking import MetricsSink, Tracker
-
-    tracker = Tracker(enabled=recipe.tracking.enabled if recipe is not None else True,
-                      experiment=recipe.tracking.experiment if recipe is not None else "sslt")
-    run = None
-    if run_dir is not None:
-        from sslt_cli.runs import Run
-
-        run = Run.open(run_dir)
-    tracker.start(f"eval-{(run_dir or Path('maps')).name}", run_id=(run.meta() if run else {}).get("mlflow_run_id"),
-                  params={"eval.protocol": protocol_name} if run is None else None)
-    return tracker, MetricsSink(run, tracker)
 
 
 def _recipe_set_name(recipe, folder: Path) -> str | None:
@@ -504,12 +490,36 @@ def retrieve(
     refresh: bool = typer.Option(False, help="Re-embed even when the cached embeddings are current."),
 ) -> None:
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
-    from sslt_cli.retrieve import retrieve as run
+    from sslt_cli import retrieve as R
+    from sslt_cli.distributed import pick_device
+    from sslt_cli.progress import StepBars
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
-    run(target, data=data, labels=labels, tasks=task, classes=classes, cross_score=score, image_pool=image_pool,
-        which=which, device=device, out_dir=out_dir, gallery_rows=gallery_rows, refresh=refresh, console=err, out=out)
+    dev = pick_device(device, option="--device")
+    options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
+                                      gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
+    model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
+                                                      out_dir=out_dir)
+    with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
+                   tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
+        report = R.retrieve(model, clip_set, clip_labels, options, sink, progress=bars.update,
+                            say=lambda line: err.print(line, highlight=False, markup=False))
+    out.print(R.results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
+    for line in R.report_lines(report):
+        err.print(line, highlight=False, markup=False)
+
+
+def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | None = None):
+    """The MLflow run `sslt eval` and `sslt retrieve` record into: the run folder's own (:func:`run_tracking`),
+    else one of their own named ``name`` (with ``params`` and ``tags``): a context giving the sink."""
+    from sslt_cli.tracking import run_tracking, standalone_tracking
+
+    if run is not None:
+        return run_tracking(run, recipe if recipe is not None else run.recipe())
+    return standalone_tracking(name, enabled=recipe.tracking.enabled if recipe is not None else True,
+                               experiment=recipe.tracking.experiment if recipe is not None else "sslt",
+                               params=params, tags=tags)
 
 
 # ----------------------------------------------------------------------------------------------------------- ablate

@@ -54,3 +54,28 @@ class ClipProgress:
             (task,) = self.bar.tasks
             self.bar.update(self.task, total=task.completed)
         return self.bar.__exit__(kind, *exc)
+
+
+class StepBars:
+    """Rich bars on ``console`` for a command whose steps report absolute counts: ``update(what, done, total)`` makes
+    a bar the first time ``what`` is seen (``embed clips``, ``rank a2a``) and sets it to ``done`` of ``total``. Use it
+    as a context manager around the work."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 RateColumn(unit=""), TimeRemainingColumn(), console=console)
+        self.bars: dict[str, int] = {}
+
+    def __enter__(self) -> "StepBars":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, kind, *exc) -> bool | None:
+        return self.progress.__exit__(kind, *exc)
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if what not in self.bars:
+            self.bars[what] = self.progress.add_task(what, total=total)
+        self.progress.update(self.bars[what], completed=done)

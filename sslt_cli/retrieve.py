@@ -56,17 +56,16 @@ import torch
 from sslt_cli.data.annotations import read_labels
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError, DataError, SsltError
-from sslt_cli.progress import RateColumn
 from sslt_cli.runs import atomic_torch_save
 
 if TYPE_CHECKING:
     import numpy as np
-    from rich.console import Console
     from rich.table import Table
 
     from sslt_cli.config import Recipe
     from sslt_cli.data.manifest import ClipSet
     from sslt_cli.runs import Run
+    from sslt_cli.tracking import MetricsSink
 
 TASKS = ("a2a", "a2i", "i2a")
 KS = (1, 5, 10)
@@ -525,7 +524,9 @@ class TaskResult:
 class RetrievalReport:
     """Everything :func:`run_retrieval` found. ``ids`` / ``labels``: the gallery clips (also the queries), in order.
     ``unlabeled``: embedded clips without a label; ``skipped``: (id, reason) of clips that could not be embedded;
-    ``classes_without_clips``: chosen classes with no clip in the set."""
+    ``classes_without_clips``: chosen classes with no clip in the set. :func:`retrieve` adds where it wrote the
+    outputs (``folder``), the list of clips it left out (``excluded_file``, None when none was) and how many clips the
+    manifest marks unusable (``n_unusable``)."""
 
     tasks: list[TaskResult]
     ids: list[str]
@@ -536,6 +537,9 @@ class RetrievalReport:
     unlabeled: list[str]
     n_other_classes: int
     skipped: list[tuple[str, str]]
+    folder: Path | None = None
+    excluded_file: Path | None = None
+    n_unusable: int = 0
 
 
 def check_options(tasks: Sequence[str], cross_score: str, image_pool: str) -> None:
@@ -547,6 +551,27 @@ def check_options(tasks: Sequence[str], cross_score: str, image_pool: str) -> No
         raise DataError(f"--score {cross_score!r}: use loc (max of the cosine map) or pooled")
     if image_pool not in ("avg", "max"):
         raise DataError(f"--image-pool {image_pool!r}: use avg or max")
+
+
+def _check_gallery(rows: Sequence[tuple[int, str]], n_embedded: int, n_unlabeled: int,
+                   n_other: int) -> dict[str, int]:
+    """The clips per class of a gallery of (index, label) ``rows``, once it can be scored: enough clips, two classes
+    at least, a class with two clips at least (else a DataError that says what to choose)."""
+    need = max(max(KS), TOP_N) + 1
+    if len(rows) < need:
+        raise DataError(f"retrieval needs at least {need} labelled clips of the chosen classes; found {len(rows)}",
+                        [f"{n_embedded} clips embedded, {n_unlabeled} without a label, {n_other} of other classes",
+                         "choose more classes or a bigger set"])
+    per_class: dict[str, int] = {}
+    for _, label in rows:
+        per_class[label] = per_class.get(label, 0) + 1
+    if len(per_class) < 2:
+        raise DataError(f"retrieval within a single class is trivial (every gallery item is relevant); the chosen "
+                        f"classes have clips of only {rows[0][1]!r} in this set: choose at least 2 classes")
+    if max(per_class.values()) < 2:
+        raise DataError(f"every chosen class has a single clip in this set ({len(per_class)} classes), so no query "
+                        "has a same-class item to find: choose classes with at least 2 clips")
+    return per_class
 
 
 def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], classes: str = "all",
@@ -569,20 +594,7 @@ def run_retrieval(embeddings: ClipEmbeddings, clip_labels: dict[str, str], class
     chosen = select_classes(classes, present, sorted(set(clip_labels.values())), holdout_classes)
     class_index = {name: k for k, name in enumerate(chosen)}
     rows = [(i, label) for i, label in labelled if label in class_index]
-    need = max(max(KS), TOP_N) + 1
-    if len(rows) < need:
-        raise DataError(f"retrieval needs at least {need} labelled clips of the chosen classes; found {len(rows)}",
-                        [f"{len(embeddings.ids)} clips embedded, {len(unlabeled)} without a label, "
-                         f"{len(labelled) - len(rows)} of other classes", "choose more classes or a bigger set"])
-    per_class: dict[str, int] = {}
-    for _, label in rows:
-        per_class[label] = per_class.get(label, 0) + 1
-    if len(per_class) < 2:
-        raise DataError(f"retrieval within a single class is trivial (every gallery item is relevant); the chosen "
-                        f"classes have clips of only {rows[0][1]!r} in this set: choose at least 2 classes")
-    if max(per_class.values()) < 2:
-        raise DataError(f"every chosen class has a single clip in this set ({len(per_class)} classes), so no query "
-                        "has a same-class item to find: choose classes with at least 2 clips")
+    per_class = _check_gallery(rows, len(embeddings.ids), len(unlabeled), len(labelled) - len(rows))
     index = torch.tensor([i for i, _ in rows])
     labels = torch.tensor([class_index[label] for _, label in rows])
     exclude = torch.arange(len(rows))
@@ -841,90 +853,153 @@ def output_scope(set_name: str, default_set: bool, classes: str, cross_score: st
     return "/".join(parts)
 
 
-def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
-             tasks: str = "all", classes: str = "all", cross_score: str = "loc", image_pool: str = "avg",
-             which: str = "auto", device: str = "auto", out_dir: str | Path | None = None, gallery_rows: int = 6,
-             refresh: bool = False, console: "Console | None" = None,
-             out: "Console | None" = None) -> RetrievalReport:
-    """``sslt retrieve``: embed a set with a trained model (cached), run every task, write and log the results.
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """How to retrieve: ``tasks`` (of a2a, a2i, i2a), ``classes`` (``all`` | ``novel`` | comma list | file),
+    ``cross_score`` (``loc`` | ``pooled``) and ``image_pool`` (``avg`` | ``max``; protocol: module docstring), the
+    queries drawn in each gallery PNG, ``refresh`` (embed even when the cache is current) and the ``device`` (the
+    caller picks it)."""
 
-    target: run folder or checkpoint, which: its checkpoint (:func:`load_target`). data: a prepared set folder
-    (default: the recipe's first test set). labels: a label file (default: the recipe's ``data.labels`` when it
-    exists, else the manifest's labels). tasks: ``all`` or a comma list of a2a, a2i, i2a. classes: ``all`` |
-    ``novel`` | list | file. cross_score: ``loc`` | ``pooled``; image_pool: ``avg`` | ``max``. refresh: embed even
-    when the cache is current. Writes ``<out>/embeddings_<set>.pt``, ``<out>/<scope>/<task>/{metrics.json,
-    queries.csv, gallery.png}`` and ``<out>/<scope>/excluded.csv`` (:func:`output_scope`: empty for all classes of
-    the recipe's test set); prints the table on ``out``; logs ``retrieve/<scope>/<task>/...`` to MLflow and the
-    run's ``metrics.jsonl``.
-    """
-    import numpy as np
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    tasks: tuple[str, ...] = TASKS
+    classes: str = "all"
+    cross_score: str = "loc"
+    image_pool: str = "avg"
+    gallery_rows: int = 6
+    refresh: bool = False
+    device: str = "cpu"
 
-    from sslt_cli.data.datasets import AudioVisualDataset, read_frame
+    @classmethod
+    def parse(cls, tasks: str = "all", **fields) -> "RetrieveOptions":
+        """The options of ``sslt retrieve`` (``tasks``: ``all`` or a comma list), checked before any work."""
+        chosen = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(",") if t.strip())
+        options = cls(tasks=chosen, **fields)
+        check_options(options.tasks, options.cross_score, options.image_pool)
+        return options
+
+    @property
+    def needs_maps(self) -> bool:
+        """Whether the localisation score needs every clip's visual map (``loc`` with a cross-modal task)."""
+        return self.cross_score == "loc" and any(task != "a2a" for task in self.tasks)
+
+
+@dataclass(frozen=True)
+class ClipLabels:
+    """{clip id: class} and where it came from (a label file, or the manifest's ``label`` column)."""
+
+    by_clip: dict[str, str]
+    source: str
+
+
+def retrieval_inputs(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
+                     which: str = "auto", device: str | torch.device = "cpu", out_dir: str | Path | None = None
+                     ) -> tuple[Target, "ClipSet", ClipLabels]:
+    """What ``sslt retrieve`` (and an ablation with ``retrieve: true``) resolves before retrieving: the model of a run
+    folder or checkpoint (:func:`load_target`), the set (``data``, default: the recipe's first test set) and its
+    labels (``labels``, default: the recipe's ``data.labels`` when it exists, else the manifest's)."""
     from sslt_cli.data.manifest import read_set
-    from sslt_cli.tracking import Tracker
-    from sslt_cli.evaluate import eval_loader
-    from sslt_cli.distributed import pick_device
 
-    console = console or Console(stderr=True)
-    out = out or Console()
-    task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    check_options(task_list, cross_score, image_pool)
-    torch_device = pick_device(device, option="--device")
-    t = load_target(target, torch_device, out_dir, which)
-    recipe = t.recipe
+    loaded = load_target(target, torch.device(device), out_dir, which)
+    recipe = loaded.recipe
+    clip_set = read_set(Path(data) if data is not None else recipe.data.set_path(next(iter(recipe.data.test.values()))))
+    label_file = Path(labels) if labels is not None else recipe.data.labels_file()
+    return loaded, clip_set, ClipLabels(*clip_labels_for(clip_set, label_file))
+
+
+def retrieve(model: Target, clip_set: "ClipSet", labels: ClipLabels, options: RetrieveOptions, sink: "MetricsSink",
+             *, progress: Callable[[str, int, int], None] | None = None,
+             say: Callable[[str], None] | None = None) -> RetrievalReport:
+    """Retrieval with a loaded model on a set: embed its clips (cached beside the outputs), run every task, write the
+    outputs and record the numbers through ``sink``; returns the report. The caller resolves the target
+    (:func:`retrieval_inputs`), owns the run and the sink, prints the table (:func:`results_table`) and draws the
+    progress: ``progress(what, done, total)`` for the embedding (``embed clips``) and each ranking (``rank <task>``);
+    ``say`` gets the lines worth reading (what is retrieved with what, a cache hit).
+
+    Writes ``<out>/embeddings_<set>.pt``, ``<out>/<scope>/<task>/{metrics.json, queries.csv, gallery.png}`` and
+    ``<out>/<scope>/excluded.csv`` (:func:`output_scope`: empty for all classes of the recipe's test set); records
+    one ``retrieve`` record (``retrieve/<scope>/<task>/...``) in metrics.jsonl and MLflow, with the outputs as
+    artifacts.
+    """
+    say = say or (lambda line: None)
+    recipe = model.recipe
     default_set = recipe.data.set_path(next(iter(recipe.data.test.values())))
-    clip_set = read_set(Path(data) if data is not None else default_set)
-    scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), classes, cross_score,
-                         image_pool)
-    task_root = t.out_dir / scope if scope else t.out_dir
+    scope = output_scope(clip_set.name, clip_set.root.resolve() == default_set.resolve(), options.classes,
+                         options.cross_score, options.image_pool)
+    # the class choice is checked before the (long) embedding; run_retrieval applies it
+    select_classes(options.classes, [labels.by_clip[c.id] for c in clip_set.clips if c.id in labels.by_clip],
+                   sorted(set(labels.by_clip.values())), recipe.data.holdout_classes)
+    say(f"retrieval with {model.checkpoint} (step {model.step if model.step is not None else 'n/a'}) on "
+        f"{clip_set.root} ({len(clip_set.clips)} clips, {len(clip_set.unusable)} unusable in the manifest); labels "
+        f"from {labels.source}; device {options.device}")
+    embeddings = _embeddings(model, clip_set, options, progress, say)
+    report = run_retrieval(embeddings, labels.by_clip, classes=options.classes,
+                           holdout_classes=recipe.data.holdout_classes, tasks=options.tasks,
+                           cross_score=options.cross_score, image_pool=options.image_pool,
+                           device=options.device, progress=_ranking_progress(progress))
+    report.folder = model.out_dir / scope if scope else model.out_dir
+    _write_outputs(report, model, clip_set, labels, options)
     prefix = f"retrieve/{scope}" if scope else "retrieve"
-    if labels is None:
-        labels = recipe.data.labels_file()
-    clip_labels, label_source = clip_labels_for(clip_set, Path(labels) if labels is not None else None)
-    # The class choice is checked before the (long) embedding; run_retrieval applies it.
-    select_classes(classes, [clip_labels[c.id] for c in clip_set.clips if c.id in clip_labels],
-                   sorted(set(clip_labels.values())), recipe.data.holdout_classes)
-    console.print(f"retrieval with {t.checkpoint} (step {t.step if t.step is not None else 'n/a'}) on "
-                  f"{clip_set.root} ({len(clip_set.clips)} clips, {len(clip_set.unusable)} unusable in the "
-                  f"manifest); labels from {label_source}; device {torch_device}")
+    flat = mlflow_metrics(report, prefix)
+    sink.log("retrieve", model.step or 0, flat, fields={"set": clip_set.name, "classes": options.classes},
+             mlflow=flat)
+    for result in report.tasks:
+        sink.artifact(report.folder / result.task, f"{prefix}/{result.task}")
+    if report.excluded_file is not None:
+        sink.artifact(report.excluded_file, prefix)
+    return report
 
-    need_maps = cross_score == "loc" and any(task != "a2a" for task in task_list)
-    if need_maps:
+
+def _ranking_progress(progress: Callable[[str, int, int], None] | None) -> Callable[[str, int, int], None] | None:
+    """run_retrieval's ``progress(task, done, total)`` as ``progress("rank <task>", done, total)``."""
+    if progress is None:
+        return None
+    return lambda task, done, total: progress(f"rank {task}", done, total)
+
+
+def _embeddings(model: Target, clip_set: "ClipSet", options: RetrieveOptions,
+                progress: Callable[[str, int, int], None] | None, say: Callable[[str], None]) -> ClipEmbeddings:
+    """Every clip's embeddings: from the cache when it was made with the same checkpoint, set and settings (and
+    ``options.refresh`` is off), else embedded now and cached."""
+    from sslt_cli.evaluate import eval_loader
+
+    recipe = model.recipe
+    if options.needs_maps:
         check_map_memory(len(clip_set.clips), recipe.data.image_size, available_memory_bytes())
-    cache = t.out_dir / f"embeddings_{clip_set.name}.pt"
-    key = {"checkpoint_sha256": t.checkpoint_sha256, "step": t.step, "set": str(clip_set.root.resolve()),
+    cache = model.out_dir / f"embeddings_{clip_set.name}.pt"
+    key = {"checkpoint_sha256": model.checkpoint_sha256, "step": model.step, "set": str(clip_set.root.resolve()),
            "manifest_sha256": file_sha256(clip_set.root / "manifest.csv"), "image_size": recipe.data.image_size,
            "audio": recipe.audio.model_dump(), "image_mode": "resize_centercrop"}
-    embeddings = None if refresh else load_embeddings(cache, key, need_maps)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        RateColumn(unit=""), TimeRemainingColumn(), console=console)
-    with progress:
-        if embeddings is None:
-            bar = progress.add_task("embed clips", total=len(clip_set.clips))
-            # SSL-TIE's test pre-processing (Resize + CenterCrop); retrieval does not depend on an eval protocol.
-            loader = eval_loader(clip_set.clips, recipe, torch_device, "resize_centercrop")
-            embeddings = embed_clips(t.model, loader, torch_device, keep_maps=need_maps,
-                                     progress=lambda n: progress.advance(bar, n))
-            save_embeddings(cache, embeddings, key)
-        else:
-            console.print(f"embeddings from the cache {cache} (same checkpoint, set and settings)")
-        bars: dict[str, int] = {}
+    embeddings = None if options.refresh else load_embeddings(cache, key, options.needs_maps)
+    if embeddings is not None:
+        say(f"embeddings from the cache {cache} (same checkpoint, set and settings)")
+        return embeddings
+    done = [0]
 
-        def ranked_so_far(task: str, done: int, total: int) -> None:
-            if task not in bars:
-                bars[task] = progress.add_task(f"rank {task}", total=total)
-            progress.update(bars[task], completed=done)
+    def advance(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress("embed clips", done[0], len(clip_set.clips))
 
-        report = run_retrieval(embeddings, clip_labels, classes=classes, holdout_classes=recipe.data.holdout_classes,
-                               tasks=task_list, cross_score=cross_score, image_pool=image_pool, device=torch_device,
-                               progress=ranked_so_far)
+    device = torch.device(options.device)
+    # SSL-TIE's test pre-processing (Resize + CenterCrop); retrieval does not depend on an eval protocol
+    loader = eval_loader(clip_set.clips, recipe, device, "resize_centercrop")
+    embeddings = embed_clips(model.model, loader, device, keep_maps=options.needs_maps, progress=advance)
+    save_embeddings(cache, embeddings, key)
+    return embeddings
 
-    context = {"checkpoint": str(t.checkpoint), "step": t.step, "set": str(clip_set.root), "labels": label_source,
-               "classes_spec": classes, "cross_score": cross_score, "image_pool": image_pool}
+
+def _write_outputs(report: RetrievalReport, model: Target, clip_set: "ClipSet", labels: ClipLabels,
+                   options: RetrieveOptions) -> None:
+    """Each task's ``metrics.json``, ``queries.csv`` and ``gallery.png`` under ``report.folder``, and its
+    ``excluded.csv`` (``report.excluded_file``)."""
+    import numpy as np
+
+    from sslt_cli.data.datasets import AudioVisualDataset, read_frame
+
+    context = {"checkpoint": str(model.checkpoint), "step": model.step, "set": str(clip_set.root),
+               "labels": labels.source, "classes_spec": options.classes, "cross_score": options.cross_score,
+               "image_pool": options.image_pool}
     clips_by_id = {c.id: c for c in clip_set.clips}
-    shown = AudioVisualDataset([clips_by_id[i] for i in report.ids], image_transform=None, audio=recipe.audio,
+    shown = AudioVisualDataset([clips_by_id[i] for i in report.ids], image_transform=None, audio=model.recipe.audio,
                                train=False)
     position = {clip_id: k for k, clip_id in enumerate(report.ids)}
 
@@ -938,34 +1013,22 @@ def retrieve(target: str | Path, *, data: str | Path | None = None, labels: str 
         return item["spec"][0].numpy()
 
     for result in report.tasks:
-        folder = write_task_outputs(task_root, result, report, context)
-        save_gallery(folder / "gallery.png", result, report, frame_of, spectrogram_of, n_rows=gallery_rows)
+        folder = write_task_outputs(report.folder, result, report, context)
+        save_gallery(folder / "gallery.png", result, report, frame_of, spectrogram_of, n_rows=options.gallery_rows)
     unusable = [(c.id, f"manifest status '{c.status}': {c.reason}") for c in clip_set.unusable]
-    excluded = write_excluded(task_root, report, unusable)
-    out.print(results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
-    if excluded is not None:
-        console.print(f"left out: {len(unusable)} clips the manifest marks unusable, {len(report.skipped)} "
-                      f"unreadable, {len(report.unlabeled)} without a label; listed in {excluded}")
-    if report.classes_without_clips:
-        console.print(f"{len(report.classes_without_clips)} chosen classes have no clip in this set: "
-                      f"{', '.join(report.classes_without_clips[:10])}")
+    report.excluded_file = write_excluded(report.folder, report, unusable)
+    report.n_unusable = len(unusable)
 
-    flat = mlflow_metrics(report, prefix)
-    step = t.step or 0
-    if t.run is not None:
-        t.run.append_metrics({"kind": "retrieve", "step": step, "set": clip_set.name, "classes": classes, **flat})
-    tracker = Tracker(enabled=recipe.tracking.enabled, experiment=recipe.tracking.experiment,
-                      warn=lambda m: console.print(f"warning: {m}"))
-    run_id = t.run.meta().get("mlflow_run_id") if t.run is not None else None
-    started = tracker.start(t.run.dir.name if t.run is not None else f"retrieve-{t.checkpoint.stem}", run_id=run_id,
-                            tags={"sslt.checkpoint": str(t.checkpoint)})
-    if t.run is not None and run_id is None and started is not None:
-        t.run.update_meta(mlflow_run_id=started, mlflow_uri=tracker.uri)  # later invocations log to the same run
-    tracker.log_metrics(flat, step)
-    for result in report.tasks:
-        tracker.log_artifacts(task_root / result.task, f"{prefix}/{result.task}")
-    if excluded is not None:
-        tracker.log_artifacts(excluded, prefix)
-    tracker.end("FINISHED")
-    console.print(f"retrieval outputs in {task_root}")
-    return report
+
+def report_lines(report: RetrievalReport) -> list[str]:
+    """What a caller says after the table: the clips left out and where they are listed, chosen classes without a
+    clip, where the outputs are."""
+    lines = []
+    if report.excluded_file is not None:
+        lines.append(f"left out: {report.n_unusable} clips the manifest marks unusable, {len(report.skipped)} "
+                     f"unreadable, {len(report.unlabeled)} without a label; listed in {report.excluded_file}")
+    if report.classes_without_clips:
+        lines.append(f"{len(report.classes_without_clips)} chosen classes have no clip in this set: "
+                     f"{', '.join(report.classes_without_clips[:10])}")
+    lines.append(f"retrieval outputs in {report.folder}")
+    return lines

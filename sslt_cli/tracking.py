@@ -15,6 +15,7 @@ directory, which ``sslt ui`` and a plain ``mlflow ui`` started from the same dir
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import numbers
 import os
@@ -88,17 +89,25 @@ def describe(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
 
 
+_QUIET_LOGGERS = ("mlflow", "alembic")
+
+
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
-    """Hold MLflow's own log (its ERROR lines with tracebacks on a store failure) while sslt calls it: the tracker
-    reports a failure itself, once."""
-    logger = logging.getLogger("mlflow")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Hold MLflow's own log while sslt calls it: its ERROR lines with tracebacks on a store failure (the tracker
+    reports a failure itself, once) and the INFO lines of a fresh store's creation (``Creating initial MLflow
+    database tables...``, alembic's migration steps). MLflow sets its logger's level when it is first imported, so
+    it is imported before the levels are raised."""
+    importlib.import_module("mlflow")  # its import configures the "mlflow" logger: raise the levels after it
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -303,6 +312,18 @@ class Tracker:
         except Exception as exc:
             self._fail("setting tags", exc)
 
+    def tag_run(self, run_id: str, tags: dict[str, str]) -> None:
+        """Set tags on another run of this store without reopening it (an ablation's new parent run adopting the
+        runs an earlier parent had: ``mlflow.parentRunId``)."""
+        if not self.enabled or self._client is None:
+            return
+        try:
+            with quiet_mlflow():
+                for k, v in tags.items():
+                    self._client.set_tag(run_id, metric_name(str(k)), str(v))
+        except Exception as exc:
+            self._fail(f"tagging run {run_id}", exc)
+
     def push_missing(self, records: list[dict]) -> int:
         """Log every number of ``records`` (``metrics.jsonl``'s objects) that the MLflow run does not hold yet at
         its step; returns how many were sent. Raises on a store failure (``sslt sync`` reports it)."""
@@ -348,17 +369,26 @@ class Tracker:
 
 
 class MetricsSink:
-    """The one place a number is recorded: each call appends a record to the run's ``metrics.jsonl`` and logs the
-    same numbers to MLflow. ``MetricsSink.null()`` (ranks other than 0 of a distributed run) does nothing, so the
-    code that produces numbers never asks which process it is in. With ``run=None`` (``sslt eval`` of a bare
-    checkpoint) only MLflow is written."""
+    """The one place a number is recorded, and the handle of one MLflow run: each :meth:`log` appends a record to the
+    run folder's ``metrics.jsonl`` and logs the same numbers to MLflow. ``MetricsSink.null()`` (ranks other than 0
+    of a distributed run) does nothing, so the code that produces numbers never asks which process it is in. With
+    ``run=None`` (``sslt eval`` of precomputed maps or of a checkpoint outside a run folder) only MLflow is written.
+
+    Whoever opened the MLflow run (:func:`run_tracking`, :func:`standalone_tracking`) closes it with :meth:`end`;
+    the code it hands the sink to (training, evaluation, retrieval) only records through it."""
 
     def __init__(self, run: Any, tracker: Tracker | None):
         self.run, self.tracker = run, tracker
+        self.ended = False
 
     @classmethod
     def null(cls) -> "MetricsSink":
         return cls(None, None)
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run's id (None: no tracking, or the store failed)."""
+        return self.tracker.run_id if self.tracker is not None and self.tracker.enabled else None
 
     def log(self, kind: str, step: int, values: dict[str, Any], *, fields: dict[str, Any] | None = None,
             mlflow: dict[str, float] | None = None) -> None:
@@ -374,3 +404,94 @@ class MetricsSink:
         """Upload a file or folder to the MLflow run, when it exists."""
         if self.tracker is not None and Path(path).exists():
             self.tracker.log_artifacts(path, folder)
+
+    def catch_up(self) -> None:
+        """Send the numbers of the run folder's metrics.jsonl that the MLflow run lacks (a store that failed earlier
+        in the run); training calls it on resume, once the replayed steps are cut from the file."""
+        if self.run is not None and self.tracker is not None:
+            self.tracker.catch_up(self.run.metrics())
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Close the MLflow run with ``FINISHED``, ``FAILED`` or ``KILLED`` (once; later calls do nothing)."""
+        if not self.ended and self.tracker is not None:
+            self.tracker.end(status)
+        self.ended = True
+
+
+def start_tracking(name: str, *, enabled: bool = True, experiment: str = "sslt", params: dict[str, Any] | None = None,
+                   tags: dict[str, str] | None = None, parent_run_id: str | None = None, run_id: str | None = None,
+                   warn: Callable[[str], None] = _warn) -> Tracker:
+    """The one place a :class:`Tracker` is made: its MLflow run created (``name``, ``params``, ``tags`` and
+    ``parent_run_id`` at creation) or, with ``run_id``, reopened (``tags`` then set on it). A store that fails warns
+    once through ``warn`` and leaves a disabled tracker."""
+    tracker = Tracker(enabled=enabled, experiment=experiment, warn=warn)
+    started = tracker.start(name, params=params, tags=None if run_id else tags, parent_run_id=parent_run_id,
+                            run_id=run_id)
+    if run_id is not None and started is not None and tags:
+        tracker.set_tags(tags)
+    return tracker
+
+
+def open_run_tracking(run: Any, recipe: Any, *, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                      warn: Callable[[str], None] | None = None) -> MetricsSink:
+    """The MLflow run of a run folder, opened by whoever created the folder or works in it (``sslt train``,
+    ``sslt ablate``, ``sslt eval RUN``, ``sslt retrieve RUN``), and the sink that records into both.
+
+    The run that ``meta.json`` names in this store is reopened (``tags`` set on it); else one is created, named after
+    the folder, with the recipe's parameters, the tags ``sslt.run_dir``, ``sslt.recipe`` and ``tags``, a child of
+    ``parent_run_id`` from its creation, and its id recorded in meta.json with ``config.yaml`` uploaded. A store
+    failure warns through ``warn`` (default: stderr and the run's train.log) and the sink records metrics.jsonl only.
+    """
+    from sslt_cli.config import flatten, recipe_dict
+
+    warn = warn or (lambda message: (_warn(message), run.log(f"warning: {message}")))
+    meta = run.meta()
+    uri = tracking_uri()
+    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") in (None, uri) else None
+    all_tags = {"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name, **(tags or {})}
+    tracker = start_tracking(run.dir.name, enabled=recipe.tracking.enabled, experiment=recipe.tracking.experiment,
+                             params=None if run_id else flatten(recipe_dict(recipe)),
+                             tags=all_tags if run_id is None else tags, parent_run_id=parent_run_id, run_id=run_id,
+                             warn=warn)
+    sink = MetricsSink(run, tracker)
+    if sink.run_id is not None and run_id is None:
+        run.update_meta(mlflow_run_id=sink.run_id, mlflow_uri=tracker.uri)
+        sink.artifact(run.dir / "config.yaml")
+    return sink
+
+
+@contextlib.contextmanager
+def _closing(sink: MetricsSink) -> Iterator[MetricsSink]:
+    """Yield ``sink``; close its MLflow run on the way out: ``KILLED`` on an interrupt, ``FAILED`` on another
+    exception, else ``FINISHED`` unless the caller ended it with its own status."""
+    try:
+        yield sink
+    except KeyboardInterrupt:
+        sink.end("KILLED")
+        raise
+    except BaseException:
+        sink.end("FAILED")
+        raise
+    sink.end("FINISHED")
+
+
+@contextlib.contextmanager
+def run_tracking(run: Any, recipe: Any, *, main: bool = True, parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None, warn: Callable[[str], None] | None = None
+                 ) -> Iterator[MetricsSink]:
+    """:func:`open_run_tracking` as a context (closed as :func:`_closing` says); a null sink when not ``main`` (ranks
+    other than 0 under torchrun: only rank 0 tracks)."""
+    with _closing(open_run_tracking(run, recipe, parent_run_id=parent_run_id, tags=tags, warn=warn) if main
+                  else MetricsSink.null()) as sink:
+        yield sink
+
+
+@contextlib.contextmanager
+def standalone_tracking(name: str, *, enabled: bool = True, experiment: str = "sslt",
+                        params: dict[str, Any] | None = None, tags: dict[str, str] | None = None
+                        ) -> Iterator[MetricsSink]:
+    """An MLflow run of its own for numbers that belong to no run folder (``sslt eval`` of precomputed maps or of a
+    checkpoint file, ``sslt retrieve CHECKPOINT``); the sink writes MLflow only."""
+    tracker = start_tracking(name, enabled=enabled, experiment=experiment, params=params, tags=tags)
+    with _closing(MetricsSink(None, tracker)) as sink:
+        yield sink

@@ -493,10 +493,12 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
     retrieved: list[str] = []
     failing = {"B-seed4"}
 
-    def fake_retrieve(target, *, which, device, console, out):
-        run = Run.open(target)
-        retrieved.append(run.meta()["recipe_name"])
+    def fake_inputs(target, *, which, device):
         assert which == "best"
+        return Run.open(target), None, None
+
+    def fake_retrieve(run, clip_set, labels, options, sink, **drawing):
+        retrieved.append(run.meta()["recipe_name"])
         if run.meta()["recipe_name"] in failing:
             raise DataError("no labels for the test set")
         tasks = [TaskResult(task=task, score="loc", metrics={"p_at_1": p}, random={"p_at_1": 0.01}, ranked=None,
@@ -504,11 +506,11 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
                  for task, p in (("a2a", 0.25), ("a2i", 0.125))]
         report = RetrievalReport(tasks=tasks, ids=[], labels=[], classes=[], classes_without_clips=[], n_embedded=8,
                                  unlabeled=[], n_other_classes=0, skipped=[])
-        # what retrieve writes for a later process (--report) to read; this process reads what it returns
-        run.append_metrics({"kind": "retrieve", "step": 4, "set": "test_vggss", "classes": "all",
-                            **mlflow_metrics(report)})
+        # what retrieve records for a later process (--report) to read; this process reads what it returns
+        sink.log("retrieve", 4, mlflow_metrics(report), fields={"set": "test_vggss", "classes": "all"})
         return report
 
+    monkeypatch.setattr("sslt_cli.retrieve.retrieval_inputs", fake_inputs)
     monkeypatch.setattr("sslt_cli.retrieve.retrieve", fake_retrieve)
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
                              ["retrieve=true"])
@@ -529,9 +531,10 @@ def test_retrieval_columns_and_a_failed_retrieval_retries_without_training(recip
 
 def test_ctrl_c_in_a_retrieval_leaves_the_trained_cell_to_retrieve_again(recipes: Path, fake: FakeTrainer,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def stopped_retrieve(target, **kwargs):
+    def stopped_retrieve(run, *args, **kwargs):
         raise KeyboardInterrupt
 
+    monkeypatch.setattr("sslt_cli.retrieve.retrieval_inputs", lambda target, **kwargs: (Run.open(target), None, None))
     monkeypatch.setattr("sslt_cli.retrieve.retrieve", stopped_retrieve)
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
                              ["retrieve=true"])

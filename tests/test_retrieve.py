@@ -540,6 +540,20 @@ def _quiet():
     return Console(file=io.StringIO(), width=200)
 
 
+def retrieve_run(run_dir, console=None, out=None, tasks="all", **fields):
+    """`sslt retrieve RUN` as the command runs it: it resolves the target, opens the run's MLflow run, hands the sink
+    down and prints the table."""
+    from sslt_cli.tracking import run_tracking
+
+    console, out = console or _quiet(), out or _quiet()
+    model, clip_set, labels = R.retrieval_inputs(run_dir, device="cpu")
+    options = R.RetrieveOptions.parse(tasks, device="cpu", **fields)
+    with run_tracking(model.run, model.recipe) as sink:
+        report = R.retrieve(model, clip_set, labels, options, sink, say=console.print)
+    out.print(R.results_table(report))
+    return report
+
+
 def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set):
     import csv
     import json
@@ -548,7 +562,7 @@ def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set
 
     run, checkpoint = _untrained_run(tmp_path, synthetic_test_set)
     console, out = _quiet(), _quiet()
-    report = R.retrieve(run.dir, device="cpu", console=console, out=out, gallery_rows=2)
+    report = retrieve_run(run.dir, console, out, gallery_rows=2)
     folder = run.dir / "retrieve"
     assert (folder / "embeddings_test_vggss.pt").is_file()
     labels = {r["id"]: r["label"] for r in csv.DictReader(open(synthetic_test_set / "test_vggss" / "manifest.csv"))}
@@ -567,7 +581,7 @@ def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set
 
     # Same checkpoint again: the cached embeddings give the same numbers; novel classes go to their own folder.
     console = _quiet()
-    again = R.retrieve(run.dir, device="cpu", console=console, out=_quiet(), classes="novel", gallery_rows=1)
+    again = retrieve_run(run.dir, console, classes="novel", gallery_rows=1)
     assert "embeddings from the cache" in console.file.getvalue()
     assert again.classes == ["rain falling", "horn honking", "siren wailing"] and len(again.ids) == 12
     assert (folder / "novel" / "a2a" / "metrics.json").is_file()
@@ -580,12 +594,12 @@ def test_retrieve_end_to_end_writes_caches_and_logs(tmp_path, synthetic_test_set
 
 def test_retrieve_recomputes_for_another_checkpoint(tmp_path, synthetic_test_set):
     run, _ = _untrained_run(tmp_path, synthetic_test_set, step=3, tracking=False)
-    first = R.retrieve(run.dir, device="cpu", console=_quiet(), out=_quiet(), tasks="a2a", gallery_rows=1)
+    first = retrieve_run(run.dir, tasks="a2a", gallery_rows=1)
     _, newer = _untrained_run(tmp_path, synthetic_test_set, step=5, tracking=False)
     target = run.dir / "checkpoints" / newer.name
     target.write_bytes(newer.read_bytes())   # a later checkpoint of the same run: best.pt is absent, so it wins
     console = _quiet()
-    second = R.retrieve(run.dir, device="cpu", console=console, out=_quiet(), tasks="a2a", gallery_rows=1)
+    second = retrieve_run(run.dir, console, tasks="a2a", gallery_rows=1)
     assert "embeddings from the cache" not in console.file.getvalue()
     assert second.tasks[0].metrics != first.tasks[0].metrics
 
@@ -632,7 +646,7 @@ def test_retrieve_lists_every_clip_it_leaves_out(tmp_path, synthetic_test_set):
     labels.write_text("".join(line + "\n" for line in labels.read_text().splitlines()
                               if not line.startswith(f"{ytid},{int(start)},")))
     run, _ = _untrained_run(tmp_path, root, tracking=False)
-    report = R.retrieve(run.dir, device="cpu", console=_quiet(), out=_quiet(), tasks="a2a", gallery_rows=1)
+    report = retrieve_run(run.dir, tasks="a2a", gallery_rows=1)
     assert len(report.ids) == 39 and report.unlabeled == [unlabelled]
     assert [clip_id for clip_id, _ in report.skipped] == ["BBBBBBBBBBB_000002"]
     excluded = list(csv.reader(open(run.dir / "retrieve" / "excluded.csv")))

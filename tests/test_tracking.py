@@ -271,3 +271,27 @@ def test_the_null_sink_writes_nothing(tmp_path: Path) -> None:
     sink.log("train", 1, {"loss": 1.0})
     sink.artifact(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- a quiet store ----------------------------------------------------------------------------------------------------
+
+def test_a_fresh_store_is_created_without_mlflows_info_lines(tmp_path: Path) -> None:
+    """MLflow (and alembic) print INFO lines while they create and migrate a new sqlite store; sslt keeps them off
+    the console: a command on a fresh store prints its own lines only."""
+    import json
+    import subprocess
+
+    from sslt_cli.catalog import RESOURCES_DIR
+
+    ids = [record["file"] for record in json.loads((RESOURCES_DIR / "vggss.json").read_text())[:6]]
+    (tmp_path / "six.txt").write_text("\n".join(ids) + "\n")
+    store = tmp_path / "fresh" / "mlflow.db"
+    result = subprocess.run([sys.executable, "-m", "sslt_cli", "eval", "--baselines-only", "--vggss-json", "vggss",
+                             "--list", "six.txt"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert result.returncode == 0, result.stderr
+    assert store.is_file() and store.stat().st_size > 0  # the store was created by this command
+    for line in ("Creating initial MLflow database tables", "Updating database tables", "alembic",
+                 "Context impl SQLiteImpl", " INFO "):
+        assert line not in result.stderr, result.stderr
+    assert "6 requested = 6 scored" in result.stderr

@@ -27,7 +27,7 @@ from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
 from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
-from sslt_cli.tracking import Tracker
+from sslt_cli.tracking import MetricsSink, Tracker, run_tracking
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
@@ -320,13 +320,19 @@ def _tag_child(run: Run | None, cell: Cell, ablation: Ablation, status: str, con
     tracker.end(status)
 
 
-def _retrieve(run: Run, cell: Cell, ablation: Ablation, console: Console) -> dict[str, float]:
-    """Retrieve with the cell's run (the recipe's first test set, all classes) and return its numbers."""
-    from sslt_cli.retrieve import mlflow_metrics, retrieve
+def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, console: Console) -> dict[str, float]:
+    """Retrieve with the cell's run (its ablation checkpoint, the recipe's first test set, all classes) through the
+    cell's sink and return its numbers."""
+    from sslt_cli import retrieve as R
+    from sslt_cli.distributed import pick_device
+    from sslt_cli.progress import StepBars
 
-    found = retrieve(run.dir, which=ablation.checkpoint, device=cell.recipe.train.device, console=console,
-                     out=Console(quiet=True))
-    return _retrieval_numbers(mlflow_metrics(found))
+    device = pick_device(cell.recipe.train.device)
+    model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
+    with StepBars(console) as bars:
+        report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink, progress=bars.update,
+                            say=lambda line: console.print(line, highlight=False, markup=False))
+    return _retrieval_numbers(R.mlflow_metrics(report))
 
 
 def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> Run:
@@ -390,7 +396,8 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
         result = trained = _trained(cell, plan, run, ablation, parent_id, console)
         if trained.status == "finished":
             if ablation.retrieve:
-                result = replace(trained, metrics=trained.metrics | _retrieve(run, cell, ablation, console))
+                with run_tracking(run, cell.recipe) as sink:
+                    result = replace(trained, metrics=trained.metrics | _retrieve(run, cell, ablation, sink, console))
             _say_finished(result, ablation, console)
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
