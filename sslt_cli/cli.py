@@ -283,21 +283,20 @@ def train(
 
 def _run_training(recipe, make_run, resume: bool) -> None:
     """Train (:func:`sslt_cli.train.train`) into the run ``make_run(world size)`` gives: under torchrun rank 0 makes
-    it and every rank gets it. What must stop a run before its folder exists is checked first: the processes fit the
-    recipe, a local MLflow store opens, the validation and test sets have usable clips. A training stopped by
-    SIGTERM/SIGINT exits 130, so a scheduler sees that it did not finish (its checkpoint and the resume hint are
-    written by then)."""
+    it and every rank gets it. What must stop a run before its folder exists is checked first, once
+    (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
+    sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
+    sees that it did not finish (its checkpoint and the resume hint are written by then)."""
     from sslt_cli import distributed
-    from sslt_cli.tracking import check_store
-    from sslt_cli.train import check_eval_sets, check_processes, train as run_training
+    from sslt_cli.tracking import run_tracking
+    from sslt_cli.train import preflight, train as run_training
 
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    check_processes(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    if recipe.tracking.enabled:
-        check_store()  # cheap, so a broken store is named before the sets are read
-    check_eval_sets(recipe)
+    preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
     run = distributed.share_run(env, lambda: make_run(env.world))
-    result = run_training(recipe, run, resume=resume, console=err, out=out)
+    with run_tracking(run, recipe, main=env.main) as sink:
+        result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
+        sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
         err.print(f"not finished: {run.resume_hint()}", highlight=False)
         raise typer.Exit(130)
@@ -376,7 +375,8 @@ def _eval_sources(target: Path | None, which: str, maps: Path | None):
     from sslt_cli import evaluate as ev
 
     if target is None:
-        return None, [ev.Source.precomputed(ev.load_maps(maps), maps) if maps is not None else ev.Source.baselines()], None
+        scored = ev.Source.precomputed(ev.load_maps(maps), maps) if maps is not None else ev.Source.baselines()
+        return None, [scored], None
     recipe, checkpoints, run_dir = checkpoint.resolve_checkpoints(target, which)
     if recipe is None and run_dir is not None:
         from sslt_cli.runs import Run
@@ -654,16 +654,18 @@ def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLfl
     """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
     from sslt_cli.config import flatten, recipe_dict
     from sslt_cli.runs import Run
-    from sslt_cli.tracking import Tracker, tracking_uri
+    from sslt_cli.tracking import start_tracking, tracking_uri
 
     run = Run.open(run_dir)
     meta, recipe = run.meta(), run.recipe()
     problems: list[str] = []
     uri = tracking_uri()
     run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
-    tracker = Tracker(experiment=recipe.tracking.experiment, uri=uri, warn=problems.append)
-    tracker.start(run.dir.name, params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
-                  tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name})
+    tracker = start_tracking(run.dir.name, experiment=recipe.tracking.experiment,
+                             params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
+                             tags=None if run_id else {"sslt.run_dir": str(run.dir.resolve()),
+                                                       "sslt.recipe": recipe.name},
+                             warn=problems.append)
     if tracker.run_id is None or problems:
         raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
     if run_id is None:

@@ -45,7 +45,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from sslt_cli import checkpoint, distributed
-from sslt_cli.config import Recipe, flatten, recipe_dict
+from sslt_cli.config import Recipe, recipe_dict
 from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, read_set
@@ -55,7 +55,7 @@ from sslt_cli.evaluate import TestSet
 from sslt_cli.losses import build_objective, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model
 from sslt_cli.runs import EVAL, SKIPPED, Run
-from sslt_cli.tracking import MetricsSink, Tracker
+from sslt_cli.tracking import MetricsSink
 
 CHECKPOINT_FORMAT = checkpoint.CHECKPOINT_FORMAT
 
@@ -111,25 +111,42 @@ class TrainResult:
     test: dict[str, dict[str, dict[str, float]]]
 
 
-def train(recipe: Recipe, run: Run, *, resume: bool = False, parent_run_id: str | None = None,
-          console: Console | None = None, out: Console | None = None, stop_after_steps: int | None = None,
-          evaluate_at_end: bool = True) -> TrainResult:
-    """Train ``recipe`` into ``run`` (created by the caller with ``Run.create``; with ``resume``, continue it from
-    its newest checkpoint). The MLflow run is created (or, on resume, reopened) here, as a child of
-    ``parent_run_id`` from its creation when that is given.
+def train(recipe: Recipe, run: Run, *, sink: MetricsSink, resume: bool = False, console: Console | None = None,
+          out: Console | None = None, stop_after_steps: int | None = None, evaluate_at_end: bool = True
+          ) -> TrainResult:
+    """Train ``recipe`` into ``run`` (with ``resume``, continue it from its newest checkpoint), recording every
+    number through ``sink``.
 
-    ``stop_after_steps`` stops cleanly after that many optimiser steps in this call, with a checkpoint, as an
-    interruption would (used to test exact resume). Under torchrun every process calls this with the same run
-    folder (``distributed.share_run``); only rank 0 prints, writes the run folder and talks to MLflow.
+    The caller owns the run: it ran the checks before it (:func:`preflight`), created the folder (``Run.create``),
+    opened its MLflow run (``tracking.run_tracking``: with its parent and tags from its creation) and closes it with
+    the status this returns; ``train`` never opens or closes a tracking run. Under torchrun every process calls this
+    with the same run folder (``distributed.share_run``) and rank 0's sink (``MetricsSink.null()`` on the others);
+    only rank 0 prints and writes the run folder. ``stop_after_steps`` stops cleanly after that many optimiser steps
+    in this call, with a checkpoint, as an interruption would (used to test exact resume).
     """
-    check_eval_sets(recipe, tests=evaluate_at_end)
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    training = Training(recipe, run, env, console=console, out=out, stop_after_steps=stop_after_steps)
+    training = Training(recipe, run, env, sink, console=console, out=out, stop_after_steps=stop_after_steps)
     training.setup_data(resume)
     training.setup_model(resume)
-    training.start_tracking(parent_run_id)
+    training.announce()
     status = training.run_epochs()
     return training.finish(status, evaluate_at_end)
+
+
+def preflight(recipe: Recipe, env: Dist | None = None, device: torch.device | None = None, *,
+              tests: bool = True) -> None:
+    """The checks before a run starts, made once by whoever creates (or resumes) the run folder (``sslt train``,
+    ``sslt ablate``) before any folder or MLflow run exists: these processes fit the recipe (:func:`check_processes`),
+    a local MLflow store opens (tracking on: a broken store is named before the sets are read), the validation and,
+    with ``tests``, the test sets have a usable clip (:func:`check_eval_sets`). ``env``: this process group (default:
+    one process); ``device``: where it trains (default: the recipe's)."""
+    from sslt_cli.tracking import check_store
+
+    env = env or Dist()
+    check_processes(recipe, env, device or distributed.pick_device(recipe.train.device, env.local_rank))
+    if recipe.tracking.enabled:
+        check_store()
+    check_eval_sets(recipe, tests=tests)
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -137,15 +154,14 @@ def train(recipe: Recipe, run: Run, *, resume: bool = False, parent_run_id: str 
 class Training:
     """One training run: the phases of the module docstring, over ``self.state`` (a :class:`TrainState`)."""
 
-    def __init__(self, recipe: Recipe, run: Run, env: Dist, *, console: Console | None = None,
+    def __init__(self, recipe: Recipe, run: Run, env: Dist, sink: MetricsSink, *, console: Console | None = None,
                  out: Console | None = None, stop_after_steps: int | None = None):
-        self.recipe, self.run, self.env = recipe, run, env
+        self.recipe, self.run, self.env, self.sink = recipe, run, env, sink
         self.console = console or Console(stderr=True)
         self.out = out or Console()
         if not env.main:
             self.console = self.out = Console(stderr=True, quiet=True)
         self.device = distributed.pick_device(recipe.train.device, env.local_rank)
-        check_processes(recipe, env, self.device)
         seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
         self.channels_last = recipe.train.channels_last in ("on", "auto")
         self.amp = autocast_for(self.device, recipe.train.precision)
@@ -155,8 +171,6 @@ class Training:
         self.state = TrainState()
         self.last_logs: dict[str, float] = {}
         self.skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
-        self.tracker = Tracker(enabled=False)
-        self.sink = MetricsSink.null()
 
     def say(self, message: str) -> None:
         """A line on the console and in train.log (rank 0)."""
@@ -222,6 +236,7 @@ class Training:
         checkpoint.set_rng_state(saved["rng"])
         if self.env.main:
             self.run.truncate_metrics_after(self.state.step)
+            self.sink.catch_up()  # the numbers a store that failed earlier in the run missed, replayed steps cut
         s, world = self.state, saved.get("world_size", 1)
         self.say(f"resuming {self.run.dir} from {last.name}: step {s.step}, epoch {s.epoch}, batch {s.batch_in_epoch}"
                  + (f" (world size {world} -> {self.env.world})" if world != self.env.world else ""))
@@ -237,25 +252,14 @@ class Training:
         keep = self.recipe.train.keep_last if name.startswith("last-") else None
         return self.run.save_checkpoint(saved, name, keep_last=keep)
 
-    def start_tracking(self, parent_run_id: str | None) -> None:
-        """Open the MLflow run (rank 0; a child of ``parent_run_id`` when given), record the run's facts."""
+    def announce(self) -> None:
+        """Rank 0 records the run's facts in meta.json (status ``running``) and says what it is about to train."""
         recipe, env, run = self.recipe, self.env, self.run
-        self.tracker = Tracker(enabled=recipe.tracking.enabled and env.main, experiment=recipe.tracking.experiment,
-                               warn=lambda m: self.say(f"warning: {m}"))
-        meta = run.meta() if env.main else {}
-        self.tracker.start(run.dir.name, params=flatten(recipe_dict(recipe)), run_id=meta.get("mlflow_run_id"),
-                           tags={"sslt.run_dir": str(run.dir.resolve()), "sslt.recipe": recipe.name},
-                           parent_run_id=parent_run_id)
         if not env.main:
             return
-        if self.resumed:
-            self.tracker.catch_up(run.metrics())  # the numbers a store that failed earlier in the run missed
-        self.sink = MetricsSink(run, self.tracker)
-        run.update_meta(status="running", mlflow_run_id=self.tracker.run_id, mlflow_uri=self.tracker.uri,
-                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+        run.update_meta(status="running", steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                         train_clips=len(self.clips), skipped_train_clips=self.n_skipped, device=str(self.device),
                         world_size=env.world)
-        self.sink.artifact(run.dir / "config.yaml")
         self.say(f"run {run.dir}: {len(self.clips)} training clips ({self.n_skipped} skipped), "
                  f"{len(self.val.ids) if self.val else 0} validation clips, {self.steps_per_epoch} steps/epoch x "
                  f"{math.ceil(self.total_steps / self.steps_per_epoch)} epochs, batch {recipe.optim.batch_size}, "
@@ -270,7 +274,8 @@ class Training:
 
     def run_epochs(self) -> str:
         """Epochs until the last step, each followed by its end; ``finished``, or ``interrupted`` after a signal or
-        ``stop_after_steps`` (with a last checkpoint). A failure is recorded in meta.json and MLflow, then raised."""
+        ``stop_after_steps`` (with a last checkpoint). A failure is recorded in meta.json, then raised (the caller
+        closes the MLflow run as failed)."""
         self.steps_this_call = 0
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
@@ -293,7 +298,6 @@ class Training:
             if self.env.main:
                 self.run.update_meta(status="failed", error=f"{type(exc).__name__}: {exc}", step=self.state.step)
                 self.run.log(f"failed at step {self.state.step}: {type(exc).__name__}: {exc}")
-            self.tracker.end("FAILED")
             raise
         finally:
             for sig, handler in previous.items():
@@ -480,7 +484,6 @@ class Training:
             end_table(run, s.best, self.last_logs, self.out)
             for path in (run.dir / "metrics.jsonl", run.dir / "train.log", run.dir / "meta.json", run.dir / SKIPPED):
                 self.sink.artifact(path)
-        self.tracker.end("FINISHED" if status == "finished" else "KILLED")
         # no closing barrier: rank 0's final evaluation can outlast the collective timeout, and the other ranks have
         # nothing left to do (torchrun waits for every process)
         return TrainResult(run=run, status=status, best=run.best_checkpoint(), last=run.latest_checkpoint(),

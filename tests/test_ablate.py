@@ -18,7 +18,6 @@ from sslt_cli.ablate import (TICKS, expand_cells, inspect_cell, load_ablation, l
 from sslt_cli.config import load_recipe
 from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run
-from sslt_cli.tracking import Tracker
 from sslt_cli.train import TrainResult
 
 SHIPPED = ("paper_transformations", "per_transform", "geo_weight", "baselines")
@@ -297,13 +296,9 @@ class FakeTrainer:
         self.files = files
         self.calls: list[tuple[str, str | None]] = []
 
-    def __call__(self, recipe, run, *, resume=False, parent_run_id=None, console=None, out=None,
-                 stop_after_steps=None, evaluate_at_end=True) -> TrainResult:
+    def __call__(self, recipe, run, *, sink, resume=False, console=None, out=None, stop_after_steps=None,
+                 evaluate_at_end=True) -> TrainResult:
         self.calls.append((recipe.name, run.dir.name if resume else None))
-        if recipe.tracking.enabled and not resume:  # the run's own MLflow run, a child from its creation as in train
-            tracker = Tracker(experiment=recipe.tracking.experiment)
-            run.update_meta(mlflow_run_id=tracker.start(run.dir.name, parent_run_id=parent_run_id))
-            tracker.end()
         what = self.behaviour.get(recipe.name, "ok")
         if what == "fail":
             run.update_meta(status="failed", error="TrainingError: the loss became nan")
@@ -343,6 +338,8 @@ class FakeTrainer:
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeTrainer:
     trainer = FakeTrainer()
     monkeypatch.setattr("sslt_cli.train.train", trainer)
+    # and for the checks before a run, which would look for the base recipe's data (there is none here)
+    monkeypatch.setattr("sslt_cli.train.preflight", lambda recipe, *args, **kwargs: None)
     return trainer
 
 
@@ -861,3 +858,21 @@ def test_a_killed_ablate_process_resumes_its_cell_and_finishes(tmp_path: Path, r
     children = client.search_runs([client.get_run(result.parent_run_id).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert sorted(c.data.tags["sslt.cell"] for c in children) == ["A-seed4", "F-seed4"]
+
+
+def test_a_cell_whose_checks_fail_fails_alone_before_its_run_folder_exists(recipes: Path, fake: FakeTrainer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from sslt_cli.errors import DataError
+
+    def checks(recipe, *args, **kwargs):
+        if recipe.name == "B-seed4":
+            raise DataError("data/vggsound/test_vggss: the test set 'vggss' (data.test) has no usable clip")
+
+    monkeypatch.setattr("sslt_cli.train.preflight", checks)  # the checks sslt ablate makes before a cell's run
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")))
+    result = run_ablation(ablation, console=quiet(), out=quiet())
+    assert [(c.cell.name, c.status) for c in result.cells] == [("A-seed4", "finished"), ("B-seed4", "failed"),
+                                                               ("C-seed4", "finished")]
+    assert result.cells[1].error == "data/vggsound/test_vggss: the test set 'vggss' (data.test) has no usable clip"
+    assert result.cells[1].run is None and not list(ablation.folder.glob("B-seed4-*"))
+    assert [name for name, _ in fake.calls] == ["A-seed4", "C-seed4"]

@@ -34,6 +34,7 @@ import torch
 import yaml
 from rich.console import Console
 
+from callers import train_in
 from sslt_cli import distributed
 from sslt_cli import train as train_module
 from sslt_cli.checkpoint import load as load_checkpoint
@@ -138,7 +139,7 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tu
 
 def train_new(recipe, **kwargs) -> Run:
     """Train a new run folder in this process, created as `sslt train` creates it."""
-    return train_module.train(recipe, Run.create(recipe), **kwargs).run
+    return train_in(recipe, Run.create(recipe), **kwargs).run
 
 
 # --- the 2-process worker ----------------------------------------------------------------------------------------
@@ -154,17 +155,18 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict]) -> None:
             real_negatives = train_module.negatives_of
             if "negatives" in job:
                 train_module.negatives_of = lambda recipe, mode=job["negatives"]: mode
+            env = distributed.init_distributed("cpu")
             if job.get("resume"):
                 run = run_in(Path(job["resume"]))
-                train_module.train(run.recipe(), run, resume=True, stop_after_steps=job.get("stop_after"),
-                                   evaluate_at_end=False, **quiet())
+                train_in(run.recipe(), run, main=env.main, resume=True, stop_after_steps=job.get("stop_after"),
+                         evaluate_at_end=False, **quiet())
             else:
-                # as `sslt train` under torchrun: rank 0 creates the run folder and every rank trains into it
+                # as `sslt train` under torchrun: rank 0 creates the run folder and every rank trains into it (rank 0
+                # alone tracks: the others get a null sink)
                 recipe = load_recipe(job["recipe"], [])
-                env = distributed.init_distributed("cpu")
                 run = distributed.share_run(env, lambda: Run.create(recipe))
-                train_module.train(recipe, run, stop_after_steps=job.get("stop_after"), evaluate_at_end=False,
-                                   **quiet())
+                train_in(recipe, run, main=env.main, stop_after_steps=job.get("stop_after"), evaluate_at_end=False,
+                         **quiet())
             train_module.negatives_of = real_negatives
         elif job["kind"] == "clone":
             if rank == 0:
@@ -247,11 +249,10 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
     try:
         one = train_new(load_recipe(make_recipe_file(base / "one", bench), []), stop_after_steps=1,
                         evaluate_at_end=False, **quiet())
-        train_module.train(one.recipe(), one, resume=True, stop_after_steps=STOP_AT - 1, evaluate_at_end=False,
-                           **quiet())
+        train_in(one.recipe(), one, resume=True, stop_after_steps=STOP_AT - 1, evaluate_at_end=False, **quiet())
         one_to_two = clone_run(one.dir, base / "one-to-two" / one.dir.name)
         one_finished = clone_run(one.dir, base / "one-finished" / one.dir.name)
-        train_module.train(one_finished.recipe(), one_finished, resume=True, evaluate_at_end=False, **quiet())
+        train_in(one_finished.recipe(), one_finished, resume=True, evaluate_at_end=False, **quiet())
 
         row_a = dict(transforms={"views": "code", "app": {"enabled": False}, "geo": {"enabled": False},
                                  "mask": {"enabled": False}, "mix": {"enabled": False},
@@ -282,7 +283,7 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
             {"kind": "losses", "out": str(base / "losses")},
         ])
         two_to_one = Run(base / "two-to-one" / "pair")
-        train_module.train(two_to_one.recipe(), two_to_one, resume=True, evaluate_at_end=False, **quiet())
+        train_in(two_to_one.recipe(), two_to_one, resume=True, evaluate_at_end=False, **quiet())
         yield Session(
             one=one, two=only_run(two_runs), one_finished=one_finished, one_to_two=one_to_two, two_to_one=two_to_one,
             negatives={mode: only_run(base / mode / "runs") for mode in ("global", "local")},
@@ -457,9 +458,8 @@ def test_rank_gather_refuses_a_shard_of_another_size() -> None:
 def test_a_global_batch_that_does_not_split_is_refused(bench, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(distributed, "init_distributed", lambda kind: Dist(rank=0, world=3))
     recipe = load_recipe(make_recipe_file(tmp_path, bench), [])
-    never = Run(tmp_path / "runs" / "never")
-    with pytest.raises(TrainingError) as info:
-        train_module.train(recipe, never, evaluate_at_end=False, **quiet())
+    with pytest.raises(TrainingError) as info:  # what sslt train checks before it makes a run folder
+        train_module.preflight(recipe, distributed.init_distributed("cpu"), tests=False)
     assert info.value.message == "optim.batch_size=8 (the global batch) does not split over 3 processes"
     assert info.value.problems == ["use a multiple of 3, or another number of processes"]
     assert not (tmp_path / "runs").exists()  # refused before anything was written
@@ -470,7 +470,7 @@ def test_sync_batchnorm_on_cpu_is_refused(bench, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train_module, "sync_bn_of", lambda recipe: True)
     recipe = load_recipe(make_recipe_file(tmp_path, bench), [])
     with pytest.raises(TrainingError) as info:
-        train_module.train(recipe, Run(tmp_path / "runs" / "never"), evaluate_at_end=False, **quiet())
+        train_module.preflight(recipe, distributed.init_distributed("cpu"), tests=False)
     assert info.value.message == ("train.sync_bn=true needs CUDA devices; this run has 2 processes on cpu "
                                   "(torch's SyncBatchNorm runs on GPUs only)")
     assert info.value.problems == ["set train.sync_bn=false"]

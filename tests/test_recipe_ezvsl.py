@@ -23,8 +23,8 @@ def test_ezvsl_recipe_is_ezvsl_s_setting() -> None:
 
 def test_ezvsl_recipe_trains_two_steps_and_evaluates_under_its_preset(tmp_path: Path) -> None:
     from sslt_cli.data.synthetic import generate
+    from callers import train_in
     from sslt_cli.runs import Run
-    from sslt_cli.train import train
 
     generate(tmp_path / "bench", n_train=16, n_val=4, n_test=4, n_flickr=2, image_size=64, workers=1,
              progress=False)
@@ -36,7 +36,7 @@ def test_ezvsl_recipe_trains_two_steps_and_evaluates_under_its_preset(tmp_path: 
     torch.set_num_threads(1)
     try:
         sink = Console(file=io.StringIO(), width=120)
-        run = train(recipe, Run.create(recipe), console=sink, out=sink).run
+        run = train_in(recipe, Run.create(recipe), console=sink, out=sink).run
     finally:
         torch.set_num_threads(before)
     records = run.metrics()

@@ -40,6 +40,8 @@ from sslt_cli.model import build_model
 from sslt_cli.runs import Run
 from sslt_cli.train import train
 
+from callers import train_in
+
 STEPS_PER_EPOCH = 4  # 32 training clips in batches of 8
 TOTAL_STEPS = 6  # one whole epoch, validation and T_mix refresh, then half of the next epoch
 # the paper's row A: L_cl alone, no transformation, one view per step
@@ -108,12 +110,12 @@ def quiet() -> dict[str, Console]:
 
 def train_new(recipe: Recipe, **kwargs) -> Run:
     """Train a new run folder, created as `sslt train` creates it."""
-    return train(recipe, Run.create(recipe), **kwargs).run
+    return train_in(recipe, Run.create(recipe), **kwargs).run
 
 
 def train_on(run: Run, **kwargs) -> Run:
     """Resume ``run`` from its newest checkpoint, as `sslt train --resume` does."""
-    return train(run.recipe(), run, resume=True, **kwargs).run
+    return train_in(run.recipe(), run, resume=True, **kwargs).run
 
 
 def only_run(runs_dir: Path) -> Run:
@@ -447,7 +449,7 @@ def test_final_evaluation_and_mlflow_mirror(bench, tmp_path) -> None:
     recipe = make_recipe(tmp_path, bench, "data.limit_train=16", "optim.max_steps=2", "tracking.enabled=true",
                          "tracking.experiment=tiny", "transforms.mix.enabled=false")
     parent_id = Tracker(experiment="tiny").start("an ablation")
-    result = train(recipe, Run.create(recipe), parent_run_id=parent_id, evaluate_at_end=True, **quiet())
+    result = train_in(recipe, Run.create(recipe), parent_run_id=parent_id, evaluate_at_end=True, **quiet())
     run = result.run
 
     assert run.meta()["status"] == "finished"
@@ -664,7 +666,7 @@ def test_a_named_set_without_a_usable_clip_stops_before_training(bench, tmp_path
     n = _flatten_vggss_xml(root / which)
     recipe = make_recipe(tmp_path, root, *ROW_A)
     with pytest.raises(DataError) as info:
-        train(recipe, Run(tmp_path / "runs" / "never"), **quiet())  # refused before anything is written
+        train_module.preflight(recipe)  # what sslt train and sslt ablate check before a run folder exists
     role = "validation set (data.val)" if which == "val" else "test set 'vggss' (data.test)"
     assert info.value.message == (f"{root / which}: the {role} has no usable clip: {n} requested, {n} without a usable "
                                   "annotation, 0 without frame or audio; nothing was trained")
@@ -705,3 +707,20 @@ def test_resume_sends_the_numbers_a_failed_store_missed(bench, isolated_workdir,
     records = [r for r in run.metrics() if r["kind"] == "train"]
     assert sorted((m.step, m.value) for m in history) == [(r["step"], r["loss"]) for r in records]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+
+
+def test_train_records_through_the_sink_it_is_given_and_opens_no_tracking_run(bench, tmp_path) -> None:
+    """The caller owns the MLflow run: handed a sink without one, train writes metrics.jsonl and nothing else, even
+    with tracking on in the recipe (before, train opened the run itself)."""
+    from mlflow.tracking import MlflowClient
+
+    from sslt_cli.tracking import MetricsSink
+
+    recipe = make_recipe(tmp_path, bench, *ROW_A, "data.val=null", "optim.max_steps=1", "tracking.enabled=true",
+                         "tracking.experiment=owned")
+    run = Run.create(recipe)
+    with one_thread():
+        result = train(recipe, run, sink=MetricsSink(run, None), evaluate_at_end=False, **quiet())
+    assert result.status == "finished" and [r["kind"] for r in run.metrics()] == ["train"]
+    assert "mlflow_run_id" not in run.meta()
+    assert MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("owned") is None

@@ -42,11 +42,11 @@ recorded seeds change, and the command says so.
 
 A re-run skips finished cells, resumes an interrupted one from its last checkpoint, and re-tries a failed one in a new
 run folder (a cell whose training finished but whose retrieval failed only retrieves again). A failing cell is recorded
-with its error and the other cells go on. MLflow: one parent run for the ablation; each cell's run folder is created
-by the ablation and handed to ``train`` with the parent run's id, so the cell's MLflow run is the parent's child
-(``mlflow.parentRunId``) from its creation. Other seeds get a new parent run (MLflow keeps a run's parameters,
-``ablation.seeds`` among them, as first logged) and the finished cells' runs, made under the old parent, become its
-children.
+with its error and the other cells go on. MLflow: one parent run for the ablation; the ablation creates each cell's
+run folder and opens its MLflow run, the parent's child (``mlflow.parentRunId``) with the cell's tags from its
+creation, and hands its sink to ``train`` (and ``retrieve``). Other seeds get a new parent run (MLflow keeps a run's
+parameters, ``ablation.seeds`` among them, as first logged) and the finished cells' runs, made under the old parent,
+become its children (tagged from the new parent's side).
 
 The package: :mod:`~sslt_cli.ablate.spec` (the file's language: parse, validate, expand cells),
 :mod:`~sslt_cli.ablate.runner` (state, lock, resume, running the cells, the MLflow parent run) and

@@ -1,10 +1,12 @@
-"""Running an ablation: its folder's state file and lock, each cell's run (created here and handed to ``train``, whose
-MLflow run is a child of the ablation's parent run from its creation), resume, and the summary files.
+"""Running an ablation: its folder's state file and lock, each cell's run (checked, created and tracked here: its MLflow
+run is opened as a child of the ablation's parent run, with the cell's tags, and its sink handed to ``train`` and
+``retrieve``), resume, and the summary files.
 
 A cell's runs are recorded in ``ablation.json`` (``cells.<name>.runs``, oldest first, and ``run_dir``, the newest) the
 moment they are created, so a re-run finds them there and resumes the newest; the results of the cells this process
-runs come from what ``train`` and ``retrieve`` return. The run folders are read only for cells that an earlier process
-ran (a re-run that skips them, ``--report``).
+runs come from what ``train`` and ``retrieve`` return. For cells an earlier process ran (a re-run that skips them,
+``--report``) the same numbers are read back from their run folders by the code beside the one that wrote them
+(``evaluate.saved_summaries``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
 from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
-from sslt_cli.tracking import MetricsSink, Tracker, run_tracking
+from sslt_cli.tracking import MetricsSink, Tracker, open_run_tracking, start_tracking, tracking_uri
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
@@ -301,23 +303,9 @@ def inspect_cell(cell: Cell, ablation: Ablation, state: dict) -> CellResult:
 
 # ------------------------------------------------------------------------------------------------ running
 
-def _tag_child(run: Run | None, cell: Cell, ablation: Ablation, status: str, console: Console,
-               parent_id: str | None = None) -> None:
-    """Name the cell on its MLflow run (``sslt.ablation``, ``sslt.cell``, ``sslt.row``, ``sslt.seed``) and close it
-    with ``status``. A run trained here is the parent's child from its creation (``train``'s ``parent_run_id``;
-    ``train`` takes no other tags, so these names follow when the cell ends). ``parent_id`` only for a run that an
-    earlier process made under another parent run (other seeds got a new parent): it becomes that parent's child."""
-    child_id = run.meta().get("mlflow_run_id") if run is not None else None
-    if not child_id:
-        return
-    tracking = cell.recipe.tracking
-    tracker = Tracker(enabled=tracking.enabled, experiment=tracking.experiment,
-                      warn=lambda m: console.print(f"warning: {escape(m)}"))
-    if tracker.start(run.dir.name, run_id=child_id) is None:
-        return
-    tags = {"sslt.ablation": ablation.name, "sslt.cell": cell.name, "sslt.row": cell.row, "sslt.seed": str(cell.seed)}
-    tracker.set_tags(tags | ({"mlflow.parentRunId": parent_id} if parent_id else {}))
-    tracker.end(status)
+def _cell_tags(cell: Cell, ablation: Ablation) -> dict[str, str]:
+    """The tags naming a cell on its MLflow run, set when the run is created (or reopened)."""
+    return {"sslt.ablation": ablation.name, "sslt.cell": cell.name, "sslt.row": cell.row, "sslt.seed": str(cell.seed)}
 
 
 def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, console: Console) -> dict[str, float]:
@@ -337,7 +325,12 @@ def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, conso
 
 def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> Run:
     """The run folder the cell works in: the planned one to resume or retrieve with, else a new one, recorded in the
-    state before any work starts so that a kill leaves it findable."""
+    state before any work starts so that a kill leaves it findable. The checks before a run
+    (:func:`~sslt_cli.train.preflight`) come first for a cell that trains."""
+    if plan.action != "retrieve":
+        from sslt_cli.train import preflight
+
+        preflight(cell.recipe)
     if plan.action in ("resume", "retrieve"):
         assert plan.run is not None
         run = plan.run
@@ -348,7 +341,7 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> 
     return run
 
 
-def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, parent_id: str | None,
+def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, sink: MetricsSink,
              console: Console) -> CellResult:
     """Train or resume the cell into ``run`` as planned (a cell to retrieve with was trained by an earlier process);
     its result from what ``train`` returns, interrupted when training stopped with a checkpoint."""
@@ -358,7 +351,7 @@ def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, parent_
         return CellResult(cell, "finished", run, dict(plan.metrics), None, "skip")
     resume = plan.action == "resume"
     # each run's own result tables stay in its folder; the ablation prints one line per cell and its own table
-    result = train_module.train(run.recipe() if resume else cell.recipe, run, resume=resume, parent_run_id=parent_id,
+    result = train_module.train(run.recipe() if resume else cell.recipe, run, sink=sink, resume=resume,
                                 console=console, out=Console(quiet=True))
     if result.status == "interrupted":
         return _interrupted(cell, run, None)
@@ -369,12 +362,13 @@ def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, parent_
     return CellResult(cell, "finished", run, pick_test_metrics(record), None, "skip")
 
 
-def _interrupted(cell: Cell, run: Run, trained: CellResult | None) -> CellResult:
+def _interrupted(cell: Cell, run: Run | None, trained: CellResult | None) -> CellResult:
     """The result of a cell stopped in training (resumed from its last checkpoint, if any) or, when ``trained``
     finished, in its retrieval (which a re-run does again)."""
     if trained is not None and trained.status == "finished":
         return CellResult(cell, "interrupted", run, trained.metrics, None, "retrieve")
-    return CellResult(cell, "interrupted", run, {}, None, "resume" if run.latest_checkpoint() is not None else "train")
+    resumable = run is not None and run.latest_checkpoint() is not None
+    return CellResult(cell, "interrupted", run, {}, None, "resume" if resumable else "train")
 
 
 def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, parent_id: str | None,
@@ -382,22 +376,24 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     """Run one cell (train or resume, then retrieve if asked) and put its result in ``done``; returns its status
     (finished | failed | interrupted).
 
+    The ablation owns the cell's run: it creates the folder, opens its MLflow run (a child of ``parent_id`` with the
+    cell's tags from its creation), hands the sink to training and retrieval and closes it with the cell's status.
     Any exception but KeyboardInterrupt fails this cell only: it is recorded (with the traceback for a bug) and the
     ablation goes on. KeyboardInterrupt leaves the cell interrupted and is raised again.
     """
     entry = state["cells"].setdefault(cell.name, {})
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
                  attempts=int(entry.get("attempts", 0)) + 1)
-    run = _cell_run(cell, plan, ablation, entry)
-    _save_state(ablation.folder, state)
-    trained: CellResult | None = None
-    result: CellResult | None = None
+    run = trained = result = sink = None
     try:
-        result = trained = _trained(cell, plan, run, ablation, parent_id, console)
+        run = _cell_run(cell, plan, ablation, entry)
+        _save_state(ablation.folder, state)
+        sink = open_run_tracking(run, cell.recipe, parent_run_id=parent_id, tags=_cell_tags(cell, ablation),
+                                 warn=lambda m: (console.print(f"warning: {escape(m)}"), run.log(f"warning: {m}")))
+        result = trained = _trained(cell, plan, run, ablation, sink, console)
         if trained.status == "finished":
             if ablation.retrieve:
-                with run_tracking(run, cell.recipe) as sink:
-                    result = replace(trained, metrics=trained.metrics | _retrieve(run, cell, ablation, sink, console))
+                result = replace(trained, metrics=trained.metrics | _retrieve(run, cell, ablation, sink, console))
             _say_finished(result, ablation, console)
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
@@ -409,8 +405,8 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
         done[cell.name] = result
         entry.update(status=result.status, updated=_now())
         _save_state(ablation.folder, state)
-        _tag_child(run, cell, ablation, {"finished": "FINISHED", "failed": "FAILED"}.get(result.status, "KILLED"),
-                   console)
+        if sink is not None:
+            sink.end({"finished": "FINISHED", "failed": "FAILED"}.get(result.status, "KILLED"))
     return result.status
 
 
@@ -422,7 +418,7 @@ def _say_finished(result: CellResult, ablation: Ablation, console: Console) -> N
                   highlight=False, markup=False)
 
 
-def _failed(cell: Cell, run: Run, exc: Exception, trained: CellResult | None, entry: dict, console: Console,
+def _failed(cell: Cell, run: Run | None, exc: Exception, trained: CellResult | None, entry: dict, console: Console,
             folder: Path) -> CellResult:
     """The failed cell's result, its error recorded in the state entry and printed. ``trained``: the cell's trained
     result when only its retrieval failed (a re-run then only retrieves again)."""
@@ -476,16 +472,16 @@ def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
     ``ablation.seeds`` names them; returns the tracker and the id of the parent run it replaces so (else None)."""
     tracking = ablation.base.tracking
     warn = (lambda m: console.print(f"warning: {escape(m)}"))
-    tracker = Tracker(enabled=tracking.enabled, experiment=tracking.experiment, warn=warn)
     tags = {"sslt.ablation": ablation.name, "sslt.ablation_dir": str(ablation.folder.resolve()),
             "sslt.ablation_file": str(ablation.path), "sslt.base": str(ablation.base_path)}
-    previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracker.uri else None
+    previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracking_uri() else None
     same_seeds = state.get("seeds") == seeds
-    if previous and same_seeds and tracker.start(f"ablation-{ablation.name}", run_id=previous) is not None:
-        tracker.set_tags(tags)
-        return tracker, None
-    if previous and same_seeds:  # the parent run is gone from the store: start another
-        tracker = Tracker(enabled=tracking.enabled, experiment=tracking.experiment, warn=warn)
+    if previous and same_seeds:
+        tracker = start_tracking(f"ablation-{ablation.name}", enabled=tracking.enabled,
+                                 experiment=tracking.experiment, tags=tags, run_id=previous, warn=warn)
+        if tracker.run_id is not None and tracker.enabled:
+            return tracker, None
+        # the parent run is gone from the store: start another
     params = {"ablation.file": str(ablation.path), "ablation.base": str(ablation.base_path),
               "ablation.mode": ablation.mode, "ablation.rows": ",".join(r.name for r in ablation.rows),
               "ablation.seeds": ",".join(map(str, seeds)),
@@ -493,19 +489,21 @@ def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
               "ablation.evaluate": f"{ablation.evaluate_set}/{ablation.checkpoint}",
               "ablation.retrieve": ablation.retrieve,
               **{f"base.{k}": v for k, v in flatten(recipe_dict(ablation.base)).items()}}
-    tracker.start(f"ablation-{ablation.name}", params=params, tags=tags)
+    tracker = start_tracking(f"ablation-{ablation.name}", enabled=tracking.enabled, experiment=tracking.experiment,
+                             params=params, tags=tags, warn=warn)
     return tracker, previous if previous and not same_seeds and tracker.run_id else None
 
 
-def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, ablation: Ablation, console: Console) -> None:
+def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, console: Console) -> None:
     """Make the runs that earlier processes made under the ``replaced`` parent run children of the new one (the
-    finished cells', and those a re-run resumes or retrieves with, which train or retrieve reopen)."""
+    finished cells', and those a re-run resumes or retrieves with), tagged from the parent's side: nothing reopens
+    them."""
     console.print(f"MLflow parent run {tracker.run_id} replaces {replaced} (other seeds; MLflow keeps a run's "
                   "parameters); the finished cells' runs are now its children", highlight=False, markup=False)
     for plan in plans:
-        if plan.run is not None and plan.action in ("skip", "resume", "retrieve"):
-            status = "FINISHED" if plan.status == "finished" else "KILLED"
-            _tag_child(plan.run, plan.cell, ablation, status, console, parent_id=tracker.run_id)
+        child = plan.run.meta().get("mlflow_run_id") if plan.run is not None else None
+        if child and plan.action in ("skip", "resume", "retrieve"):
+            tracker.tag_run(child, {"mlflow.parentRunId": tracker.run_id})
 
 
 def _dry_run(ablation: Ablation, seeds: int | Sequence[int] | None, console: Console,
@@ -562,7 +560,7 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
         _record_setup(ablation, state, run_seeds, tracker)
         plans = [inspect_cell(c, ablation, state) for c in cells]
         if replaced:
-            _adopt(plans, tracker, replaced, ablation, console)
+            _adopt(plans, tracker, replaced, console)
         done: dict[str, CellResult] = {}
         interrupted = False
         try:

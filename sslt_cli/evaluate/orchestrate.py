@@ -105,7 +105,8 @@ def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test
             pairs.append((key, frame_clip, audio_clip))
             continue
         missing = [f"{column} {cid}: {media.unavailable.get(cid, 'not among its usable clips')}"
-                   for column, cid, clip in (("video", video, frame_clip), ("audio", audio, audio_clip)) if clip is None]
+                   for column, cid, clip in (("video", video, frame_clip), ("audio", audio, audio_clip))
+                   if clip is None]
         dropped.append(Exclusion(key, "no frame/audio", f"unavailable in {media.name}: {'; '.join(missing)}"))
     silent_maps, silent_skipped = predict_maps(loaded, [], proto, device=options.device,
                                                batch_size=options.batch_size, num_workers=options.num_workers,
@@ -350,4 +351,5 @@ def _centre_baseline(base: Path, record: dict) -> dict[str, float]:
         centre = (json.loads((folder / "metrics.json").read_text()).get("baselines") or {}).get("centre") or {}
     except (OSError, json.JSONDecodeError):
         return {}
-    return {f"baseline_centre/{k}": float(centre[k]) for k in ("ciou", "auc") if isinstance(centre.get(k), (int, float))}
+    return {f"baseline_centre/{k}": float(centre[k]) for k in ("ciou", "auc")
+            if isinstance(centre.get(k), (int, float))}
