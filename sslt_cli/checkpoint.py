@@ -27,7 +27,7 @@ from torch import nn
 
 from sslt_cli.data.manifest import atomic_write_bytes
 from sslt_cli.errors import CheckpointError, DataError, TrainingError
-from sslt_cli.config import Recipe, validate_tree
+from sslt_cli.config import Recipe, load_saved_recipe
 from sslt_cli.model import EMBED_DIM, build_model, model_shapes
 from sslt_cli.runs import Run, checkpoint_step
 
@@ -385,7 +385,7 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
         weights = state["model"]
         step, epoch = int(state.get("step", 0)), int(state.get("epoch", 0))
         if recipe is None and isinstance(state.get("recipe"), dict):
-            recipe = validate_tree(state["recipe"], f"{path} (saved recipe)")
+            recipe = load_saved_recipe(state["recipe"], f"{path} (saved recipe)")
         label = "sslt"
     else:
         weights = load_official_checkpoint(path)

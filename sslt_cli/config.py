@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.catalog import RECIPES_DIR, builtin_recipes, resolve_data_file, resolve_recipe
@@ -85,20 +87,53 @@ class ModelConfig(_Strict):
     audio_passes: Literal["once", "per_view"] = "once"
 
 
-class LossConfig(_Strict):
-    """L_cl (tri-map hard-way contrastive) and the weights of the total loss (REFERENCE.md sections 2-3).
+class LossSection(_Strict):
+    """What every objective's ``loss`` section holds: the weights of the total loss (REFERENCE.md section 3) and, with
+    several processes, where the easy negatives come from (``global``: the whole global batch; ``local``: each
+    process's own batch). An objective's section adds its own settings (:meth:`parameters`)."""
 
-    ``negatives``: with several processes, easy negatives come from the whole global batch (``global``) or from each
-    process's own batch (``local``)."""
+    objective: str
+    cl_weight: float = Field(0.5, ge=0)
+    geo_weight: float = Field(1.0, ge=0)
+    negatives: Literal["global", "local"] = "global"
 
-    objective: Literal["tie", "ezvsl"] = "tie"
+    def parameters(self) -> dict[str, Any]:
+        """The objective's own settings, what its loss function takes: the section's fields beyond the shared ones."""
+        return {name: getattr(self, name) for name in type(self).model_fields if name not in LossSection.model_fields}
+
+
+class TieLoss(LossSection):
+    """``tie``: L_cl, LVS's hard-way contrastive loss with SSL-TIE's tri-map (REFERENCE.md section 2)."""
+
+    objective: Literal["tie"] = "tie"
     eps_pos: float = 0.65
     eps_neg: float = 0.40
     tau: float = Field(0.03, gt=0)
     temperature: float = Field(0.07, gt=0)
-    cl_weight: float = Field(0.5, ge=0)
-    geo_weight: float = Field(1.0, ge=0)
-    negatives: Literal["global", "local"] = "global"
+
+
+class EzvslLoss(LossSection):
+    """``ezvsl``: EZ-VSL's multiple-instance contrastive loss (max over the map, InfoNCE both ways)."""
+
+    objective: Literal["ezvsl"] = "ezvsl"
+    temperature: float = Field(0.07, gt=0)
+
+
+# The objectives' sections by name: the recipe schema's ``loss`` is one of them, chosen by ``loss.objective``
+# (default ``tie``). ``losses.OBJECTIVES`` holds the same names with their loss functions (a test pins the two).
+LOSS_SECTIONS: dict[str, type[LossSection]] = {"tie": TieLoss, "ezvsl": EzvslLoss}
+DEFAULT_OBJECTIVE = "tie"
+
+
+def _objective_of(value: Any) -> str:
+    """The ``objective`` a ``loss`` section names (a mapping being validated, or a section), default ``tie``."""
+    if isinstance(value, dict):
+        return str(value.get("objective", DEFAULT_OBJECTIVE))
+    return str(getattr(value, "objective", DEFAULT_OBJECTIVE))
+
+
+LossConfig = Annotated[Union[tuple(Annotated[section, Tag(name)] for name, section in LOSS_SECTIONS.items())],
+                       Discriminator(_objective_of)]
 
 
 class AppearanceConfig(_Strict):
@@ -224,7 +259,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     audio: AudioConfig = AudioConfig()
     model: ModelConfig = ModelConfig()
-    loss: LossConfig = LossConfig()
+    loss: LossConfig = TieLoss()
     transforms: TransformsConfig = TransformsConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
@@ -338,35 +373,46 @@ def dump_yaml(data: Any) -> str:
 
 # --- keys, suggestions, overrides ------------------------------------------------------------------------------
 
-def _model_for_path(model: type[BaseModel], path: tuple[str, ...]) -> type[BaseModel] | None:
-    """The sub-model at ``path`` (None where the path leaves the schema or reaches a leaf)."""
-    current: Any = model
+def _field_models(annotation: Any) -> list[type[BaseModel]]:
+    """The sections a field holds: its model, or each member of a tagged union (``loss``: one per objective)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) is Union:
+        members = [typing.get_args(arg)[0] if typing.get_origin(arg) is Annotated else arg
+                   for arg in typing.get_args(annotation)]
+        return [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    return []
+
+
+def _section_fields(model: type[BaseModel], path: tuple[str, ...]) -> list[str] | None:
+    """The field names of the section at ``path`` (of every objective's section for ``loss``), None where the path
+    leaves the schema or reaches a leaf."""
+    current = [model]
     for part in path:
-        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+        fields = [m.model_fields[part] for m in current if part in m.model_fields]
+        current = [sub for field in fields for sub in _field_models(field.annotation)]
+        if not current:
             return None
-        current = current.model_fields[part].annotation
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+    return list(dict.fromkeys(name for m in current for name in m.model_fields))
 
 
 def valid_keys(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema, leaves and sections."""
-    keys = []
+    """Every dotted key of the schema, leaves and sections (``loss``: the keys of every objective)."""
+    keys: list[str] = []
     for name, field in model.model_fields.items():
         dotted = f"{prefix}{name}"
         keys.append(dotted)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += valid_keys(ann, dotted + ".")
+        for section in _field_models(field.annotation):
+            keys += [key for key in valid_keys(section, dotted + ".") if key not in keys]
     return keys
 
 
 def closest_key(bad: str, model: type[BaseModel] = Recipe) -> str | None:
     """The valid dotted key closest to ``bad``: same section first, then anywhere."""
     parts = bad.split(".")
-    section = _model_for_path(model, tuple(parts[:-1]))
-    if section is not None:
+    siblings = _section_fields(model, tuple(parts[:-1]))
+    if siblings is not None:
         prefix = ".".join(parts[:-1])
-        siblings = list(section.model_fields)
         match = difflib.get_close_matches(parts[-1], siblings, n=1, cutoff=0.5)
         if match:
             return f"{prefix}.{match[0]}" if prefix else match[0]
@@ -376,6 +422,22 @@ def closest_key(bad: str, model: type[BaseModel] = Recipe) -> str | None:
         return match[0]
     leaf = [k for k in keys if k.split(".")[-1] == parts[-1]]
     return leaf[0] if leaf else None
+
+
+def _objective_problem(error: dict, loc: list[str]) -> str | None:
+    """What is wrong with a ``loss`` section, said in the recipe's words: an unknown objective, or a key of another
+    objective than the section's (``loc``: the error's path with the objective's tag still in it)."""
+    if error["type"] == "union_tag_invalid" and loc == ["loss"]:
+        return (f"key 'loss.objective': expected one of {', '.join(map(repr, LOSS_SECTIONS))}, got "
+                f"{error['ctx']['tag']!r}")
+    if error["type"] != "extra_forbidden" or len(loc) != 3 or loc[0] != "loss" or loc[1] not in LOSS_SECTIONS:
+        return None
+    key, objective = loc[2], loc[1]
+    owners = [name for name, section in LOSS_SECTIONS.items() if key in section.model_fields]
+    if not owners:
+        return None
+    return (f"key 'loss.{key}': {key} belongs to objective {' / '.join(map(repr, owners))}, and this loss section's "
+            f"objective is {objective!r} (remove the key, or set loss.objective={owners[0]})")
 
 
 def _describe_type(error: dict) -> str:
@@ -394,9 +456,15 @@ def _format_errors(exc: ValidationError, source: str, model: type[BaseModel],
     overrides = overrides or {}
     for error in exc.errors():
         loc = [str(p) for p in error["loc"]]
+        objective_problem = _objective_problem(error, loc) if model is Recipe else None
+        if model is Recipe and loc[:1] == ["loss"] and loc[1:2] and loc[1] in LOSS_SECTIONS:
+            loc = [loc[0], *loc[2:]]  # the objective's tag is not a key of the recipe
         dotted = ".".join(loc)
         origin = next((f" (from override {text!r})" for key, text in overrides.items()
                        if dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + ".")), "")
+        if objective_problem is not None:
+            problems.append(f"{source}: {objective_problem}{origin}")
+            continue
         if error["type"] == "extra_forbidden":
             hint = closest_key(dotted, model)
             suffix = f" (did you mean '{hint}'?)" if hint else ""
@@ -454,6 +522,39 @@ def validate_tree(tree: dict, source: str, model: type[BaseModel] = Recipe,
     except ValidationError as exc:
         problems = _format_errors(exc, source, model, by_key)
         raise RecipeError(f"{source}: {len(problems)} problem(s) in the recipe", problems) from None
+
+
+# The flat ``loss`` section of the recipes sslt saved before each objective had a section of its own (up to commit
+# fe7094d): it held every objective's keys, these at their defaults when the recipe left them alone.
+FLAT_LOSS_DEFAULTS = {"eps_pos": 0.65, "eps_neg": 0.40, "tau": 0.03, "temperature": 0.07}
+
+
+def migrate_saved_recipe(tree: dict, source: str) -> dict:
+    """A saved recipe (a run's ``config.yaml``, the recipe inside a checkpoint) as today's schema reads it.
+
+    Recipes saved with the flat ``loss`` section carry keys of other objectives than their own (an ``ezvsl`` run has
+    ``eps_pos``, ``eps_neg``, ``tau``): those holding the old defaults are dropped (they never had an effect); another
+    value is refused with what to do, since the recipe would say something the run did not do."""
+    loss = tree.get("loss")
+    section = LOSS_SECTIONS.get(str(loss.get("objective", DEFAULT_OBJECTIVE))) if isinstance(loss, dict) else None
+    if section is None:
+        return tree  # nothing saved in the old form (an unknown objective is validation's to report)
+    objective = section.model_fields["objective"].default
+    foreign = [key for key in loss if key not in section.model_fields
+               and any(key in other.model_fields for other in LOSS_SECTIONS.values())]
+    changed = [key for key in foreign if key not in FLAT_LOSS_DEFAULTS or loss[key] != FLAT_LOSS_DEFAULTS[key]]
+    if changed:
+        raise RecipeError(
+            f"{source}: the saved recipe's loss section sets {', '.join(f'{k}={loss[k]!r}' for k in changed)}, "
+            f"which belong(s) to another objective than its own ({objective!r}): the sslt that saved it ignored them",
+            [f"remove loss.{key} from {source} (the run was trained without it) to evaluate, resume or report it"
+             for key in changed])
+    return {**tree, "loss": {key: value for key, value in loss.items() if key not in foreign}}
+
+
+def load_saved_recipe(tree: dict, source: str) -> "Recipe":
+    """A recipe saved by sslt (any version): :func:`migrate_saved_recipe`, then validated."""
+    return validate_tree(migrate_saved_recipe(tree, source), source)  # type: ignore[return-value]
 
 
 _SHIPPED_EXAMPLE = {"recipe": "recipes/quickstart.yaml", "ablation": "recipes/ablations/paper_transformations.yaml"}

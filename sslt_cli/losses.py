@@ -1,10 +1,10 @@
 """Training objectives: SSL-TIE's tri-map contrastive loss L_cl, the equivariance loss L_geo, and EZ-VSL's baseline.
 
-Pure torch; no project module is imported. Every contrastive objective takes the L2-normalised visual map
-``v: (B, C, h, w)`` and audio embedding ``a: (B, C)`` and returns ``(loss, parts)`` where ``parts["map"]`` is the
+Pure torch; the only project module imported is ``config``, for the objectives' recipe sections. Every contrastive
+objective takes the L2-normalised visual map ``v: (B, C, h, w)`` and audio embedding ``a: (B, C)`` and returns ``(loss, parts)`` where ``parts["map"]`` is the
 ``(B, 1, h, w)`` cosine map of each image with its own audio (kept in the graph so L_geo can reuse it) and the other
 entries are detached scalar tensors for logging (no host sync here: the caller decides when to call ``.item()``).
-:data:`LOSSES` maps a recipe's objective name to its function.
+:data:`OBJECTIVES` maps a recipe's objective name to its function, its recipe section and what validation reports.
 
 Global negatives under DistributedDataParallel: a contrastive objective given ``gather`` (see :func:`rank_gather`)
 scores this process's images against the audio of every process, so its easy negatives are those a single process
@@ -15,11 +15,14 @@ gradient for a row into the process that owns it.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from sslt_cli.config import EzvslLoss, LossSection, TieLoss
 
 Parts = dict[str, torch.Tensor]
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
@@ -109,13 +112,11 @@ def tie_contrastive_loss(
     ``pos``, ``hard_neg`` (batch means) and ``pos_area`` (mean share of map cells in P).
     The computation runs in float32 whatever the input dtype (autocast-safe): the sigmoid masks with tau = 0.03 need it.
     """
-    v = v.float()
-    a = a.float()
+    v, a = v.float(), a.float()
     batch = v.shape[0]
     audio, first = gather(a) if gather is not None else (a, 0)
     all_pairs = torch.einsum("nchw,kc->nkhw", v, audio)
     own = torch.diagonal(all_pairs, offset=first, dim1=0, dim2=1).permute(2, 0, 1).unsqueeze(1)
-
     pos_mask = torch.sigmoid((own - eps_pos) / tau)
     # 1 - sigmoid(x) == sigmoid(-x); the latter keeps its precision where the map is close to 1.
     neg_mask = torch.sigmoid(-(own - eps_neg) / tau)
@@ -190,16 +191,28 @@ def equivariance_loss(pred_map: torch.Tensor, target_map: torch.Tensor) -> torch
 
 LossFn = Callable[..., tuple[torch.Tensor, Parts]]
 
-LOSSES: dict[str, LossFn] = {
-    "tie": tie_contrastive_loss,
-    "ezvsl": ezvsl_loss,
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective, one entry of :data:`OBJECTIVES`: its contrastive ``loss`` (``loss(v, a, **parameters,
+    gather=None) -> (loss, parts)``, as the functions above), the recipe ``section`` holding its parameters (a
+    :class:`config.LossSection`: the shared weights plus the keyword arguments of ``loss``) and whether validation
+    reports its loss on the validation set (``l_cl`` in each ``val`` record)."""
+
+    loss: LossFn
+    section: type[LossSection]
+    validation_loss: bool
+
+
+# The closed registry of objectives: a recipe's ``loss.objective`` names one (its section is the schema's
+# ``loss``; config.LOSS_SECTIONS holds the same names, tests/test_losses.py pins the two together).
+OBJECTIVES: dict[str, Objective] = {
+    "tie": Objective(tie_contrastive_loss, TieLoss, validation_loss=True),
+    "ezvsl": Objective(ezvsl_loss, EzvslLoss, validation_loss=False),
 }
 
 
-def build_objective(loss: Any) -> Callable[..., tuple[torch.Tensor, dict]]:
-    """The contrastive objective of a recipe's ``loss`` section (``config.LossConfig``), its settings bound once:
-    call it as ``objective(v, a)`` or, with global negatives, ``objective(v, a, gather=rank_gather(...))``."""
-    if loss.objective == "tie":
-        return functools.partial(LOSSES["tie"], eps_pos=loss.eps_pos, eps_neg=loss.eps_neg, tau=loss.tau,
-                                 temperature=loss.temperature)
-    return functools.partial(LOSSES[loss.objective], temperature=loss.temperature)
+def build_objective(loss: LossSection) -> Callable[..., tuple[torch.Tensor, dict]]:
+    """The contrastive objective of a recipe's ``loss`` section, its parameters (:meth:`LossSection.parameters`)
+    bound once: call it as ``objective(v, a)`` or, with global negatives, ``objective(v, a, gather=rank_gather(...))``."""
+    return functools.partial(OBJECTIVES[loss.objective].loss, **loss.parameters())

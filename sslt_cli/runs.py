@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from sslt_cli.config import Recipe, dump_yaml, recipe_dict, validate_tree
+from sslt_cli.config import Recipe, dump_yaml, load_saved_recipe, recipe_dict
 from sslt_cli.errors import SsltError, TrainingError
 
 CONFIG = "config.yaml"
@@ -163,10 +163,10 @@ class Run:
     # -- config and meta ---------------------------------------------------------------------------------------
 
     def recipe(self) -> Recipe:
-        """The resolved recipe saved with the run."""
+        """The resolved recipe saved with the run (one saved by an older sslt read in today's schema)."""
         from sslt_cli.config import load_tree
 
-        return validate_tree(load_tree(self.dir / CONFIG), str(self.dir / CONFIG))  # type: ignore[return-value]
+        return load_saved_recipe(load_tree(self.dir / CONFIG), str(self.dir / CONFIG))
 
     def meta(self) -> dict:
         return json.loads((self.dir / META).read_text())

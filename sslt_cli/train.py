@@ -35,7 +35,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,14 +45,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from sslt_cli import checkpoint, distributed
-from sslt_cli.config import Recipe, recipe_dict
+from sslt_cli.config import EquivarianceConfig, LossSection, Recipe, recipe_dict
 from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
 from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.distributed import Dist, Shard
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.evaluate import TestSet
-from sslt_cli.losses import build_objective, equivariance_loss, rank_gather
+from sslt_cli.losses import OBJECTIVES, build_objective, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model
 from sslt_cli.runs import EVAL, SKIPPED, Run
 from sslt_cli.tracking import MetricsSink
@@ -165,7 +165,8 @@ class Training:
         seed_everything(recipe.seed + env.rank, recipe.train.deterministic)
         self.channels_last = recipe.train.channels_last in ("on", "auto")
         self.amp = autocast_for(self.device, recipe.train.precision)
-        self.objective = build_objective(recipe.loss)
+        self.step_setup = StepSetup.of(recipe, self.device, self.channels_last, self.amp)
+        self.objective = self.step_setup.objective
         self.stop_after_steps = stop_after_steps
         self.stop_signal: int | None = None
         self.state = TrainState()
@@ -361,8 +362,7 @@ class Training:
     def train_step(self, batch: dict, shard: Shard | None, rows: int) -> None:
         """One optimiser step on ``batch`` (this process's slice ``shard`` of the global batch, if distributed)."""
         s, recipe = self.state, self.recipe
-        loss, logs = forward_views(self.net, batch, recipe, recipe.seed * 1_000_003 + s.step, self.device,
-                                   self.channels_last, self.amp, shard=shard, objective=self.objective)
+        loss, logs = forward_views(self.net, batch, self.step_setup, recipe.seed * 1_000_003 + s.step, shard=shard)
         if shard is not None:
             logs = distributed.mean_over_global_batch(logs, shard)
             # DDP averages gradients over processes; weighting each process's mean by its share of the global batch
@@ -718,73 +718,95 @@ def load_validation_set(recipe: Recipe, run: Run | None) -> TestSet | None:
                    annotations=val_set.annotations, clips={c.id: c for c in clips})
 
 
-def forward_views(model, batch: dict, recipe: Recipe, step_seed: int, device: torch.device, channels_last: bool,
-                  amp, shard: Shard | None = None, objective=None) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class StepSetup:
+    """What a training step needs besides its batch, built once from the recipe's typed sections (``recipe.loss``:
+    the loss weights, ``recipe.transforms.equivariance``: L_geo's transform, ``model.audio_passes``) and the device:
+    the objective (``losses.build_objective``), channels-last and the autocast context."""
+
+    loss: LossSection
+    equivariance: EquivarianceConfig
+    audio_passes: str
+    negatives: str
+    objective: Callable[..., tuple[torch.Tensor, dict]]
+    device: torch.device
+    channels_last: bool
+    amp: Any
+
+    @classmethod
+    def of(cls, recipe: Recipe, device: torch.device, channels_last: bool, amp: Any) -> "StepSetup":
+        return cls(recipe.loss, recipe.transforms.equivariance, recipe.model.audio_passes, negatives_of(recipe),
+                   build_objective(recipe.loss), device, channels_last, amp)
+
+    @property
+    def uses_geo(self) -> bool:
+        """Whether L_geo is part of the loss (the equivariance transform on, its weight above 0)."""
+        return self.equivariance.enabled and self.loss.geo_weight > 0
+
+
+def forward_views(model, batch: dict, setup: StepSetup, step_seed: int,
+                  shard: Shard | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One training step's loss: L_cl on both views and L_geo between them.
 
     batch["images"]: (B, 2, 3, H, W) in ``paper`` mode or (B, 1, 3, H, W) in ``code`` mode; batch["specs"] likewise
     (B, V, 1, F, T). Returns the total loss and detached scalars for logging.
     ``shard`` (distributed training): where this batch sits in the global batch. The L_geo transform is drawn for
     the global batch and this slice of it taken, and with ``loss.negatives: global`` the contrastive loss gathers
-    the audio of every process; the returned loss is still this process's mean. ``objective``: the recipe's
-    contrastive loss as ``losses.build_objective`` makes it (built here when not given).
+    the audio of every process; the returned loss is still this process's mean.
     """
-    t = recipe.transforms
-    loss_cfg = recipe.loss
-    objective = objective or build_objective(loss_cfg)
     loss_kwargs = {}
-    if shard is not None and negatives_of(recipe) == "global":
+    if shard is not None and setup.negatives == "global":
         loss_kwargs["gather"] = rank_gather(shard.sizes, shard.rank)
-    images = batch["images"].to(device, non_blocking=True)
-    specs = batch["specs"].to(device, non_blocking=True)
+    images = batch["images"].to(setup.device, non_blocking=True)
+    specs = batch["specs"].to(setup.device, non_blocking=True)
     view1, spec1 = images[:, 0], specs[:, 0]
     spec2 = specs[:, 1] if specs.shape[1] > 1 else spec1
-    if spec2 is spec1 and recipe.model.audio_passes == "per_view":
+    if spec2 is spec1 and setup.audio_passes == "per_view":
         spec2 = spec1.clone()  # a tensor of its own: ModelForTraining embeds it again, as the released code does
     base2 = images[:, 1] if images.shape[1] > 1 else view1
-
-    use_geo = t.equivariance.enabled and recipe.loss.geo_weight > 0
-    if use_geo:
-        g = torch.Generator().manual_seed(step_seed)
-        eq = t.equivariance
-        transform = augment.sample_geo_transform(view1.shape[0] if shard is None else shard.total, g,
-                                                 max_rotation=eq.max_rotation, scales=eq.scales,
-                                                 scale_p=eq.scale_p, flip_p=eq.flip_p)
-        if shard is not None:
-            transform = dataclasses.replace(transform, angles=transform.angles[shard.first:shard.first + shard.local])
-        view2 = augment.apply_geo_transform(base2, transform, centre=eq.centre)
-    else:
-        transform = None
-        view2 = base2
-    if channels_last:
+    transform, view2 = _second_view(view1, base2, setup, step_seed, shard)
+    if setup.channels_last:
         view1 = view1.contiguous(memory_format=torch.channels_last)
         view2 = view2.contiguous(memory_format=torch.channels_last)
-    single_view = not use_geo and images.shape[1] == 1 and specs.shape[1] == 1
-    if single_view:
+    if transform is None and images.shape[1] == 1 and specs.shape[1] == 1:
         # Nothing differs between the two views (no second augmentation, no L_geo): one pass, and the loss keeps the
         # scale of the two-view total, 2 * cl_weight * L_cl (= L_cl at the default weight 0.5).
-        with amp:
+        with setup.amp:
             ((v1, a1),) = model((view1, spec1))
-        l_cl1, parts1 = objective(v1, a1, **loss_kwargs)
-        total = 2 * loss_cfg.cl_weight * l_cl1
-        logs = {"l_cl1": l_cl1.detach(), "acc1": parts1["acc1"], "loss": total.detach()}
-        return total, logs
+        l_cl1, parts1 = setup.objective(v1, a1, **loss_kwargs)
+        total = 2 * setup.loss.cl_weight * l_cl1
+        return total, {"l_cl1": l_cl1.detach(), "acc1": parts1["acc1"], "loss": total.detach()}
     # Two passes (as the official code makes), so BatchNorm sees each view's batch of B on its own; both run inside
     # one call of the wrapper so DDP sees a single forward per backward.
-    with amp:
+    with setup.amp:
         (v1, a1), (v2, a2) = model((view1, spec1), (view2, spec2))
-    l_cl1, parts1 = objective(v1, a1, **loss_kwargs)
-    l_cl2, parts2 = objective(v2, a2, **loss_kwargs)
-    total = loss_cfg.cl_weight * (l_cl1 + l_cl2)
+    l_cl1, parts1 = setup.objective(v1, a1, **loss_kwargs)
+    l_cl2, parts2 = setup.objective(v2, a2, **loss_kwargs)
+    total = setup.loss.cl_weight * (l_cl1 + l_cl2)
     logs = {"l_cl1": l_cl1.detach(), "l_cl2": l_cl2.detach(), "acc1": parts1["acc1"]}
-    if use_geo:
+    if transform is not None:
         target = augment.apply_geo_transform(parts1["map"], transform, out_size=parts2["map"].shape[-2:],
-                                             upsample_to=view1.shape[-2:], centre=t.equivariance.centre)
+                                             upsample_to=view1.shape[-2:], centre=setup.equivariance.centre)
         l_geo = equivariance_loss(parts2["map"], target)
-        total = total + loss_cfg.geo_weight * l_geo
+        total = total + setup.loss.geo_weight * l_geo
         logs["l_geo"] = l_geo.detach()
     logs["loss"] = total.detach()
     return total, logs
+
+
+def _second_view(view1: torch.Tensor, base2: torch.Tensor, setup: StepSetup, step_seed: int,
+                 shard: Shard | None) -> tuple[Any, torch.Tensor]:
+    """(the L_geo transform or None, view 2): ``base2`` warped by a transform drawn for the global batch (this
+    process's slice of it) when L_geo is on, else ``base2`` itself."""
+    if not setup.uses_geo:
+        return None, base2
+    eq = setup.equivariance
+    transform = augment.sample_geo_transform(view1.shape[0] if shard is None else shard.total,
+                                             torch.Generator().manual_seed(step_seed), max_rotation=eq.max_rotation,
+                                             scales=eq.scales, scale_p=eq.scale_p, flip_p=eq.flip_p)
+    if shard is not None:
+        transform = dataclasses.replace(transform, angles=transform.angles[shard.first:shard.first + shard.local])
+    return transform, augment.apply_geo_transform(base2, transform, centre=eq.centre)
 
 
 def negatives_of(recipe: Recipe) -> str:
@@ -885,8 +907,9 @@ def refresh_mix_neighbours(model, clips: list[Clip], recipe: Recipe, device: tor
 
 
 class ValidationProbe:
-    """What validation takes from each batch besides the maps: the L_cl of the ``tie`` objective (weighted by batch
-    size) and the first batch's frames and maps for the heatmap grid (an ``evaluate.evaluate_model`` batch hook)."""
+    """What validation takes from each batch besides the maps: the objective's loss when validation reports it
+    (weighted by batch size) and the first batch's frames and maps for the heatmap grid (an
+    ``evaluate.evaluate_model`` batch hook)."""
 
     def __init__(self, objective, enabled: bool):
         self.objective, self.enabled = objective, enabled
@@ -905,11 +928,11 @@ class ValidationProbe:
 def validate(model, val: TestSet, recipe: Recipe, device: torch.device, objective, grid: Path | None,
              epoch: int) -> dict[str, float]:
     """cIoU / AUC / mean IoU on the validation set under the recipe's protocol (``evaluate.evaluate_model``, as every
-    evaluation; no baselines, no object guidance), and the validation L_cl (``tie`` objective); a heatmap grid of the
-    first batch to ``grid``."""
+    evaluation; no baselines, no object guidance), and the validation loss ``l_cl`` of an objective whose registry
+    entry reports it (``losses.OBJECTIVES``); a heatmap grid of the first batch to ``grid``."""
     from sslt_cli.evaluate import EvalOptions, evaluate_model
 
-    probe = ValidationProbe(objective, enabled=recipe.loss.objective == "tie")
+    probe = ValidationProbe(objective, enabled=OBJECTIVES[recipe.loss.objective].validation_loss)
     loaded = checkpoint.LoadedModel(model=model, recipe=recipe, label="training", source=Path(recipe.name))
     options = EvalOptions(baselines=False, object_guidance=False, device=str(device))
     result = evaluate_model(loaded, val, options, on_batch=probe)

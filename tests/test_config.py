@@ -249,3 +249,56 @@ def test_shipped_recipe_starts_with_a_three_line_comment(path: Path) -> None:
     assert re.search(r"paper|table|row", head[1], re.IGNORECASE), f"{path}: line 2 names no paper row or table"
     assert re.search(r"\bCPU\b", head[2]), f"{path}: line 3 gives no CPU time"
     assert re.search(r"GPU|H100|H200|A100|V100|L4|T4", head[2]), f"{path}: line 3 gives no GPU time"
+
+
+# --- objectives: one section each ---------------------------------------------------------------------------------
+
+def test_a_key_of_another_objective_is_an_error_that_names_its_objective() -> None:
+    path = write_recipe("loss:\n  objective: ezvsl\n  eps_pos: 0.6\n  temperature: 0.03\n")
+    assert recipe_error(path) == (
+        "recipe.yaml: 1 problem(s) in the recipe\n"
+        "  - recipe.yaml: key 'loss.eps_pos': eps_pos belongs to objective 'tie', and this loss section's objective "
+        "is 'ezvsl' (remove the key, or set loss.objective=tie)")
+    # the same key under its own objective, and the shared keys under both
+    assert load_recipe(write_recipe("loss: {eps_pos: 0.6, geo_weight: 0.5}\n")).loss.eps_pos == 0.6
+    ezvsl = load_recipe(write_recipe("loss: {objective: ezvsl, temperature: 0.03, cl_weight: 1.0}\n")).loss
+    assert (ezvsl.objective, ezvsl.temperature, ezvsl.cl_weight, ezvsl.parameters()) == (
+        "ezvsl", 0.03, 1.0, {"temperature": 0.03})
+
+
+def test_an_unknown_objective_and_a_misspelt_loss_key_are_clear_errors() -> None:
+    assert recipe_error(write_recipe("{}\n"), ["loss.objective=lvs"]) == (
+        "recipe.yaml: 1 problem(s) in the recipe\n"
+        "  - recipe.yaml: key 'loss.objective': expected one of 'tie', 'ezvsl', got 'lvs' (from override "
+        "'loss.objective=lvs')")
+    assert recipe_error(write_recipe("loss: {objective: ezvsl, temprature: 0.03}\n")) == (
+        "recipe.yaml: 1 problem(s) in the recipe\n"
+        "  - recipe.yaml: unknown key 'loss.temprature' (did you mean 'loss.temperature'?)")
+
+
+FLAT_EZVSL_LOSS = {"objective": "ezvsl", "eps_pos": 0.65, "eps_neg": 0.4, "tau": 0.03, "temperature": 0.03,
+                   "cl_weight": 0.5, "geo_weight": 1.0, "negatives": "global"}
+
+
+def test_a_recipe_saved_with_the_flat_loss_section_reads_in_its_objectives_section() -> None:
+    from sslt_cli.config import EzvslLoss, load_saved_recipe, migrate_saved_recipe
+
+    saved = {"name": "old", "loss": dict(FLAT_EZVSL_LOSS)}
+    assert load_saved_recipe(saved, "config.yaml").loss == EzvslLoss(temperature=0.03)
+    assert saved["loss"] == FLAT_EZVSL_LOSS  # the tree read is not changed
+    tie = {"loss": {**FLAT_EZVSL_LOSS, "objective": "tie"}}
+    assert migrate_saved_recipe(tie, "config.yaml") == tie  # a tie run's flat section is its section
+    # a key of another objective that is not at its old default said something the run did not do: refused
+    with pytest.raises(RecipeError) as info:
+        load_saved_recipe({"loss": {**FLAT_EZVSL_LOSS, "eps_pos": 0.7, "tau": 0.05}}, "runs/old/config.yaml")
+    assert info.value.render() == (
+        "runs/old/config.yaml: the saved recipe's loss section sets eps_pos=0.7, tau=0.05, which belong(s) to another "
+        "objective than its own ('ezvsl'): the sslt that saved it ignored them\n"
+        "  - remove loss.eps_pos from runs/old/config.yaml (the run was trained without it) to evaluate, resume or "
+        "report it\n"
+        "  - remove loss.tau from runs/old/config.yaml (the run was trained without it) to evaluate, resume or "
+        "report it")
+    with pytest.raises(RecipeError) as info:  # a recipe written today gets no such leniency
+        validate_tree({"loss": dict(FLAT_EZVSL_LOSS)}, "recipe")
+    assert [problem.split(":")[1] for problem in info.value.problems] == [" key 'loss.eps_pos'", " key 'loss.eps_neg'",
+                                                                          " key 'loss.tau'"]

@@ -18,6 +18,7 @@ The runs are made once per module by ``session`` (one ``torch.multiprocessing.sp
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import os
@@ -40,7 +41,7 @@ from sslt_cli import train as train_module
 from sslt_cli.checkpoint import load as load_checkpoint
 from sslt_cli.config import flatten, load_recipe, recipe_dict
 from sslt_cli.errors import TrainingError
-from sslt_cli.losses import LOSSES, ezvsl_loss, rank_gather, tie_contrastive_loss
+from sslt_cli.losses import OBJECTIVES, ezvsl_loss, rank_gather, tie_contrastive_loss
 from sslt_cli.model import build_model
 from sslt_cli.distributed import Dist
 from sslt_cli.runs import Run
@@ -259,14 +260,14 @@ def session(bench, tmp_path_factory) -> Iterator[Session]:
                                  "equivariance": {"enabled": False}},
                      optim={"max_steps": 1})
         seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-        real_tie = LOSSES["tie"]
+        real_tie = OBJECTIVES["tie"]
 
         def remembering_tie(v, a, **kwargs):
             seen.append((v.detach().clone(), a.detach().clone()))
-            return real_tie(v, a, **kwargs)
+            return real_tie.loss(v, a, **kwargs)
 
         with pytest.MonkeyPatch.context() as capture:
-            capture.setitem(LOSSES, "tie", remembering_tie)
+            capture.setitem(OBJECTIVES, "tie", dataclasses.replace(real_tie, loss=remembering_tie))
             train_new(load_recipe(make_recipe_file(base / "captured", bench, **row_a), []), evaluate_at_end=False,
                       **quiet())
 

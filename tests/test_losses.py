@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sslt_cli.losses import LOSSES, equivariance_loss, ezvsl_loss, tie_contrastive_loss
+from sslt_cli.losses import OBJECTIVES, equivariance_loss, ezvsl_loss, tie_contrastive_loss
 
 
 def naive_tie_loss(v: torch.Tensor, a: torch.Tensor, eps_pos: float, eps_neg: float, tau: float,
@@ -118,19 +118,19 @@ def aligned_batch(batch: int = 8, channels: int = 16, size: int = 7, seed: int =
     return F.normalize(v, dim=1), a
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_aligned_pairs_score_lower_than_shuffled(name):
     v, a = aligned_batch()
     shuffled = a[torch.roll(torch.arange(a.shape[0]), 1)]
-    aligned_loss, parts = LOSSES[name](v, a)
-    shuffled_loss, shuffled_parts = LOSSES[name](v, shuffled)
+    aligned_loss, parts = OBJECTIVES[name].loss(v, a)
+    shuffled_loss, shuffled_parts = OBJECTIVES[name].loss(v, shuffled)
     assert aligned_loss.item() < shuffled_loss.item() - 1.0
     assert parts["acc1"].item() == 1.0
     assert shuffled_parts["acc1"].item() < 0.5
     assert parts["map"].shape == (8, 1, 7, 7)
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_a_few_adam_steps_lower_the_loss(name):
     gen = torch.Generator().manual_seed(2)
     v_raw = torch.randn(6, 8, 4, 4, generator=gen).requires_grad_()
@@ -138,7 +138,7 @@ def test_a_few_adam_steps_lower_the_loss(name):
     optimiser = torch.optim.Adam([v_raw, a_raw], lr=0.05)
     losses = []
     for _ in range(30):
-        loss, _ = LOSSES[name](F.normalize(v_raw, dim=1), F.normalize(a_raw, dim=1))
+        loss, _ = OBJECTIVES[name].loss(F.normalize(v_raw, dim=1), F.normalize(a_raw, dim=1))
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -182,3 +182,36 @@ def test_equivariance_loss_values_and_resize():
     assert equivariance_loss(target, target).item() == 0.0
     # A constant 3x3 target resized to 4x4 stays constant.
     assert equivariance_loss(torch.full((2, 1, 4, 4), 0.5), torch.full((2, 1, 3, 3), 0.5)).item() == pytest.approx(0)
+
+
+# --- the registry of objectives ---------------------------------------------------------------------------------------
+
+def test_the_schema_names_the_objectives_of_the_registry():
+    """One name per objective: the recipe schema's loss sections and the registry's entries are the same set, each
+    entry's section is the schema's, and every parameter its section holds is a keyword of its loss function."""
+    import inspect
+
+    from sslt_cli.config import LOSS_SECTIONS, Recipe, valid_keys
+
+    assert list(OBJECTIVES) == list(LOSS_SECTIONS)
+    for name, entry in OBJECTIVES.items():
+        section = LOSS_SECTIONS[name]
+        assert entry.section is section and section.model_fields["objective"].default == name
+        defaults = section()
+        assert set(defaults.parameters()) <= set(inspect.signature(entry.loss).parameters), name
+        assert Recipe.model_validate({"loss": {"objective": name}}).loss == defaults
+    assert {key.split(".", 1)[1] for key in valid_keys() if key.startswith("loss.")} == {
+        field for section in LOSS_SECTIONS.values() for field in section.model_fields}
+
+
+def test_build_objective_binds_each_objectives_own_parameters():
+    from sslt_cli.config import EzvslLoss, TieLoss
+    from sslt_cli.losses import build_objective
+
+    v, a = aligned_batch()
+    tie = TieLoss(eps_pos=0.6, tau=0.05, temperature=0.1)
+    assert build_objective(tie)(v, a)[0] == tie_contrastive_loss(v, a, eps_pos=0.6, eps_neg=0.4, tau=0.05,
+                                                                 temperature=0.1)[0]
+    ezvsl = EzvslLoss(temperature=0.03)
+    assert build_objective(ezvsl)(v, a)[0] == ezvsl_loss(v, a, temperature=0.03)[0]
+    assert (OBJECTIVES["tie"].validation_loss, OBJECTIVES["ezvsl"].validation_loss) == (True, False)

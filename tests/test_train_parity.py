@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from sslt_cli.config import Recipe
 from sslt_cli.data import augment
-from sslt_cli.losses import LOSSES
+from sslt_cli.losses import OBJECTIVES
 from sslt_cli.model import build_model
-from sslt_cli.train import ModelForTraining, forward_views
+from sslt_cli.train import ModelForTraining, StepSetup, forward_views
 
 SIZE = 96
 STEP_SEED = 1234
@@ -69,7 +69,7 @@ def released_transform(x: torch.Tensor, angles: torch.Tensor, scale: float, flip
 def released_step(model, image: torch.Tensor, spec: torch.Tensor, transform, recipe: Recipe) -> dict[str, torch.Tensor]:
     """main.py train_one_epoch, one iteration: the model (image and audio networks) once per view."""
     cfg = recipe.loss
-    objective = LOSSES["tie"]
+    objective = OBJECTIVES["tie"].loss
     kwargs = dict(eps_pos=cfg.eps_pos, eps_neg=cfg.eps_neg, tau=cfg.tau, temperature=cfg.temperature)
     loss_cl, parts = objective(model.embed_image(image), model.embed_audio(spec), **kwargs)
     transformed_image = released_transform(image, transform.angles, transform.scale, transform.flip, SIZE)
@@ -114,7 +114,8 @@ def released_result(batch_and_model):
 
 def sslt_step(model, batch: dict, recipe: Recipe) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     net = ModelForTraining(model).train()
-    loss, logs = forward_views(net, batch, recipe, STEP_SEED, torch.device("cpu"), False, contextlib.nullcontext())
+    setup = StepSetup.of(recipe, torch.device("cpu"), channels_last=False, amp=contextlib.nullcontext())
+    loss, logs = forward_views(net, batch, setup, STEP_SEED)
     model.zero_grad()
     loss.backward()
     return {**logs, "loss": loss.detach()}, _grad(model)
