@@ -336,7 +336,16 @@ def _decode_audio(container, stream, origin: float, start: float, end: float, sa
         raise _ClipFailure(TOO_SHORT, f"audio ends at {data_end:.2f} s, before {need_until:.2f} s")
     if native_rate != sample_rate:
         mono = _resample(mono, native_rate, sample_rate)
-    # Audio that starts after ``start`` (a late stream) or stops within the tolerance of ``end`` is padded with silence.
+    return _audio_window(mono, first_time, data_end, start, end, sample_rate)
+
+
+def _audio_window(mono: "np.ndarray", first_time: float, data_end: float, start: float, end: float,
+                  sample_rate: int) -> "np.ndarray":
+    """The ``[start, end)`` seconds of decoded audio ``mono`` (its first sample at ``first_time``, its data ending at
+    ``data_end``): audio that starts after ``start`` (a late stream) or stops within the tolerance of ``end`` is padded
+    with silence."""
+    import numpy as np
+
     stop = end if data_end >= end - AUDIO_TOLERANCE_S else data_end
     first = int(round((start - first_time) * sample_rate))
     length = int(round((stop - start) * sample_rate))
@@ -849,6 +858,36 @@ def _write_set_if_changed(out: Path, layout: str, clips: list[Clip], info: dict)
 # Public prepare functions
 
 
+AUDIO_WINDOWS = {"train": "3 s centred on the frame", "test": "first 10 s"}
+
+
+def _check_vggsound_options(split: str, frame_index: int, fps: float, neighbours: int, sample_rate: int) -> None:
+    """A DataError for settings :func:`prepare_vggsound` cannot use, before anything is read."""
+    if split not in ("train", "test"):
+        raise DataError(f"split {split!r} is not one of train, test")
+    if frame_index < 0 or fps <= 0 or neighbours < 0 or sample_rate <= 0:
+        raise DataError(f"frame_index ({frame_index}), fps ({fps}), neighbours ({neighbours}) and sample_rate "
+                        f"({sample_rate}) must be positive (frame_index and neighbours may be 0)")
+    if frame_index - neighbours < 0:
+        raise DataError(f"{neighbours} neighbours before frame {frame_index} would start before the clip's first frame")
+
+
+def _neighbour_frames(clip_id: str, frame_index: int, neighbours: int) -> tuple[tuple[int, str], ...]:
+    """(index, output path) of the ``neighbours`` frames either side of ``frame_index``."""
+    return tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg") for i in range(frame_index - neighbours,
+                                                                        frame_index + neighbours + 1)
+                 if i != frame_index)
+
+
+def _vggss_boxes(vggss_json: Path | None, notes: list[str]) -> dict[str, Annotation]:
+    """The boxes of ``vggss_json`` by clip id (none without one); its defects are added to ``notes``."""
+    if vggss_json is None:
+        return {}
+    annotations, defects = load_vggss_json(vggss_json)
+    notes += [f"{vggss_json}: {line}" for line in defects.summary()]
+    return annotations
+
+
 def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"], id_list: Path | None = None,
                      vggss_json: Path | None = None, labels: Path | None = None, sample_rate: int = 16000,
                      frame_index: int = 125, fps: float = 25.0, neighbours: int = 0,
@@ -866,13 +905,7 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
     Clips requested: ``id_list`` (any form :func:`read_id_list` reads), else for test the ids of ``vggss_json``, else
     every clip-named video. Labels from ``labels`` (see :func:`read_labels`), else from ``vggss_json``'s classes.
     """
-    if split not in ("train", "test"):
-        raise DataError(f"split {split!r} is not one of train, test")
-    if frame_index < 0 or fps <= 0 or neighbours < 0 or sample_rate <= 0:
-        raise DataError(f"frame_index ({frame_index}), fps ({fps}), neighbours ({neighbours}) and sample_rate "
-                        f"({sample_rate}) must be positive (frame_index and neighbours may be 0)")
-    if frame_index - neighbours < 0:
-        raise DataError(f"{neighbours} neighbours before frame {frame_index} would start before the clip's first frame")
+    _check_vggsound_options(split, frame_index, fps, neighbours, sample_rate)
     videos, out = Path(videos).expanduser(), Path(out).expanduser()
     layout = "vggsound_train" if split == "train" else "vggss_test"
     found, notes = _index_videos(videos)
@@ -880,10 +913,7 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
                 "fps": fps, "neighbours": neighbours, "frame_size": list(frame_size) if frame_size else None,
                 "audio_seconds": TRAIN_AUDIO_SECONDS if split == "train" else CLIP_SECONDS}
     journal = _Journal(out, settings)
-    annotations: dict[str, Annotation] = {}
-    if vggss_json is not None:
-        annotations, defects = load_vggss_json(vggss_json)
-        notes += [f"{vggss_json}: {line}" for line in defects.summary()]
+    annotations = _vggss_boxes(vggss_json, notes)
     default = (list(annotations) if (split == "test" and annotations)
                else sorted(set(found) | _prepared_before(out, journal)))
     order = _requested_ids(id_list, default)
@@ -907,17 +937,14 @@ def prepare_vggsound(videos: Path, out: Path, *, split: Literal["train", "test"]
         jobs.append(_VideoJob(
             clip_id=clip_id, label=label, source=source or videos / f"{clip_id}.mp4", out=out, frame=frame, audio=audio,
             anno=anno if annotation is not None else "", annotation=annotation,
-            neighbours=tuple((i, f"neighbours/{clip_id}/{i:03d}.jpg") for i in range(frame_index - neighbours,
-                                                                                     frame_index + neighbours + 1)
-                             if i != frame_index),
+            neighbours=_neighbour_frames(clip_id, frame_index, neighbours),
             frame_index=frame_index, fps=fps, sample_rate=sample_rate, train=split == "train",
             frame_size=tuple(frame_size) if frame_size else None, missing=missing,
         ))
     if split == "test" and vggss_json is None:
         notes.append("no VGG-SS box file (vggss.json) given: the test set has no boxes (anno column empty); it can "
                      "serve as a validation set, not for localisation metrics")
-    info = {"source": "vggsound", "videos": str(videos),
-            "audio_window": "3 s centred on the frame" if split == "train" else "first 10 s"}
+    info = {"source": "vggsound", "videos": str(videos), "audio_window": AUDIO_WINDOWS[split]}
     return _execute(out=out, layout=layout, journal=journal, order=order, fixed=fixed, jobs=jobs,
                     sample_rate=sample_rate, workers=workers, progress=progress,
                     description=f"vggsound {split}", info=info, notes=notes)
@@ -945,6 +972,22 @@ def _flickr_sources(archive: Path, clip_id: str, train: bool) -> tuple[Path | No
     return _first_existing(archive, images), _first_existing(archive, audios), images, audios
 
 
+def _flickr_default_ids(archive: Path, train: bool, out: Path, journal: "_Journal") -> list[str]:
+    """The pairs to prepare without an id list: every audio file (train) or annotation (test) of the archive, and
+    those an earlier run prepared; a DataError when there is none."""
+    if train:
+        folder = next((archive / d for d in ("mp3", "Data", "audio") if (archive / d).is_dir()), None)
+        found = sorted({p.stem for p in folder.iterdir() if p.suffix in (".mp3", ".wav")}) if folder else []
+    else:
+        anno_dir = archive / "Annotations"
+        found = sorted(p.stem for p in anno_dir.glob("*.xml")) if anno_dir.is_dir() else []
+    ids = sorted(set(found) | _prepared_before(out, journal))
+    if not ids:
+        raise DataError(f"{archive}: found no pairs to prepare (looked in "
+                        f"{'mp3/, Data/, audio/' if train else 'Annotations/*.xml'}); pass --list with the ids")
+    return ids
+
+
 def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] = "test", id_list: Path | None = None,
                    sample_rate: int = 16000, seconds: float | None = None, workers: int | None = None,
                    progress: bool = True) -> PrepareResult:
@@ -970,18 +1013,7 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
     layout = "flickr_train" if train else "flickr_test"
     settings = {"kind": "flickr", "split": split, "sample_rate": sample_rate, "seconds": seconds}
     journal = _Journal(out, settings)
-    if id_list is None:
-        if train:
-            folder = next((archive / d for d in ("mp3", "Data", "audio") if (archive / d).is_dir()), None)
-            default = sorted({p.stem for p in folder.iterdir() if p.suffix in (".mp3", ".wav")}) if folder else []
-        else:
-            anno_dir = archive / "Annotations"
-            default = sorted(p.stem for p in anno_dir.glob("*.xml")) if anno_dir.is_dir() else []
-        default = sorted(set(default) | _prepared_before(out, journal))
-        if not default:
-            raise DataError(f"{archive}: found no pairs to prepare (looked in "
-                            f"{'mp3/, Data/, audio/' if train else 'Annotations/*.xml'}); pass --list with the ids")
-    order = _requested_ids(id_list, default if id_list is None else ())
+    order = _requested_ids(id_list, _flickr_default_ids(archive, train, out, journal) if id_list is None else ())
     fixed: dict[str, Clip] = {}
     jobs: list[_Job] = []
     notes: list[str] = []
@@ -989,11 +1021,8 @@ def prepare_flickr(archive: Path, out: Path, *, split: Literal["test", "train"] 
     for clip_id in order:
         image, audio, image_candidates, audio_candidates = _flickr_sources(archive, clip_id, train)
         anno_source = None if train else archive / "Annotations" / f"{clip_id}.xml"
-        absent = []
-        if image is None:
-            absent.append(f"image ({' | '.join(image_candidates[:2])})")
-        if audio is None:
-            absent.append(f"audio ({' | '.join(audio_candidates[:2])})")
+        absent = [f"{kind} ({' | '.join(candidates[:2])})" for kind, found_at, candidates in
+                  (("image", image, image_candidates), ("audio", audio, audio_candidates)) if found_at is None]
         if anno_source is not None and not anno_source.is_file():
             absent.append(f"annotation (Annotations/{clip_id}.xml)")
         if anno_source is not None and not absent:

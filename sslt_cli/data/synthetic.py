@@ -864,14 +864,9 @@ def generate(out: Path, *, n_train: int = 5000, n_val: int = 200, n_test: int = 
                         "with enough free space") from None
 
 
-def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_existing: bool, workers: int,
-              progress: bool, started: float) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    # benchmark.json first: an interrupted run then resumes as the same benchmark instead of looking foreign.
-    bench = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    written = int(_write_if_changed(out / "benchmark.json", bench))
-    old_files = {name: _old_files(out / name) for name, _, _, _ in _SETS}
-
+def _render_clips(out: Path, params: dict, counts: dict[str, int], trust_existing: bool, workers: int,
+                  progress: bool) -> dict[str, list[dict]]:
+    """Every set's clips rendered (or found current) in chunks, in ``workers`` processes: {set: [clip record]}."""
     jobs = []
     assigned = _assign_clips(params, counts)
     for name, layout, stream, two_ok in _SETS:
@@ -880,7 +875,6 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
         for i in range(0, len(clips), chunk):
             jobs.append({"out": str(out), "set": name, "layout": layout, "stream": stream, "two_ok": two_ok,
                          "params": params, "trust_existing": trust_existing, "clips": clips[i:i + chunk]})
-
     records: dict[str, list[dict]] = {name: [] for name, _, _, _ in _SETS}
     with _progress(progress) as bar:
         tasks = {name: bar.add_task(name, total=counts[name]) for name, _, _, _ in _SETS if counts[name]}
@@ -889,45 +883,63 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
                 done = _make_clips(job)
                 records[job["set"]] += done
                 bar.advance(tasks[job["set"]], len(done))
-        else:
-            # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang inside cv2.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(os.getpid(),)) as pool:
-                futures = {pool.submit(_make_clips, job): job["set"] for job in jobs}
-                try:
-                    for future in as_completed(futures):
-                        done = future.result()
-                        records[futures[future]] += done
-                        bar.advance(tasks[futures[future]], len(done))
-                except BaseException:  # a failed chunk or Ctrl-C: stop now rather than render every queued chunk
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+            return records
+        # spawn, not fork: a child forked after the parent used OpenCV's thread pool can hang inside cv2.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(_make_clips, job): job["set"] for job in jobs}
+            try:
+                for future in as_completed(futures):
+                    done = future.result()
+                    records[futures[future]] += done
+                    bar.advance(tasks[futures[future]], len(done))
+            except BaseException:  # a failed chunk or Ctrl-C: stop now rather than render every queued chunk
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return records
 
+
+def _finish_set(root: Path, layout: str, name: str, records: dict[str, list[dict]], old_files: set, doc: dict,
+                params: dict) -> tuple[int, int, int]:
+    """A set's records sorted (in place), its stale files removed and its set.json + manifest written (or, for an
+    empty set, the folder cleared away): (files written, files it has, files removed)."""
+    recs = sorted(records[name], key=lambda r: r["index"])
+    records[name] = recs
+    written = sum(r["written"] for r in recs)
+    files = sum(r["files"] for r in recs)
+    new_files = {root / r[key] for r in recs for key in ("frame", "audio", "anno") if r[key]}
+    removed = _remove_stale(root, old_files - new_files)
+    if not recs:
+        for meta in (SET_INFO, MANIFEST):
+            if (root / meta).is_file():
+                (root / meta).unlink()
+                removed += 1
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        return written, files, removed
+    clips = [Clip(r["id"], r["label"], r["frame"], r["audio"], r["anno"]) for r in recs]
+    info = {"source": "sslt synthetic benchmark", "split": name, "seed": params["seed"],
+            "classes": list(CLASSES[:params["n_classes"]]), "audio_seconds": _AUDIO_SECONDS[name],
+            "sample_rate": params["sample_rate"], "image_size": doc["sets"][name]["image_size"]}
+    return written + _write_set_files(root, layout, clips, info), files + 2, removed
+
+
+def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_existing: bool, workers: int,
+              progress: bool, started: float) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    # benchmark.json first: an interrupted run then resumes as the same benchmark instead of looking foreign.
+    bench = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    written = int(_write_if_changed(out / "benchmark.json", bench))
+    old_files = {name: _old_files(out / name) for name, _, _, _ in _SETS}
+    records = _render_clips(out, params, counts, trust_existing, workers, progress)
     total_files, removed, sets = 0, 0, {}
     for name, layout, _, _ in _SETS:
-        root = out / name
-        recs = sorted(records[name], key=lambda r: r["index"])
-        records[name] = recs
-        written += sum(r["written"] for r in recs)
-        total_files += sum(r["files"] for r in recs)
-        new_files = {root / r[key] for r in recs for key in ("frame", "audio", "anno") if r[key]}
-        removed += _remove_stale(root, old_files[name] - new_files)
-        if not recs:
-            for meta in (SET_INFO, MANIFEST):
-                if (root / meta).is_file():
-                    (root / meta).unlink()
-                    removed += 1
-            if root.is_dir() and not any(root.iterdir()):
-                root.rmdir()
-            continue
-        clips = [Clip(r["id"], r["label"], r["frame"], r["audio"], r["anno"]) for r in recs]
-        info = {"source": "sslt synthetic benchmark", "split": name, "seed": params["seed"],
-                "classes": list(CLASSES[:params["n_classes"]]), "audio_seconds": _AUDIO_SECONDS[name],
-                "sample_rate": params["sample_rate"], "image_size": doc["sets"][name]["image_size"]}
-        written += _write_set_files(root, layout, clips, info)
-        total_files += 2
-        sets[name] = str(root)
+        set_written, set_files, set_removed = _finish_set(out / name, layout, name, records, old_files[name], doc,
+                                                          params)
+        written, total_files, removed = written + set_written, total_files + set_files, removed + set_removed
+        if records[name]:
+            sets[name] = str(out / name)
 
     vggss = annotations_to_vggss_json(r["annotation"] for r in records["test_vggss"])
     top = {"vggsound_csv": (out / "vggsound.csv", _vggsound_csv(records)),

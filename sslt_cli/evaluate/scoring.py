@@ -205,23 +205,7 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
             where = " after clipping" if proto.clip_boxes else ""
             notes.append(f"{empty} scored clips have an empty ground truth{where}: IoU 0, counted in N, as the "
                          f"official test loops do (empty_gt=zero)")
-    stage_counts = Counter(e.stage for e in excluded)
-    requested_set = set(requested)
-    accounting = {
-        "requested": len(requested),
-        "no_annotation": stage_counts["no annotation"],
-        "no_frame_audio": stage_counts["no frame/audio"],
-        "no_map": stage_counts["no map"],
-        "excluded": stage_counts["excluded"],
-        "scored": len(scored),
-        "maps_unused": sum(1 for cid in maps if cid not in requested_set) if maps is not None else 0,
-    }
-    if not scored:
-        kinds = Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in excluded)
-        raise DataError(f"no clip could be scored ({len(requested)} requested)",
-                        [f"{count} x {kind}" for kind, count in kinds.most_common()]
-                        or ["the requested id list is empty"])
-
+    accounting = _accounting(requested, scored, excluded, maps)
     rows, method_values, baseline_values = _score_scored(scored, maps, annotations, proto, baselines,
                                                          random_seeds, torch.device(device), progress)
     return EvalResult(
@@ -230,6 +214,27 @@ def score_maps(maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, 
         baselines=_baseline_summaries(baseline_values, random_seeds, len(scored)) if baselines else {},
         accounting=accounting, excluded=excluded, notes=notes, published=published.lookup(requested, proto.name),
     )
+
+
+def _accounting(requested: Sequence[str], scored: Sequence[str], excluded: Sequence[Exclusion],
+                maps: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+    """How N was reached (``EvalResult.accounting``); a DataError with the reasons when no clip can be scored."""
+    if not scored:
+        kinds = Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in excluded)
+        raise DataError(f"no clip could be scored ({len(requested)} requested)",
+                        [f"{count} x {kind}" for kind, count in kinds.most_common()]
+                        or ["the requested id list is empty"])
+    stage_counts = Counter(e.stage for e in excluded)
+    requested_set = set(requested)
+    return {
+        "requested": len(requested),
+        "no_annotation": stage_counts["no annotation"],
+        "no_frame_audio": stage_counts["no frame/audio"],
+        "no_map": stage_counts["no map"],
+        "excluded": stage_counts["excluded"],
+        "scored": len(scored),
+        "maps_unused": sum(1 for cid in maps if cid not in requested_set) if maps is not None else 0,
+    }
 
 
 def _triage(requested: Sequence[str], maps: Mapping[str, np.ndarray] | None, annotations: Mapping[str, Annotation],
@@ -285,13 +290,9 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
     gt_area = np.empty(n)
     names = (["centre", "whole_frame", "oracle"] + [f"random_{s}" for s in random_seeds]) if baselines else []
     base = {name: {k: np.empty(n) for k in ("iou", "pointing", "pred_area")} for name in names}
-    if baselines:
-        centre = torch.from_numpy(metrics.centre_prior_map(size))[None].to(device)
-        centre_mask = metrics.predict_masks(centre, proto)[1]  # scored as a map: the preset's own normalisation
-        centre_at_max = (centre == centre.amax())
-        random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
-                       for s in random_seeds}
-        nominal = metrics.nominal_predicted_pixels(proto.threshold, size * size)
+    centre = torch.from_numpy(metrics.centre_prior_map(size))[None].to(device)
+    random_maps = {s: np.random.default_rng(s).random((n, proto.map_size, proto.map_size), dtype=np.float32)
+                   for s in random_seeds} if baselines else {}
     for start in range(0, n, CHUNK):
         chunk = scored[start:start + CHUNK]
         sl = slice(start, start + len(chunk))
@@ -309,24 +310,7 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
                 method["pointing"][rows_at] = scores.pointing
                 method["pred_area"][rows_at] = scores.pred_area
         if baselines:
-            b = len(chunk)
-            base["centre"]["iou"][sl] = metrics.iou_scores(centre_mask.expand(b, -1, -1), gt).cpu().numpy()
-            base["centre"]["pointing"][sl] = (
-                (centre_at_max & (gt > 0)).reshape(b, -1).sum(1).double() / centre_at_max.sum().double()).cpu().numpy()
-            base["centre"]["pred_area"][sl] = centre_mask.double().mean().item()
-            whole = torch.ones((b, size, size), dtype=torch.bool, device=device)
-            base["whole_frame"]["iou"][sl] = metrics.iou_scores(whole, gt).cpu().numpy()
-            base["whole_frame"]["pointing"][sl] = gt_area[sl]
-            base["whole_frame"]["pred_area"][sl] = 1.0
-            base["oracle"]["iou"][sl] = metrics.oracle_ious(gt, proto.threshold).cpu().numpy()
-            base["oracle"]["pointing"][sl] = 1.0
-            base["oracle"]["pred_area"][sl] = (nominal / (size * size) if nominal is not None
-                                               else gt_area[sl])
-            for s in random_seeds:
-                scores = metrics.localisation_scores(torch.from_numpy(random_maps[s][sl]).to(device), gt, proto)
-                base[f"random_{s}"]["iou"][sl] = scores.iou
-                base[f"random_{s}"]["pointing"][sl] = scores.pointing
-                base[f"random_{s}"]["pred_area"][sl] = scores.pred_area
+            _score_baselines(base, sl, gt, gt_area[sl], proto, centre, random_maps)
         if progress is not None:
             progress(len(chunk))
     rows = []
@@ -336,6 +320,44 @@ def _score_scored(scored: list[str], maps: Mapping[str, np.ndarray] | None, anno
                 for i, cid in enumerate(scored)]
     return rows, method, base
 
+
+
+def _score_baselines(base: dict[str, dict[str, np.ndarray]], sl: slice, gt: torch.Tensor, gt_area: np.ndarray,
+                     proto: Protocol, centre: torch.Tensor, random_maps: dict[int, np.ndarray]) -> None:
+    """The baselines' per-clip IoU, pointing and predicted area for the clips ``sl`` of the scored list, whose ground
+    truth is ``gt`` (B, S, S), into ``base``. ``centre``: the centre prior (1, S, S), scored as a map (the preset's own
+    normalisation); ``random_maps``: seed -> (N, m, m) uniform maps of every scored clip."""
+    size, b, device = proto.size, gt.shape[0], gt.device
+    centre_mask = metrics.predict_masks(centre, proto)[1]
+    centre_at_max = (centre == centre.amax())
+    base["centre"]["iou"][sl] = metrics.iou_scores(centre_mask.expand(b, -1, -1), gt).cpu().numpy()
+    base["centre"]["pointing"][sl] = (
+        (centre_at_max & (gt > 0)).reshape(b, -1).sum(1).double() / centre_at_max.sum().double()).cpu().numpy()
+    base["centre"]["pred_area"][sl] = centre_mask.double().mean().item()
+    whole = torch.ones((b, size, size), dtype=torch.bool, device=device)
+    base["whole_frame"]["iou"][sl] = metrics.iou_scores(whole, gt).cpu().numpy()
+    base["whole_frame"]["pointing"][sl] = gt_area
+    base["whole_frame"]["pred_area"][sl] = 1.0
+    nominal = metrics.nominal_predicted_pixels(proto.threshold, size * size)
+    base["oracle"]["iou"][sl] = metrics.oracle_ious(gt, proto.threshold).cpu().numpy()
+    base["oracle"]["pointing"][sl] = 1.0
+    base["oracle"]["pred_area"][sl] = nominal / (size * size) if nominal is not None else gt_area
+    for seed, maps in random_maps.items():
+        scores = metrics.localisation_scores(torch.from_numpy(maps[sl]).to(device), gt, proto)
+        base[f"random_{seed}"]["iou"][sl] = scores.iou
+        base[f"random_{seed}"]["pointing"][sl] = scores.pointing
+        base[f"random_{seed}"]["pred_area"][sl] = scores.pred_area
+
+
+def _chunks_by_shape(keys: Sequence[str], maps: Mapping[str, np.ndarray]) -> list[list[str]]:
+    """``keys`` in chunks of at most CHUNK, each split by map shape (maps of one shape stack into one batch)."""
+    out: list[list[str]] = []
+    for start in range(0, len(keys), CHUNK):
+        by_shape: dict[tuple[int, ...], list[str]] = {}
+        for key in keys[start:start + CHUNK]:
+            by_shape.setdefault(np.shape(maps[key]), []).append(key)
+        out += list(by_shape.values())
+    return out
 
 
 def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping[str, np.ndarray],
@@ -370,21 +392,13 @@ def score_extended(sounding_maps: Mapping[str, np.ndarray], silent_maps: Mapping
                 excluded.append(Exclusion(key, "excluded", problem))
             else:
                 usable.append(key)
-        for start in range(0, len(usable), CHUNK):
-            chunk = usable[start:start + CHUNK]
-            by_shape: dict[tuple[int, ...], list[str]] = {}
-            for key in chunk:
-                by_shape.setdefault(np.shape(items[key]), []).append(key)
-            for keys in by_shape.values():
-                up, masks = metrics.predict_masks(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
-                                                                             for k in keys])), proto)
-                confidence.append(metrics.slavc_confidence(up, value_range).numpy())
-                sounding_flags.append(np.full(len(keys), sounding))
-                if sounding:
-                    gt = torch.from_numpy(np.stack([_gt_for(annotations[k], proto) for k in keys]))
-                    ious.append(metrics.iou_scores(masks, gt).numpy())
-                else:
-                    ious.append(np.zeros(len(keys)))
+        for keys in _chunks_by_shape(usable, items):
+            up, masks = metrics.predict_masks(torch.from_numpy(np.stack([np.asarray(items[k], np.float32)
+                                                                         for k in keys])), proto)
+            confidence.append(metrics.slavc_confidence(up, value_range).numpy())
+            sounding_flags.append(np.full(len(keys), sounding))
+            gt = torch.from_numpy(np.stack([_gt_for(annotations[k], proto) for k in keys])) if sounding else None
+            ious.append(metrics.iou_scores(masks, gt).numpy() if gt is not None else np.zeros(len(keys)))
     flags = np.concatenate(sounding_flags) if sounding_flags else np.zeros(0, bool)
     n_sounding, n_silent = int(flags.sum()), int((~flags).sum())
     if not n_sounding or not n_silent:
