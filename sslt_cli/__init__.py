@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0.dev0"
 
-# The published evaluation protocols (``metrics.PROTOCOLS`` holds their presets): the one list that the recipe schema
-# (``eval.protocol``), ``sslt eval --protocol`` and ``evaluate.get_protocol`` accept. Here, so ``sslt --help`` needs
-# no heavy import to show it.
-PROTOCOL_NAMES = ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
+# The published evaluation protocols (their presets: ``protocols.PROTOCOLS``, data without torch): the one list that the
+# recipe schema (``eval.protocol``), ``sslt eval --protocol`` and ``evaluate.get_protocol`` accept.
+from sslt_cli.protocols import PROTOCOL_NAMES  # noqa: E402
+
+__all__ = ["PROTOCOL_NAMES", "__version__"]

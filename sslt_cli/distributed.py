@@ -50,6 +50,11 @@ def init_distributed(device_kind: str) -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def backend() -> str:
+    """The process group's backend (``nccl``, ``gloo``), for what a run says about itself."""
+    return str(dist.get_backend())
+
+
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

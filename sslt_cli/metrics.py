@@ -1,6 +1,7 @@
 """Localisation metrics under the published protocols, batched in torch (REFERENCE.md section 5).
 
-Pure functions of numpy arrays and torch tensors; no project module, no file access.
+Pure functions of numpy arrays and torch tensors; no file access. The protocol presets they follow are data in
+:mod:`sslt_cli.protocols` (re-exported here).
 
 Pipeline per test image (every step batched over a leading B axis):
 
@@ -47,75 +48,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-EVAL_SIZE = 224
+# the presets are data in sslt_cli.protocols; metrics.PROTOCOLS and metrics.Protocol name them here too
+from sslt_cli.protocols import (EVAL_SIZE, PROTOCOLS, ConstantMaps, EmptyGroundTruth, ImagePreprocessing,  # noqa: F401
+                                Normalisation, Protocol, ThresholdRule, UpsampleMode)
+
 FLICKR_GRID = 256
 AUC_THRESHOLDS: tuple[float, ...] = tuple(0.05 * i for i in range(21))
 CIOU_THRESHOLD = 0.5
-
-UpsampleMode = Literal["opencv_linear", "bilinear_align_corners", "bicubic_align_corners"]
-Normalisation = Literal["minmax", "negated_minmax", "range_minmax", "minmax_ptp"]
-ThresholdRule = Literal["above_median", "at_least_median", "at_least_half"]
-ConstantMaps = Literal["whole_frame", "official"]
-EmptyGroundTruth = Literal["exclude", "zero"]
-ImagePreprocessing = Literal["resize_centercrop", "resize_square"]
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """One published evaluation protocol (REFERENCE.md section 5).
-
-    ``map_size``: side of the maps the protocol was made for (used for the random baseline);
-    ``upsample``: how a map reaches ``size`` x ``size`` (``opencv_linear``: ``cv2.resize`` INTER_LINEAR; the others:
-    torch ``F.interpolate`` with ``align_corners=True``); ``normalise``: the official float32 normalisation formula
-    (see the module notes); ``threshold``: the binarisation rule on the normalised map (``above_median``: strictly
-    above ``sorted[N/2]``, plus scores of 1; ``at_least_median``: ``>= sorted[N/2]``; ``at_least_half``: ``>= 0.5``);
-    ``value_range``: the fixed range of ``range_minmax`` (SLAVC: the map's range, (-1, 1) for cosine maps);
-    ``image_preprocessing``: how the model path prepares a test frame (``resize_centercrop``: Resize(224, bicubic) +
-    CenterCrop(224); ``resize_square``: Resize((224, 224), bicubic)); ``clip_boxes``: VGG-SS box coordinates are
-    clipped to [0, 1] before ``int(x * size)``.
-
-    Two documented deviations from the official loops, each with the official behaviour available:
-    ``constant_maps`` (``whole_frame``: a map constant before upsampling predicts the whole frame under every preset;
-    ``official``: as the preset's code, see the module notes) and ``empty_gt`` (``exclude``: a clip whose ground
-    truth is empty, e.g. after clipping, is excluded and listed; ``zero``: it is scored, IoU 0, and counted in N, as
-    the official loops do).
-    """
-
-    name: str
-    map_size: int
-    upsample: UpsampleMode
-    threshold: ThresholdRule
-    image_preprocessing: ImagePreprocessing
-    source: str
-    normalise: Normalisation = "minmax"
-    value_range: tuple[float, float] | None = None
-    clip_boxes: bool = True
-    constant_maps: ConstantMaps = "whole_frame"
-    empty_gt: EmptyGroundTruth = "exclude"
-    size: int = EVAL_SIZE
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in (
-        Protocol("ssltie", 14, "opencv_linear", "above_median", "resize_centercrop",
-                 "SSL-TIE main.py test(): cv2 INTER_LINEAR, 1 - normalise(-map), strictly above sorted[N/2]",
-                 normalise="negated_minmax"),
-        Protocol("lvs", 14, "opencv_linear", "above_median", "resize_centercrop",
-                 "LVS test.py: the same pipeline as SSL-TIE (SSL-TIE inherited it)", normalise="negated_minmax"),
-        Protocol("ezvsl", 7, "bilinear_align_corners", "at_least_median", "resize_square",
-                 "EZ-VSL test.py: F.interpolate bilinear align_corners=True, min-max, >= sorted[N/2]"),
-        Protocol("fnac", 7, "bilinear_align_corners", "at_least_median", "resize_square",
-                 "FNAC: the EZ-VSL evaluation"),
-        Protocol("sspl", 14, "opencv_linear", "at_least_half", "resize_square",
-                 "SSPL test.py eval_cal_ciou: cv2 INTER_LINEAR, (map - min) / ptp, >= 0.5", normalise="minmax_ptp"),
-        Protocol("slavc", 7, "bicubic_align_corners", "at_least_median", "resize_square",
-                 "SLAVC test.py --relative_prediction: bicubic align_corners=True, fixed-range scores "
-                 "(A - lo) / (hi - lo), min-max, >= sorted[N/2]; confidence = mean of the top 25% of the scores",
-                 normalise="range_minmax", value_range=(-1.0, 1.0)),
-    )
-}
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Ground truth

@@ -267,7 +267,7 @@ class Training:
                  f"device {self.device}, precision "
                  f"{'fp32' if recipe.train.precision == 'fp32' else 'bf16 autocast'}")
         if env.world > 1:
-            self.say(f"distributed: {env.world} processes ({torch.distributed.get_backend()}), {self.batch_size} "
+            self.say(f"distributed: {env.world} processes ({distributed.backend()}), {self.batch_size} "
                      f"clips per process and step, {negatives_of(recipe)} negatives, "
                      f"{'SyncBatchNorm' if sync_bn_of(recipe) else 'BatchNorm statistics per process'}")
 

@@ -9,9 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from sslt_cli import metrics
 from sslt_cli.errors import SsltError
-from sslt_cli.metrics import Protocol
+from sslt_cli.protocols import PROTOCOLS, Protocol
 from sslt_cli.ogl import DEFAULT_ALPHA
 
 if TYPE_CHECKING:
@@ -27,11 +26,11 @@ def get_protocol(protocol: str | Protocol, *, constant_maps: str | None = None,
                  empty_gt: str | None = None) -> Protocol:
     """A protocol preset by name (``ssltie``, ``lvs``, ``ezvsl``, ``fnac``, ``sspl``, ``slavc``), or the one given,
     with the deviation options that are not None replaced (``constant_maps``: ``whole_frame`` | ``official``;
-    ``empty_gt``: ``exclude`` | ``zero``; see :class:`metrics.Protocol`)."""
+    ``empty_gt``: ``exclude`` | ``zero``; see :class:`protocols.Protocol`)."""
     if not isinstance(protocol, Protocol):
-        if protocol not in metrics.PROTOCOLS:
-            raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(metrics.PROTOCOLS)}")
-        protocol = metrics.PROTOCOLS[protocol]
+        if protocol not in PROTOCOLS:
+            raise SsltError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        protocol = PROTOCOLS[protocol]
     changes = {key: value for key, value in (("constant_maps", constant_maps), ("empty_gt", empty_gt))
                if value is not None}
     for key, value in changes.items():
