@@ -1,10 +1,13 @@
-"""The import graph of sslt_cli runs one way, as docs/architecture.md draws it: layers, no cycle (lazy imports count)."""
+"""The import graph of sslt_cli runs one way, as docs/architecture.md draws it: layers, no cycle (lazy imports count);
+and the document has a row for every module."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sslt_cli"
+DOC = PACKAGE.parent / "docs" / "architecture.md"
 
 # docs/architecture.md's picture, bottom (0) to top; a package (ablate) covers its modules
 LAYERS = {
@@ -89,3 +92,16 @@ def test_the_checker_sees_lazy_imports() -> None:
     # train imports evaluate inside a function as well as at the top; retrieve only inside functions
     assert "evaluate" in graph()["train"] and "checkpoint" in graph()["retrieve"]
     assert "train" not in graph()["retrieve"]  # retrieval needs nothing of training
+
+
+def documented_modules() -> set[str]:
+    """The module files docs/architecture.md's module table names in its first column (``evaluate/maps.py``)."""
+    rows = [line for line in DOC.read_text().splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`([\w/]+\.py)`", row.split("|")[1])}
+
+
+def test_every_module_has_its_row_in_the_architecture_document() -> None:
+    files = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")}
+    documented = documented_modules()
+    assert not sorted(files - documented), f"add a row to docs/architecture.md for: {sorted(files - documented)}"
+    assert not sorted(documented - files), f"docs/architecture.md has rows for no module: {sorted(documented - files)}"
