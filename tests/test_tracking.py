@@ -295,3 +295,44 @@ def test_a_fresh_store_is_created_without_mlflows_info_lines(tmp_path: Path) -> 
                  "Context impl SQLiteImpl", " INFO "):
         assert line not in result.stderr, result.stderr
     assert "6 requested = 6 scored" in result.stderr
+
+
+# --- who opens a run ------------------------------------------------------------------------------------------------
+
+def test_evaluation_records_are_named_as_their_folders_in_mlflow() -> None:
+    from sslt_cli.tracking import record_metrics
+
+    record = {"kind": "test", "step": 4, "set": "vggss", "checkpoint": "best", "protocol": "ssltie",
+              "folder": "/runs/r/eval/vggss-best-ssltie", "n": 8, "ciou": 0.25, "baseline_centre/auc": 0.4}
+    assert record_metrics(record) == {"eval/vggss-best-ssltie/n": 8, "eval/vggss-best-ssltie/ciou": 0.25,
+                                      "eval/vggss-best-ssltie/baseline_centre/auc": 0.4}
+    assert record_metrics({**record, "kind": "eval", "protocol": "lvs"})["eval/vggss-best-lvs/ciou"] == 0.25
+
+
+def test_the_run_folders_tracking_is_opened_once_with_its_parent_and_tags_and_closed_with_the_outcome(
+        tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sslt_cli.config import Recipe
+    from sslt_cli.tracking import run_tracking, start_tracking
+
+    recipe = Recipe(name="owned", runs_dir=str(tmp_path / "runs"))
+    run = Run.create(recipe)
+    parent = start_tracking("parent").run_id
+    with run_tracking(run, recipe, parent_run_id=parent, tags={"sslt.cell": "A-seed4"}) as sink:
+        sink.log("train", 1, {"loss": 1.5})
+        sink.end("KILLED")  # the caller's status wins over the default
+    client = MlflowClient(tracking_uri=tracking_uri())
+    created = client.get_run(run.meta()["mlflow_run_id"])
+    assert (created.info.status, created.data.tags["mlflow.parentRunId"]) == ("KILLED", parent)
+    assert created.data.tags["sslt.cell"] == "A-seed4" and created.data.params["optim.lr"] == "0.0001"
+    assert created.data.metrics["train/loss"] == 1.5 and run.metrics() == [{"kind": "train", "step": 1, "loss": 1.5}]
+    # a second opening (resume, sslt eval RUN) reopens the same MLflow run; an exception closes it FAILED
+    with pytest.raises(RuntimeError), run_tracking(run, recipe) as again:
+        assert again.run_id == created.info.run_id
+        raise RuntimeError("boom")
+    assert client.get_run(created.info.run_id).info.status == "FAILED"
+    assert len(client.search_runs([created.info.experiment_id])) == 2  # the parent and this run, nothing more
+    with run_tracking(run, recipe, main=False) as null:  # ranks other than 0: nothing recorded anywhere
+        null.log("train", 2, {"loss": 1.0})
+    assert len(run.metrics()) == 1
