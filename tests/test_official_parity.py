@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from sslt_cli import evaluate as ev
 from sslt_cli import metrics as M
 from sslt_cli.data.annotations import Annotation
+from sslt_cli.errors import SsltError
 
 torch.set_num_threads(1)
 
@@ -278,9 +279,9 @@ def test_empty_gt_zero_counts_the_clip_in_n():
 
 
 def test_protocol_options_are_checked():
-    with pytest.raises(ev.SsltError, match="unknown constant_maps 'zero'; choose one of whole_frame, official"):
+    with pytest.raises(SsltError, match="unknown constant_maps 'zero'; choose one of whole_frame, official"):
         ev.get_protocol("ssltie", constant_maps="zero")
-    with pytest.raises(ev.SsltError, match="unknown empty_gt 'skip'; choose one of exclude, zero"):
+    with pytest.raises(SsltError, match="unknown empty_gt 'skip'; choose one of exclude, zero"):
         ev.get_protocol("ezvsl", empty_gt="skip")
     proto = ev.get_protocol("lvs", constant_maps="official")
     assert proto == dataclasses.replace(M.PROTOCOLS["lvs"], constant_maps="official")
