@@ -25,8 +25,8 @@ from sslt_cli.config import AppearanceConfig, GeometricConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_MODES = ("resize_centercrop", "resize_square")
-EvalMode = Literal["resize_centercrop", "resize_square"]
+EVAL_MODES = ("resize_centercrop", "resize_square", "tensor_resize_square")
+EvalMode = Literal["resize_centercrop", "resize_square", "tensor_resize_square"]
 
 
 def _to_normalised_tensor() -> list:
@@ -110,7 +110,8 @@ def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], tor
     """The evaluation image transform of a protocol: PIL RGB image -> (3, image_size, image_size), ImageNet-normalised.
 
     ``resize_centercrop``: Resize(image_size, bicubic) on the short side + CenterCrop (SSL-TIE, LVS);
-    ``resize_square``: Resize((image_size, image_size), bicubic), the whole frame squashed (EZ-VSL, FNAC, SSPL).
+    ``resize_square``: Resize((image_size, image_size), bicubic), the whole frame squashed (EZ-VSL, FNAC, SSPL);
+    ``tensor_resize_square``: the same squash on the float tensor (SSLalignment's ToTensor-then-Resize order).
     """
     from torchvision.transforms import v2
 
@@ -119,6 +120,11 @@ def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], tor
         steps = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
     elif mode == "resize_square":
         steps = [v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True)]
+    elif mode == "tensor_resize_square":
+        # SSLalignment: ToTensor first, so the bicubic resize runs on the float tensor (no rounding to 8 bits)
+        return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                           v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True),
+                           v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     else:
         raise ValueError(f"unknown eval image mode {mode!r}; expected one of {', '.join(EVAL_MODES)}")
     return v2.Compose(steps + _to_normalised_tensor())
