@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import ExitStack
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -286,17 +287,23 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then)."""
+    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
+    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
     from sslt_cli import distributed
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    run = distributed.share_run(env, lambda: make_run(env.world))
-    with run_tracking(run, recipe, main=env.main) as sink:
-        result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
-        sink.end("FINISHED" if result.status == "finished" else "KILLED")
+    with ExitStack() as held:
+        if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
+            held.enter_context(_held(make_run(env.world).dir, "run folder"))
+        preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
+        run = distributed.share_run(env, lambda: make_run(env.world))
+        if not resume:
+            held.enter_context(_held(run.dir, "run folder", env.main))
+        with run_tracking(run, recipe, main=env.main) as sink:
+            result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
+            sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
         err.print(f"not finished: {run.resume_hint()}", highlight=False)
         raise typer.Exit(130)
@@ -508,6 +515,16 @@ def retrieve(
     out.print(R.results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
     for line in R.report_lines(report):
         err.print(line, highlight=False, markup=False)
+
+
+def _held(folder: Path, what: str, main: bool = True):
+    """Hold ``folder`` for this process (:func:`sslt_cli.folder_lock.hold`); nothing off rank 0, whose rank 0 holds
+    it."""
+    from contextlib import nullcontext
+
+    from sslt_cli.folder_lock import hold
+
+    return hold(folder, what) if main else nullcontext()
 
 
 def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | None = None):
