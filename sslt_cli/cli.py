@@ -17,7 +17,7 @@ from rich.console import Console
 
 from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.errors import SsltError
-from sslt_cli.preflight import writable_dir
+from sslt_cli.preflight import readable_file, writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -107,6 +107,7 @@ def prepare_vggsound(
     from sslt_cli.data.prepare import prepare_vggsound as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"), (vggss_json, "--vggss-json", "boxes"), (labels, "--labels", "labels"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -129,6 +130,7 @@ def prepare_flickr(
     from sslt_cli.data.prepare import prepare_flickr as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -172,6 +174,7 @@ def prepare_index(
     from sslt_cli.data.prepare import index_existing
 
     writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
+    _check_inputs((id_list, "--list", "list"), (labels, "--labels", "labels"))
     _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
 
 
@@ -359,12 +362,15 @@ def eval_cmd(
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((vggss_json, "--vggss-json", "boxes"), (id_list, "--list", "list"), (extended, "--extended", "pairs"),
+                  (ogl_weights, "--ogl-weights", None))
     recipe, sources, run_dir = _eval_sources(target, which, maps)
+    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
+    _check_outputs(where, run_dir, "sslt eval")
     options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
                             no_clip=no_clip, ogl=(ogl_weights, ogl_alpha), batch_size=batch_size, device=device,
                             extended=(extended, silent_data, silent_maps))
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
-    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
     run = Run.open(run_dir) if run_dir is not None else None
     with _tracking(run, recipe, f"eval-{target.stem if target is not None else 'maps'}",
                    params={"eval.protocol": options.protocol_for(getattr(recipe, "eval", None)).name}) as sink:
@@ -503,11 +509,13 @@ def retrieve(
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((labels, "--labels", "labels"))
     dev = pick_device(device, option="--device")
     options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
                                       gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
     model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
                                                       out_dir=out_dir)
+    _check_outputs(model.out_dir, model.run.dir if model.run is not None else None, "sslt retrieve")
     with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
                    tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
         report = R.retrieve(model, clip_set, clip_labels, options, sink, progress=bars.update,
@@ -613,6 +621,9 @@ def localize(
     from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
+    writable_dir(out_dir, "--out")
+    _check_inputs(*[(path, "--image", None) for path in image or []], *[(path, "--audio", None) for path in audio or []],
+                  (recipe, "--recipe", None))
     options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
                           device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
@@ -731,6 +742,23 @@ def ui(
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+
+def _check_inputs(*inputs: tuple[Optional[Path], str, Optional[str]]) -> None:
+    """Each given (path, option, built-in kind or None) names a readable file, before any work
+    (:func:`~sslt_cli.preflight.readable_file`)."""
+    for path, what, kind in inputs:
+        if path is not None:
+            readable_file(path, what, kind)
+
+
+def _check_outputs(out_dir: Path, run_dir: Optional[Path], command: str) -> None:
+    """Before any work: the output folder and, for a model in a run folder, the run folder (its metrics.jsonl,
+    meta.json and train.log record the numbers) can be written."""
+    if run_dir is not None:
+        writable_dir(run_dir, "run folder", why=f"{command} records its numbers in the run folder (metrics.jsonl, "
+                                                 "meta.json)")
+    writable_dir(out_dir, "output folder")
+
 
 def _fmt(value: object) -> str:
     if value is None:
