@@ -89,6 +89,22 @@ def test_choose_threshold_maximises_the_averaged_f_and_takes_the_lowest_on_ties(
     assert N.choose_threshold(np.full((3, 2), 0.5), flat, grid)[0] == 0.2
 
 
+def test_threshold_curves_equal_the_masks_at_every_threshold():
+    rng = np.random.default_rng(5)
+    scaled = t(np.round(rng.random((6, 20, 20)), 2))  # rounded: pixels exactly at grid thresholds
+    gt = torch.zeros(6, 20, 20)
+    gt[:, 3:12, 5:15] = 1
+    gt[1, 0:2, 0:2] = 0.5
+    gt[2] = 0  # empty: IoU 0 (NaN as 0)
+    grid = (0.0, 0.25, 0.5, 0.73, 1.0)
+    pia_curve, iou_curve = N.threshold_curves(scaled, gt, grid)
+    for i, th in enumerate(grid):
+        masks = N.above(scaled, th)
+        np.testing.assert_allclose(pia_curve[i], N.pia(masks), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(iou_curve[i], N.threshold_ious(masks, gt), rtol=0, atol=1e-12)
+    assert N.threshold_curves(scaled, None, grid)[1] is None
+
+
 def test_references_centre_disc_and_nothing():
     proto = PROTOCOLS["ezvsl"]
     gt = torch.zeros(2, 224, 224)
