@@ -98,6 +98,34 @@ def embed_audio(model: torch.nn.Module, specs: torch.Tensor, device: str | torch
     return model.embed_audio(specs.to(device, non_blocking=True))
 
 
+def map_value_range(loaded: "LoadedModel") -> tuple[float, float]:
+    """The value range of the raw maps of ``loaded``'s family: (-1, 1) for sslt's cosine maps. Its common scale,
+    ``(A - lo) / (hi - lo)``, is (cos + 1) / 2 (what the negative-audio metrics threshold)."""
+    return tuple(getattr(loaded, "value_range", None) or (-1.0, 1.0))  # type: ignore[return-value]
+
+
+def maps_of(loaded: "LoadedModel", v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The raw map of each image with an audio of the loaded model's family: v (B, C, h, w) from
+    :func:`embed_images`, a (B, C) from :func:`embed_audio` -> (B, h, w) float32."""
+    from sslt_cli.model import localisation_map
+
+    return localisation_map(v, a)[:, 0].float()
+
+
+def audio_front_end(loaded: "LoadedModel") -> tuple[int, Callable[[np.ndarray], torch.Tensor]]:
+    """(sample rate, front end) of ``loaded``'s audio: the front end takes a mono waveform (N,) at that rate and gives
+    the spectrogram (1, F, T) :func:`embed_audio` takes (sslt: the recipe's ``audio`` section)."""
+    from sslt_cli.data.datasets import waveform_spectrogram
+
+    audio = loaded.recipe.audio
+    return int(audio.sample_rate), lambda wave: waveform_spectrogram(audio, wave)
+
+
+def audio_seconds(loaded: "LoadedModel") -> float:
+    """Seconds of audio the front end reads (the length of a generated negative waveform)."""
+    return float(loaded.recipe.audio.clip_seconds)
+
+
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
                       device: str | torch.device, progress: Callable[[int], None] | None = None,
                       on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
