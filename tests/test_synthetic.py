@@ -294,7 +294,7 @@ def test_rerun_writes_nothing(bench: Path) -> None:
     after = {p: p.stat().st_mtime_ns for p in bench.rglob("*")}
     after[bench] = bench.stat().st_mtime_ns
     assert after == before
-    assert summary["files"] == {"written": 0, "unchanged": 12 * 2 + 4 * 3 + 6 * 3 + 4 * 3 + 8 + 3, "removed": 0}
+    assert summary["files"] == {"written": 0, "unchanged": 12 * 2 + 4 * 3 + 6 * 3 + 4 * 3 + 8 + 4, "removed": 0}
     assert summary["clips"] == {"train": 12, "val": 4, "test_vggss": 6, "test_flickr": 4}
     assert summary["sets"]["test_flickr"] == str(bench / "test_flickr")
 
@@ -327,7 +327,7 @@ def test_force_regenerates_and_removes_stale_files(tmp_path: Path) -> None:
     train = read_set(out / "train").clips
     # A shorter set starts with the clips of the longer one, so only the bookkeeping files change.
     assert [c.id for c in train] == [c.id for c in old_train[:5]]
-    assert summary["files"]["written"] == 3  # benchmark.json, vggsound.csv and train/manifest.csv
+    assert summary["files"]["written"] == 4  # benchmark.json, vggsound.csv, scenes.csv and train/manifest.csv
     assert summary["files"]["removed"] == 7 * 2 + 4 * 3 + 2
     assert sorted(p.name for p in (out / "train" / "total_video_frames").iterdir()) == sorted(c.id for c in train)
     assert not (out / "test_flickr").exists() and "test_flickr" not in summary["sets"]
