@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from sslt_cli import PROTOCOL_NAMES
+from sslt_cli.data.difficulty import KNOB_HELP
 from sslt_cli.errors import SsltError
 from sslt_cli.preflight import readable_file, writable_dir
 
@@ -80,13 +81,29 @@ def prepare_synthetic(
     sample_rate: int = typer.Option(16000, "--sample-rate", min=16000, max=48000, help="Audio sample rate (Hz; the sounds reach 7 kHz)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count, at most 4)."),
     force: bool = typer.Option(False, help="Regenerate into a folder made with other parameters."),
+    preset: str = typer.Option("easy", help="Difficulty preset: easy (the embedded benchmark) or hard (every knob "
+                                            "below on, like real video); the knobs override it."),
+    objects: Optional[str] = typer.Option(None, help=KNOB_HELP["objects"]),
+    area: Optional[str] = typer.Option(None, help=KNOB_HELP["area"]),
+    background: Optional[str] = typer.Option(None, help=KNOB_HELP["background"]),
+    same_shape: Optional[float] = typer.Option(None, "--same-shape", help=KNOB_HELP["same_shape"]),
+    offscreen: Optional[float] = typer.Option(None, help=KNOB_HELP["offscreen"]),
+    offscreen_db: Optional[str] = typer.Option(None, "--offscreen-db", help=KNOB_HELP["offscreen_db"]),
+    snr_db: Optional[str] = typer.Option(None, "--snr-db", help=KNOB_HELP["snr_db"]),
+    camera: Optional[float] = typer.Option(None, help=KNOB_HELP["camera"]),
 ) -> None:
-    """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
+    """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test);
+    --preset hard and the difficulty knobs make it look like real video (scenes.csv records what each clip drew)."""
+    from sslt_cli.data.difficulty import parse_difficulty
     from sslt_cli.data.synthetic import generate
 
     writable_dir(out_dir, "--out")
+    knobs = {"objects": objects, "area": area, "background": background, "same_shape": same_shape,
+             "offscreen": offscreen, "offscreen_db": offscreen_db, "snr_db": snr_db, "camera": camera}
+    difficulty = parse_difficulty(preset, {k: v for k, v in knobs.items() if v is not None}, where="--preset/knobs")
     summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
-                       image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
+                       image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True,
+                       difficulty=difficulty)
     _print_mapping("synthetic benchmark", summary)
 
 
