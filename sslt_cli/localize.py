@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -150,11 +150,13 @@ class _Context:
 
 # ----------------------------------------------------------------------------------------------------------- inputs
 
-def collect_inputs(media: Sequence[Path], images: Sequence[Path] = (), audios: Sequence[Path] = ()
-                   ) -> tuple[list[MediaInput], list[InputResult]]:
+def collect_inputs(media: Sequence[Path], images: Sequence[Path] = (), audios: Sequence[Path] = (),
+                   taken: Iterable[str] = ()) -> tuple[list[MediaInput], list[InputResult]]:
     """Inputs from video files, folders of videos (searched recursively, by suffix) and image+audio pairs.
 
-    Returns (inputs with unique names, a failed result for each path that does not exist or folder without videos).
+    Returns (inputs with unique names, none of them in ``taken`` (the names an earlier run into the same output
+    folder used): ``clip``, ``clip-2``, ...; a failed result for each path that does not exist or folder without
+    videos).
     """
     if len(images) != len(audios):
         raise SsltError(f"--image and --audio come in pairs: got {len(images)} --image and {len(audios)} --audio")
@@ -172,7 +174,7 @@ def collect_inputs(media: Sequence[Path], images: Sequence[Path] = (), audios: S
         else:
             failed.append(InputResult(path.name, str(path), error=f"{path}: no such file or folder"))
     found += [(image.stem, None, image, audio) for image, audio in zip(images, audios)]
-    taken: set[str] = {item.name for item in failed}
+    taken = {item.name for item in failed} | set(taken)
     inputs = []
     for stem, video, image, audio in found:
         name, k = stem or "input", 2
@@ -459,7 +461,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     wall = time.perf_counter()
     if which not in ("best", "last"):
         raise SsltError(f"--which must be best or last, got {which!r}")
-    inputs, failed = collect_inputs(media, images, audios)
+    earlier = read_page(out)
+    inputs, failed = collect_inputs(media, images, audios, taken=earlier.names(out))
     if not inputs and not failed:
         raise SsltError("nothing to localise: pass video files or folders, or --image FRAME --audio SOUND pairs")
     run_recipe, found, run_dir = resolve_checkpoints(model, "both")
@@ -480,10 +483,65 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
         results.append(result)
     model_text = f"{path} ({loaded.label}, {label}, step {loaded.step})" if loaded.step is not None else \
         f"{path} ({loaded.label})"
-    page = out / "index.html"
-    items = [{"name": r.name, "source": r.source, "error": r.error, "files": r.files, "summary": _summary(r)}
-             for r in results]
     notes = [f"model: {model_text}", f"frames sampled at {options.fps:g} per second, each with {ctx.window:g} s of "
              f"audio centred on it; protocol {ctx.protocol.name}", note]
-    page.write_text(render.index_html("sslt localize", notes, items))
+    _say_added(earlier, inputs, out, report)
+    page = earlier.add(notes, results).write(out)
     return LocalizeResult(results, out, page, model_text, note, ctx.timings, time.perf_counter() - wall)
+
+
+# ------------------------------------------------------------------------------------------------------------ page
+
+@dataclass
+class Page:
+    """What ``OUT/index.html`` shows, embedded in it (``localize_render.page_data``) for the next `sslt localize`
+    into the same folder: the notes of each run into the folder, and every input's entry (``name``, ``source``,
+    ``error``, ``files``, ``summary``, ``run``: its run's number, from 1)."""
+
+    runs: list[list[str]] = field(default_factory=list)
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    def names(self, out: Path) -> set[str]:
+        """The input names taken in ``out``: earlier entries and any folder already there (never overwritten)."""
+        folders = {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")} if out.is_dir() else set()
+        return folders | {str(item["name"]) for item in self.items}
+
+    def add(self, notes: list[str], results: Sequence[InputResult]) -> "Page":
+        run = len(self.runs) + 1
+        return Page(self.runs + [notes], self.items + [
+            {"name": r.name, "source": r.source, "error": r.error, "files": r.files, "summary": _summary(r),
+             "run": run} for r in results])
+
+    def write(self, out: Path) -> Path:
+        """``index.html``, the notes and sources of each run numbered once there are several."""
+        from sslt_cli.runs import atomic_write_text
+
+        several = len(self.runs) > 1
+        notes = [f"run {k}: {n}" if several else n for k, run in enumerate(self.runs, 1) for n in run]
+        items = [{**item, "source": f"{item['source']} (run {item.get('run', 1)})" if several else item["source"]}
+                 for item in self.items]
+        data = {"format": "sslt-localize-page/1", "runs": self.runs, "items": self.items}
+        page = out / "index.html"
+        atomic_write_text(page, render.index_html("sslt localize", notes, items, data=data))
+        return page
+
+
+def read_page(out: Path) -> Page:
+    """The page an earlier `sslt localize` wrote into ``out`` (empty when there is none, or it cannot be read)."""
+    try:
+        doc = render.page_data((out / "index.html").read_text(encoding="utf-8"))
+        return Page([list(map(str, run)) for run in doc["runs"]], [dict(item) for item in doc["items"]])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Page()
+
+
+def _say_added(earlier: Page, inputs: Sequence[MediaInput], out: Path, report: Callable[[str], None]) -> None:
+    """Say that this run's outputs join an earlier run's page, and which inputs got a numbered name."""
+    if not earlier.runs:
+        return
+    report(f"{out} already holds the outputs of {len(earlier.items)} input(s) of {len(earlier.runs)} earlier "
+           f"`sslt localize` run(s): this run's are added to its page (index.html), nothing is overwritten")
+    for item in inputs:
+        stem = (item.video or item.image or Path(item.name)).stem
+        if item.name != stem:
+            report(f"{item.source}: written as {item.name}/ ({stem}/ is taken)")

@@ -216,3 +216,62 @@ def test_image_without_audio_is_a_usage_error(assets) -> None:
     result = CliRunner().invoke(app, ["localize", str(assets["checkpoint"]), "--image", "x.png"], env=WIDE)
     assert result.exit_code == 1
     assert result.exception.render() == "--image and --audio come in pairs: got 1 --image and 0 --audio"
+
+
+# --- the page: file names that are not plain, a second run into the same folder (issue 22) ------------------------
+
+def page_links(page: Path) -> list[str]:
+    """Every src and href on the page, as the browser reads them (HTML entities decoded)."""
+    from html.parser import HTMLParser
+
+    links: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            links.extend(value for name, value in attrs if name in ("src", "href") and value is not None)
+
+    Links().feed(page.read_text())
+    return links
+
+
+def test_page_links_to_files_named_with_hash_percent_spaces_and_quotes_resolve_to_the_files(
+        assets, tmp_path: Path) -> None:
+    import shutil
+    from urllib.parse import unquote, urlsplit
+
+    hostile = []
+    for name in ("take #1.mp4", "100% \"loud\" it's.mp4", "a&b%23c.mp4"):
+        hostile.append(tmp_path / name)
+        shutil.copy(assets["a"], hostile[-1])
+    result = localize(assets["checkpoint"], hostile, tmp_path / "loc", options=LocalizeOptions(save_maps=True))
+    assert [item.error for item in result.inputs] == [None, None, None]
+    links = page_links(result.page)
+    assert len(links) == 3 * 6  # per input: the video, contact sheet, plot, and the csv, json and maps links
+    for link in links:
+        parts = urlsplit(link)  # how a browser resolves it against the page: no fragment, no query cut off
+        assert (parts.scheme, parts.netloc, parts.query, parts.fragment) == ("", "", "", ""), link
+        assert (tmp_path / "loc" / unquote(parts.path)).is_file(), link
+    targets = {unquote(urlsplit(link).path) for link in links}
+    assert targets == {path for item in result.inputs for path in item.files.values()}
+
+
+def test_a_second_localize_into_the_same_folder_adds_to_the_page_and_numbers_a_taken_name(
+        assets, tmp_path: Path) -> None:
+    out = tmp_path / "loc"
+    first = localize(assets["checkpoint"], [assets["a"]], out)
+    kept = (out / "a" / "localize.json").read_bytes()
+    said: list[str] = []
+    second = localize(assets["checkpoint"], [assets["a"], assets["b"]], out, report=said.append)
+    assert [item.name for item in second.inputs] == ["a-2", "b"]
+    assert (out / "a" / "localize.json").read_bytes() == kept  # the first run's outputs are untouched
+    assert {p.name for p in out.iterdir() if p.is_dir()} >= {"a", "a-2", "b"}
+    assert (f"{out} already holds the outputs of 1 input(s) of 1 earlier `sslt localize` run(s): this run's are "
+            "added to its page (index.html), nothing is overwritten") in said
+    assert f"{assets['a']}: written as a-2/ (a/ is taken)" in said
+    page = second.page.read_text()
+    assert [h for h in ("<h2>a</h2>", "<h2>a-2</h2>", "<h2>b</h2>") if h in page] == ["<h2>a</h2>", "<h2>a-2</h2>",
+                                                                                      "<h2>b</h2>"]
+    assert f"{assets['a']} (run 1)" in page and f"{assets['a']} (run 2)" in page
+    assert page.count("run 1: model: ") == page.count("run 2: model: ") == 1
+    assert {link.split("/")[0] for link in page_links(second.page)} == {"a", "a-2", "b"}
+    assert first.page == second.page
