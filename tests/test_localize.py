@@ -275,3 +275,54 @@ def test_a_second_localize_into_the_same_folder_adds_to_the_page_and_numbers_a_t
     assert page.count("run 1: model: ") == page.count("run 2: model: ") == 1
     assert {link.split("/")[0] for link in page_links(second.page)} == {"a", "a-2", "b"}
     assert first.page == second.page
+
+
+# --- the sound decoded as the frames need it (issue 22: memory bounded by the batch, whatever the length) ----------
+
+def write_noise_video(path: Path, seconds: float, rate: int, channels: int, tone: bool = False) -> Path:
+    """A 32 px video at 2 frames/s with ``seconds`` of noise (or of a 440 Hz tone whose loudness changes every
+    second, which AAC keeps) at ``rate`` Hz, ``channels`` channels."""
+    frames = np.zeros((int(seconds * 2), 32, 32, 3), np.uint8)
+    n = int(seconds * rate)
+    if tone:
+        t = np.arange(n) / rate
+        sound = np.tile((0.1 + 0.05 * (np.floor(t) % 5)) * np.sin(2 * np.pi * 440 * t), (channels, 1))
+    else:
+        sound = np.random.default_rng(1).uniform(-0.5, 0.5, (channels, n))
+    return write_video(path, frames, 2.0, sound.astype(np.float32), rate)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(48000, 2), (44100, 1), (16000, 1)])
+def test_windows_decoded_as_the_frames_need_them_equal_those_of_the_whole_track(tmp_path: Path, rate: int,
+                                                                                channels: int) -> None:
+    from sslt_cli.audio import resample
+    from sslt_cli.localize import StreamingWave
+    from sslt_cli.media import AudioChunks
+
+    audio = Recipe.model_validate(TINY).audio  # 16 kHz, 1 s windows
+    path = write_noise_video(tmp_path / "noise.mp4", 20.0, rate, channels)
+    samples, native = read_audio(path)
+    whole = resample(torch.from_numpy(samples.mean(axis=0)), native, 16000).numpy()
+    times = sample_times(20.0, 2.0) + [20.2, 21.0]  # the last two: after the sound ends
+    with AudioChunks(path) as chunks:
+        wave = StreamingWave(chunks, 16000)
+        for first in range(0, len(times), 8):
+            batch = times[first:first + 8]
+            streamed = wave.specs(batch, 1.0, audio)
+            expected = window_specs(whole, 16000, batch, 1.0, audio)
+            assert torch.allclose(streamed, expected, atol=1e-3, rtol=1e-4), f"frames at {batch}"
+    assert chunks.ended and chunks.position == samples.shape[1]
+    # at most a decoded block with its resampling context and the windows of a batch, never the whole track
+    bound = StreamingWave.BLOCK + 2 * wave.context + (8 * 0.5 + 1.0) * 16000 * 2
+    assert wave.held_max <= bound < samples.shape[1] * channels
+
+
+def test_the_overlay_video_carries_the_whole_sound_written_as_it_streams(tmp_path: Path, assets) -> None:
+    path = write_noise_video(tmp_path / "long.mp4", 12.0, 48000, 2, tone=True)
+    result = localize(assets["checkpoint"], [path], tmp_path / "loc", options=LocalizeOptions(fps=1.0))
+    assert result.inputs[0].error is None and result.inputs[0].notes == []
+    written, rate = read_audio(tmp_path / "loc" / "long" / "overlay.mp4")
+    original, _ = read_audio(path)
+    assert rate == 48000 and written.shape == original.shape == (2, 12 * 48000)
+    envelope = [np.sqrt(np.mean(s.reshape(2, 24, -1) ** 2, axis=2)) for s in (written, original)]
+    assert np.allclose(*envelope, rtol=0.05)
