@@ -302,13 +302,27 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     keys or shapes differ from the official 257 (listing the first 10 of each kind and the count).
     """
     path = Path(path)
-    state = _state_dict_in(read_file(path), path, _OFFICIAL_FORMAT)
-    layout = _official_layout()
+    return official_state(_state_dict_in(read_file(path), path, _OFFICIAL_FORMAT), path)
+
+
+def official_state(state: Mapping[str, torch.Tensor], path: str | Path,
+                   skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """An official SSL-TIE state_dict (prefixes removed) -> the state_dict of :class:`SSLTIEModel`; ``skip``: official
+    key prefixes the file does not hold (LVS's AVENet has no ``vision_fc1``, ``conv3``, ``norm3``: the model keeps
+    its own ``conv3`` / ``norm3``, which no forward reads). CheckpointError listing missing, unexpected and
+    wrong-shape keys."""
+    layout = [entry for entry in _official_layout() if not entry[0].startswith(skip)] if skip else _official_layout()
     problems = _key_problems({key: torch.Size(shape) for key, _, shape in layout}, state)
     if problems:
-        raise CheckpointError(f"{path}: keys do not match the official SSL-TIE checkpoint; {_OFFICIAL_FORMAT}",
-                              problems)
+        expected = _OFFICIAL_FORMAT if not skip else "expected LVS's AVENet (keys imgnet.*, audnet.*)"
+        raise CheckpointError(f"{path}: keys do not match the official {'SSL-TIE' if not skip else 'LVS'} "
+                              f"checkpoint; {expected}", problems)
     return {ours: state[official] for official, ours, _ in layout if ours is not None}
+
+
+def official_layout_keys(skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """The official SSL-TIE keys and shapes (without those starting with a ``skip`` prefix)."""
+    return {key: shape for key, _, shape in _official_layout() if not key.startswith(skip)}
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -400,6 +414,9 @@ class LoadedModel:
     source: Path
     step: int | None = None
     epoch: int | None = None
+    family: str = "ssltie"
+    front_end: str = "logmel"
+    notes: tuple[str, ...] = ()
 
 
 def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
@@ -435,7 +452,11 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
     schema's defaults (the paper's settings, which the official weights were trained with).
     """
     path = Path(path)
-    state = read_file(path)
+    return model_from_file(read_file(path), path, recipe, device)
+
+
+def model_from_file(state: Any, path: Path, recipe: Any = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """:func:`load_model` of a file already read (:func:`read_file`): an sslt checkpoint, else official SSL-TIE."""
     step = epoch = None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and "model" in state:
         weights = state["model"]
@@ -444,7 +465,7 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
             recipe = load_saved_recipe(state["recipe"], f"{path} (saved recipe)")
         label = "sslt"
     else:
-        weights = load_official_checkpoint(path)
+        weights = official_state(_state_dict_in(state, path, _OFFICIAL_FORMAT), path)
         label = "official SSL-TIE"
     recipe = recipe or Recipe()
     model = build_model()

@@ -67,6 +67,9 @@ class AudioConfig(_Strict):
     hop_length: int = Field(239, ge=1)
     n_mels: int = Field(257, ge=1)
     normalized: bool = True
+    # logmel: the fields above (SSL-TIE); the released front ends of other methods' models (sslt_cli/frontends.py:
+    # lvs, ezvsl, align_lvs) read the file at its own rate and ignore the fields above
+    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs"] = "logmel"
 
     @model_validator(mode="after")
     def _fits(self) -> "AudioConfig":

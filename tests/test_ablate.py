@@ -890,3 +890,23 @@ def test_a_cell_whose_checks_fail_fails_alone_before_its_run_folder_exists(recip
     assert result.cells[1].error == "data/vggsound/test_vggss: the test set 'vggss' (data.test) has no usable clip"
     assert result.cells[1].run is None and not list(ablation.folder.glob("B-seed4-*"))
     assert [name for name, _ in fake.calls] == ["A-seed4", "C-seed4"]
+
+
+def test_an_ablation_that_retrieves_checks_the_retrieval_inputs_before_each_cell(
+        recipes: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22, item 4: with ``retrieve: true`` the checks before a cell include its retrieval set and labels."""
+    from sslt_cli.errors import DataError
+
+    asked: list[tuple[str, bool]] = []
+
+    def checks(recipe, *args, retrieval=False, **kwargs):
+        asked.append((recipe.name, retrieval))
+        raise DataError("retrieval after training (retrieve: true) on data/x: too few labelled clips")
+
+    monkeypatch.setattr("sslt_cli.train.preflight", checks)
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
+                             ["retrieve=true"])
+    result = run_ablation(ablation, console=quiet(), out=quiet())
+    assert asked == [("A-seed4", True), ("B-seed4", True), ("C-seed4", True)]
+    assert [c.status for c in result.cells] == ["failed"] * 3 and fake.calls == []
+    assert not list(ablation.folder.glob("*-seed4-*"))

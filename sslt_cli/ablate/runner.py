@@ -292,7 +292,7 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> 
     if plan.action != "retrieve":
         from sslt_cli.train import preflight
 
-        preflight(cell.recipe)
+        preflight(cell.recipe, retrieval=ablation.retrieve)
     if plan.action in ("resume", "retrieve"):
         assert plan.run is not None
         run = plan.run
