@@ -317,6 +317,7 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     with ExitStack() as held:
         if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
             held.enter_context(_held(make_run(env.world).dir, "run folder"))
+            make_run(env.world).check_resumable()
         preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
         run = distributed.share_run(env, lambda: make_run(env.world))
         if not resume:

@@ -69,6 +69,31 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def unwritable_store(uri: str) -> str | None:
+    """Why a local sqlite store cannot be written (its folder, or the database file, is not writable: a read-only
+    working directory with the default ``sqlite:///mlflow.db``), or None. Checked before MLflow opens it, because
+    MLflow retries a store it cannot create for about 100 s, with a warning line each time, before it gives up."""
+    import errno
+    import tempfile
+
+    path = sqlite_path(uri)
+    if path is None:
+        return None
+    folder = path.absolute().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".sslt-probe-"):
+            pass
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EEXIST:
+            reason = "a file is in the way"
+        return f"cannot write into {folder}: {reason}"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"cannot write to {path.absolute()}: permission denied, or the file is read-only"
+    return None
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of ``exc``'s cause/context chain (``sqlite3.OperationalError: attempt to write a
     readonly database`` rather than SQLAlchemy's "Query-invoked autoflush" wrapper around it)."""
@@ -166,7 +191,7 @@ def check_store(uri: str | None = None) -> None:
     :class:`TrackingStoreError` before a run folder is made. Any other failure is left to the tracker, which warns
     and lets the run go on; a server store is not contacted here."""
     uri = uri or tracking_uri()
-    if sqlite_path(uri) is None:
+    if sqlite_path(uri) is None or unwritable_store(uri):  # an unwritable store: the tracker says so at start
         return
     try:
         with quiet_mlflow(), store_lock(uri):
@@ -221,6 +246,13 @@ class Tracker:
               parent_run_id: str | None = None, run_id: str | None = None) -> str | None:
         """Start (or with ``run_id``, reopen) an MLflow run; returns its id or None if tracking is off/failed."""
         if not self.enabled:
+            return None
+        unwritable = unwritable_store(self.uri)
+        if unwritable:
+            self._warn(f"MLflow tracking is off: the store {self.uri} is not writable ({unwritable}); the run goes on "
+                       f"and keeps every number in its run folder (set MLFLOW_TRACKING_URI to a writable place, then "
+                       f"{SYNC_HINT})")
+            self.enabled = False
             return None
         try:
             if self.uri.startswith(("http://", "https://")):

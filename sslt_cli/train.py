@@ -236,6 +236,11 @@ class Training:
 
     def load_checkpoint(self) -> None:
         """Continue from the run's newest complete checkpoint (``checkpoint.resume_point``)."""
+        if self.env.main:
+            torn, size = self.run.remove_torn_checkpoints()
+            if torn:
+                self.say(f"removed {torn} torn temporary checkpoint file(s) ({size / 2**20:.1f} MiB) left by a stop "
+                         "during a save")
         last, saved = checkpoint.resume_point(self.run)
         checkpoint.load_weights(self.model, checkpoint.model_weights(saved, last), last)
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -169,3 +169,41 @@ def test_a_store_turning_read_only_mid_run_warns_once_then_sync_sends_the_rest(
     assert client.get_run(run_id).info.status == "FINISHED"
     assert CliRunner().invoke(app, ["sync", str(run.dir)]).exit_code == 0
     assert len(client.get_metric_history(run_id, "train/loss")) == 3  # nothing sent twice
+
+
+@pytest.mark.parametrize("where", ["read-only working directory", "a file where its folder should be"])
+def test_an_unwritable_store_is_said_at_once_and_the_run_goes_on_untracked(
+        isolated_workdir: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """MLflow retries a sqlite store it cannot create for about 100 s (40 warning lines): sslt checks first and says
+    it in one line (issue 22)."""
+    from sslt_cli import tracking
+
+    def no_mlflow(uri: str):
+        raise AssertionError("MLflow was asked to open a store that cannot be written")
+
+    monkeypatch.setattr(tracking, "open_client", no_mlflow)
+    if where == "read-only working directory":
+        folder = isolated_workdir / "read-only"
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the default store, sqlite:///mlflow.db in the working directory
+        make_read_only(folder)
+        reason = f"cannot write into {folder}: {os.strerror(1 if os.geteuid() == 0 else 13)}"
+    else:
+        (isolated_workdir / "store").write_text("a file, not a folder\n")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{isolated_workdir / 'store' / 'mlflow.db'}")
+        folder = None
+        reason = f"cannot write into {isolated_workdir / 'store'}: a file is in the way"
+    try:
+        tracking.check_store()  # the checks before a run: nothing to open, nothing to wait for
+        warnings: list[str] = []
+        tracker = Tracker(warn=warnings.append)
+        assert tracker.start("run") is None and not tracker.enabled
+        tracker.log_metrics({"train/loss": 1.0}, 1)
+        tracker.end()
+    finally:
+        if folder is not None:
+            make_writable(folder)
+    assert warnings == [f"MLflow tracking is off: the store {tracking.tracking_uri()} is not writable ({reason}); the "
+                        "run goes on and keeps every number in its run folder (set MLFLOW_TRACKING_URI to a writable "
+                        "place, then send them to the store later with: sslt sync RUN_DIR)"]
