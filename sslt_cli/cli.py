@@ -289,20 +289,23 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then)."""
-    from sslt_cli import distributed
+    sees that it did not finish (its checkpoint and the resume hint are written by then). SIGINT / SIGTERM are
+    heard from the start (:mod:`sslt_cli.interrupts`), so a stop in any phase (set-up, steps, validation, the final
+    evaluation) ends the same way, with the command that continues the run."""
+    from sslt_cli import distributed, interrupts
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
-    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    run = distributed.share_run(env, lambda: make_run(env.world))
-    with run_tracking(run, recipe, main=env.main) as sink:
-        result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
-        sink.end("FINISHED" if result.status == "finished" else "KILLED")
+    with interrupts.listening():
+        env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
+        preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
+        run = distributed.share_run(env, lambda: make_run(env.world))
+        with run_tracking(run, recipe, main=env.main) as sink:
+            result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
+            sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
-        err.print(f"not finished: {run.resume_hint()}", highlight=False)
-        raise typer.Exit(130)
+        err.print(f"not finished: {result.continue_with or run.resume_hint()}", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -545,15 +548,23 @@ def ablate(
                                 "runs, without training."),
 ) -> None:
     """Run an ablation (each cell an ordinary run and an MLflow child run), resumable, with a table and a chart."""
+    from sslt_cli import interrupts
     from sslt_cli.ablate import load_ablation, run_ablation
 
     if dry_run and report:
         raise SsltError("--dry-run and --report do not go together: --report rebuilds from finished runs")
-    result = run_ablation(load_ablation(file, list(overrides or [])), seeds=seeds, dry_run=dry_run,
-                          report_only=report, console=err, out=out)
+    ablation = load_ablation(file, list(overrides or []))
+    try:
+        with interrupts.listening():
+            result = run_ablation(ablation, seeds=seeds, dry_run=dry_run, report_only=report, console=err, out=out)
+    except interrupts.Interrupted as stopped:
+        err.print(f"interrupted by {stopped.signal_name} during the {stopped.phase}; run the same command again to "
+                  "continue (finished cells are kept; the interrupted cell resumes from its last checkpoint, or "
+                  "retrieves again)", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE) from None
     if result.interrupted:
         err.print("interrupted; run the same command again to continue (finished cells are kept)")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupts.EXIT_CODE)
     if result.failed:
         raise SsltError(f"{len(result.failed)} cell(s) failed; the others finished; run the same command again to "
                         "retry the failed ones",

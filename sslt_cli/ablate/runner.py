@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 from rich.console import Console
 from rich.markup import escape
 
+from sslt_cli import interrupts
 from sslt_cli.ablate import report
 from sslt_cli.ablate.report import CellResult, RowSummary, describe, summarise, x100
 from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
@@ -310,16 +311,18 @@ def _cell_tags(cell: Cell, ablation: Ablation) -> dict[str, str]:
 
 def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, console: Console) -> dict[str, float]:
     """Retrieve with the cell's run (its ablation checkpoint, the recipe's first test set, all classes) through the
-    cell's sink and return its numbers."""
+    cell's sink and return its numbers; a signal stops it at once (phase ``retrieval``: a re-run retrieves again)."""
     from sslt_cli import retrieve as R
     from sslt_cli.distributed import pick_device
     from sslt_cli.progress import StepBars
 
     device = pick_device(cell.recipe.train.device)
-    model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
-    with StepBars(console) as bars:
-        report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink, progress=bars.update,
-                            say=lambda line: console.print(line, highlight=False, markup=False))
+    with interrupts.listening() as stops, stops.phase("retrieval"):
+        model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
+        with StepBars(console) as bars:
+            report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink,
+                                progress=bars.update, say=lambda line: console.print(line, highlight=False,
+                                                                                      markup=False))
     return _retrieval_numbers(R.mlflow_metrics(report))
 
 
@@ -383,7 +386,7 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     """
     entry = state["cells"].setdefault(cell.name, {})
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
-                 attempts=int(entry.get("attempts", 0)) + 1)
+                 attempts=int(entry.get("attempts", 0)) + 1, interrupted_in=None)
     run = trained = result = sink = None
     try:
         run = _cell_run(cell, plan, ablation, entry)
@@ -397,12 +400,15 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
             _say_finished(result, ablation, console)
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
-    except BaseException:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
+    except BaseException as exc:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
         result = _interrupted(cell, run, trained)
+        entry["interrupted_in"] = getattr(exc, "phase", None)
         raise
     finally:
         assert result is not None
         done[cell.name] = result
+        if result.status == "interrupted" and run is not None and not entry.get("interrupted_in"):
+            entry["interrupted_in"] = run.meta().get("interrupted_in")  # where training stopped
         entry.update(status=result.status, updated=_now())
         _save_state(ablation.folder, state)
         if sink is not None:
