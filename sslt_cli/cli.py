@@ -673,39 +673,16 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
 
 @app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
 def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
-    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
-    from sslt_cli.config import flatten, recipe_dict
+    """Send what the MLflow store lacks of a run folder: every metric (evaluations and baselines included),
+    parameters, tags and artifacts (after a store failure, or to another store); a second sync sends nothing."""
     from sslt_cli.runs import Run
-    from sslt_cli.tracking import start_tracking, tracking_uri
+    from sslt_cli.tracking import sync_run
 
-    run = Run.open(run_dir)
-    meta, recipe = run.meta(), run.recipe()
-    problems: list[str] = []
-    uri = tracking_uri()
-    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
-    tracker = start_tracking(run.dir.name, experiment=recipe.tracking.experiment,
-                             params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
-                             tags=None if run_id else {"sslt.run_dir": str(run.dir.resolve()),
-                                                       "sslt.recipe": recipe.name},
-                             warn=problems.append)
-    if tracker.run_id is None or problems:
-        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
-    if run_id is None:
-        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
-    try:
-        sent = tracker.push_missing(run.metrics())
-    except Exception as exc:
-        from sslt_cli.tracking import describe
-
-        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
-                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
-    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
-    if status:
-        tracker.end(status)
-    if problems:
-        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
-    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
-              + (f"; marked {status}" if status else ""), highlight=False)
+    report = sync_run(Run.open(run_dir))
+    err.print(f"{run_dir}: {report.metrics} values, {report.params} parameters, {report.tags} tags and "
+              f"{report.artifacts} artifact files sent to MLflow run {report.run_id} "
+              f"({'created' if report.created else 'already there'}) at {report.uri}"
+              + (f"; marked {report.status}" if report.status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui

@@ -30,7 +30,8 @@ from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
 from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
-from sslt_cli.tracking import MetricsSink, Tracker, open_run_tracking, start_tracking, tracking_uri
+from sslt_cli.tracking import (MetricsSink, Tracker, absolute_uri, open_run_tracking, recorded_run_id, start_tracking,
+                               tracking_uri)
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
@@ -480,7 +481,9 @@ def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
     warn = (lambda m: console.print(f"warning: {escape(m)}"))
     tags = {"sslt.ablation": ablation.name, "sslt.ablation_dir": str(ablation.folder.resolve()),
             "sslt.ablation_file": str(ablation.path), "sslt.base": str(ablation.base_path)}
-    previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracking_uri() else None
+    recorded_in = state.get("mlflow_uri")
+    same_store = recorded_in is not None and absolute_uri(str(recorded_in)) == absolute_uri(tracking_uri())
+    previous = state.get("parent_run_id") if same_store else None
     same_seeds = state.get("seeds") == seeds
     if previous and same_seeds:
         tracker = start_tracking(f"ablation-{ablation.name}", enabled=tracking.enabled,
@@ -507,7 +510,7 @@ def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, console: Co
     console.print(f"MLflow parent run {tracker.run_id} replaces {replaced} (other seeds; MLflow keeps a run's "
                   "parameters); the finished cells' runs are now its children", highlight=False, markup=False)
     for plan in plans:
-        child = plan.run.meta().get("mlflow_run_id") if plan.run is not None else None
+        child = recorded_run_id(plan.run.meta(), tracker.uri) if plan.run is not None else None
         if child and plan.action in ("skip", "resume", "retrieve"):
             tracker.tag_run(child, {"mlflow.parentRunId": tracker.run_id})
 

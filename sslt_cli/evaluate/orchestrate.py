@@ -27,7 +27,7 @@ from sslt_cli.data.manifest import Clip
 from sslt_cli.errors import DataError
 from sslt_cli.evaluate.maps import BatchHook, predict_maps, save_maps
 from sslt_cli.evaluate.options import EvalOptions
-from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, result_table, write_outputs
+from sslt_cli.evaluate.outputs import _metric_name, eval_folder, mlflow_metrics, result_table, write_outputs
 from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
                                        test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
@@ -203,10 +203,19 @@ class SetEvaluation:
         return test_summary(self.result)
 
     def record(self) -> tuple[dict[str, Any], dict[str, float]]:
-        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
+        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back. The numbers
+        are every one MLflow gets (:func:`mlflow_metrics` under ``eval/<name>/``, named without that prefix: the
+        baselines, the oracle, N requested, the extended evaluation), so no number lives only in MLflow and
+        ``sslt sync`` sends them all from the file."""
         fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
                   "folder": str(self.folder.resolve()) if self.folder is not None else None}
-        return fields, self.summary()
+        prefix = _metric_name(f"{EVAL}/{self.name}")
+        numbers = {name[len(prefix) + 1:]: value for name, value in self.mlflow_numbers().items()}
+        return fields, {**numbers, **self.summary()}
+
+    def mlflow_numbers(self) -> dict[str, float]:
+        """Its numbers as MLflow names them: ``eval/<name>/<metric>``."""
+        return mlflow_metrics(self.result, f"{EVAL}/{self.name}")
 
 
 @dataclass(frozen=True)
@@ -298,7 +307,7 @@ def log_evaluation(item: SetEvaluation, sink: Any, kind: str = "test") -> None:
     """Record ``item`` through ``sink``: its ``kind`` record in metrics.jsonl, every finite number of it under
     ``eval/<name>/`` in MLflow, its folder as the artifacts ``eval/<name>``."""
     fields, numbers = item.record()
-    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=mlflow_metrics(item.result, f"{EVAL}/{item.name}"))
+    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=item.mlflow_numbers())
     if item.folder is not None:
         sink.artifact(item.folder, f"{EVAL}/{item.name}")
 
