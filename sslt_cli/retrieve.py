@@ -330,7 +330,7 @@ def parse_class_list(spec: str, known: Sequence[str]) -> list[str]:
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
         return check_classes([n for n in lines if n and not n.startswith("#")], known, str(path))
     known_set = set(known)
     pieces = [p.strip() for p in spec.split(",")]

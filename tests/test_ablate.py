@@ -697,12 +697,26 @@ def test_a_dry_run_touches_nothing(recipes: Path, fake: FakeTrainer) -> None:
 
 
 def test_a_second_process_on_the_same_ablation_is_refused(recipes: Path, fake: FakeTrainer) -> None:
+    from holders import LOCK_ONLY, start_holder, stop
+
+    from sslt_cli.folder_lock import FolderBusy
+
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC))
     ablation.folder.mkdir(parents=True)
-    (ablation.folder / ".lock").write_text(str(os.getppid()))
-    with pytest.raises(ablate.SsltError, match=r"another `sslt ablate` \(process \d+\) is running this ablation"):
-        run_ablation(ablation, console=quiet(), out=quiet())
-    (ablation.folder / ".lock").write_text("999999999")  # a process that does not exist: a stale lock
+    # a holder between taking the lock and writing who it is (issue 22: the old lock took this as stale)
+    holder = start_holder(ablation.folder, LOCK_ONLY)
+    try:
+        with pytest.raises(FolderBusy, match="this ablation folder is in use by another process that is starting"):
+            run_ablation(ablation, console=quiet(), out=quiet())
+    finally:
+        stop(holder)
+    holder = start_holder(ablation.folder, command="sslt ablate paper_transformations")
+    try:
+        with pytest.raises(FolderBusy, match=rf"this ablation folder is in use by pid {holder.pid} on host .* since "
+                                             r".* \(sslt ablate paper_transformations\)"):
+            run_ablation(ablation, console=quiet(), out=quiet())
+    finally:
+        stop(holder)  # kill -9: the lock of a process that is gone is taken over
     run_ablation(ablation, console=quiet(), out=quiet())
     assert not (ablation.folder / ".lock").exists() and len(fake.calls) == 6
 
