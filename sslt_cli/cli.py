@@ -307,14 +307,16 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
-    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
-    from sslt_cli import distributed
+    sees that it did not finish (its checkpoint and the resume hint are written by then). SIGINT / SIGTERM are
+    heard from the start (:mod:`sslt_cli.interrupts`), so a stop in any phase (set-up, steps, validation, the final
+    evaluation) ends the same way, with the command that continues the run. Rank 0 holds the run folder
+    (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
+    from sslt_cli import distributed, interrupts
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
-    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    with ExitStack() as held:
+    with interrupts.listening(), ExitStack() as held:
+        env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
         if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
             held.enter_context(_held(make_run(env.world).dir, "run folder"))
             make_run(env.world).check_resumable()
@@ -326,8 +328,8 @@ def _run_training(recipe, make_run, resume: bool) -> None:
             result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
             sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
-        err.print(f"not finished: {run.resume_hint()}", highlight=False)
-        raise typer.Exit(130)
+        err.print(f"not finished: {result.continue_with or run.resume_hint()}", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -642,15 +644,23 @@ def ablate(
                                 "runs, without training."),
 ) -> None:
     """Run an ablation (each cell an ordinary run and an MLflow child run), resumable, with a table and a chart."""
+    from sslt_cli import interrupts
     from sslt_cli.ablate import load_ablation, run_ablation
 
     if dry_run and report:
         raise SsltError("--dry-run and --report do not go together: --report rebuilds from finished runs")
-    result = run_ablation(load_ablation(file, list(overrides or [])), seeds=seeds, dry_run=dry_run,
-                          report_only=report, console=err, out=out)
+    ablation = load_ablation(file, list(overrides or []))
+    try:
+        with interrupts.listening():
+            result = run_ablation(ablation, seeds=seeds, dry_run=dry_run, report_only=report, console=err, out=out)
+    except interrupts.Interrupted as stopped:
+        err.print(f"interrupted by {stopped.signal_name} during the {stopped.phase}; run the same command again to "
+                  "continue (finished cells are kept; the interrupted cell resumes from its last checkpoint, or "
+                  "retrieves again)", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE) from None
     if result.interrupted:
         err.print("interrupted; run the same command again to continue (finished cells are kept)")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupts.EXIT_CODE)
     if result.failed:
         raise SsltError(f"{len(result.failed)} cell(s) failed; the others finished; run the same command again to "
                         "retry the failed ones",
@@ -759,39 +769,16 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
 
 @app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
 def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
-    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
-    from sslt_cli.config import flatten, recipe_dict
+    """Send what the MLflow store lacks of a run folder: every metric (evaluations and baselines included),
+    parameters, tags and artifacts (after a store failure, or to another store); a second sync sends nothing."""
     from sslt_cli.runs import Run
-    from sslt_cli.tracking import start_tracking, tracking_uri
+    from sslt_cli.tracking import sync_run
 
-    run = Run.open(run_dir)
-    meta, recipe = run.meta(), run.recipe()
-    problems: list[str] = []
-    uri = tracking_uri()
-    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
-    tracker = start_tracking(run.dir.name, experiment=recipe.tracking.experiment,
-                             params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
-                             tags=None if run_id else {"sslt.run_dir": str(run.dir.resolve()),
-                                                       "sslt.recipe": recipe.name},
-                             warn=problems.append)
-    if tracker.run_id is None or problems:
-        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
-    if run_id is None:
-        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
-    try:
-        sent = tracker.push_missing(run.metrics())
-    except Exception as exc:
-        from sslt_cli.tracking import describe
-
-        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
-                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
-    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
-    if status:
-        tracker.end(status)
-    if problems:
-        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
-    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
-              + (f"; marked {status}" if status else ""), highlight=False)
+    report = sync_run(Run.open(run_dir))
+    err.print(f"{run_dir}: {report.metrics} values, {report.params} parameters, {report.tags} tags and "
+              f"{report.artifacts} artifact files sent to MLflow run {report.run_id} "
+              f"({'created' if report.created else 'already there'}) at {report.uri}"
+              + (f"; marked {report.status}" if report.status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.markup import escape
 
+from sslt_cli import interrupts
 from sslt_cli.ablate import report
 from sslt_cli.ablate.report import CellResult, RowSummary, describe, summarise, x100
 from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
@@ -29,7 +30,8 @@ from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
 from sslt_cli.folder_lock import LOCK, hold
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
-from sslt_cli.tracking import MetricsSink, Tracker, open_run_tracking, start_tracking, tracking_uri
+from sslt_cli.tracking import (MetricsSink, Tracker, absolute_uri, open_run_tracking, recorded_run_id, start_tracking,
+                               tracking_uri)
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
@@ -272,16 +274,18 @@ def _cell_tags(cell: Cell, ablation: Ablation) -> dict[str, str]:
 
 def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, console: Console) -> dict[str, float]:
     """Retrieve with the cell's run (its ablation checkpoint, the recipe's first test set, all classes) through the
-    cell's sink and return its numbers."""
+    cell's sink and return its numbers; a signal stops it at once (phase ``retrieval``: a re-run retrieves again)."""
     from sslt_cli import retrieve as R
     from sslt_cli.distributed import pick_device
     from sslt_cli.progress import StepBars
 
     device = pick_device(cell.recipe.train.device)
-    model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
-    with StepBars(console) as bars:
-        report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink, progress=bars.update,
-                            say=lambda line: console.print(line, highlight=False, markup=False))
+    with interrupts.listening() as stops, stops.phase("retrieval"):
+        model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
+        with StepBars(console) as bars:
+            report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink,
+                                progress=bars.update, say=lambda line: console.print(line, highlight=False,
+                                                                                      markup=False))
     return _retrieval_numbers(R.mlflow_metrics(report))
 
 
@@ -345,7 +349,7 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     """
     entry = state["cells"].setdefault(cell.name, {})
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
-                 attempts=int(entry.get("attempts", 0)) + 1)
+                 attempts=int(entry.get("attempts", 0)) + 1, interrupted_in=None)
     run = trained = result = sink = None
     held = ExitStack()
     try:
@@ -361,12 +365,15 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
             _say_finished(result, ablation, console)
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
-    except BaseException:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
+    except BaseException as exc:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
         result = _interrupted(cell, run, trained)
+        entry["interrupted_in"] = getattr(exc, "phase", None)
         raise
     finally:
         assert result is not None
         done[cell.name] = result
+        if result.status == "interrupted" and run is not None and not entry.get("interrupted_in"):
+            entry["interrupted_in"] = run.meta().get("interrupted_in")  # where training stopped
         entry.update(status=result.status, updated=_now())
         _save_state(ablation.folder, state)
         if sink is not None:
@@ -439,7 +446,9 @@ def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
     warn = (lambda m: console.print(f"warning: {escape(m)}"))
     tags = {"sslt.ablation": ablation.name, "sslt.ablation_dir": str(ablation.folder.resolve()),
             "sslt.ablation_file": str(ablation.path), "sslt.base": str(ablation.base_path)}
-    previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracking_uri() else None
+    recorded_in = state.get("mlflow_uri")
+    same_store = recorded_in is not None and absolute_uri(str(recorded_in)) == absolute_uri(tracking_uri())
+    previous = state.get("parent_run_id") if same_store else None
     same_seeds = state.get("seeds") == seeds
     if previous and same_seeds:
         tracker = start_tracking(f"ablation-{ablation.name}", enabled=tracking.enabled,
@@ -466,7 +475,7 @@ def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, console: Co
     console.print(f"MLflow parent run {tracker.run_id} replaces {replaced} (other seeds; MLflow keeps a run's "
                   "parameters); the finished cells' runs are now its children", highlight=False, markup=False)
     for plan in plans:
-        child = plan.run.meta().get("mlflow_run_id") if plan.run is not None else None
+        child = recorded_run_id(plan.run.meta(), tracker.uri) if plan.run is not None else None
         if child and plan.action in ("skip", "resume", "retrieve"):
             tracker.tag_run(child, {"mlflow.parentRunId": tracker.run_id})
 

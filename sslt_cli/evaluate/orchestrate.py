@@ -29,7 +29,8 @@ from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, sav
 from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshold, predict_with_negatives,
                                          score_negatives)
 from sslt_cli.evaluate.options import EvalOptions
-from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, negatives_table, result_table, write_outputs
+from sslt_cli.evaluate.outputs import (_metric_name, eval_folder, mlflow_metrics, negatives_table, result_table,
+                                       write_outputs)
 from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
                                        test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
@@ -233,13 +234,22 @@ class SetEvaluation:
         return test_summary(self.result)
 
     def record(self) -> tuple[dict[str, Any], dict[str, float]]:
-        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
+        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back. The numbers
+        are every one MLflow gets (:func:`mlflow_metrics` under ``eval/<name>/``, named without that prefix: the
+        baselines, the oracle, N requested, the extended evaluation), so no number lives only in MLflow and
+        ``sslt sync`` sends them all from the file."""
         fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
                   "folder": str(self.folder.resolve()) if self.folder is not None else None}
-        numbers = self.summary()
+        prefix = _metric_name(f"{EVAL}/{self.name}")
+        numbers = {name[len(prefix) + 1:]: value for name, value in self.mlflow_numbers().items()}
+        numbers.update(self.summary())
         if self.result.negatives is not None:
             numbers.update(self.result.negatives.headline())
         return fields, numbers
+
+    def mlflow_numbers(self) -> dict[str, float]:
+        """Its numbers as MLflow names them: ``eval/<name>/<metric>``."""
+        return mlflow_metrics(self.result, f"{EVAL}/{self.name}")
 
 
 @dataclass(frozen=True)
@@ -334,7 +344,9 @@ def log_evaluation(item: SetEvaluation, sink: Any, kind: str = "test") -> None:
     """Record ``item`` through ``sink``: its ``kind`` record in metrics.jsonl, every finite number of it under
     ``eval/<name>/`` in MLflow, its folder as the artifacts ``eval/<name>``."""
     fields, numbers = item.record()
-    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=mlflow_metrics(item.result, f"{EVAL}/{item.name}"))
+    prefix = _metric_name(f"{EVAL}/{item.name}")
+    # MLflow gets exactly the record's numbers, so `sslt sync` of the record gives a store what logging gave it
+    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow={f"{prefix}/{k}": v for k, v in numbers.items()})
     if item.folder is not None:
         sink.artifact(item.folder, f"{EVAL}/{item.name}")
 
