@@ -145,7 +145,12 @@ class _Context:
 
     @property
     def window(self) -> float:
-        return self.options.window or float(self.loaded.recipe.audio.clip_seconds)
+        """Seconds of audio per frame: the option, else the model's front end's window (a released model's own)."""
+        from sslt_cli.frontends import FRONT_ENDS
+
+        audio = self.loaded.recipe.audio
+        own = FRONT_ENDS[audio.front_end].window_seconds if audio.front_end in FRONT_ENDS else audio.clip_seconds
+        return self.options.window or float(own)
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
@@ -228,8 +233,10 @@ def window_specs(wave: np.ndarray, sample_rate: int, centres: Sequence[float], s
                  ) -> torch.Tensor:
     """Log-mel of the ``seconds`` window centred on each time: wave (N,) mono at ``sample_rate`` ->
     (B, 1, n_mels, T). A window reaching past either end keeps the part inside and tiles it to full length, as
-    training tiles a short clip (``audio.tile_and_cut``)."""
+    training tiles a short clip (``audio.tile_and_cut``). Under a released model's front end (``audio.front_end``)
+    each window is that front end's spectrogram (:func:`sslt_cli.frontends.spectrogram_of_wave`)."""
     from sslt_cli.audio import log_mel, tile_and_cut
+    from sslt_cli.frontends import spectrogram_of_wave
 
     n = int(round(seconds * sample_rate))
     pieces = []
@@ -237,6 +244,8 @@ def window_specs(wave: np.ndarray, sample_rate: int, centres: Sequence[float], s
         start = int(round(centre * sample_rate)) - n // 2
         lo = min(max(0, start), len(wave) - 1)
         pieces.append(tile_and_cut(wave[lo:max(lo + 1, min(len(wave), start + n))], seconds, sample_rate))
+    if audio.front_end != "logmel":
+        return torch.stack([spectrogram_of_wave(piece, sample_rate, audio.front_end) for piece in pieces])
     return log_mel(np.stack(pieces), sample_rate, n_fft=audio.n_fft, hop_length=audio.hop_length,
                    n_mels=audio.n_mels, normalized=audio.normalized)
 
@@ -371,9 +380,14 @@ def localize_pair(ctx: _Context, item: MediaInput, folder: Path) -> InputResult:
     from sslt_cli.data.datasets import read_frame
 
     image = read_frame(str(item.image))
-    wave, _ = load_waveform(item.audio, ctx.loaded.recipe.audio.sample_rate)
-    specs = window_specs(wave, ctx.loaded.recipe.audio.sample_rate, [ctx.window / 2], ctx.window,
-                         ctx.loaded.recipe.audio)
+    audio = ctx.loaded.recipe.audio
+    if audio.front_end != "logmel":  # a released model: its own front end on the file, as sslt eval reads it
+        from sslt_cli.frontends import spectrogram_of_file
+
+        specs = spectrogram_of_file(item.audio, audio.front_end)[None]
+    else:
+        wave, _ = load_waveform(item.audio, audio.sample_rate)
+        specs = window_specs(wave, audio.sample_rate, [ctx.window / 2], ctx.window, audio)
     raw = _predict(ctx, ctx.transform(image)[None], specs)
     records, up = _records(ctx, raw, [0], [0.0])
     picture = np.asarray(image.resize(render.display_size(*image.size, ctx.options.display)))
@@ -444,16 +458,19 @@ def _summary(item: InputResult) -> str:
 
 def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[Path] = (),
              audios: Sequence[Path] = (), options: LocalizeOptions = LocalizeOptions(), device: Any = "cpu",
-             which: str = "best", calibrate_on: Path | None = None, recipe: Any = None,
-             report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
+             which: str = "best", calibrate_on: Path | None = None, recipe: Any = None, family: str | None = None,
+             branch: str | None = None, report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
     """Localise the sound in every input with one model (a run folder, an sslt or an official SSL-TIE checkpoint)
     and write the outputs and ``out/index.html``. Per-input problems are in the result, not raised.
 
     ``recipe``: the image size and audio front end the model was trained with, for an official checkpoint (which
-    does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's."""
+    does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's.
+    A released model of another method is recognised from its keys (``family`` overrides; ``branch``: SLAVC's) and
+    gets its own audio front end and protocol preset (:func:`sslt_cli.families.load_released`)."""
     from sslt_cli.calibration import calibration_for
     from sslt_cli.data.augment import build_eval_transform
-    from sslt_cli.checkpoint import load_model, resolve_checkpoints
+    from sslt_cli.checkpoint import resolve_checkpoints
+    from sslt_cli.families import load_released
     from sslt_cli.evaluate import get_protocol
 
     wall = time.perf_counter()
@@ -466,7 +483,7 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     chosen = dict(found)
     label = which if which in chosen else found[0][0]
     path = chosen[label]
-    loaded = load_model(path, recipe or run_recipe, device)
+    loaded = load_released(path, family, recipe=recipe or run_recipe, branch=branch, device=device)
     out.mkdir(parents=True, exist_ok=True)
     calibration, note = calibration_for(loaded, run_dir, calibrate_on, out, device)
     report(note)
@@ -483,7 +500,7 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     page = out / "index.html"
     items = [{"name": r.name, "source": r.source, "error": r.error, "files": r.files, "summary": _summary(r)}
              for r in results]
-    notes = [f"model: {model_text}", f"frames sampled at {options.fps:g} per second, each with {ctx.window:g} s of "
-             f"audio centred on it; protocol {ctx.protocol.name}", note]
+    notes = [f"model: {model_text}", *loaded.notes, f"frames sampled at {options.fps:g} per second, each with "
+             f"{ctx.window:g} s of audio centred on it; protocol {ctx.protocol.name}", note]
     page.write_text(render.index_html("sslt localize", notes, items))
     return LocalizeResult(results, out, page, model_text, note, ctx.timings, time.perf_counter() - wall)

@@ -495,3 +495,13 @@ def standalone_tracking(name: str, *, enabled: bool = True, experiment: str = "s
     tracker = start_tracking(name, enabled=enabled, experiment=experiment, params=params, tags=tags)
     with _closing(MetricsSink(None, tracker)) as sink:
         yield sink
+
+
+@contextlib.contextmanager
+def child_tracking(name: str, *, parent_run_id: str | None, tags: dict[str, str] | None = None,
+                   enabled: bool = True, experiment: str = "sslt") -> Iterator[MetricsSink]:
+    """An MLflow run of its own, a child of ``parent_run_id`` from its creation, for numbers of no run folder
+    (``sslt compare``: one per model under the comparison's run); the sink writes MLflow only."""
+    tracker = start_tracking(name, enabled=enabled, experiment=experiment, tags=tags, parent_run_id=parent_run_id)
+    with _closing(MetricsSink(None, tracker)) as sink:
+        yield sink

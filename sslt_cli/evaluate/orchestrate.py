@@ -66,7 +66,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
                         annotation_problems=test.annotation_problems, baselines=options.baselines, name=test.name,
-                        notes=test.notes, device=options.device)
+                        notes=[*test.notes, *loaded.notes], device=options.device)
     if ogl is not None:
         result.notes = [*result.notes, ogl.note()]
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}

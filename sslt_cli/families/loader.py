@@ -113,7 +113,7 @@ def export_released(loaded: LoadedModel, family: str, out: str | Path) -> Path:
     source = get_family(loaded.family)
     if source.network_kind != target.network_kind:
         kinds = sorted(f.name for f in FAMILIES.values() if f.network_kind == source.network_kind)
-        raise CheckpointError(f"a {source.title} network cannot be written as {target.title}: the networks differ; "
+        raise CheckpointError(f"the {source.title} network cannot be written as {target.title}: the networks differ; "
                               f"it can be written as {', '.join(kinds)}")
     weights = {f"{target.export_prefix}{key}": value for key, value in target.released(loaded.model).items()}
     payload = {target.container: weights, **target.extras}
@@ -122,3 +122,24 @@ def export_released(loaded: LoadedModel, family: str, out: str | Path) -> Path:
     out = Path(out)
     atomic_write_bytes(out, buffer.getvalue())
     return out
+
+
+def export_as(target: str | Path, family: str, out: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """``sslt export --family``: the model of a run folder (its ``which`` checkpoint) or of any model file, written in
+    ``family``'s released format. Returns (the file read, the file written)."""
+    from sslt_cli.checkpoint import resolve_checkpoints
+    from sslt_cli.errors import DataError
+
+    if which not in ("best", "last"):
+        raise DataError(f"--which must be best or last for an export, got {which!r}")
+    _, checkpoints, _ = resolve_checkpoints(target, which)
+    (_, source), = checkpoints
+    return source, export_released(load_released(source), family, out)
+
+
+def describe_format(family: str) -> str:
+    """A family's released format in words (what ``sslt export`` prints)."""
+    target = get_family(family)
+    extras = ", ".join(repr(k) for k in target.extras)
+    prefix = f"keys prefixed {target.export_prefix!r}" if target.export_prefix else "keys without a prefix"
+    return f"{target.title} ({{'{target.container}': state_dict, {extras}}}; {prefix}; as {target.released_files})"
