@@ -54,6 +54,7 @@ class ModelResult:
     own: Any
     common: Any
     maps: dict[str, np.ndarray]
+    published: str = ""
 
 
 @dataclass
@@ -74,16 +75,16 @@ class Comparison:
                 summary = item.summary()
                 rows.append({"method": f"{model.title} ({model.label})", "protocol": item.protocol, "kind": kind,
                              **{key: summary.get(key, float("nan")) for key in SUMMARY},
-                             "published": _published_ciou(item.result, model.title, item.protocol)})
+                             "published": _published_ciou(item.result, model.published)})
         return rows
 
 
-def _published_ciou(result: Any, method: str, protocol: str) -> str:
+def _published_ciou(result: Any, method: str) -> str:
     """The paper's cIoU of ``method`` on this set's published list ('' when the set is none or the paper gives
     none); marked '*' when the paper's list or protocol is not this row's."""
     published = result.published or {}
     for entry in published.get("entries", []):
-        if entry["method"] == method:
+        if method and entry["method"] == method:
             mark = "*" if False in (entry["same_list"], entry["same_protocol"]) else ""
             return f"{100 * entry['ciou']:.2f}{mark} ({entry['trained_on']})"
     return ""
@@ -140,7 +141,8 @@ def _evaluate_model(label: str, loaded: Any, test_set: tuple[str, Any], options:
     source = ev.Source(f"{label}-common", maps=common_maps, maps_path=own.folder / "maps.npz")
     common = ev.run_evaluation([source], [test_set], common_options, sink, out=out, kind="eval",
                                progress=progress).items[0]
-    return ModelResult(label, loaded.family, get_family(loaded.family).title, own, common, common_maps)
+    family = get_family(loaded.family)
+    return ModelResult(label, loaded.family, family.title, own, common, common_maps, family.published)
 
 
 class _NullSink:
