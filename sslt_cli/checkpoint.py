@@ -129,19 +129,74 @@ def describe_file(path: Path) -> str:
 
 
 def checkpoint_problem(path: Path, exc: BaseException) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in words: truncated, not a checkpoint, or holding objects
-    a safe load refuses. Never torch's advice to load unsafely."""
+    """Why ``torch.load(path, weights_only=True)`` failed, in words: truncated, not a checkpoint, holding objects a
+    safe load refuses, or holding code (a pickle that would call ``os.system``, ``eval``, ...) that it refuses. Never
+    torch's advice to load unsafely."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     kind = describe_file(path)
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused and not kind.startswith(("an empty", "a text", "a binary")):
-        return (f"a checkpoint holding Python objects ({refused.group(1)}) that a safe load refuses; sslt loads "
+    if kind.startswith(("an empty", "a text", "a binary")):
+        return "an empty file (0 bytes), not a checkpoint" if kind.startswith("an empty") else f"not a checkpoint: {kind}"
+    named = re.search(r"unsupported global:? GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    found = pickled_globals(path)
+    code = [name for name in ([named.group(1)] if named else []) + found if _is_code(name)]
+    if code:
+        return (f"a file whose pickle holds code ({code[0]}) that a safe load refuses: it would run when loaded; "
+                "nothing was run. sslt loads weights only (tensors, numbers, text): use a checkpoint from a source you "
+                "trust, saved as a state_dict")
+    if named:
+        return (f"a checkpoint holding Python objects ({named.group(1)}) that a safe load refuses; sslt loads "
                 "weights only (tensors, numbers, text): save the model's state_dict instead")
     if kind.startswith(("a zip archive", "a pickle")):
         return f"a truncated or damaged checkpoint ({kind} that ends early or is corrupt)"
-    if kind.startswith("an empty file"):
-        return "an empty file (0 bytes), not a checkpoint"
     return f"not a checkpoint: {kind}"
+
+
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, system info, the object, the storage keys
+# modules (and builtins) whose callables run code or touch the system: a pickle naming one is code, not data
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code",
+                 "ctypes", "pickle", "marshal", "types", "webbrowser", "multiprocessing", "signal", "platform"}
+_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "breakpoint",
+                  "input", "globals", "locals", "vars", "apply", "execfile"}
+
+
+def _is_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    root = module.split(".")[0]
+    return root in _CODE_MODULES or (root in ("builtins", "__builtin__") and attr in _CODE_BUILTINS)
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """The globals (``module.name``) a pickle refers to, read from its opcodes without running it (``pickletools``):
+    the ``data.pkl`` of a torch zip checkpoint, or the pickles at the start of a plain or legacy torch file (which holds
+    several in a row, then the tensors' bytes); as many as can be read from a damaged file."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                streams = [io.BytesIO(archive.read(member))] if member else []
+        else:
+            streams = [open(path, "rb")]
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return []
+    names: list[str] = []
+    strings: list[str] = []
+    for stream in streams:
+        with stream:
+            try:
+                for _ in range(_LEGACY_PICKLES):
+                    for opcode, arg, _ in pickletools.genops(stream):
+                        if opcode.name in ("GLOBAL", "INST"):
+                            names.append(str(arg).replace(" ", "."))
+                        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            names.append(f"{strings[-2]}.{strings[-1]}")
+                        elif isinstance(arg, str):
+                            strings.append(arg)
+            except Exception:  # noqa: BLE001 - the end of the pickles, or a truncated or corrupt one
+                pass
+    return names
 
 
 def resume_point(run: Run) -> tuple[Path, dict]:

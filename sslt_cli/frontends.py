@@ -31,6 +31,7 @@ FrontEndName = Literal["logmel", "lvs", "ezvsl", "align_lvs"]
 FRONT_END_NAMES: tuple[str, ...] = ("logmel", "lvs", "ezvsl", "align_lvs")
 SPEC_SCALE = 12.0
 NPERSEG = 512
+RELEASED_RATE = 16000  # the rate of the audio every released model was trained on (VGGSound / Flickr at 16 kHz)
 
 
 @dataclass(frozen=True)

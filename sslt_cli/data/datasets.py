@@ -103,6 +103,14 @@ def collate_skip_bad(items: list[dict | BadClip]) -> dict[str, Any]:
     return batch
 
 
+def waveform_spectrogram(audio: AudioConfig, wave: np.ndarray) -> torch.Tensor:
+    """The recipe's audio front end on a waveform already at ``audio.sample_rate``: tiled and cut to
+    ``audio.clip_seconds``, then log-mel dB. wave: (N,) -> (1, n_mels, T)."""
+    wave = audio_lib.tile_and_cut(wave, audio.clip_seconds, audio.sample_rate)
+    return audio_lib.log_mel(wave, audio.sample_rate, n_fft=audio.n_fft, hop_length=audio.hop_length,
+                             n_mels=audio.n_mels, normalized=audio.normalized)[0]
+
+
 class AudioVisualDataset(Dataset):
     """Frames and log-mel spectrograms of prepared clips, for training (augmented views) or evaluation.
 
@@ -246,10 +254,7 @@ class AudioVisualDataset(Dataset):
         return wave
 
     def _spectrogram_of(self, wave: np.ndarray) -> torch.Tensor:
-        a = self.audio
-        wave = audio_lib.tile_and_cut(wave, a.clip_seconds, a.sample_rate)
-        return audio_lib.log_mel(wave, a.sample_rate, n_fft=a.n_fft, hop_length=a.hop_length, n_mels=a.n_mels,
-                                 normalized=a.normalized)[0]
+        return waveform_spectrogram(self.audio, wave)
 
     def _mixed_log_mel(self, clip: Clip, partner: Clip, alpha: float) -> torch.Tensor | None:
         """The log-mel of the clip mixed with its partner, or None when the partner cannot be decoded.

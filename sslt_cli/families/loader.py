@@ -58,7 +58,7 @@ def recognise(state: Mapping[str, torch.Tensor], prefixed: bool) -> tuple[Family
 def load_released(path: str | Path, family: str | None = None, *, recipe: Any = None, branch: str | None = None,
                   device: str | torch.device = "cpu") -> LoadedModel:
     """Any model file -> a :class:`~sslt_cli.checkpoint.LoadedModel`: an sslt checkpoint (SSL-TIE's network and the
-    recipe it carries, or ``recipe``), or a released checkpoint of a family in :data:`FAMILIES`, recognised from its
+    recipe it carries, or ``recipe``; an official SSL-TIE file takes ``recipe`` too), or a released checkpoint of a family in :data:`FAMILIES`, recognised from its
     keys (``family`` overrides), ``module.`` stripped, loaded key by key (a missing, extra or wrong-shape key is a
     CheckpointError naming it). ``branch``: SLAVC's ``online`` (default) or ``momentum`` branch. The result's
     ``family``, ``front_end`` and ``notes`` say what was used; its recipe carries the family's front end and preset.
@@ -80,7 +80,10 @@ def load_released(path: str | Path, family: str | None = None, *, recipe: Any = 
     network = chosen.network(branch or chosen.branches[0])
     network.load_state_dict(chosen.to_network(state, network, path, chosen.title))
     network.to(device).eval()
-    loaded = LoadedModel(model=network, recipe=chosen.recipe(), label=chosen.title, source=path,
+    label = "official SSL-TIE" if chosen.name == "ssltie" else chosen.title  # sslt's own checkpoints are "sslt"
+    # an official SSL-TIE file carries no recipe: the caller's (image size, log-mel settings) describes its inputs
+    own_recipe = recipe if recipe is not None and chosen.name == "ssltie" else chosen.recipe()
+    loaded = LoadedModel(model=network, recipe=own_recipe, label=label, source=path,
                          family=chosen.name, front_end=chosen.front_end)
     return _with_notes(loaded, chosen, note, branch or (chosen.branches[0] if len(chosen.branches) > 1 else None))
 
