@@ -26,6 +26,9 @@ FAMILY_CHOICES = ("ssltie", "lvs", "ssl_align", "ezvsl", "fnac", "slavc")
 FAMILY_HELP = (f"Model family of a released checkpoint: {', '.join(FAMILY_CHOICES)} (default: recognised from its "
                "keys).")
 BRANCH_HELP = "SLAVC's branch: online (its test code's) or momentum (use_mom_eval)."
+FRONT_END_CHOICES = ("lvs", "ezvsl", "align_lvs", "align_ezvsl")
+FRONT_END_HELP = ("A released model's audio front end other than its own: align_lvs (SSLalignment's 3.5-6.5 s slice, "
+                  "LVS models), align_ezvsl (SSLalignment's rolled first 10 s, EZ-VSL / FNAC / SLAVC), lvs, ezvsl.")
 
 out = Console()
 err = Console(stderr=True)
@@ -397,6 +400,7 @@ def eval_cmd(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
     from sslt_cli import evaluate as ev
@@ -408,10 +412,10 @@ def eval_cmd(
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
-    _check_family(family, branch, target)
+    _check_family(family, branch, target, front_end)
     _check_inputs((vggss_json, "--vggss-json", "boxes"), (id_list, "--list", "list"), (extended, "--extended", "pairs"),
                   (ogl_weights, "--ogl-weights", None))
-    recipe, sources, run_dir = _eval_sources(target, which, maps, family, branch)
+    recipe, sources, run_dir = _eval_sources(target, which, maps, (family, branch, front_end))
     where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
     _check_outputs(where, run_dir, "sslt eval")
     options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
@@ -432,21 +436,22 @@ def eval_cmd(
                                                                   f"{item.protocol} · N = {item.result.n}")
 
 
-def _check_family(family: str | None, branch: str | None, target: Path | None) -> None:
+def _check_family(family: str | None, branch: str | None, target: Path | None, front_end: str | None = None) -> None:
     if family is not None and family not in FAMILY_CHOICES:
         raise SsltError(f"--family {family!r} is not one of {', '.join(FAMILY_CHOICES)}")
+    if front_end is not None and front_end not in FRONT_END_CHOICES:
+        raise SsltError(f"--front-end {front_end!r} is not one of {', '.join(FRONT_END_CHOICES)}")
     if branch is not None and branch not in ("online", "momentum"):
         raise SsltError(f"--branch {branch!r}: choose online or momentum (SLAVC)")
-    if (family is not None or branch is not None) and target is None:
-        raise SsltError("--family / --branch describe a checkpoint: give one (they do not apply to --maps or "
-                        "--baselines-only)")
+    if (family is not None or branch is not None or front_end is not None) and target is None:
+        raise SsltError("--family / --branch / --front-end describe a checkpoint: give one (they do not apply to "
+                        "--maps or --baselines-only)")
 
 
-def _eval_sources(target: Path | None, which: str, maps: Path | None, family: str | None = None,
-                  branch: str | None = None):
+def _eval_sources(target: Path | None, which: str, maps: Path | None, model: tuple = (None, None, None)):
     """(the run's recipe or None, what `sslt eval` scores, the run folder or None): the checkpoints of a run folder
-    or a checkpoint file (of ``family``, else recognised from its keys), else precomputed maps, else only the
-    baselines."""
+    or a checkpoint file (``model``: its family, else recognised from its keys, SLAVC's branch, another front end),
+    else precomputed maps, else only the baselines."""
     from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
 
@@ -458,8 +463,9 @@ def _eval_sources(target: Path | None, which: str, maps: Path | None, family: st
         from sslt_cli.runs import Run
 
         recipe = Run.open(run_dir).recipe()  # a checkpoint file inside a run folder: the run's recipe
-    return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir, family=family, branch=branch)
-                     for label, path in checkpoints], run_dir
+    family, branch, front_end = model
+    return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir, family=family, branch=branch,
+                                              front_end=front_end) for label, path in checkpoints], run_dir
 
 
 def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, batch_size, device, extended):
@@ -606,6 +612,7 @@ def retrieve(
     refresh: bool = typer.Option(False, help="Re-embed even when the cached embeddings are current."),
     family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
     from sslt_cli import retrieve as R
@@ -614,13 +621,14 @@ def retrieve(
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
-    _check_family(family, branch, target)
+    _check_family(family, branch, target, front_end)
     _check_inputs((labels, "--labels", "labels"))
     dev = pick_device(device, option="--device")
     options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
                                       gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
     model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
-                                                      out_dir=out_dir, family=family, branch=branch)
+                                                      out_dir=out_dir, family=family, branch=branch,
+                                                      front_end=front_end)
     _check_outputs(model.out_dir, model.run.dir if model.run is not None else None, "sslt retrieve")
     with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
                    tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
@@ -808,13 +816,14 @@ def localize(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
     branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Where is the sound? Heatmap videos, contact sheets, per-frame CSV/JSON and an index.html for your own media."""
     from sslt_cli.config import load_recipe
     from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
-    _check_family(family, branch, model)
+    _check_family(family, branch, model, front_end)
     writable_dir(out_dir, "--out")
     _check_inputs(*[(path, "--image", None) for path in image or []], *[(path, "--audio", None) for path in audio or []],
                   (recipe, "--recipe", None))
@@ -822,7 +831,7 @@ def localize(
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
                           device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
                           recipe=load_recipe(recipe) if recipe is not None else None, family=family, branch=branch,
-                          report=lambda line: err.print(line, highlight=False, markup=False))
+                          front_end=front_end, report=lambda line: err.print(line, highlight=False, markup=False))
     done = len(result.inputs) - len(result.failed)
     out.print(f"{done} of {len(result.inputs)} input(s) localised: open {result.page}", highlight=False)
     if result.failed:

@@ -26,11 +26,13 @@ SUMMARY = ("n", "ciou", "auc", "pointing", "baseline_centre/ciou", "baseline_cen
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One model to compare: its file, its family (None: recognised from its keys) and SLAVC's branch."""
+    """One model to compare: its file, its family (None: recognised from its keys), SLAVC's branch and another
+    evaluator's front end (None: its own)."""
 
     path: Path
     family: str | None = None
     branch: str | None = None
+    front_end: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,10 +111,13 @@ def compare(specs: Sequence[ModelSpec], test_set: tuple[str, Any], options: Comp
         raise SsltError(f"sslt compare needs at least two models, got {len(specs)}")
     if options.common not in PROTOCOLS:
         raise SsltError(f"--common {options.common!r} is not one of {', '.join(PROTOCOLS)}")
-    child_sink = child_sink or (lambda label, tags: contextlib.nullcontext(_NullSink()))
+    from sslt_cli.tracking import MetricsSink
+
+    child_sink = child_sink or (lambda label, tags: contextlib.nullcontext(MetricsSink.null()))
     models = []
     for spec, label in zip(specs, _labels(specs)):
-        loaded = load_released(spec.path, spec.family, branch=spec.branch, device=options.device)
+        loaded = load_released(spec.path, spec.family, branch=spec.branch, device=options.device,
+                               front_end=spec.front_end)
         tags = {"sslt.family": loaded.family, "sslt.checkpoint": str(spec.path), "sslt.front_end": loaded.front_end}
         with child_sink(label, tags) as sink:
             models.append(_evaluate_model(label, loaded, test_set, options, out / label, sink, progress))
@@ -143,14 +148,6 @@ def _evaluate_model(label: str, loaded: Any, test_set: tuple[str, Any], options:
                                progress=progress).items[0]
     family = get_family(loaded.family)
     return ModelResult(label, loaded.family, family.title, own, common, common_maps, family.published)
-
-
-class _NullSink:
-    def log(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def artifact(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def write_table_csv(comparison: Comparison, path: Path) -> Path:

@@ -459,14 +459,15 @@ def _summary(item: InputResult) -> str:
 def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[Path] = (),
              audios: Sequence[Path] = (), options: LocalizeOptions = LocalizeOptions(), device: Any = "cpu",
              which: str = "best", calibrate_on: Path | None = None, recipe: Any = None, family: str | None = None,
-             branch: str | None = None, report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
+             branch: str | None = None, front_end: str | None = None,
+             report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
     """Localise the sound in every input with one model (a run folder, an sslt or an official SSL-TIE checkpoint)
     and write the outputs and ``out/index.html``. Per-input problems are in the result, not raised.
 
     ``recipe``: the image size and audio front end the model was trained with, for an official checkpoint (which
     does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's.
     A released model of another method is recognised from its keys (``family`` overrides; ``branch``: SLAVC's) and
-    gets its own audio front end and protocol preset (:func:`sslt_cli.families.load_released`)."""
+    gets its own audio front end (or ``front_end``) and protocol preset (:func:`sslt_cli.families.load_released`)."""
     from sslt_cli.calibration import calibration_for
     from sslt_cli.data.augment import build_eval_transform
     from sslt_cli.checkpoint import resolve_checkpoints
@@ -483,7 +484,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     chosen = dict(found)
     label = which if which in chosen else found[0][0]
     path = chosen[label]
-    loaded = load_released(path, family, recipe=recipe or run_recipe, branch=branch, device=device)
+    loaded = load_released(path, family, recipe=recipe or run_recipe, branch=branch, device=device,
+                           front_end=front_end)
     out.mkdir(parents=True, exist_ok=True)
     calibration, note = calibration_for(loaded, run_dir, calibrate_on, out, device)
     report(note)

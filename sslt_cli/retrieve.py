@@ -805,10 +805,11 @@ class Target:
 
 
 def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None,
-                which: str = "auto", family: str | None = None, branch: str | None = None) -> Target:
+                which: str = "auto", family: str | None = None, branch: str | None = None,
+                front_end: str | None = None) -> Target:
     """A run folder or a checkpoint file (sslt, or a released model of any family), resolved and loaded by
     :func:`~sslt_cli.checkpoint.resolve_checkpoints` and :func:`~sslt_cli.families.load_released` (``family`` /
-    ``branch`` as there). which: for a run
+    ``branch`` / ``front_end`` as there). which: for a run
     folder, ``best`` / ``last`` checkpoint, or ``auto`` (best when the run has one, else last). Outputs go to
     ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside the checkpoint."""
     from sslt_cli.checkpoint import resolve_checkpoints
@@ -820,7 +821,7 @@ def load_target(target: str | Path, device: torch.device, out_dir: str | Path | 
     recipe, found, run_dir = resolve_checkpoints(target, "both" if which == "auto" else which)
     by_label = dict(found)
     checkpoint = by_label.get("best") or by_label.get("last") or found[0][1]
-    loaded = load_released(checkpoint, family, recipe=recipe, branch=branch, device=device)
+    loaded = load_released(checkpoint, family, recipe=recipe, branch=branch, device=device, front_end=front_end)
     run = Run(run_dir) if run_dir is not None else None
     if out_dir is not None:
         where = Path(out_dir)
@@ -894,14 +895,14 @@ class ClipLabels:
 
 def retrieval_inputs(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
                      which: str = "auto", device: str | torch.device = "cpu", out_dir: str | Path | None = None,
-                     family: str | None = None, branch: str | None = None
+                     family: str | None = None, branch: str | None = None, front_end: str | None = None
                      ) -> tuple[Target, "ClipSet", ClipLabels]:
     """What ``sslt retrieve`` (and an ablation with ``retrieve: true``) resolves before retrieving: the model of a run
     folder or checkpoint (:func:`load_target`), the set (``data``, default: the recipe's first test set) and its
     labels (``labels``, default: the recipe's ``data.labels`` when it exists, else the manifest's)."""
     from sslt_cli.data.manifest import read_set
 
-    loaded = load_target(target, torch.device(device), out_dir, which, family, branch)
+    loaded = load_target(target, torch.device(device), out_dir, which, family, branch, front_end)
     recipe = loaded.recipe
     clip_set = read_set(Path(data) if data is not None else recipe.data.set_path(next(iter(recipe.data.test.values()))))
     label_file = Path(labels) if labels is not None else recipe.data.labels_file()

@@ -170,8 +170,8 @@ class Source:
 
     ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
     weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
-    ``family`` / ``branch``: a checkpoint file's model family (None: recognised from its keys) and SLAVC's branch
-    (:func:`sslt_cli.families.load_released`).
+    ``family`` / ``branch`` / ``front_end``: a checkpoint file's model family (None: recognised from its keys),
+    SLAVC's branch and another evaluator's front end (:func:`sslt_cli.families.load_released`).
     """
 
     label: str
@@ -183,11 +183,14 @@ class Source:
     maps_path: Path | None = None
     family: str | None = None
     branch: str | None = None
+    front_end: str | None = None
 
     @classmethod
     def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None, *,
-                        family: str | None = None, branch: str | None = None) -> "Source":
-        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch)
+                        family: str | None = None, branch: str | None = None,
+                        front_end: str | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch,
+                   front_end=front_end)
 
     @classmethod
     def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
@@ -296,7 +299,7 @@ def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
         from sslt_cli.families import load_released
 
         return load_released(source.checkpoint, source.family, recipe=source.recipe, branch=source.branch,
-                             device=options.device)
+                             device=options.device, front_end=source.front_end)
     return source.loaded
 
 

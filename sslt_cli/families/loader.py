@@ -56,11 +56,12 @@ def recognise(state: Mapping[str, torch.Tensor], prefixed: bool) -> tuple[Family
 
 
 def load_released(path: str | Path, family: str | None = None, *, recipe: Any = None, branch: str | None = None,
-                  device: str | torch.device = "cpu") -> LoadedModel:
+                  device: str | torch.device = "cpu", front_end: str | None = None) -> LoadedModel:
     """Any model file -> a :class:`~sslt_cli.checkpoint.LoadedModel`: an sslt checkpoint (SSL-TIE's network and the
     recipe it carries, or ``recipe``; an official SSL-TIE file takes ``recipe`` too), or a released checkpoint of a family in :data:`FAMILIES`, recognised from its
     keys (``family`` overrides), ``module.`` stripped, loaded key by key (a missing, extra or wrong-shape key is a
-    CheckpointError naming it). ``branch``: SLAVC's ``online`` (default) or ``momentum`` branch. The result's
+    CheckpointError naming it). ``branch``: SLAVC's ``online`` (default) or ``momentum`` branch; ``front_end``: one
+    of the family's ``other_front_ends`` instead of its own (SSLalignment's windows). The result's
     ``family``, ``front_end`` and ``notes`` say what was used; its recipe carries the family's front end and preset.
     """
     path = Path(path)
@@ -70,6 +71,7 @@ def load_released(path: str | Path, family: str | None = None, *, recipe: Any = 
             raise CheckpointError(f"{path}: an sslt checkpoint holds SSL-TIE's network, not {family!r}; "
                                   f"write it in another family's format with `sslt export --family`")
         _check_branch(get_family("ssltie"), branch)
+        _check_front_end(get_family("ssltie"), front_end)
         return _with_notes(model_from_file(obj, path, recipe, device), get_family("ssltie"), "an sslt checkpoint")
     state, prefixed = _weights_in(obj, path)
     if family is None:
@@ -77,12 +79,13 @@ def load_released(path: str | Path, family: str | None = None, *, recipe: Any = 
     else:
         chosen, note = get_family(family), f"{get_family(family).title} (--family {family})"
     _check_branch(chosen, branch)
+    _check_front_end(chosen, front_end)
     network = chosen.network(branch or chosen.branches[0])
     network.load_state_dict(chosen.to_network(state, network, path, chosen.title))
     network.to(device).eval()
     label = "official SSL-TIE" if chosen.name == "ssltie" else chosen.title  # sslt's own checkpoints are "sslt"
     # an official SSL-TIE file carries no recipe: the caller's (image size, log-mel settings) describes its inputs
-    own_recipe = recipe if recipe is not None and chosen.name == "ssltie" else chosen.recipe()
+    own_recipe = recipe if recipe is not None and chosen.name == "ssltie" else chosen.recipe(front_end)
     loaded = LoadedModel(model=network, recipe=own_recipe, label=label, source=path,
                          family=chosen.name, front_end=chosen.front_end)
     return _with_notes(loaded, chosen, note, branch or (chosen.branches[0] if len(chosen.branches) > 1 else None))
@@ -92,6 +95,12 @@ def _check_branch(family: Family, branch: str | None) -> None:
     if branch is not None and branch not in family.branches:
         raise CheckpointError(f"--branch {branch}: {family.title} has {'branches ' + ', '.join(family.branches) if len(family.branches) > 1 else 'one branch'}"
                               f"{'' if len(family.branches) > 1 else ' (--branch is for SLAVC: online or momentum)'}")
+
+
+def _check_front_end(family: Family, front_end: str | None) -> None:
+    allowed = (family.front_end, *family.other_front_ends)
+    if front_end is not None and front_end not in allowed:
+        raise CheckpointError(f"--front-end {front_end}: {family.title} is fed by {' or '.join(allowed)}")
 
 
 def _with_notes(loaded: LoadedModel, family: Family, how: str, branch: str | None = None) -> LoadedModel:
