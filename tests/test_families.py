@@ -182,3 +182,20 @@ def test_the_orchestrator_evaluates_a_family_as_one_more_source(tmp_path):
     assert item.described == "released (FNAC, ezvsl.pth)"
     assert any(note.startswith("family fnac: FNAC (--family fnac)") for note in item.result.notes)
     assert sink.records[0][1]["protocol"] == "fnac" and sink.records[0][2]["n"] == 3
+
+
+def test_slavcs_extended_evaluation_uses_the_familys_range(tmp_path):
+    from sslt_cli import evaluate as ev
+    from sslt_cli.data.synthetic import generate
+
+    generate(tmp_path / "synth", n_train=0, n_val=0, n_test=3, n_flickr=0, image_size=64, workers=1, progress=False)
+    test = ev.load_test_set(tmp_path / "synth" / "test_vggss")
+    path, _ = released_file(tmp_path, "slavc")
+    a, b, c = test.ids
+    options = ev.EvalOptions(baselines=False, save_maps=False, num_workers=0,
+                             extended=ev.ExtendedPairs(((a, b), (b, c))))
+    (item,) = ev.run_evaluation([ev.Source.checkpoint_file("slavc", path)], [("synth", test)], options, _Sink(),
+                                out=None, kind="eval").items
+    extended = item.result.extended
+    assert extended.protocol == "slavc_rel" and extended.value_range == (-1 / 0.03, 1 / 0.03)
+    assert (extended.n_sounding, extended.n_silent) == (3, 2)

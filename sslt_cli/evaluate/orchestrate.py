@@ -133,7 +133,12 @@ def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test
     if dropped:
         notes.append(f"extended evaluation: {len(dropped)} of {len(extended.pairs)} non-sounding pairs have no usable "
                      f"frame/audio in {media.name} and were left out (listed in excluded.csv)")
-    return score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+    value_range = map_value_range(loaded)
+    # SLAVC's evaluator on the family's own maps: its fixed range; the slavc_rel / slavc_abs preset when chosen
+    extended_proto = proto.name if proto.name in ("slavc_rel", "slavc_abs") else (
+        "slavc" if tuple(value_range) == (-1.0, 1.0) else "slavc_rel")
+    return score_extended(maps, silent_maps, test.annotations, protocol=extended_proto, value_range=value_range,
+                          dropped=dropped)
 
 
 def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, proto: Protocol, options: EvalOptions, *,
