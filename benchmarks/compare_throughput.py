@@ -1,14 +1,15 @@
 """``sslt compare`` throughput: three released families (LVS, EZ-VSL, SLAVC; random weights in their released
 formats, speed does not depend on the weights) on a synthetic VGG-SS-style set of 200 clips at 224 px (10 s audio).
 
-Per model it prints clips/s of the whole comparison of that model (``compare.compare``: its own preset with the
-baselines and the outputs, then the common protocol on its maps) and the share of that time spent
+Per model it prints clips/s of the whole comparison of that model (``compare.compare``: loading it, its own preset
+with the baselines and the outputs, then the common protocol on its maps) and the share of that time spent, measured
+inside the same run:
 
-* decoding: the model's loader alone (frame decode + its image pre-processing, audio decode + its released front
-  end), timed in a second pass over the same clips;
-* model: the forward passes alone on the decoded batches (``embed_images``, ``embed_audio``, ``maps``);
-* scoring: ``score_maps`` with the baselines under the model's own preset and under the common protocol;
-* the rest: outputs (metrics.json, per_clip.csv, gallery.png, maps.npz), loading the checkpoint, the picture and CSVs.
+* decoding: the loader's items (frame decode + its image pre-processing, audio decode + its released front end);
+* model: the forward passes (``embed_images`` + ``embed_audio``);
+* scoring: ``score_maps`` with the baselines, under the model's own preset and under the common protocol;
+* the rest: loading the checkpoint, the maps' einsum, the outputs (metrics.json, per_clip.csv, gallery.png,
+  maps.npz), the picture and the CSVs.
 
 The loader runs in the main process (``num_workers=0``) so the shares add up; with workers, decoding overlaps the
 model. Run it under nice on a shared machine; the figures depend on the CPU and its load.
@@ -30,7 +31,7 @@ import torch
 from sslt_cli import compare as C
 from sslt_cli import evaluate
 from sslt_cli.data.synthetic import generate
-from sslt_cli.families import FAMILIES, load_released
+from sslt_cli.families import FAMILIES
 from sslt_cli.tracking import MetricsSink
 
 FAMILIES_TIMED = ("lvs", "ezvsl", "slavc")
@@ -51,32 +52,36 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def stage_times(path: Path, test: evaluate.TestSet, device: torch.device, common: str) -> dict[str, float]:
-    """Seconds of decoding, model and scoring of one model over the set, each timed on its own."""
-    loaded = load_released(path, device=device)
-    protocol = evaluate.get_protocol(loaded.recipe.eval.protocol)
-    clips = [test.clips[cid] for cid in test.ids]
-    loader = evaluate.eval_loader(clips, loaded.recipe, device, protocol.image_preprocessing, num_workers=0)
-    start = time.perf_counter()
-    batches = [(batch["index"], batch["image"], batch["spec"]) for batch in loader]
-    decode = time.perf_counter() - start
-    ids = {int(i): clips[int(i)].id for index, _, _ in batches for i in index}
-    maps = {}
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for index, images, specs in batches:
-            v = evaluate.embed_images(loaded.model, images, device)
-            a = evaluate.embed_audio(loaded.model, specs, device)
-            for i, m in zip(index, loaded.model.maps(v, a)[:, 0].float().cpu().numpy()):
-                maps[ids[int(i)]] = m
-    sync(device)
-    model = time.perf_counter() - start
-    start = time.perf_counter()
-    evaluate.score_maps(maps, test.annotations, protocol, test.ids, device=device)
-    evaluate.score_maps(maps, test.annotations, evaluate.get_protocol(common), test.ids, device=device)
-    scoring = time.perf_counter() - start
-    return {"decode": decode, "model": model, "scoring": scoring}
+class StageClock:
+    """Seconds spent in each stage, charged to the model being compared (``current``)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.current = ""
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    def wrap(self, stage: str, function):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                sync(self.device)
+                bucket = self.seconds.setdefault(self.current, {"decode": 0.0, "model": 0.0, "scoring": 0.0})
+                bucket[stage] += time.perf_counter() - start
+        return timed
+
+
+def instrument(clock: StageClock) -> None:
+    """Time the loader's items, the forward passes and the scoring where ``sslt compare`` calls them."""
+    from sslt_cli.data import datasets
+    from sslt_cli.evaluate import maps, orchestrate
+
+    datasets.AudioVisualDataset.__getitem__ = clock.wrap("decode", datasets.AudioVisualDataset.__getitem__)
+    maps.embed_images = clock.wrap("model", maps.embed_images)
+    maps.embed_audio = clock.wrap("model", maps.embed_audio)
+    orchestrate.score_maps = clock.wrap("scoring", orchestrate.score_maps)
 
 
 def main() -> None:
@@ -96,9 +101,12 @@ def main() -> None:
         test = evaluate.load_test_set(root / "test_vggss")
         paths = [released_checkpoint(name, Path(scratch)) for name in FAMILIES_TIMED]
         whole: dict[str, float] = {}
+        clock = StageClock(device)
+        instrument(clock)
 
         @contextlib.contextmanager
         def timed(label, tags):
+            clock.current = label
             start = time.perf_counter()
             yield MetricsSink.null()
             sync(device)
@@ -112,9 +120,8 @@ def main() -> None:
               f"{torch.get_num_threads()}, loader in the main process")
         print(f"{'model':8} {'preset':10} {'clips/s':>8} {'whole s':>8} {'decode':>7} {'model':>7} {'scoring':>8} "
               f"{'rest':>6}")
-        for path, result in zip(paths, comparison.models):
-            stages = stage_times(path, test, device, args.common)
-            total = whole[result.label]
+        for result in comparison.models:
+            stages, total = clock.seconds[result.label], whole[result.label]
             rest = max(0.0, total - sum(stages.values()))
             shares = [100 * stages[k] / total for k in ("decode", "model", "scoring")] + [100 * rest / total]
             print(f"{result.label:8} {result.own.protocol:10} {n / total:8.2f} {total:8.1f} "

@@ -711,6 +711,9 @@ def compare(
                                                f"({', '.join(FAMILY_CHOICES)}) or auto (recognised from its keys)."),
     branch: Optional[List[str]] = typer.Option(None, "--branch", help="Once per model, in order: online, momentum "
                                                "(SLAVC) or auto."),
+    front_end: Optional[List[str]] = typer.Option(None, "--front-end", help="Once per model, in order: another "
+                                                  f"evaluator's front end ({', '.join(FRONT_END_CHOICES)}) or auto "
+                                                  "(its own)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./compare-<set>)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -721,7 +724,7 @@ def compare(
     from sslt_cli.distributed import pick_device
     from sslt_cli.progress import ClipProgress
 
-    specs = _compare_specs(models, family, branch)
+    specs = _compare_specs(models, family, branch, front_end)
     tests = _eval_sets(None, [data] if data is not None else None, vggss_json, media, id_list)
     if len(tests) != 1:
         raise SsltError("sslt compare takes one test set: --data DIR, or --vggss-json FILE --media DIR")
@@ -737,21 +740,24 @@ def compare(
         err.print(f"{name}: {path}", highlight=False)
 
 
-def _compare_specs(models: List[Path], family: Optional[List[str]], branch: Optional[List[str]]) -> list:
-    """The models of `sslt compare` with their --family / --branch (each given once per model, or not at all)."""
+def _compare_specs(models: List[Path], family: Optional[List[str]], branch: Optional[List[str]],
+                   front_end: Optional[List[str]] = None) -> list:
+    """The models of `sslt compare` with their --family / --branch / --front-end (each given once per model, or not
+    at all)."""
     from sslt_cli.compare import ModelSpec
 
     if len(models) < 2:
         raise SsltError(f"sslt compare needs at least two models, got {len(models)}")
-    for name, values in (("--family", family), ("--branch", branch)):
+    for name, values in (("--family", family), ("--branch", branch), ("--front-end", front_end)):
         if values and len(values) != len(models):
             raise SsltError(f"{name} is given once per model, in order ({len(models)} models, {len(values)} "
                             f"{name}); use auto for a model whose default is right")
     families = [None if f == "auto" else f for f in (family or ["auto"] * len(models))]
     branches = [None if b == "auto" else b for b in (branch or ["auto"] * len(models))]
-    for f, b in zip(families, branches):
-        _check_family(f, b, models[0])
-    return [ModelSpec(path, f, b) for path, f, b in zip(models, families, branches)]
+    front_ends = [None if e == "auto" else e for e in (front_end or ["auto"] * len(models))]
+    for f, b, e in zip(families, branches, front_ends):
+        _check_family(f, b, models[0], e)
+    return [ModelSpec(path, f, b, e) for path, f, b, e in zip(models, families, branches, front_ends)]
 
 
 @contextlib.contextmanager
