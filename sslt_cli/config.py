@@ -68,8 +68,8 @@ class AudioConfig(_Strict):
     n_mels: int = Field(257, ge=1)
     normalized: bool = True
     # logmel: the fields above (SSL-TIE); the released front ends of other methods' models (sslt_cli/frontends.py:
-    # lvs, ezvsl, align_lvs) read the file at its own rate and ignore the fields above
-    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs"] = "logmel"
+    # lvs, ezvsl, align_lvs, align_ezvsl) read the file at its own rate and ignore the fields above
+    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs", "align_ezvsl"] = "logmel"
 
     @model_validator(mode="after")
     def _fits(self) -> "AudioConfig":

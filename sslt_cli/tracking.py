@@ -705,3 +705,11 @@ def sync_run(run: Any) -> SyncReport:
     if problems:
         raise SsltError(f"{run.dir}: {counts[0]} values sent, then the MLflow store {uri} failed", problems)
     return SyncReport(tracker.run_id, uri, run_id is None, *counts, status)
+@contextlib.contextmanager
+def child_tracking(name: str, *, parent_run_id: str | None, tags: dict[str, str] | None = None,
+                   enabled: bool = True, experiment: str = "sslt") -> Iterator[MetricsSink]:
+    """An MLflow run of its own, a child of ``parent_run_id`` from its creation, for numbers of no run folder
+    (``sslt compare``: one per model under the comparison's run); the sink writes MLflow only."""
+    tracker = start_tracking(name, enabled=enabled, experiment=experiment, tags=tags, parent_run_id=parent_run_id)
+    with _closing(MetricsSink(None, tracker)) as sink:
+        yield sink

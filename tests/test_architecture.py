@@ -18,7 +18,7 @@ LAYERS = {
     "data.datasets": 3, "data.annotations": 3, "data.negatives": 3, "data.synthetic": 3, "data.prepare": 3, "data": 3,
     "checkpoint": 4, "published": 4, "ogl": 4, "families": 4, "frontends": 2,
     "evaluate": 5,
-    "train": 6, "retrieve": 6, "calibration": 6, "localize": 6, "localize_render": 2, "media": 3,
+    "train": 6, "retrieve": 6, "compare": 6, "calibration": 6, "localize": 6, "localize_render": 2, "media": 3,
     "ablate": 7,
     "cli": 8, "__main__": 8,
 }

@@ -99,31 +99,42 @@ def embed_audio(model: torch.nn.Module, specs: torch.Tensor, device: str | torch
 
 
 def map_value_range(loaded: "LoadedModel") -> tuple[float, float]:
-    """The value range of the raw maps of ``loaded``'s family: (-1, 1) for sslt's cosine maps. Its common scale,
+    """The value range of the raw maps of ``loaded``'s family (:data:`sslt_cli.families.FAMILIES`): (-1, 1) for
+    cosine maps (sslt, SSL-TIE, LVS, SSL-Align), (-1 / tau, 1 / tau) for EZ-VSL, FNAC and SLAVC. Its common scale,
     ``(A - lo) / (hi - lo)``, is (cos + 1) / 2 (what the negative-audio metrics threshold)."""
-    return tuple(getattr(loaded, "value_range", None) or (-1.0, 1.0))  # type: ignore[return-value]
+    from sslt_cli.families import get_family
+
+    return get_family(loaded.family).value_range
 
 
 def maps_of(loaded: "LoadedModel", v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The raw map of each image with an audio of the loaded model's family: v (B, C, h, w) from
-    :func:`embed_images`, a (B, C) from :func:`embed_audio` -> (B, h, w) float32."""
-    from sslt_cli.model import localisation_map
-
-    return localisation_map(v, a)[:, 0].float()
+    """The raw map of each image with an audio of the loaded model's family (its network's ``maps``): v (B, C, h, w)
+    from :func:`embed_images`, a (B, C) from :func:`embed_audio` -> (B, h, w) float32."""
+    return loaded.model.maps(v, a)[:, 0].float()
 
 
 def audio_front_end(loaded: "LoadedModel") -> tuple[int, Callable[[np.ndarray], torch.Tensor]]:
     """(sample rate, front end) of ``loaded``'s audio: the front end takes a mono waveform (N,) at that rate and gives
-    the spectrogram (1, F, T) :func:`embed_audio` takes (sslt: the recipe's ``audio`` section)."""
+    the spectrogram (1, F, T) :func:`embed_audio` takes (sslt: the recipe's ``audio`` section; a released model:
+    its own front end, :func:`sslt_cli.frontends.spectrogram_of_wave`, at 16 kHz, its training data's rate)."""
     from sslt_cli.data.datasets import waveform_spectrogram
+    from sslt_cli.frontends import RELEASED_RATE, spectrogram_of_wave
 
     audio = loaded.recipe.audio
+    if audio.front_end != "logmel":
+        return RELEASED_RATE, lambda wave: spectrogram_of_wave(wave, RELEASED_RATE, audio.front_end)
     return int(audio.sample_rate), lambda wave: waveform_spectrogram(audio, wave)
 
 
 def audio_seconds(loaded: "LoadedModel") -> float:
-    """Seconds of audio the front end reads (the length of a generated negative waveform)."""
-    return float(loaded.recipe.audio.clip_seconds)
+    """Seconds of audio the front end reads (the length of a generated negative waveform): the recipe's clip, or a
+    released front end's window (LVS 10 s, EZ-VSL / SLAVC / FNAC 3 s, SSLalignment's 3.5-6.5 s slice 3 s)."""
+    from sslt_cli.frontends import FRONT_ENDS
+
+    audio = loaded.recipe.audio
+    if audio.front_end in FRONT_ENDS:
+        return FRONT_ENDS[audio.front_end].window_seconds
+    return float(audio.clip_seconds)
 
 
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],

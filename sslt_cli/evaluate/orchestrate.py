@@ -80,7 +80,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
                         annotation_problems=test.annotation_problems, baselines=options.baselines, name=test.name,
-                        notes=test.notes, device=options.device)
+                        notes=[*test.notes, *loaded.notes], device=options.device)
     if ogl is not None:
         result.notes = [*result.notes, ogl.note()]
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
@@ -134,7 +134,12 @@ def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test
     if dropped:
         notes.append(f"extended evaluation: {len(dropped)} of {len(extended.pairs)} non-sounding pairs have no usable "
                      f"frame/audio in {media.name} and were left out (listed in excluded.csv)")
-    return score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+    value_range = map_value_range(loaded)
+    # SLAVC's evaluator on the family's own maps: its fixed range; the slavc_rel / slavc_abs preset when chosen
+    extended_proto = proto.name if proto.name in ("slavc_rel", "slavc_abs") else (
+        "slavc" if tuple(value_range) == (-1.0, 1.0) else "slavc_rel")
+    return score_extended(maps, silent_maps, test.annotations, protocol=extended_proto, value_range=value_range,
+                          dropped=dropped)
 
 
 def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, proto: Protocol, options: EvalOptions, *,
@@ -171,8 +176,8 @@ class Source:
 
     ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
     weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
-    ``family`` / ``branch``: a checkpoint file's model family (None: recognised from its keys) and SLAVC's branch
-    (:func:`sslt_cli.families.load_released`).
+    ``family`` / ``branch`` / ``front_end``: a checkpoint file's model family (None: recognised from its keys),
+    SLAVC's branch and another evaluator's front end (:func:`sslt_cli.families.load_released`).
     """
 
     label: str
@@ -184,11 +189,14 @@ class Source:
     maps_path: Path | None = None
     family: str | None = None
     branch: str | None = None
+    front_end: str | None = None
 
     @classmethod
     def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None, *,
-                        family: str | None = None, branch: str | None = None) -> "Source":
-        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch)
+                        family: str | None = None, branch: str | None = None,
+                        front_end: str | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch,
+                   front_end=front_end)
 
     @classmethod
     def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
@@ -306,7 +314,7 @@ def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
         from sslt_cli.families import load_released
 
         return load_released(source.checkpoint, source.family, recipe=source.recipe, branch=source.branch,
-                             device=options.device)
+                             device=options.device, front_end=source.front_end)
     return source.loaded
 
 
