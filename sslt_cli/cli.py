@@ -157,6 +157,23 @@ def prepare_vggss_annotations(
         err.print(f"defect: {line}", highlight=False)
 
 
+@prepare_app.command("is3", epilog=_example("sslt prepare is3 ~/IS3 --out data/is3 && sslt eval RUN --data data/is3"))
+def prepare_is3(
+    root: Path = typer.Argument(..., help="IS3 as released: images/, audio_wav/, IS3_annotation.json, "
+                                          "gt_segmentation/."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the prepared set (default: ROOT itself); the "
+                                       "media are read where they are."),
+    gt: str = typer.Option("boxes", "--gt", help="boxes (the annotation's boxes) or masks (gt_segmentation/)."),
+) -> None:
+    """Read the IS3 benchmark (two-object images, one sample per object) into a prepared set: boxes or masks as the
+    ground truth, each sample's category as its label, both objects' classes on screen (scenes.csv)."""
+    from sslt_cli.data.is3 import prepare_is3 as read_is3
+
+    target = out or root
+    writable_dir(target, "--out" if out else "ROOT", why="sslt prepare is3 writes the set's manifest.csv there")
+    _print_prepare(read_is3(root, out, gt=gt), indexed=True)
+
+
 @prepare_app.command("index", epilog=_example(
     "sslt prepare index ~/vggss_test --layout vggss_test --list ssltie-vggss-4911"))
 def prepare_index(

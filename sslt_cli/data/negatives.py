@@ -15,7 +15,8 @@ Draws are seeded: draw d of a run with seed s uses ``SeedSequence([s, d, kind])`
 clip order) and ``SeedSequence([s, d, kind, clip index])`` (noise: each clip's own generator, whose first state word
 is recorded), so a result can be reproduced from ``negatives.csv`` alone. Silence is the same in every draw.
 
-``scenes.csv`` (in a prepared set's folder, optional): ``id,on_screen`` with the classes on screen joined by ``;``.
+``scenes.csv`` (in a prepared set's folder, optional): ``id,on_screen`` with the classes on screen joined by ``;``, and
+optionally ``image``, the image a sample shows (IS3: the two samples of one two-object image).
 """
 from __future__ import annotations
 
@@ -119,13 +120,22 @@ def read_scenes(path: str | Path) -> dict[str, frozenset[str]]:
     return {row["id"]: frozenset(c for c in (row["on_screen"] or "").split(";") if c) for row in rows}
 
 
-def write_scenes(path: str | Path, scenes: Mapping[str, Sequence[str]]) -> Path:
-    """Write a ``scenes.csv`` atomically (rows in the mapping's order, classes sorted)."""
+def read_scene_images(path: str | Path) -> dict[str, str]:
+    """The ``image`` column of a ``scenes.csv`` (the image a sample shows, shared by the samples of one multi-object
+    image: IS3's interactive pairs) -> {clip id: image}; {} when the file has no such column."""
+    rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
+    return {row["id"]: row["image"] for row in rows if row.get("image")}
+
+
+def write_scenes(path: str | Path, scenes: Mapping[str, Sequence[str]],
+                 images: Mapping[str, str] | None = None) -> Path:
+    """Write a ``scenes.csv`` atomically (rows in the mapping's order, classes sorted); with ``images``, a third
+    column ``image`` naming the image each sample shows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("id", "on_screen"))
+    writer.writerow(("id", "on_screen") + (("image",) if images is not None else ()))
     for cid, classes in scenes.items():
-        writer.writerow((cid, ";".join(sorted(classes))))
+        writer.writerow((cid, ";".join(sorted(classes))) + ((images.get(cid, ""),) if images is not None else ()))
     atomic_write_bytes(Path(path), buffer.getvalue().encode())
     return Path(path)
 

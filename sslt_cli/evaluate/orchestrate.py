@@ -30,8 +30,8 @@ from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshol
                                          score_negatives)
 from sslt_cli.evaluate.options import EvalOptions
 from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, negatives_table, result_table, write_outputs
-from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
-                                       test_summary)
+from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps,
+                                       score_interactive, score_maps, test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
 from sslt_cli.metrics import Protocol
 from sslt_cli.runs import EVAL, eval_name
@@ -85,6 +85,8 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
     if options.extended is not None:
         result.extended = _extended_of_model(loaded, maps, test, proto, options, ogl, progress, result.notes)
+    if test.images:
+        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
     if negatives is not None:
         per_model = (per_model_threshold(loaded, negatives.validation, proto, options, negatives,
                                          negatives.validation.scenes) if negatives.validation is not None else None)
@@ -147,6 +149,8 @@ def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, prot
         result.extended, notes = score_extended_maps(maps, extended.maps or {}, extended.pairs, test.ids,
                                                      test.annotations, extended.maps_source)
         result.notes += notes
+    if test.images and maps is not None:
+        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
     negatives = options.negatives
     if negatives is not None and maps is not None:
         if negatives.maps is None:
@@ -344,6 +348,12 @@ def print_evaluation(evaluation: Evaluation, out: "Console", console: "Console",
         table = result_table(item.result)
         table.title = title(item)
         out.print(table)
+        interactive = item.result.interactive
+        if interactive is not None:
+            out.print(f"IS3 ({interactive['n']} samples of {interactive['n_images']} images): cIoU "
+                      f"{100 * interactive['ciou']:.2f}, adaptive cIoU {100 * interactive['ciou_adaptive']:.2f}, IIoU "
+                      f"{100 * interactive['iiou']:.2f} (adaptive {100 * interactive['iiou_adaptive']:.2f}), IAUC "
+                      f"{100 * interactive['iauc']:.2f} (adaptive {100 * interactive['iauc_adaptive']:.2f})")
         extended = item.result.extended
         if extended is not None:
             left_out = f"; {len(extended.excluded)} pairs left out (excluded.csv)" if extended.excluded else ""

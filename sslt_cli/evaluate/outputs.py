@@ -53,6 +53,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
         "baselines": result.baselines,
         "extended": result.extended.to_dict() if result.extended is not None else None,
         "negatives": result.negatives.to_dict() if result.negatives is not None else None,
+        "interactive": result.interactive,
         "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
         "notes": result.notes,
         "published": result.published,
@@ -186,6 +187,8 @@ def mlflow_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
                     for k in ("ap", "ap_slavc", "max_f1", "max_f1_slavc", "n_sounding", "n_silent")})
     if result.negatives is not None:
         out.update(negatives_metrics(result.negatives, f"{base}/negatives"))
+    if result.interactive is not None:
+        out.update(_flat_numbers(f"{base}/interactive", result.interactive))
     out = {k: float(v) for k, v in out.items() if math.isfinite(v)}
     assert all(MLFLOW_NAME.match(k) for k in out), "metric names must match MLflow's pattern"
     return out
