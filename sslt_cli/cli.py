@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import ExitStack
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,8 +16,9 @@ import typer
 from rich.console import Console
 
 from sslt_cli import PROTOCOL_NAMES
+from sslt_cli.data.difficulty import KNOB_HELP
 from sslt_cli.errors import SsltError
-from sslt_cli.preflight import writable_dir
+from sslt_cli.preflight import readable_file, writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -79,13 +81,29 @@ def prepare_synthetic(
     sample_rate: int = typer.Option(16000, "--sample-rate", min=16000, max=48000, help="Audio sample rate (Hz; the sounds reach 7 kHz)."),
     workers: Optional[int] = typer.Option(None, min=1, help="Worker processes (default: CPU count, at most 4)."),
     force: bool = typer.Option(False, help="Regenerate into a folder made with other parameters."),
+    preset: str = typer.Option("easy", help="Difficulty preset: easy (the embedded benchmark) or hard (every knob "
+                                            "below on, like real video); the knobs override it."),
+    objects: Optional[str] = typer.Option(None, help=KNOB_HELP["objects"]),
+    area: Optional[str] = typer.Option(None, help=KNOB_HELP["area"]),
+    background: Optional[str] = typer.Option(None, help=KNOB_HELP["background"]),
+    same_shape: Optional[float] = typer.Option(None, "--same-shape", help=KNOB_HELP["same_shape"]),
+    offscreen: Optional[float] = typer.Option(None, help=KNOB_HELP["offscreen"]),
+    offscreen_db: Optional[str] = typer.Option(None, "--offscreen-db", help=KNOB_HELP["offscreen_db"]),
+    snr_db: Optional[str] = typer.Option(None, "--snr-db", help=KNOB_HELP["snr_db"]),
+    camera: Optional[float] = typer.Option(None, help=KNOB_HELP["camera"]),
 ) -> None:
-    """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test)."""
+    """Generate the embedded synthetic benchmark in the real layouts (train, val, VGG-SS-style and Flickr-style test);
+    --preset hard and the difficulty knobs make it look like real video (scenes.csv records what each clip drew)."""
+    from sslt_cli.data.difficulty import parse_difficulty
     from sslt_cli.data.synthetic import generate
 
     writable_dir(out_dir, "--out")
+    knobs = {"objects": objects, "area": area, "background": background, "same_shape": same_shape,
+             "offscreen": offscreen, "offscreen_db": offscreen_db, "snr_db": snr_db, "camera": camera}
+    difficulty = parse_difficulty(preset, {k: v for k, v in knobs.items() if v is not None}, where="--preset/knobs")
     summary = generate(out_dir, n_train=n_train, n_val=n_val, n_test=n_test, n_flickr=n_flickr, seed=seed,
-                       image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True)
+                       image_size=image_size, sample_rate=sample_rate, workers=workers, force=force, progress=True,
+                       difficulty=difficulty)
     _print_mapping("synthetic benchmark", summary)
 
 
@@ -106,6 +124,7 @@ def prepare_vggsound(
     from sslt_cli.data.prepare import prepare_vggsound as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"), (vggss_json, "--vggss-json", "boxes"), (labels, "--labels", "labels"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -128,6 +147,7 @@ def prepare_flickr(
     from sslt_cli.data.prepare import prepare_flickr as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -188,6 +208,7 @@ def prepare_index(
     from sslt_cli.data.prepare import index_existing
 
     writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
+    _check_inputs((id_list, "--list", "list"), (labels, "--labels", "labels"))
     _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
 
 
@@ -303,17 +324,23 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then)."""
+    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
+    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
     from sslt_cli import distributed
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    run = distributed.share_run(env, lambda: make_run(env.world))
-    with run_tracking(run, recipe, main=env.main) as sink:
-        result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
-        sink.end("FINISHED" if result.status == "finished" else "KILLED")
+    with ExitStack() as held:
+        if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
+            held.enter_context(_held(make_run(env.world).dir, "run folder"))
+        preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
+        run = distributed.share_run(env, lambda: make_run(env.world))
+        if not resume:
+            held.enter_context(_held(run.dir, "run folder", env.main))
+        with run_tracking(run, recipe, main=env.main) as sink:
+            result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
+            sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
         err.print(f"not finished: {run.resume_hint()}", highlight=False)
         raise typer.Exit(130)
@@ -388,7 +415,11 @@ def eval_cmd(
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((vggss_json, "--vggss-json", "boxes"), (id_list, "--list", "list"), (extended, "--extended", "pairs"),
+                  (ogl_weights, "--ogl-weights", None))
     recipe, sources, run_dir = _eval_sources(target, which, maps)
+    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
+    _check_outputs(where, run_dir, "sslt eval")
     options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
                             no_clip=no_clip, ogl=(ogl_weights, ogl_alpha), batch_size=batch_size, device=device,
                             extended=(extended, silent_data, silent_maps))
@@ -397,7 +428,6 @@ def eval_cmd(
                               labels=labels, threshold=threshold, validation=negatives_val,
                               negative_maps=negative_maps)
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
-    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
     run = Run.open(run_dir) if run_dir is not None else None
     with _tracking(run, recipe, f"eval-{target.stem if target is not None else 'maps'}",
                    params={"eval.protocol": options.protocol_for(getattr(recipe, "eval", None)).name}) as sink:
@@ -575,11 +605,13 @@ def retrieve(
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((labels, "--labels", "labels"))
     dev = pick_device(device, option="--device")
     options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
                                       gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
     model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
                                                       out_dir=out_dir)
+    _check_outputs(model.out_dir, model.run.dir if model.run is not None else None, "sslt retrieve")
     with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
                    tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
         report = R.retrieve(model, clip_set, clip_labels, options, sink, progress=bars.update,
@@ -587,6 +619,16 @@ def retrieve(
     out.print(R.results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
     for line in R.report_lines(report):
         err.print(line, highlight=False, markup=False)
+
+
+def _held(folder: Path, what: str, main: bool = True):
+    """Hold ``folder`` for this process (:func:`sslt_cli.folder_lock.hold`); nothing off rank 0, whose rank 0 holds
+    it."""
+    from contextlib import nullcontext
+
+    from sslt_cli.folder_lock import hold
+
+    return hold(folder, what) if main else nullcontext()
 
 
 def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | None = None):
@@ -675,6 +717,9 @@ def localize(
     from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
+    writable_dir(out_dir, "--out")
+    _check_inputs(*[(path, "--image", None) for path in image or []], *[(path, "--audio", None) for path in audio or []],
+                  (recipe, "--recipe", None))
     options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
                           device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
@@ -793,6 +838,23 @@ def ui(
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+
+def _check_inputs(*inputs: tuple[Optional[Path], str, Optional[str]]) -> None:
+    """Each given (path, option, built-in kind or None) names a readable file, before any work
+    (:func:`~sslt_cli.preflight.readable_file`)."""
+    for path, what, kind in inputs:
+        if path is not None:
+            readable_file(path, what, kind)
+
+
+def _check_outputs(out_dir: Path, run_dir: Optional[Path], command: str) -> None:
+    """Before any work: the output folder and, for a model in a run folder, the run folder (its metrics.jsonl,
+    meta.json and train.log record the numbers) can be written."""
+    if run_dir is not None:
+        writable_dir(run_dir, "run folder", why=f"{command} records its numbers in the run folder (metrics.jsonl, "
+                                                 "meta.json)")
+    writable_dir(out_dir, "output folder")
+
 
 def _fmt(value: object) -> str:
     if value is None:

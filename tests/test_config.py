@@ -26,6 +26,9 @@ RECIPES = sorted(p for p in (REPO_ROOT / "recipes").glob("**/*.yaml")
                  if "ablations" not in p.relative_to(REPO_ROOT / "recipes").parts)
 ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("**/*.yaml"))
 
+PRESETS = ("'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl', 'slavc', 'fnac_bicubic', 'slavc_rel', 'slavc_abs', 'align', "
+           "'align_lvs' or 'align_lvs_bilinear'")
+
 
 def write_recipe(text: str, name: str = "recipe.yaml") -> str:
     """Write a recipe into the test's working folder and return its relative path (the name messages show)."""
@@ -168,7 +171,7 @@ def test_the_resolved_recipe_round_trips_through_yaml() -> None:
     ("optim:\n  batch_size: abc\n", [], "key 'optim.batch_size': expected an integer, got 'abc'"),
     ("{}\n", ["optim.lr=abc"], "key 'optim.lr': expected a number, got 'abc' (from override 'optim.lr=abc')"),
     ("eval:\n  protocol: foo\n", [],
-     "key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'"),
+     f"key 'eval.protocol': expected {PRESETS}, got 'foo'"),
     ("{}\n", ["optim.lr=-1"], "key 'optim.lr': input should be greater than 0, got -1 (from override 'optim.lr=-1')"),
 ], ids=["unknown_key", "unknown_key_no_match", "unknown_override_key", "wrong_type", "wrong_type_override",
         "bad_literal", "out_of_range"])
@@ -186,7 +189,7 @@ def test_all_problems_are_reported_together() -> None:
         "  - recipe.yaml: key 'seed': expected an integer, got 1.5 (from override 'seed=1.5')\n"
         "  - recipe.yaml: key 'optim.batch_size': expected an integer, got 'abc'\n"
         "  - recipe.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)\n"
-        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'")
+        f"  - recipe.yaml: key 'eval.protocol': expected {PRESETS}, got 'foo'")
 
 
 def test_malformed_override() -> None:

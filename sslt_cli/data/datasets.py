@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from sslt_cli import audio as audio_lib
+from sslt_cli import frontends
 from sslt_cli.config import AudioConfig, MaskConfig
 from sslt_cli.data.augment import (
     ImageTransform,
@@ -269,7 +270,10 @@ class AudioVisualDataset(Dataset):
         return self._spectrogram_of(mix_waveforms(own, other, alpha))
 
     def _log_mel(self, clip: Clip) -> torch.Tensor:
-        """The clip's unmixed log-mel (1, n_mels, T), through the cache when there is one."""
+        """The clip's unmixed log-mel (1, n_mels, T), through the cache when there is one; under a released model's
+        front end (``audio.front_end``, :mod:`sslt_cli.frontends`) that front end's spectrogram of the file."""
+        if self.audio.front_end != "logmel":
+            return frontends.spectrogram_of_file(clip.audio, self.audio.front_end)
         if self.cache_dir is None:
             return self._spectrogram_of(self._waveform(clip.audio))
         path = self._cache_path(self.cache_dir, clip)

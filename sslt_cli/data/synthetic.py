@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from sslt_cli.data.difficulty import Difficulty, from_params
 from sslt_cli.data.annotations import (FLICKR_GRID, Annotation, annotations_to_vggss_json, flickr_xml_text,
                                       vggss_xml_text)
 from sslt_cli.data.manifest import MANIFEST, SET_INFO, Clip, atomic_write_bytes, layout_paths, read_set, write_set
@@ -77,7 +78,6 @@ _MIN_VISIBLE = 0.6  # fraction of every object's shape left uncovered by the obj
 _PLACEMENT_TRIES = 25
 _JPEG_QUALITY = 90
 _FLICKR_JITTER = 3  # annotator disagreement, 256-grid pixels
-_SNR_DB = (5.0, 20.0)
 _AUDIO_SECONDS = {"train": 3, "val": 10, "test_vggss": 10, "test_flickr": 10}
 _SETS = (  # name, layout, stream code of its RNG, two instances allowed
     ("train", "vggsound_train", 0, True),
@@ -90,6 +90,11 @@ _ID_ALPHABET = string.ascii_letters + string.digits + "_-"
 # because SeedSequence pads short entropy with zeros, so a trailing 0 would not tell two sequences apart.
 _ID_STREAM, _LABEL_STREAM = 1, 2
 _MOVING_STREAM = 10  # RNG stream of moving_clip's scenes, apart from every set's (0-3)
+# The difficulty knobs draw from their own RNGs (SeedSequence word 3), so the easy benchmark's draws are untouched
+# and one knob changed on its own leaves the rest of every scene as it was.
+_KNOB_STREAM = 3
+_CAMERA_KEEP = 0.5  # share of the sounding boxes' area a camera crop must keep in the frame
+_CAMERA_TRIES = 20
 _MOVING_MAX_SIDE = 0.4
 
 
@@ -98,21 +103,42 @@ _MOVING_MAX_SIDE = 0.4
 @dataclass(frozen=True)
 class _Object:
     category: int
-    box: tuple[float, float, float, float]  # normalised xmin, ymin, xmax, ymax
+    box: tuple[float, float, float, float]  # normalised xmin, ymin, xmax, ymax, in scene coordinates
     sounding: bool
+    shape: str = ""  # drawn in this shape instead of its category's (a same-shape distractor)
+
+    @property
+    def drawn_shape(self) -> str:
+        return self.shape or _CATEGORIES[self.category].shape
 
 
 @dataclass(frozen=True)
 class _Scene:
     label: int
     objects: tuple[_Object, ...]  # in drawing order, back to front
+    camera: tuple[float, float, float] | None = None  # zoom, window's left and top in scene coordinates
+    offscreen: int | None = None  # category of the off-screen second sound
+
+    def frame_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A scene box in the frame's normalised coordinates, clipped to the frame (empty when cut out)."""
+        if self.camera is None:
+            return box
+        zoom, left, top = self.camera
+        x0, x1 = (min(max((v - left) * zoom, 0.0), 1.0) for v in (box[0], box[2]))
+        y0, y1 = (min(max((v - top) * zoom, 0.0), 1.0) for v in (box[1], box[3]))
+        return (x0, y0, x1, y1)
 
     @property
     def sounding_boxes(self) -> list[tuple[float, float, float, float]]:
-        return [o.box for o in self.objects if o.sounding]
+        """The sounding object's boxes as the frame shows them (a box the camera cuts out entirely is dropped)."""
+        boxes = [self.frame_box(o.box) for o in self.objects if o.sounding]
+        return [b for b in boxes if _box_area(b) > 0.0]
 
 
-def _sample_area(rng: np.random.Generator) -> float:
+def _sample_area(rng: np.random.Generator, area: tuple[float, float] | None = None) -> float:
+    """A box area: VGG-SS's union-box quantiles, or log-uniform over ``area`` (the difficulty knob)."""
+    if area is not None:
+        return float(area[0] * (area[1] / area[0]) ** rng.uniform())
     qs, areas = zip(*_AREA_QUANTILES)
     return float(np.interp(rng.uniform(), qs, areas))
 
@@ -169,7 +195,7 @@ def _visibility(objects: list[_Object], grid: int = 64) -> list[float]:
     for obj in objects:
         x0, y0, x1, y1 = _pixel_box(obj.box, grid)
         mask = np.zeros((grid, grid), bool)
-        mask[y0:y1, x0:x1] = _shape_mask(_CATEGORIES[obj.category].shape, x1 - x0, y1 - y0) >= 0.5
+        mask[y0:y1, x0:x1] = _shape_mask(obj.drawn_shape, x1 - x0, y1 - y0) >= 0.5
         masks.append(mask)
     covered = np.zeros((grid, grid), bool)
     fractions = []
@@ -193,27 +219,49 @@ def _drawing_order(objects: list[_Object]) -> tuple[list[_Object], list[float]]:
     return order, visible
 
 
-def _sample_scene(rng: np.random.Generator, label: int, n_classes: int, two_instances_allowed: bool) -> _Scene:
-    """One scene: the sounding category (one box, or two disjoint ones), plus 1-2 distractors of other categories.
+_EASY = Difficulty()
 
-    Every object's size is drawn once from the same VGG-SS area distribution; then all objects are placed together,
+
+def _sample_scene(rng: np.random.Generator, label: int, n_classes: int, two_instances_allowed: bool,
+                  difficulty: Difficulty = _EASY, knob_rng: np.random.Generator | None = None) -> _Scene:
+    """One scene: the sounding category (one box, or two disjoint ones), plus 1-2 distractors of other categories
+    (``difficulty.objects`` sets how many categories).
+
+    Every object's size is drawn once from the same area distribution; then all objects are placed together,
     up to ``_PLACEMENT_TRIES`` times (keeping the best), until each keeps ``_MIN_VISIBLE`` of its shape visible.
     Sizes never depend on the placement, and sounding and distractor objects are placed by the same rule, so neither
-    size nor position tells them apart.
+    size nor position tells them apart. The knobs that add to a scene (same-shape distractors, the off-screen sound,
+    the camera) draw from ``knob_rng`` only when they are on, so the easy scenes stay as they always were.
     """
-    area = _sample_area(rng)
+    area = _sample_area(rng, difficulty.area)
     two = two_instances_allowed and rng.uniform() < _TWO_INSTANCE_PROB
     size = _box_size(area, _sample_aspect(rng))
-    n_distractors = min(int(rng.integers(1, 3)), n_classes - 1)
+    low, high = difficulty.objects
+    n_distractors = min(int(rng.integers(low - 1, high)), n_classes - 1)
     others = [c for c in range(n_classes) if c != label]
-    distractors = [(int(c), _box_size(_sample_area(rng), _sample_aspect(rng)))
+    distractors = [(int(c), _box_size(_sample_area(rng, difficulty.area), _sample_aspect(rng)))
                    for c in rng.choice(others, size=n_distractors, replace=False)]
+    knob_rng = knob_rng if knob_rng is not None else np.random.default_rng(0)
+    shapes = [_CATEGORIES[label].shape if difficulty.same_shape and knob_rng.uniform() < difficulty.same_shape else ""
+              for _ in distractors]
+    objects = _placed(rng, label, area, size, two, distractors, shapes)
+    offscreen = None
+    if difficulty.offscreen and knob_rng.uniform() < difficulty.offscreen:
+        unseen = sorted(set(range(n_classes)) - {o.category for o in objects})
+        offscreen = int(knob_rng.choice(unseen)) if unseen else None
+    camera = _camera(objects, difficulty.camera, knob_rng) if difficulty.camera else None
+    return _Scene(label, tuple(objects), camera, offscreen)
+
+
+def _placed(rng: np.random.Generator, label: int, area: float, size: tuple[float, float], two: bool,
+            distractors: list[tuple[int, tuple[float, float]]], shapes: list[str]) -> list[_Object]:
+    """The scene's objects placed (the best of ``_PLACEMENT_TRIES`` tries), back to front."""
     best: list[_Object] = []
     best_score = (-1.0, -1.0)
     for _ in range(_PLACEMENT_TRIES):
         sounding = _two_instances(area, rng) if two else [_place(*size, rng)]
         objects = [_Object(label, b, True) for b in sounding]
-        objects += [_Object(c, _place(w, h, rng), False) for c, (w, h) in distractors]
+        objects += [_Object(c, _place(w, h, rng), False, shape) for (c, (w, h)), shape in zip(distractors, shapes)]
         objects, visible = _drawing_order(objects)
         # A hidden sounding object is worse than a hidden distractor: rank by it first.
         sounding_visible = min(v for o, v in zip(objects, visible) if o.sounding)
@@ -222,7 +270,29 @@ def _sample_scene(rng: np.random.Generator, label: int, n_classes: int, two_inst
             best, best_score = objects, score
         if score[1] >= _MIN_VISIBLE:
             break
-    return _Scene(label, tuple(best))
+    return best
+
+
+def _kept_share(objects: list[_Object], camera: tuple[float, float, float]) -> float:
+    """Share of the sounding boxes' area inside the camera's window."""
+    scene = _Scene(0, tuple(objects), camera)
+    whole = sum(_box_area(o.box) for o in objects if o.sounding)
+    kept = sum(_box_area(scene.frame_box(o.box)) / camera[0] ** 2 for o in objects if o.sounding)
+    return kept / whole if whole > 0 else 0.0
+
+
+def _camera(objects: list[_Object], strength: float, rng: np.random.Generator) -> tuple[float, float, float]:
+    """A hand-held camera's window on the scene: zoom 1 to 1 + ``strength``, panned anywhere that keeps
+    ``_CAMERA_KEEP`` of the sounding object in the frame (else centred on it): (zoom, left, top)."""
+    zoom = 1.0 + rng.uniform(0.0, strength)
+    side = 1.0 / zoom
+    for _ in range(_CAMERA_TRIES):
+        camera = (zoom, rng.uniform(0.0, 1.0 - side), rng.uniform(0.0, 1.0 - side))
+        if _kept_share(objects, camera) >= _CAMERA_KEEP:
+            return camera
+    box = next(o.box for o in objects if o.sounding)
+    centre = [(box[0] + box[2]) / 2, (box[1] + box[3]) / 2]
+    return (zoom, *(min(max(c - side / 2, 0.0), 1.0 - side) for c in centre))
 
 
 def _union_area(boxes: list[tuple[float, float, float, float]]) -> float:
@@ -340,25 +410,74 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def _render_pixels(scene: _Scene, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The scene as a (size, size, 3) uint8 RGB picture."""
-    img = _background(size, rng)
+def _grain_and_gratings(img: np.ndarray, rng: np.random.Generator) -> None:
+    """Fine textures over the background, in place: 2-3 gratings (periods of 3-10 px at 128 px, any angle), each
+    over a blotchy region, and grain; brightness only, like foliage, brick, water or a crowd."""
+    import cv2
+
+    size = img.shape[0]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(int(rng.integers(2, 4))):
+        angle, phase = rng.uniform(0.0, math.pi), rng.uniform(0.0, 2.0 * math.pi)
+        period = max(3.0, rng.uniform(3.0, 10.0) * size / 128.0)
+        wave = np.sin(2.0 * math.pi * (xs * math.cos(angle) + ys * math.sin(angle)) / period + phase)
+        region = cv2.resize(rng.uniform(-1.0, 1.0, (4, 4)).astype(np.float32), (size, size),
+                            interpolation=cv2.INTER_CUBIC)
+        img += (rng.uniform(15.0, 30.0) * wave * np.clip(3.0 * region, 0.0, 1.0))[..., None]
+    img += rng.normal(0.0, 10.0, (size, size, 1)).astype(np.float32)
+
+
+def _clutter(img: np.ndarray, rng: np.random.Generator) -> None:
+    """4-10 grey, washed-out objects of the benchmark's shape family drawn on the background, in place: the
+    furniture of a real scene, things that look like objects but are no category."""
+    size = img.shape[0]
+    shapes = sorted({c.shape for c in _CATEGORIES})
+    for _ in range(int(rng.integers(4, 11))):
+        w, h = _box_size(float(0.01 * 12.0 ** rng.uniform()), _sample_aspect(rng))
+        x0, y0, x1, y1 = _pixel_box(_place(w, h, rng), size)
+        alpha = _shape_mask(shapes[int(rng.integers(len(shapes)))], x1 - x0, y1 - y0)[..., None]
+        colour = _rgb(rng.uniform(0.0, 360.0), rng.uniform(0.0, 0.25), rng.uniform(0.25, 0.85))
+        img[y0:y1, x0:x1] = img[y0:y1, x0:x1] * (1.0 - alpha) + colour * alpha
+
+
+def _canvas(scene: _Scene, size: int) -> tuple[int, int, int]:
+    """The size at which the scene is drawn so that the camera's window is ``size`` pixels, and the window's
+    left and top in canvas pixels (``size, 0, 0`` without a camera)."""
+    if scene.camera is None:
+        return size, 0, 0
+    zoom, left, top = scene.camera
+    canvas = int(round(size * zoom))
+    return canvas, min(int(round(left * canvas)), canvas - size), min(int(round(top * canvas)), canvas - size)
+
+
+def _render_pixels(scene: _Scene, size: int, rng: np.random.Generator, background: str = "smooth",
+                   knob_rng: np.random.Generator | None = None) -> np.ndarray:
+    """The scene as a (size, size, 3) uint8 RGB picture; ``background`` and the scene's camera are difficulty
+    knobs (their draws come from ``knob_rng``)."""
+    canvas, left, top = _canvas(scene, size)
+    img = _background(canvas, rng)
+    if background != "smooth":
+        knob_rng = knob_rng if knob_rng is not None else np.random.default_rng(0)
+        _grain_and_gratings(img, knob_rng)
+        if background == "cluttered":
+            _clutter(img, knob_rng)
     for obj in scene.objects:
-        x0, y0, x1, y1 = _pixel_box(obj.box, size)
-        category = _CATEGORIES[obj.category]
-        alpha = _shape_mask(category.shape, x1 - x0, y1 - y0)[..., None]
-        patch = _texture(category, (x0, y0, x1, y1), size, rng)
+        x0, y0, x1, y1 = _pixel_box(obj.box, canvas)
+        alpha = _shape_mask(obj.drawn_shape, x1 - x0, y1 - y0)[..., None]
+        patch = _texture(_CATEGORIES[obj.category], (x0, y0, x1, y1), canvas, rng)
         region = img[y0:y1, x0:x1]
         img[y0:y1, x0:x1] = region * (1.0 - alpha) + patch * alpha
+    img = img[top:top + size, left:left + size]
     img += rng.normal(0.0, 4.0, img.shape).astype(np.float32)  # sensor noise over everything
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _render_frame(scene: _Scene, size: int, rng: np.random.Generator) -> bytes:
+def _render_frame(scene: _Scene, size: int, rng: np.random.Generator, background: str = "smooth",
+                  knob_rng: np.random.Generator | None = None) -> bytes:
     """The scene as JPEG bytes (``size`` x ``size``, quality 90)."""
     import cv2
 
-    bgr = _render_pixels(scene, size, rng)[..., ::-1]
+    bgr = _render_pixels(scene, size, rng, background, knob_rng)[..., ::-1]
     ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(bgr), [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
     if not ok:
         raise RuntimeError("cv2.imencode failed to encode a JPEG frame")
@@ -470,20 +589,48 @@ def _sound(name: str, n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"no sound for category {name!r}")
 
 
-def _render_audio(label: int, seconds: int, sr: int, rng: np.random.Generator) -> bytes:
-    """The clip's audio: the sounding category (random onset) over pink background noise (SNR 5-20 dB), as WAV bytes
-    (mono, PCM 16-bit)."""
-    n = seconds * sr
+def _onset_sound(label: int, n: int, sr: int, rng: np.random.Generator) -> np.ndarray:
+    """The category's sound starting 0-0.25 s in (20 ms fade-in), at unit RMS: (n,) float64."""
     signal = _sound(CLASSES[label], n, sr, rng)
     t = np.arange(n) / sr
     signal = signal * np.clip((t - rng.uniform(0.0, 0.25)) / 0.02, 0.0, 1.0)
     signal /= np.sqrt(np.mean(signal ** 2)) + 1e-12
+    return signal
+
+
+def _audio_mix(label: int, seconds: int, sr: int, rng: np.random.Generator, difficulty: Difficulty = _EASY,
+               offscreen: int | None = None, knob_rng: np.random.Generator | None = None) -> tuple[np.ndarray, dict]:
+    """The clip's audio before encoding: the sounding category (random onset), plus the ``offscreen`` category's
+    sound at ``difficulty.offscreen_db`` below/above it when there is one, over pink noise at an SNR drawn from
+    ``difficulty.snr_db`` (the sounding object's power over the noise's), peak-normalised to 0.3-0.9.
+
+    Returns ((n,) float64 mix, {"snr_db", "offscreen_db"} as drawn).
+    """
+    n = seconds * sr
+    signal = _onset_sound(label, n, sr, rng)
     spectrum = np.fft.rfft(rng.standard_normal(n))
     spectrum /= np.sqrt(np.maximum(np.fft.rfftfreq(n, 1.0 / sr), 50.0))  # 1/f power: pink
     noise = np.fft.irfft(spectrum, n)
     noise /= np.sqrt(np.mean(noise ** 2)) + 1e-12
-    mix = signal + noise * 10.0 ** (-rng.uniform(*_SNR_DB) / 20.0)
+    snr = float(rng.uniform(*difficulty.snr_db))
+    drawn: dict = {"snr_db": snr, "offscreen_db": None}
+    if offscreen is not None:
+        knob_rng = knob_rng if knob_rng is not None else np.random.default_rng(0)
+        level = float(knob_rng.uniform(*difficulty.offscreen_db))
+        signal = signal + _onset_sound(offscreen, n, sr, knob_rng) * 10.0 ** (level / 20.0)
+        drawn["offscreen_db"] = level
+    mix = signal + noise * 10.0 ** (-snr / 20.0)
     mix *= rng.uniform(0.3, 0.9) / (np.abs(mix).max() + 1e-12)
+    return mix, drawn
+
+
+def _render_audio(label: int, seconds: int, sr: int, rng: np.random.Generator) -> bytes:
+    """The easy benchmark's audio of a clip (no off-screen sound, SNR 5-20 dB) as WAV bytes."""
+    return _wav_bytes(_audio_mix(label, seconds, sr, rng)[0], sr)
+
+
+def _wav_bytes(mix: np.ndarray, sr: int) -> bytes:
+    """(n,) float audio in [-1, 1] as WAV bytes (mono, PCM 16-bit)."""
     pcm = np.round(np.clip(mix, -1.0, 1.0) * 32767.0).astype("<i2")
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:
@@ -558,6 +705,20 @@ def _clip_rngs(seed: int, stream: int, index: int) -> list[np.random.Generator]:
     """Independent scene, image, audio and annotation RNGs of one clip."""
     children = np.random.SeedSequence([seed, stream, index]).spawn(4)
     return [np.random.default_rng(c) for c in children]
+
+
+def _knob_rngs(seed: int, stream: int, index: int) -> list[np.random.Generator]:
+    """Independent scene, image and audio RNGs of one clip's difficulty knobs (apart from ``_clip_rngs``)."""
+    children = np.random.SeedSequence([seed, stream, index, _KNOB_STREAM]).spawn(3)
+    return [np.random.default_rng(c) for c in children]
+
+
+def _replay_scene(params: dict, stream: int, index: int, label: int, two_ok: bool,
+                  difficulty: Difficulty) -> _Scene:
+    """A clip's scene exactly as ``generate`` drew it."""
+    scene_rng = _clip_rngs(params["seed"], stream, index)[0]
+    knob_rng = _knob_rngs(params["seed"], stream, index)[0]
+    return _sample_scene(scene_rng, label, params["n_classes"], two_ok, difficulty, knob_rng)
 
 
 def _clip_id(seed: int, stream: int, index: int, attempt: int, flickr: bool) -> str:
@@ -635,33 +796,42 @@ def sounding_masks(benchmark: str | Path, set_name: str, size: int = 224) -> dic
     if set_name not in streams:
         raise DataError(f"unknown synthetic set {set_name!r}; expected one of {', '.join(streams)}")
     params = doc["params"]
+    difficulty = from_params(params)
     counts = {name: int(info["clips"]) for name, info in doc["sets"].items()}
     stream, two_ok = streams[set_name]
-    masks = {}
-    for index, clip_id, label in _assign_clips(params, counts)[set_name]:
-        scene = _sample_scene(_clip_rngs(params["seed"], stream, index)[0], label, params["n_classes"], two_ok)
-        covered = np.zeros((size, size), bool)
-        sounding = np.zeros((size, size), bool)
-        for obj in reversed(scene.objects):  # front to back
-            x0, y0, x1, y1 = _pixel_box(obj.box, size)
-            shape = np.zeros((size, size), bool)
-            shape[y0:y1, x0:x1] = _shape_mask(_CATEGORIES[obj.category].shape, x1 - x0, y1 - y0) >= 0.5
-            if obj.sounding:
-                sounding |= shape & ~covered
-            covered |= shape
-        masks[clip_id] = sounding
-    return masks
+    return {clip_id: _sounding_mask(_replay_scene(params, stream, index, label, two_ok, difficulty), size)
+            for index, clip_id, label in _assign_clips(params, counts)[set_name]}
+
+
+def _sounding_mask(scene: _Scene, size: int) -> np.ndarray:
+    """The sounding object's visible pixels in the frame (through the scene's camera): (size, size) bool."""
+    canvas, left, top = _canvas(scene, size)
+    covered = np.zeros((canvas, canvas), bool)
+    sounding = np.zeros((canvas, canvas), bool)
+    for obj in reversed(scene.objects):  # front to back
+        x0, y0, x1, y1 = _pixel_box(obj.box, canvas)
+        shape = np.zeros((canvas, canvas), bool)
+        shape[y0:y1, x0:x1] = _shape_mask(obj.drawn_shape, x1 - x0, y1 - y0) >= 0.5
+        if obj.sounding:
+            sounding |= shape & ~covered
+        covered |= shape
+    return sounding[top:top + size, left:left + size]
 
 
 def _make_clips(job: dict) -> list[dict]:
     """Render and write one chunk of clips; returns one record per clip (id, label, boxes, files written)."""
     out, name, layout, stream, two_ok = Path(job["out"]), job["set"], job["layout"], job["stream"], job["two_ok"]
     p = job["params"]
+    difficulty = from_params(p)
     size = max(FLICKR_GRID, p["image_size"]) if layout == "flickr_test" else p["image_size"]
     records = []
     for index, clip_id, label in job["clips"]:
         scene_rng, image_rng, audio_rng, anno_rng = _clip_rngs(p["seed"], stream, index)
-        scene = _sample_scene(scene_rng, label, p["n_classes"], two_ok)
+        _, knob_image_rng, knob_audio_rng = _knob_rngs(p["seed"], stream, index)
+        scene = _replay_scene(p, stream, index, label, two_ok, difficulty)
+        # The audio is mixed even when its file is trusted: scenes.csv records the SNR it drew.
+        mix, drawn = _audio_mix(label, _AUDIO_SECONDS[name], p["sample_rate"], audio_rng, difficulty,
+                                scene.offscreen, knob_audio_rng)
         pixel_boxes = [_pixel_box(b, size) for b in scene.sounding_boxes]
         frame, audio, anno = layout_paths(layout, clip_id)
         annotation = None
@@ -673,15 +843,52 @@ def _make_clips(job: dict) -> list[dict]:
         paths = [out / name / rel for rel in (frame, audio, anno) if rel]
         written = 0
         if not (job["trust_existing"] and all(path.is_file() for path in paths)):
-            contents = [_render_frame(scene, size, image_rng),
-                        _render_audio(label, _AUDIO_SECONDS[name], p["sample_rate"], audio_rng)]
+            contents = [_render_frame(scene, size, image_rng, difficulty.background, knob_image_rng),
+                        _wav_bytes(mix, p["sample_rate"])]
             if annotation is not None:
                 text = vggss_xml_text(annotation) if annotation.kind == "vggss" else flickr_xml_text(annotation)
                 contents.append(text.encode())
             written = sum(_write_if_changed(path, data) for path, data in zip(paths, contents))
         records.append({"index": index, "id": clip_id, "label": CLASSES[label], "frame": frame, "audio": audio,
-                        "anno": anno, "annotation": annotation, "written": written, "files": len(paths)})
+                        "anno": anno, "annotation": annotation, "written": written, "files": len(paths),
+                        "scene": _scene_row(scene, clip_id, name, drawn, difficulty)})
     return records
+
+
+SCENE_COLUMNS = ("clip_id", "split", "on_screen_classes", "sounding_class", "n_objects", "sounding_area",
+                 "distractor_areas", "same_shape_distractors", "background", "snr_db", "offscreen_class",
+                 "offscreen_db", "camera_zoom", "camera_left", "camera_top")
+
+
+def _scene_row(scene: _Scene, clip_id: str, split: str, drawn: dict, difficulty: Difficulty) -> dict[str, str]:
+    """What the generator drew for one clip, as a scenes.csv row (areas are shares of the frame as shown)."""
+    shown = [o for o in scene.objects if _box_area(scene.frame_box(o.box)) > 0.0]
+    distractors = [o for o in shown if not o.sounding]
+    zoom, left, top = scene.camera or (1.0, 0.0, 0.0)
+    return {
+        "clip_id": clip_id, "split": split,
+        "on_screen_classes": ";".join(CLASSES[c] for c in sorted({o.category for o in shown})),
+        "sounding_class": CLASSES[scene.label],
+        "n_objects": str(len(shown)),
+        "sounding_area": f"{_union_area(scene.sounding_boxes):.5f}",
+        "distractor_areas": ";".join(f"{_box_area(scene.frame_box(o.box)):.5f}" for o in distractors),
+        "same_shape_distractors": str(sum(bool(o.shape) for o in distractors)),
+        "background": difficulty.background,
+        "snr_db": f"{drawn['snr_db']:.2f}",
+        "offscreen_class": "" if scene.offscreen is None else CLASSES[scene.offscreen],
+        "offscreen_db": "" if drawn["offscreen_db"] is None else f"{drawn['offscreen_db']:.2f}",
+        "camera_zoom": f"{zoom:.4f}", "camera_left": f"{left:.4f}", "camera_top": f"{top:.4f}",
+    }
+
+
+def _scenes_csv(records: dict[str, list[dict]]) -> bytes:
+    """scenes.csv: one row per clip of every set (``SCENE_COLUMNS``), sets in order, clips by index."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SCENE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for name, _, _, _ in _SETS:
+        writer.writerows(rec["scene"] for rec in records[name])
+    return buf.getvalue().encode()
 
 
 # -------------------------------------------------------------------------------------------------------- generate
@@ -723,7 +930,7 @@ def _benchmark_doc(params: dict, counts: dict[str, int]) -> dict:
             "two_instance_probability": _TWO_INSTANCE_PROB,
             "categories_per_scene": [2, 3],
             "min_visible_fraction": _MIN_VISIBLE,
-            "snr_db": list(_SNR_DB),
+            "snr_db": list(_EASY.snr_db),
             "jpeg_quality": _JPEG_QUALITY,
             "flickr_annotators": 3,
             "flickr_jitter_px": _FLICKR_JITTER,
@@ -832,7 +1039,8 @@ def _init_worker(parent: int) -> None:
 
 def generate(out: Path, *, n_train: int = 5000, n_val: int = 200, n_test: int = 500, n_flickr: int = 250,
              seed: int = 0, image_size: int = 128, sample_rate: int = 16000, n_classes: int = 10,
-             workers: int | None = None, force: bool = False, progress: bool = True) -> dict:
+             workers: int | None = None, force: bool = False, progress: bool = True,
+             difficulty: Difficulty | None = None) -> dict:
     """Write the synthetic benchmark under ``out`` (layouts in docs/architecture.md, "Data contract").
 
     Sets: ``train`` (vggsound_train, 3 s audio), ``val`` and ``test_vggss`` (vggss_test, 10 s audio, normalised boxes),
@@ -846,6 +1054,10 @@ def generate(out: Path, *, n_train: int = 5000, n_val: int = 200, n_test: int = 
     :class:`DataError` unless ``force``, which regenerates it and removes the files the old manifests listed that the
     new ones do not.
 
+    ``difficulty`` (``sslt_cli.data.difficulty``; default: the easy benchmark) turns on the knobs that imitate real
+    video; it is recorded in benchmark.json's params (absent when easy, so the easy files stay as they were), the
+    boxes and ``sounding_masks`` follow it, and ``scenes.csv`` records what every clip drew.
+
     Returns a summary: output paths, clips per set, files written / unchanged / removed and seconds taken.
     """
     started = time.perf_counter()
@@ -853,6 +1065,9 @@ def generate(out: Path, *, n_train: int = 5000, n_val: int = 200, n_test: int = 
     _check_params(out, n_train, n_val, n_test, n_flickr, seed, image_size, sample_rate, n_classes, workers)
     params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "n_flickr": n_flickr, "seed": seed,
               "image_size": image_size, "sample_rate": sample_rate, "n_classes": n_classes}
+    if difficulty is not None and not difficulty.is_default:
+        params["difficulty"] = difficulty.as_dict()
+        from_params(params)  # the same checks as a recorded benchmark gets (objects against n_classes, ranges)
     counts = {"train": n_train, "val": n_val, "test_vggss": n_test, "test_flickr": n_flickr}
     doc = _benchmark_doc(params, counts)
     trust_existing = _prepare_out(out, doc, force)
@@ -943,10 +1158,11 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
 
     vggss = annotations_to_vggss_json(r["annotation"] for r in records["test_vggss"])
     top = {"vggsound_csv": (out / "vggsound.csv", _vggsound_csv(records)),
-           "vggss_json": (out / "vggss.json", (json.dumps(vggss) + "\n").encode())}
+           "vggss_json": (out / "vggss.json", (json.dumps(vggss) + "\n").encode()),
+           "scenes_csv": (out / "scenes.csv", _scenes_csv(records))}
     for path, data in top.values():
         written += _write_if_changed(path, data)
-    total_files += 3
+    total_files += 4
     return {
         "out": str(out),
         "benchmark": str(out / "benchmark.json"),

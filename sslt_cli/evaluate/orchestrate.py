@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mappi
 
 import numpy as np
 
-from sslt_cli.checkpoint import LoadedModel, load_model
+from sslt_cli.checkpoint import LoadedModel
 from sslt_cli.data.manifest import Clip
 from sslt_cli.errors import DataError
 from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, save_maps
@@ -174,6 +174,8 @@ class Source:
 
     ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
     weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
+    ``family`` / ``branch``: a checkpoint file's model family (None: recognised from its keys) and SLAVC's branch
+    (:func:`sslt_cli.families.load_released`).
     """
 
     label: str
@@ -183,10 +185,13 @@ class Source:
     loaded: LoadedModel | None = None
     maps: Mapping[str, np.ndarray] | None = None
     maps_path: Path | None = None
+    family: str | None = None
+    branch: str | None = None
 
     @classmethod
-    def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None) -> "Source":
-        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir)
+    def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None, *,
+                        family: str | None = None, branch: str | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch)
 
     @classmethod
     def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
@@ -292,7 +297,10 @@ def _no_progress(description: str, total: int) -> Iterator[None]:
 
 def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
     if source.checkpoint is not None:
-        return load_model(source.checkpoint, source.recipe, options.device)
+        from sslt_cli.families import load_released
+
+        return load_released(source.checkpoint, source.family, recipe=source.recipe, branch=source.branch,
+                             device=options.device)
     return source.loaded
 
 

@@ -112,7 +112,7 @@ def _load_frame(path: str, mode: str, size: int) -> np.ndarray:
 
     with Image.open(path) as image:
         image = image.convert("RGB")
-        if mode == "resize_square":
+        if mode in ("resize_square", "tensor_resize_square"):
             image = image.resize((size, size), Image.BICUBIC)
         else:
             w, h = image.size

@@ -152,7 +152,7 @@ def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """The non-sounding pairs of a SLAVC ``*_plus_silent.csv`` (``video,audio,label`` rows, label ``non-sounding``)."""
     path = resolve_data_file(path, "pairs")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: non-sounding pairs list not found", [names_hint("pairs")]) from None
     rows = list(csv.reader(io.StringIO(text)))
