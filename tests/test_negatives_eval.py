@@ -238,3 +238,40 @@ def test_sslt_eval_negatives_from_the_command_line(tmp_path):
     assert "--negatives with --maps needs the negative maps too" in refused.exception.message
     unknown = CliRunner().invoke(app, args[:-8] + ["--negatives", "silence,hum"])
     assert isinstance(unknown.exception, SsltError) and "hum" in unknown.exception.render()
+
+
+# ------------------------------------------------------------------------------------------ every model family
+
+FAMILY_SPECS = {"lvs": (257, 671), "ssl_align": (257, 299), "ezvsl": (257, 200), "fnac": (257, 200),
+                "slavc": (257, 200)}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SPECS))
+def test_every_family_is_evaluated_with_negatives_through_its_own_front_end(tmp_path, write_noise_clips, family):
+    from test_families import released_file
+
+    from sslt_cli import families
+
+    path, _ = released_file(tmp_path, "ezvsl" if family == "fnac" else family)
+    loaded = families.load_released(path, family="fnac" if family == "fnac" else None)
+    assert loaded.family == family
+    clips = write_noise_clips(tmp_path, IDS[:3], size=224, seed=1)
+    clips = {cid: dataclasses.replace(c, label=label) for (cid, c), label in zip(clips.items(), LABELS)}
+    test = E.TestSet(name="t", anno_kind="vggss", ids=IDS[:3], annotations={c: box(c) for c in IDS[:3]}, clips=clips)
+    shapes = []
+    audio = loaded.model.embed_audio
+
+    def recorded(spec):
+        shapes.append(tuple(spec.shape[-2:]))
+        return audio(spec)
+
+    loaded.model.embed_audio = recorded
+    settings = NegativeSettings(("silence", "noise", "offscreen"))
+    result = E.evaluate_model(loaded, test, E.EvalOptions(negatives=E.NegativeOptions(settings)))
+    # the positive audio, the noise, the off-screen audio and the silence: all through the family's front end
+    assert set(shapes) == {FAMILY_SPECS[family]} and len(shapes) == 4
+    families_range = families.get_family(family).value_range
+    assert result.negatives.value_range == families_range
+    for row in result.negatives.rows:  # the common scale: confidences of (A - lo) / (hi - lo) lie in [0, 1]
+        assert 0.0 <= row["confidence"] <= 1.0 and 0.0 <= row["positive_confidence"] <= 1.0
+    assert result.negatives.slavc["all"]["n_silent"] == 9 and result.protocol.name == loaded.recipe.eval.protocol
