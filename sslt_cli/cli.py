@@ -477,11 +477,14 @@ def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, ba
 def _with_negatives(options, recipe, negatives, *, target, maps, baselines_only, extended, settings, labels,
                     threshold, validation, negative_maps):
     """``options`` with the negative-audio evaluation of ``--negatives`` (kinds, and a SLAVC list by name: the
-    extended evaluation), checked before any work; the per-model threshold's set defaults to the recipe's data.val."""
+    extended evaluation; default: the run recipe's ``eval.negatives``), checked before any work; the per-model
+    threshold's set defaults to the recipe's data.val."""
     from sslt_cli import evaluate as ev
     from sslt_cli.data.annotations import read_labels
     from sslt_cli.data.negatives import NEGATIVE_TYPES, NegativeSettings
 
+    if negatives is None and target is not None and recipe is not None and recipe.eval.negatives:
+        negatives = ",".join(recipe.eval.negatives)  # the run's recipe asks for them (eval.negatives)
     if negatives is None:
         if negative_maps is not None or validation is not None or labels is not None:
             raise SsltError("--negative-maps, --negatives-val and --labels go with --negatives KINDS")

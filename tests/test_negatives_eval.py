@@ -144,7 +144,7 @@ def test_outputs_csv_picture_metrics_json_and_mlflow_names(tmp_path, labelled):
     console = Console(width=220, record=True)
     console.print(E.negatives_table(item.result))
     text = console.export_text()
-    assert "t: off-screen" in text and "predicts nothing: all" in text and "(per model)" in text
+    assert "off-screen" in text and "ref.: nothing" in text and "F/model" in text
 
 
 def test_offscreen_without_labels_is_one_clear_error(tmp_path, labelled):
@@ -275,3 +275,23 @@ def test_every_family_is_evaluated_with_negatives_through_its_own_front_end(tmp_
     for row in result.negatives.rows:  # the common scale: confidences of (A - lo) / (hi - lo) lie in [0, 1]
         assert 0.0 <= row["confidence"] <= 1.0 and 0.0 <= row["positive_confidence"] <= 1.0
     assert result.negatives.slavc["all"]["n_silent"] == 9 and result.protocol.name == loaded.recipe.eval.protocol
+
+
+def test_the_final_test_evaluation_takes_the_recipes_negatives(tmp_path):
+    from sslt_cli.catalog import resolve_recipe
+    from sslt_cli.config import load_recipe
+    from sslt_cli.train import test_negatives
+
+    _prepared(tmp_path / "val", ["a", "b"], ["dog", "cat"])
+    (tmp_path / "labels.csv").write_text("a,dog\nb,cat\n")
+    recipe = Recipe.model_validate({"seed": 9, "data": {"root": str(tmp_path), "val": "val", "labels": "labels.csv"},
+                                    "eval": {"negatives": ["silence", "offscreen"]}})
+    options = test_negatives(recipe)
+    assert options.settings.types == ("silence", "offscreen") and options.settings.seed == 9
+    assert options.labels == {"a": "dog", "b": "cat"} and options.validation.name == "val"
+    assert test_negatives(Recipe()) is None
+    assert load_recipe(resolve_recipe("quickstart")).eval.negatives == ("silence", "noise", "offscreen")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="negatives"):
+        Recipe.model_validate({"eval": {"negatives": ["hum"]}})
