@@ -295,3 +295,17 @@ def test_the_final_test_evaluation_takes_the_recipes_negatives(tmp_path):
 
     with pytest.raises(ValidationError, match="negatives"):
         Recipe.model_validate({"eval": {"negatives": ["hum"]}})
+
+
+def test_the_per_model_threshold_is_chosen_once_per_model(tmp_path, labelled, monkeypatch):
+    from sslt_cli.evaluate import orchestrate
+
+    from test_evaluate import RecordingSink
+
+    calls = []
+    chosen = {"threshold": 0.61, "f": 0.4, "set": "val", "n": 6}
+    monkeypatch.setattr(orchestrate, "per_model_threshold", lambda *args, **kwargs: calls.append(1) or chosen)
+    evaluation = E.run_evaluation([E.Source.model("m", loaded_model(tmp_path))], [("a", labelled), ("b", labelled)],
+                                  options(types=("silence",), validation=labelled), RecordingSink(), out=None)
+    assert len(calls) == 1
+    assert [item.result.negatives.thresholds["per_model"] for item in evaluation.items] == [0.61, 0.61]

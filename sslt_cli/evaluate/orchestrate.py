@@ -14,6 +14,7 @@ centre-prior baseline's cIoU and AUC), and every finite number under one MLflow 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -88,8 +89,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     if test.images:
         result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
     if negatives is not None:
-        per_model = (per_model_threshold(loaded, negatives.validation, proto, options, negatives,
-                                         negatives.validation.scenes) if negatives.validation is not None else None)
+        per_model = negatives.per_model or _model_threshold(loaded, negatives, proto, options)
         result.negatives = score_negatives(maps, negative_maps, result.rows, test.annotations, proto,
                                            map_value_range(loaded), negatives, per_model)
     if out_dir is not None:
@@ -279,15 +279,32 @@ def run_evaluation(sources: Sequence[Source], sets: Sequence[tuple[str, TestSet]
                         f"{len(sources)} sources, which would overwrite each other there",
                         ["give one test set, or leave --out out (each result gets eval/<set>-<what>-<protocol>)"])
     models = {source.label: _loaded(source, options) for source in sources}
+    chosen = {label: _with_model_threshold(options, loaded) for label, loaded in models.items()}
     items: list[SetEvaluation] = []
     for set_name, test in sets:
         done: dict[tuple[Path, int], SetEvaluation] = {}
         for source in sources:
-            item = _evaluate_source(source, models[source.label], set_name, test, options, out, exact_folder,
-                                    progress or _no_progress, done)
+            item = _evaluate_source(source, models[source.label], set_name, test, chosen[source.label], out,
+                                    exact_folder, progress or _no_progress, done)
             log_evaluation(item, sink, kind)
             items.append(item)
     return Evaluation(tuple(items))
+
+
+def _model_threshold(loaded: LoadedModel, negatives: Any, proto: Protocol, options: EvalOptions) -> dict | None:
+    """The per-model threshold of ``loaded`` on the negatives' validation set (None without one)."""
+    if negatives.validation is None:
+        return None
+    return per_model_threshold(loaded, negatives.validation, proto, options, negatives, negatives.validation.scenes)
+
+
+def _with_model_threshold(options: EvalOptions, loaded: LoadedModel | None) -> EvalOptions:
+    """``options`` with the model's per-model threshold chosen once (not once per test set)."""
+    negatives = options.negatives
+    if loaded is None or negatives is None or negatives.validation is None or negatives.per_model is not None:
+        return options
+    threshold = _model_threshold(loaded, negatives, options.protocol_for(loaded.recipe.eval), options)
+    return dataclasses.replace(options, negatives=dataclasses.replace(negatives, per_model=threshold))
 
 
 @contextlib.contextmanager
