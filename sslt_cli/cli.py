@@ -383,24 +383,17 @@ def eval_cmd(
                                                "recipe's eval.ogl_weights (off)."),
     ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
                                               "weight of the audio-visual map (default: the recipe's, else 0.4)."),
-    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio, a comma list of silence, "
-                                            "noise, offscreen (and optionally one SLAVC non-sounding list by name or "
-                                            "path, e.g. slavc-vggss-plus-silent): each frame is also scored with "
-                                            "audio whose source is not in it (AP, max-F1, precision, pIA, AOC, F)."),
-    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio, "
-                              "averaged (with their spread)."),
-    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives noise: the noise waveform's "
-                                      "standard deviation (vssl_eval: 1.0)."),
-    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives noise: white or pink."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: clip classes "
-                                          "(vggsound.csv, id,label CSV, vggss.json; default: the set's labels)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold on the "
-                                    "common map scale (vssl_eval: 0.5)."),
+    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio: silence,noise,offscreen (and "
+                                            "optionally a SLAVC non-sounding list by name); README 'Negative audio'."),
+    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio."),
+    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives: the noise's std (1.0)."),
+    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives: white or pink noise."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: a clip label file."),
+    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold (0.5)."),
     negatives_val: Optional[Path] = typer.Option(None, "--negatives-val", help="With --negatives: the set the "
-                                                 "per-model threshold is chosen on (default: the recipe's data.val "
-                                                 "when it has boxes; never the test set)."),
-    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: the "
-                                                 "negative maps, keyed <clip id>@<kind>@<draw>."),
+                                                 "per-model threshold is chosen on (default: the recipe's data.val)."),
+    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: maps "
+                                                 "keyed <clip id>@<kind>@<draw>."),
     seed: int = typer.Option(0, "--seed", help="With --negatives: the seed of the noise and off-screen draws."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
