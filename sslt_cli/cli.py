@@ -187,6 +187,23 @@ def prepare_vggss_annotations(
         err.print(f"defect: {line}", highlight=False)
 
 
+@prepare_app.command("is3", epilog=_example("sslt prepare is3 ~/IS3 --out data/is3 && sslt eval RUN --data data/is3"))
+def prepare_is3(
+    root: Path = typer.Argument(..., help="IS3 as released: images/, audio_wav/, IS3_annotation.json, "
+                                          "gt_segmentation/."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the prepared set (default: ROOT itself); the "
+                                       "media are read where they are."),
+    gt: str = typer.Option("boxes", "--gt", help="boxes (the annotation's boxes) or masks (gt_segmentation/)."),
+) -> None:
+    """Read the IS3 benchmark (two-object images, one sample per object) into a prepared set: boxes or masks as the
+    ground truth, each sample's category as its label, both objects' classes on screen (scenes.csv)."""
+    from sslt_cli.data.is3 import prepare_is3 as read_is3
+
+    target = out or root
+    writable_dir(target, "--out" if out else "ROOT", why="sslt prepare is3 writes the set's manifest.csv there")
+    _print_prepare(read_is3(root, out, gt=gt), indexed=True)
+
+
 @prepare_app.command("index", epilog=_example(
     "sslt prepare index ~/vggss_test --layout vggss_test --list ssltie-vggss-4911"))
 def prepare_index(
@@ -380,24 +397,17 @@ def eval_cmd(
                                                "recipe's eval.ogl_weights (off)."),
     ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
                                               "weight of the audio-visual map (default: the recipe's, else 0.4)."),
-    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio, a comma list of silence, "
-                                            "noise, offscreen (and optionally one SLAVC non-sounding list by name or "
-                                            "path, e.g. slavc-vggss-plus-silent): each frame is also scored with "
-                                            "audio whose source is not in it (AP, max-F1, precision, pIA, AOC, F)."),
-    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio, "
-                              "averaged (with their spread)."),
-    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives noise: the noise waveform's "
-                                      "standard deviation (vssl_eval: 1.0)."),
-    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives noise: white or pink."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: clip classes "
-                                          "(vggsound.csv, id,label CSV, vggss.json; default: the set's labels)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold on the "
-                                    "common map scale (vssl_eval: 0.5)."),
+    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio: silence,noise,offscreen (and "
+                                            "optionally a SLAVC non-sounding list by name); README 'Negative audio'."),
+    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio."),
+    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives: the noise's std (1.0)."),
+    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives: white or pink noise."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: a clip label file."),
+    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold (0.5)."),
     negatives_val: Optional[Path] = typer.Option(None, "--negatives-val", help="With --negatives: the set the "
-                                                 "per-model threshold is chosen on (default: the recipe's data.val "
-                                                 "when it has boxes; never the test set)."),
-    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: the "
-                                                 "negative maps, keyed <clip id>@<kind>@<draw>."),
+                                                 "per-model threshold is chosen on (default: the recipe's data.val)."),
+    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: maps "
+                                                 "keyed <clip id>@<kind>@<draw>."),
     seed: int = typer.Option(0, "--seed", help="With --negatives: the seed of the noise and off-screen draws."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -493,11 +503,14 @@ def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, ba
 def _with_negatives(options, recipe, negatives, *, target, maps, baselines_only, extended, settings, labels,
                     threshold, validation, negative_maps):
     """``options`` with the negative-audio evaluation of ``--negatives`` (kinds, and a SLAVC list by name: the
-    extended evaluation), checked before any work; the per-model threshold's set defaults to the recipe's data.val."""
+    extended evaluation; default: the run recipe's ``eval.negatives``), checked before any work; the per-model
+    threshold's set defaults to the recipe's data.val."""
     from sslt_cli import evaluate as ev
     from sslt_cli.data.annotations import read_labels
     from sslt_cli.data.negatives import NEGATIVE_TYPES, NegativeSettings
 
+    if negatives is None and target is not None and recipe is not None and recipe.eval.negatives:
+        negatives = ",".join(recipe.eval.negatives)  # the run's recipe asks for them (eval.negatives)
     if negatives is None:
         if negative_maps is not None or validation is not None or labels is not None:
             raise SsltError("--negative-maps, --negatives-val and --labels go with --negatives KINDS")

@@ -244,6 +244,10 @@ class EvalConfig(_Strict):
     # resnet18 state_dict (ImageNet weights); the scored map is normalize_img(ogl_alpha * AV + (1 - ogl_alpha) * object)
     ogl_weights: str | None = None
     ogl_alpha: float = Field(0.4, ge=0.0, le=1.0)
+    # negative audio in the final test evaluation (`sslt eval --negatives`): each test frame also with silence, noise
+    # or the sound of a class not on screen, scored beside cIoU (AP, max-F1, pIA, F; README "Negative audio"), the
+    # per-model threshold chosen on data.val; [] = off
+    negatives: tuple[Literal["silence", "noise", "offscreen"], ...] = ()
 
 
 class TrackingConfig(_Strict):

@@ -40,7 +40,7 @@ from sslt_cli.media import (VIDEO_SUFFIXES, AudioChunks, Mp4Writer, aac_rate, fr
 T = TypeVar("T")
 MIN_AUDIO_S = 0.1
 CSV_HEADER = ("frame", "time_s", "peak_x", "peak_y", "max_cos", "mean_cos", "share_above_threshold", "visible",
-              "matched_percentile")
+              "matched_percentile", "confidence")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class LocalizeOptions:
 
 @dataclass
 class FrameRecord:
-    """One sampled frame's result; ``visible`` / ``matched_percentile`` are None without a calibration."""
+    """One sampled frame's result; ``visible`` / ``matched_percentile`` are None without a calibration;
+    ``confidence`` is the evaluation's (SLAVC's mean of the top quarter of the map on the common scale, as
+    ``sslt eval --negatives`` ranks sounding against non-sounding pairs)."""
 
     frame: int
     time_s: float
@@ -69,6 +71,7 @@ class FrameRecord:
     share_above_threshold: float
     visible: float | None = None
     matched_percentile: float | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -380,6 +383,7 @@ def _records(ctx: _Context, maps: torch.Tensor, indices: Sequence[int], times: S
              ) -> tuple[list[FrameRecord], torch.Tensor]:
     """Per-frame records of (B, h, w) maps, and the maps upsampled to the protocol's grid (B, S, S)."""
     from sslt_cli import metrics
+    from sslt_cli.evaluate.maps import map_value_range
 
     proto = ctx.protocol
     up, masks = metrics.predict_masks(maps, proto)
@@ -390,10 +394,11 @@ def _records(ctx: _Context, maps: torch.Tensor, indices: Sequence[int], times: S
     visible = matched = [None] * len(indices)
     if ctx.calibration is not None:
         visible, matched = (list(map(float, s)) for s in ctx.calibration.scores(max_cos))
+    confidence = metrics.slavc_confidence(up, map_value_range(ctx.loaded)).numpy()
     records = [FrameRecord(int(i), round(float(t), 4), round(float(x), 4), round(float(y), 4), float(mx), float(mn),
-                           float(a), v, m)
-               for i, t, x, y, mx, mn, a, v, m in zip(indices, times, peak_x, peak_y, max_cos, mean_cos, above,
-                                                      visible, matched)]
+                           float(a), v, m, float(c))
+               for i, t, x, y, mx, mn, a, v, m, c in zip(indices, times, peak_x, peak_y, max_cos, mean_cos, above,
+                                                         visible, matched, confidence)]
     return records, up
 
 
@@ -404,7 +409,8 @@ def _overlay(picture: np.ndarray, up: torch.Tensor, original: torch.Tensor, reco
     h, w = picture.shape[:2]
     heat = F.interpolate(up[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # colours span this frame's range
-    caption = f"{record.time_s:6.2f} s  max cos {record.max_cos:.2f}"
+    caption = f"{record.time_s:6.2f} s  max cos {record.max_cos:.2f}" + (
+        f"  conf {record.confidence:.2f}" if record.confidence is not None else "")
     if record.visible is not None:
         caption += f"  visible {record.visible:.0%}"
     return render.overlay(picture, heat[0].numpy(), (record.peak_x, record.peak_y), float(original.min()),
@@ -543,6 +549,8 @@ def _summary(item: InputResult) -> str:
     text = f"{len(item.records)} frame(s); highest map maximum {peak.max_cos:.3f} at {peak.time_s:.2f} s"
     if peak.visible is not None:
         text += f" (visible {peak.visible:.0%})"
+    if peak.confidence is not None:
+        text += f"; confidence {peak.confidence:.3f} there (highest {max(r.confidence or 0.0 for r in item.records):.3f})"
     return text + "".join(f"; {note}" for note in item.notes)
 
 
@@ -592,6 +600,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
         f"{path} ({loaded.label})"
     notes = [f"model: {model_text}", *loaded.notes, f"frames sampled at {options.fps:g} per second, each with "
              f"{ctx.window:g} s of audio centred on it; protocol {ctx.protocol.name}", note]
+    if calibration is not None:
+        notes.append(calibration.negatives_line())
     _say_added(earlier, inputs, out, report)
     page = earlier.add(notes, results).write(out)
     return LocalizeResult(results, out, page, model_text, note, ctx.timings, time.perf_counter() - wall)

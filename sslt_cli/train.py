@@ -540,12 +540,31 @@ class Training:
         _, checkpoints, _ = checkpoint.resolve_checkpoints(run.dir, "both")
         sources = [Source.checkpoint_file(label, path, recipe, run.dir) for label, path in checkpoints]
         sets = [(name, load_test_set(recipe.data.set_path(path))) for name, path in recipe.data.test.items()]
-        evaluation = run_evaluation(sources, sets, EvalOptions(device=str(self.device)), self.sink,
-                                    out=run.dir / EVAL)
+        options = EvalOptions(device=str(self.device), negatives=test_negatives(recipe))
+        evaluation = run_evaluation(sources, sets, options, self.sink, out=run.dir / EVAL)
         print_evaluation(evaluation, self.out, self.console,
                          title=lambda item: f"{item.set_name}: {item.checkpoint} checkpoint (step {item.step}), "
                                             f"protocol {item.protocol}")
         return evaluation
+
+
+def test_negatives(recipe: Recipe):
+    """The negative-audio options of the final test evaluation (``eval.negatives``; None when off): the recipe's seed,
+    off-screen classes from ``data.labels`` when it names a file (else the sets' own labels), the per-model threshold
+    chosen on ``data.val`` when it is a set with boxes."""
+    if not recipe.eval.negatives:
+        return None
+    from sslt_cli.data.annotations import read_labels
+    from sslt_cli.data.manifest import read_set
+    from sslt_cli.data.negatives import NegativeSettings
+    from sslt_cli.evaluate import NegativeOptions, load_test_set
+
+    labels = recipe.data.labels_file()
+    val = recipe.data.set_path(recipe.data.val) if recipe.data.val else None
+    validation = load_test_set(val) if val is not None and read_set(val).anno_kind else None
+    return NegativeOptions(NegativeSettings(tuple(recipe.eval.negatives), seed=recipe.seed),
+                           labels=read_labels(labels) if labels is not None else None,
+                           validation=validation)
 
 
 # ------------------------------------------------------------------------------------------------ set-up helpers
