@@ -129,19 +129,74 @@ def describe_file(path: Path) -> str:
 
 
 def checkpoint_problem(path: Path, exc: BaseException) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in words: truncated, not a checkpoint, or holding objects
-    a safe load refuses. Never torch's advice to load unsafely."""
+    """Why ``torch.load(path, weights_only=True)`` failed, in words: truncated, not a checkpoint, holding objects a
+    safe load refuses, or holding code (a pickle that would call ``os.system``, ``eval``, ...) that it refuses. Never
+    torch's advice to load unsafely."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
     kind = describe_file(path)
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-    if refused and not kind.startswith(("an empty", "a text", "a binary")):
-        return (f"a checkpoint holding Python objects ({refused.group(1)}) that a safe load refuses; sslt loads "
+    if kind.startswith(("an empty", "a text", "a binary")):
+        return "an empty file (0 bytes), not a checkpoint" if kind.startswith("an empty") else f"not a checkpoint: {kind}"
+    named = re.search(r"unsupported global:? GLOBAL ([\w.]+)", text, re.IGNORECASE)
+    found = pickled_globals(path)
+    code = [name for name in ([named.group(1)] if named else []) + found if _is_code(name)]
+    if code:
+        return (f"a file whose pickle holds code ({code[0]}) that a safe load refuses: it would run when loaded; "
+                "nothing was run. sslt loads weights only (tensors, numbers, text): use a checkpoint from a source you "
+                "trust, saved as a state_dict")
+    if named:
+        return (f"a checkpoint holding Python objects ({named.group(1)}) that a safe load refuses; sslt loads "
                 "weights only (tensors, numbers, text): save the model's state_dict instead")
     if kind.startswith(("a zip archive", "a pickle")):
         return f"a truncated or damaged checkpoint ({kind} that ends early or is corrupt)"
-    if kind.startswith("an empty file"):
-        return "an empty file (0 bytes), not a checkpoint"
     return f"not a checkpoint: {kind}"
+
+
+_LEGACY_PICKLES = 5  # torch's legacy format: magic number, protocol, system info, the object, the storage keys
+# modules (and builtins) whose callables run code or touch the system: a pickle naming one is code, not data
+_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy", "pty", "code",
+                 "ctypes", "pickle", "marshal", "types", "webbrowser", "multiprocessing", "signal", "platform"}
+_CODE_BUILTINS = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "delattr", "open", "breakpoint",
+                  "input", "globals", "locals", "vars", "apply", "execfile"}
+
+
+def _is_code(name: str) -> bool:
+    module, _, attr = name.rpartition(".")
+    root = module.split(".")[0]
+    return root in _CODE_MODULES or (root in ("builtins", "__builtin__") and attr in _CODE_BUILTINS)
+
+
+def pickled_globals(path: Path) -> list[str]:
+    """The globals (``module.name``) a pickle refers to, read from its opcodes without running it (``pickletools``):
+    the ``data.pkl`` of a torch zip checkpoint, or the pickles at the start of a plain or legacy torch file (which holds
+    several in a row, then the tensors' bytes); as many as can be read from a damaged file."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                streams = [io.BytesIO(archive.read(member))] if member else []
+        else:
+            streams = [open(path, "rb")]
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError):
+        return []
+    names: list[str] = []
+    strings: list[str] = []
+    for stream in streams:
+        with stream:
+            try:
+                for _ in range(_LEGACY_PICKLES):
+                    for opcode, arg, _ in pickletools.genops(stream):
+                        if opcode.name in ("GLOBAL", "INST"):
+                            names.append(str(arg).replace(" ", "."))
+                        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                            names.append(f"{strings[-2]}.{strings[-1]}")
+                        elif isinstance(arg, str):
+                            strings.append(arg)
+            except Exception:  # noqa: BLE001 - the end of the pickles, or a truncated or corrupt one
+                pass
+    return names
 
 
 def resume_point(run: Run) -> tuple[Path, dict]:
@@ -246,13 +301,27 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     keys or shapes differ from the official 257 (listing the first 10 of each kind and the count).
     """
     path = Path(path)
-    state = _state_dict_in(read_file(path), path, _OFFICIAL_FORMAT)
-    layout = _official_layout()
+    return official_state(_state_dict_in(read_file(path), path, _OFFICIAL_FORMAT), path)
+
+
+def official_state(state: Mapping[str, torch.Tensor], path: str | Path,
+                   skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """An official SSL-TIE state_dict (prefixes removed) -> the state_dict of :class:`SSLTIEModel`; ``skip``: official
+    key prefixes the file does not hold (LVS's AVENet has no ``vision_fc1``, ``conv3``, ``norm3``: the model keeps
+    its own ``conv3`` / ``norm3``, which no forward reads). CheckpointError listing missing, unexpected and
+    wrong-shape keys."""
+    layout = [entry for entry in _official_layout() if not entry[0].startswith(skip)] if skip else _official_layout()
     problems = _key_problems({key: torch.Size(shape) for key, _, shape in layout}, state)
     if problems:
-        raise CheckpointError(f"{path}: keys do not match the official SSL-TIE checkpoint; {_OFFICIAL_FORMAT}",
-                              problems)
+        expected = _OFFICIAL_FORMAT if not skip else "expected LVS's AVENet (keys imgnet.*, audnet.*)"
+        raise CheckpointError(f"{path}: keys do not match the official {'SSL-TIE' if not skip else 'LVS'} "
+                              f"checkpoint; {expected}", problems)
     return {ours: state[official] for official, ours, _ in layout if ours is not None}
+
+
+def official_layout_keys(skip: tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """The official SSL-TIE keys and shapes (without those starting with a ``skip`` prefix)."""
+    return {key: shape for key, _, shape in _official_layout() if not key.startswith(skip)}
 
 
 def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -344,6 +413,9 @@ class LoadedModel:
     source: Path
     step: int | None = None
     epoch: int | None = None
+    family: str = "ssltie"
+    front_end: str = "logmel"
+    notes: tuple[str, ...] = ()
 
 
 def resolve_checkpoints(target: str | Path, which: str = "both") -> tuple[Any, list[tuple[str, Path]], Path | None]:
@@ -379,7 +451,11 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
     schema's defaults (the paper's settings, which the official weights were trained with).
     """
     path = Path(path)
-    state = read_file(path)
+    return model_from_file(read_file(path), path, recipe, device)
+
+
+def model_from_file(state: Any, path: Path, recipe: Any = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """:func:`load_model` of a file already read (:func:`read_file`): an sslt checkpoint, else official SSL-TIE."""
     step = epoch = None
     if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT and "model" in state:
         weights = state["model"]
@@ -388,7 +464,7 @@ def load_model(path: str | Path, recipe: Any = None, device: str | torch.device 
             recipe = load_saved_recipe(state["recipe"], f"{path} (saved recipe)")
         label = "sslt"
     else:
-        weights = load_official_checkpoint(path)
+        weights = official_state(_state_dict_in(state, path, _OFFICIAL_FORMAT), path)
         label = "official SSL-TIE"
     recipe = recipe or Recipe()
     model = build_model()

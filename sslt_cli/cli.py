@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from contextlib import ExitStack
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +18,7 @@ from rich.console import Console
 from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.data.difficulty import KNOB_HELP
 from sslt_cli.errors import SsltError
-from sslt_cli.preflight import writable_dir
+from sslt_cli.preflight import readable_file, writable_dir
 
 out = Console()
 err = Console(stderr=True)
@@ -123,6 +124,7 @@ def prepare_vggsound(
     from sslt_cli.data.prepare import prepare_vggsound as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"), (vggss_json, "--vggss-json", "boxes"), (labels, "--labels", "labels"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(videos, out_dir, split=split, id_list=id_list, vggss_json=vggss_json, labels=labels,
@@ -145,6 +147,7 @@ def prepare_flickr(
     from sslt_cli.data.prepare import prepare_flickr as run
 
     writable_dir(out_dir, "--out")
+    _check_inputs((id_list, "--list", "list"))
     if split not in ("train", "test"):
         raise SsltError(f"--split must be train or test, got {split!r}")
     _print_prepare(run(archive, out_dir, split=split, id_list=id_list, sample_rate=sample_rate, seconds=seconds,
@@ -188,6 +191,7 @@ def prepare_index(
     from sslt_cli.data.prepare import index_existing
 
     writable_dir(root, "ROOT", why="sslt prepare index writes the set's manifest.csv into ROOT")
+    _check_inputs((id_list, "--list", "list"), (labels, "--labels", "labels"))
     _print_prepare(index_existing(root, layout, id_list, labels=labels, workers=workers), indexed=True)
 
 
@@ -303,17 +307,23 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then)."""
+    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
+    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
     from sslt_cli import distributed
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
-    run = distributed.share_run(env, lambda: make_run(env.world))
-    with run_tracking(run, recipe, main=env.main) as sink:
-        result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
-        sink.end("FINISHED" if result.status == "finished" else "KILLED")
+    with ExitStack() as held:
+        if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
+            held.enter_context(_held(make_run(env.world).dir, "run folder"))
+        preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
+        run = distributed.share_run(env, lambda: make_run(env.world))
+        if not resume:
+            held.enter_context(_held(run.dir, "run folder", env.main))
+        with run_tracking(run, recipe, main=env.main) as sink:
+            result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
+            sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
         err.print(f"not finished: {run.resume_hint()}", highlight=False)
         raise typer.Exit(130)
@@ -356,6 +366,25 @@ def eval_cmd(
                                                "recipe's eval.ogl_weights (off)."),
     ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
                                               "weight of the audio-visual map (default: the recipe's, else 0.4)."),
+    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio, a comma list of silence, "
+                                            "noise, offscreen (and optionally one SLAVC non-sounding list by name or "
+                                            "path, e.g. slavc-vggss-plus-silent): each frame is also scored with "
+                                            "audio whose source is not in it (AP, max-F1, precision, pIA, AOC, F)."),
+    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio, "
+                              "averaged (with their spread)."),
+    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives noise: the noise waveform's "
+                                      "standard deviation (vssl_eval: 1.0)."),
+    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives noise: white or pink."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: clip classes "
+                                          "(vggsound.csv, id,label CSV, vggss.json; default: the set's labels)."),
+    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold on the "
+                                    "common map scale (vssl_eval: 0.5)."),
+    negatives_val: Optional[Path] = typer.Option(None, "--negatives-val", help="With --negatives: the set the "
+                                                 "per-model threshold is chosen on (default: the recipe's data.val "
+                                                 "when it has boxes; never the test set)."),
+    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: the "
+                                                 "negative maps, keyed <clip id>@<kind>@<draw>."),
+    seed: int = typer.Option(0, "--seed", help="With --negatives: the seed of the noise and off-screen draws."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
@@ -369,12 +398,19 @@ def eval_cmd(
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((vggss_json, "--vggss-json", "boxes"), (id_list, "--list", "list"), (extended, "--extended", "pairs"),
+                  (ogl_weights, "--ogl-weights", None))
     recipe, sources, run_dir = _eval_sources(target, which, maps)
+    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
+    _check_outputs(where, run_dir, "sslt eval")
     options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
                             no_clip=no_clip, ogl=(ogl_weights, ogl_alpha), batch_size=batch_size, device=device,
                             extended=(extended, silent_data, silent_maps))
+    options = _with_negatives(options, recipe, negatives, target=target, maps=maps, baselines_only=baselines_only,
+                              extended=extended, settings=(draws, noise_level, noise_colour, seed),
+                              labels=labels, threshold=threshold, validation=negatives_val,
+                              negative_maps=negative_maps)
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
-    where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
     run = Run.open(run_dir) if run_dir is not None else None
     with _tracking(run, recipe, f"eval-{target.stem if target is not None else 'maps'}",
                    params={"eval.protocol": options.protocol_for(getattr(recipe, "eval", None)).name}) as sink:
@@ -419,6 +455,45 @@ def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, ba
     return dataclasses.replace(options, extended=ev.ExtendedPairs(
         tuple(ev.read_silent_pairs(pairs_file)), media=ev.load_test_set(silent_data) if silent_data else None,
         maps=ev.load_maps(silent_maps) if silent_maps else None, maps_source=str(silent_maps or "")))
+
+
+def _with_negatives(options, recipe, negatives, *, target, maps, baselines_only, extended, settings, labels,
+                    threshold, validation, negative_maps):
+    """``options`` with the negative-audio evaluation of ``--negatives`` (kinds, and a SLAVC list by name: the
+    extended evaluation), checked before any work; the per-model threshold's set defaults to the recipe's data.val."""
+    from sslt_cli import evaluate as ev
+    from sslt_cli.data.annotations import read_labels
+    from sslt_cli.data.negatives import NEGATIVE_TYPES, NegativeSettings
+
+    if negatives is None:
+        if negative_maps is not None or validation is not None or labels is not None:
+            raise SsltError("--negative-maps, --negatives-val and --labels go with --negatives KINDS")
+        return options
+    entries = [e.strip() for e in negatives.split(",") if e.strip()]
+    kinds = tuple(k for k in NEGATIVE_TYPES if k in entries)
+    lists = [e for e in entries if e not in NEGATIVE_TYPES]
+    if baselines_only:
+        raise SsltError("--negatives does not go with --baselines-only: negative audio needs a model or its maps")
+    if len(lists) > 1 or (lists and extended is not None):
+        raise SsltError("give one SLAVC non-sounding list, in --negatives or --extended, not both")
+    if lists:
+        options = dataclasses.replace(options, extended=ev.ExtendedPairs(tuple(ev.read_silent_pairs(lists[0]))))
+    if not kinds:
+        return options
+    if maps is not None and negative_maps is None:
+        raise SsltError("--negatives with --maps needs the negative maps too: give --negative-maps FILE_OR_DIR, maps "
+                        "keyed <clip id>@<kind>@<draw> (e.g. clip1@silence@0, clip1@noise@0)")
+    draws, level, colour, seed = settings
+    if validation is None and recipe is not None and target is not None and recipe.data.val:
+        from sslt_cli.data.manifest import read_set
+
+        default = recipe.data.set_path(recipe.data.val)
+        validation = default if (default / "set.json").is_file() and read_set(default).anno_kind else None
+    val_set = ev.load_test_set(validation) if validation is not None and target is not None else None
+    return dataclasses.replace(options, negatives=ev.NegativeOptions(
+        NegativeSettings(kinds, draws=draws, noise_level=level, noise_colour=colour, seed=seed),
+        labels=read_labels(labels) if labels is not None else None, threshold=threshold, validation=val_set,
+        maps=ev.load_maps(negative_maps) if negative_maps is not None else None, maps_source=str(negative_maps or "")))
 
 
 def _check_eval_options(*, target, maps, baselines_only, extended, silent_maps, silent_data, vggss_json, media,
@@ -513,11 +588,13 @@ def retrieve(
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_inputs((labels, "--labels", "labels"))
     dev = pick_device(device, option="--device")
     options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
                                       gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
     model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
                                                       out_dir=out_dir)
+    _check_outputs(model.out_dir, model.run.dir if model.run is not None else None, "sslt retrieve")
     with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
                    tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
         report = R.retrieve(model, clip_set, clip_labels, options, sink, progress=bars.update,
@@ -525,6 +602,16 @@ def retrieve(
     out.print(R.results_table(report, title=f"retrieval: {clip_set.name}, classes {classes}"))
     for line in R.report_lines(report):
         err.print(line, highlight=False, markup=False)
+
+
+def _held(folder: Path, what: str, main: bool = True):
+    """Hold ``folder`` for this process (:func:`sslt_cli.folder_lock.hold`); nothing off rank 0, whose rank 0 holds
+    it."""
+    from contextlib import nullcontext
+
+    from sslt_cli.folder_lock import hold
+
+    return hold(folder, what) if main else nullcontext()
 
 
 def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | None = None):
@@ -615,6 +702,9 @@ def localize(
     from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
+    writable_dir(out_dir, "--out")
+    _check_inputs(*[(path, "--image", None) for path in image or []], *[(path, "--audio", None) for path in audio or []],
+                  (recipe, "--recipe", None))
     options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
                           device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
@@ -739,6 +829,23 @@ def ui(
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
+
+def _check_inputs(*inputs: tuple[Optional[Path], str, Optional[str]]) -> None:
+    """Each given (path, option, built-in kind or None) names a readable file, before any work
+    (:func:`~sslt_cli.preflight.readable_file`)."""
+    for path, what, kind in inputs:
+        if path is not None:
+            readable_file(path, what, kind)
+
+
+def _check_outputs(out_dir: Path, run_dir: Optional[Path], command: str) -> None:
+    """Before any work: the output folder and, for a model in a run folder, the run folder (its metrics.jsonl,
+    meta.json and train.log record the numbers) can be written."""
+    if run_dir is not None:
+        writable_dir(run_dir, "run folder", why=f"{command} records its numbers in the run folder (metrics.jsonl, "
+                                                 "meta.json)")
+    writable_dir(out_dir, "output folder")
+
 
 def _fmt(value: object) -> str:
     if value is None:

@@ -67,6 +67,9 @@ class AudioConfig(_Strict):
     hop_length: int = Field(239, ge=1)
     n_mels: int = Field(257, ge=1)
     normalized: bool = True
+    # logmel: the fields above (SSL-TIE); the released front ends of other methods' models (sslt_cli/frontends.py:
+    # lvs, ezvsl, align_lvs) read the file at its own rate and ignore the fields above
+    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs"] = "logmel"
 
     @model_validator(mode="after")
     def _fits(self) -> "AudioConfig":
@@ -586,8 +589,9 @@ def load_tree(path: str | Path, kind: str = "recipe") -> dict:
         raise RecipeError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line "
                           f"{line}) cannot be decoded", [f"save the {kind} as UTF-8"]) from None
     tree = parse_yaml(text, str(path))
-    if tree is None:
-        raise RecipeError(f"{path}: the {kind} is empty (only blank lines or comments); nothing to run",
+    if tree is None or tree == {}:
+        what = "only blank lines or comments" if tree is None else "an empty mapping, {}"
+        raise RecipeError(f"{path}: the {kind} is empty ({what}); nothing to run",
                           [f"write the settings that differ from the defaults, starting from a shipped {kind} "
                            f"(e.g. {_SHIPPED_EXAMPLE.get(kind, 'recipes/quickstart.yaml')})"])
     if not isinstance(tree, dict):

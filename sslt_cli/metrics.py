@@ -170,6 +170,8 @@ def upsample_maps(maps: torch.Tensor, mode: UpsampleMode, size: int = EVAL_SIZE)
         out = F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=True)
     elif mode == "bicubic_align_corners":
         out = F.interpolate(maps[:, None], size=(size, size), mode="bicubic", align_corners=True)
+    elif mode == "bicubic":
+        out = F.interpolate(maps[:, None], size=(size, size), mode="bicubic", align_corners=False)
     else:
         raise ValueError(f"unknown upsampling mode {mode!r}")
     return out[:, 0]
@@ -208,11 +210,14 @@ def normalised_scores(up: torch.Tensor, normalise: Normalisation = "minmax",
     if normalise == "negated_minmax":
         p, constant = _normalize_img(-up)
         return 1 - p, constant
-    if normalise == "range_minmax":
+    if normalise in ("range_minmax", "fixed_range"):
         if value_range is None:
-            raise ValueError("range_minmax needs the maps' value_range (lo, hi)")
+            raise ValueError(f"{normalise} needs the maps' value_range (lo, hi)")
         lo, hi = value_range
         fixed = (up - torch.tensor(lo, dtype=torch.float32)) / torch.tensor(hi - lo, dtype=torch.float32)
+        if normalise == "fixed_range":
+            flat = up.reshape(up.shape[0], -1)
+            return fixed, flat.amax(dim=1) == flat.amin(dim=1)
         return _normalize_img(fixed)
     if normalise == "minmax_ptp":
         return _normalize_img(up, guard=False)
@@ -243,9 +248,12 @@ def binarise(up: torch.Tensor, rule: ThresholdRule, normalise: Normalisation = "
     flat = p.reshape(p.shape[0], -1)
     if rule == "at_least_half":
         mask = flat >= 0.5
-    elif rule in ("above_median", "at_least_median"):
+    elif rule in ("above_median", "at_least_median", "strictly_above_median"):
         thr = _kth_smallest(flat, flat.shape[1] // 2).to(flat.device)[:, None]
-        mask = (flat > thr) | (flat >= 1.0) if rule == "above_median" else flat >= thr
+        if rule == "above_median":
+            mask = (flat > thr) | (flat >= 1.0)
+        else:
+            mask = flat > thr if rule == "strictly_above_median" else flat >= thr
     else:
         raise ValueError(f"unknown threshold rule {rule!r}")
     if whole_frame is not None:
@@ -283,7 +291,7 @@ def nominal_predicted_pixels(rule: ThresholdRule, n_pixels: int) -> int | None:
     With thr = sort(p)[N // 2]: ``above_median`` keeps the N - N // 2 - 1 values above it, ``at_least_median`` the
     N - N // 2 from it up (25087 and 25088 of 50176 at 224 x 224).
     """
-    if rule == "above_median":
+    if rule in ("above_median", "strictly_above_median"):
         return n_pixels - n_pixels // 2 - 1
     if rule == "at_least_median":
         return n_pixels - n_pixels // 2

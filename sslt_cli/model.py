@@ -69,6 +69,10 @@ class SSLTIEModel(nn.Module):
         """spec: (B, 1, n_mels, T) log-mel in dB -> (B, 512) audio embedding (global max-pool), L2-normalised."""
         return F.normalize(self.audio(spec).amax(dim=(2, 3)), dim=1)
 
+    def maps(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """v (B, 512, h, w), a (B, 512) -> (B, 1, h, w): each image's cosine map with its own audio."""
+        return localisation_map(v, a)
+
     def forward(self, images: torch.Tensor, spec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """images (B, 3, H, W), spec (B, 1, F, T) -> (A (B, 1, h, w) cosine map, v (B, 512, h, w), a (B, 512))."""
         v = self.embed_image(images)

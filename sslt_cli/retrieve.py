@@ -330,7 +330,7 @@ def parse_class_list(spec: str, known: Sequence[str]) -> list[str]:
     """
     path = Path(spec).expanduser()
     if path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
         return check_classes([n for n in lines if n and not n.startswith("#")], known, str(path))
     known_set = set(known)
     pieces = [p.strip() for p in spec.split(",")]
@@ -903,6 +903,23 @@ def retrieval_inputs(target: str | Path, *, data: str | Path | None = None, labe
     clip_set = read_set(Path(data) if data is not None else recipe.data.set_path(next(iter(recipe.data.test.values()))))
     label_file = Path(labels) if labels is not None else recipe.data.labels_file()
     return loaded, clip_set, ClipLabels(*clip_labels_for(clip_set, label_file))
+
+
+def check_retrieval_inputs(recipe: Recipe) -> None:
+    """What an ablation that retrieves after training checks before its first step: the recipe's retrieval set (its
+    first test set) reads, its labels (``data.labels``, else the manifest's label column) read, and its usable
+    labelled clips make a gallery retrieval can score (:func:`_check_gallery`); a DataError otherwise, before hours of
+    training are spent on a cell whose retrieval cannot run."""
+    from sslt_cli.data.manifest import read_set
+
+    clip_set = read_set(recipe.data.set_path(next(iter(recipe.data.test.values()))))
+    by_clip, source = clip_labels_for(clip_set, recipe.data.labels_file())
+    rows = [(k, by_clip[c.id]) for k, c in enumerate(clip_set.clips) if c.id in by_clip]
+    try:
+        _check_gallery(rows, len(clip_set.clips), len(clip_set.clips) - len(rows), 0)
+    except DataError as exc:
+        raise DataError(f"retrieval after training (retrieve: true) on {clip_set.root}, labels from {source}: "
+                        f"{exc.message}; nothing was trained", exc.problems) from None
 
 
 def retrieve(model: Target, clip_set: "ClipSet", labels: ClipLabels, options: RetrieveOptions, sink: "MetricsSink",

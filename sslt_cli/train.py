@@ -137,12 +137,15 @@ def train(recipe: Recipe, run: Run, *, sink: MetricsSink, resume: bool = False, 
 
 
 def preflight(recipe: Recipe, env: Dist | None = None, device: torch.device | None = None, *,
-              tests: bool = True) -> None:
+              tests: bool = True, retrieval: bool = False) -> None:
     """The checks before a run starts, made once by whoever creates (or resumes) the run folder (``sslt train``,
     ``sslt ablate``) before any folder or MLflow run exists: these processes fit the recipe (:func:`check_processes`),
     a local MLflow store opens (tracking on: a broken store is named before the sets are read), the validation and,
-    with ``tests``, the test sets have a usable clip (:func:`check_eval_sets`). ``env``: this process group (default:
-    one process); ``device``: where it trains (default: the recipe's)."""
+    with ``tests``, the test sets have a usable clip (:func:`check_eval_sets`), and every weights file the run will
+    read (:func:`check_weight_files`: the encoders' initialisation, with ``tests`` the final evaluation's object
+    guidance) loads. ``retrieval`` (an ablation that retrieves after training): the retrieval set and its labels can
+    be scored (``retrieve.check_retrieval_inputs``). ``env``: this process group (default: one process); ``device``:
+    where it trains (default: the recipe's)."""
     from sslt_cli.tracking import check_store
 
     env = env or Dist()
@@ -150,6 +153,11 @@ def preflight(recipe: Recipe, env: Dist | None = None, device: torch.device | No
     if recipe.tracking.enabled:
         check_store()
     check_eval_sets(recipe, tests=tests)
+    check_weight_files(recipe, tests=tests)
+    if retrieval:
+        from sslt_cli.retrieve import check_retrieval_inputs
+
+        check_retrieval_inputs(recipe)
 
 
 # ------------------------------------------------------------------------------------------------------ the recipe
@@ -595,6 +603,27 @@ def check_eval_sets(recipe: Recipe, tests: bool = True) -> None:
             [f"{cid}: {reason}" for cid, reason in list(reasons.items())[:FIRST_REASONS]]
             + ([f"VGG-SS annotations are read in SSL-TIE's form: {VGGSS_XML_FORM}"]
                if test.anno_kind == "vggss" and test.annotation_problems else []))
+
+
+WEIGHTS_HINT = ("set in the recipe as model.vision_init, model.audio_init or eval.ogl_weights (a path, relative to "
+                "the folder sslt runs in): fix the path, or leave it unset ('scratch' for the encoders)")
+
+
+def check_weight_files(recipe: Recipe, tests: bool = True) -> None:
+    """Load every weights file the run will read, safely (``weights_only``) and checked key by key and shape by shape
+    against the network it feeds, before the first step: ``model.vision_init`` / ``model.audio_init`` and, with
+    ``tests``, ``eval.ogl_weights`` (read by the final evaluation, hours later). A CheckpointError names the file and
+    the recipe key."""
+    from sslt_cli.errors import CheckpointError
+    from sslt_cli.ogl import object_trunk
+
+    try:
+        if recipe.model.vision_init != "scratch" or recipe.model.audio_init != "scratch":
+            checkpoint.init_from_torchvision(build_model(), recipe.model.vision_init, recipe.model.audio_init)
+        if tests and recipe.eval.ogl_weights:
+            object_trunk(recipe.eval.ogl_weights)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc.message}; nothing was trained", [*exc.problems, WEIGHTS_HINT]) from None
 
 
 def check_processes(recipe: Recipe, env: Dist, device: torch.device) -> None:

@@ -115,3 +115,33 @@ def _write_noise_clips(folder: Path, ids, size: int, seed: int) -> dict:
 def write_noise_clips():
     """``write_noise_clips(folder, ids, size, seed) -> {id: Clip}``: random frames with noise audio, for model tests."""
     return _write_noise_clips
+
+
+def _lock(folder: Path) -> None:
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root on a file system without chattr +i: cannot make a read-only folder")
+
+
+def _unlock(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o755)
+
+
+@pytest.fixture
+def make_read_only():
+    """``make_read_only(folder)``: nobody can add, remove or rename an entry of ``folder`` until the test ends
+    (``chmod 555`` for a user, ``chattr +i`` for root, who ignores permission bits; skipped where neither works)."""
+    locked: list[Path] = []
+
+    def lock(folder: Path) -> Path:
+        _lock(folder)
+        locked.append(folder)
+        return folder
+
+    yield lock
+    for folder in reversed(locked):
+        _unlock(folder)

@@ -697,12 +697,26 @@ def test_a_dry_run_touches_nothing(recipes: Path, fake: FakeTrainer) -> None:
 
 
 def test_a_second_process_on_the_same_ablation_is_refused(recipes: Path, fake: FakeTrainer) -> None:
+    from holders import LOCK_ONLY, start_holder, stop
+
+    from sslt_cli.folder_lock import FolderBusy
+
     ablation = load_ablation(write_ablation(recipes, ROWS_ABC))
     ablation.folder.mkdir(parents=True)
-    (ablation.folder / ".lock").write_text(str(os.getppid()))
-    with pytest.raises(ablate.SsltError, match=r"another `sslt ablate` \(process \d+\) is running this ablation"):
-        run_ablation(ablation, console=quiet(), out=quiet())
-    (ablation.folder / ".lock").write_text("999999999")  # a process that does not exist: a stale lock
+    # a holder between taking the lock and writing who it is (issue 22: the old lock took this as stale)
+    holder = start_holder(ablation.folder, LOCK_ONLY)
+    try:
+        with pytest.raises(FolderBusy, match="this ablation folder is in use by another process that is starting"):
+            run_ablation(ablation, console=quiet(), out=quiet())
+    finally:
+        stop(holder)
+    holder = start_holder(ablation.folder, command="sslt ablate paper_transformations")
+    try:
+        with pytest.raises(FolderBusy, match=rf"this ablation folder is in use by pid {holder.pid} on host .* since "
+                                             r".* \(sslt ablate paper_transformations\)"):
+            run_ablation(ablation, console=quiet(), out=quiet())
+    finally:
+        stop(holder)  # kill -9: the lock of a process that is gone is taken over
     run_ablation(ablation, console=quiet(), out=quiet())
     assert not (ablation.folder / ".lock").exists() and len(fake.calls) == 6
 
@@ -876,3 +890,23 @@ def test_a_cell_whose_checks_fail_fails_alone_before_its_run_folder_exists(recip
     assert result.cells[1].error == "data/vggsound/test_vggss: the test set 'vggss' (data.test) has no usable clip"
     assert result.cells[1].run is None and not list(ablation.folder.glob("B-seed4-*"))
     assert [name for name, _ in fake.calls] == ["A-seed4", "C-seed4"]
+
+
+def test_an_ablation_that_retrieves_checks_the_retrieval_inputs_before_each_cell(
+        recipes: Path, fake: FakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 22, item 4: with ``retrieve: true`` the checks before a cell include its retrieval set and labels."""
+    from sslt_cli.errors import DataError
+
+    asked: list[tuple[str, bool]] = []
+
+    def checks(recipe, *args, retrieval=False, **kwargs):
+        asked.append((recipe.name, retrieval))
+        raise DataError("retrieval after training (retrieve: true) on data/x: too few labelled clips")
+
+    monkeypatch.setattr("sslt_cli.train.preflight", checks)
+    ablation = load_ablation(write_ablation(recipes, ROWS_ABC.replace("seeds: [4, 5]", "seeds: [4]")),
+                             ["retrieve=true"])
+    result = run_ablation(ablation, console=quiet(), out=quiet())
+    assert asked == [("A-seed4", True), ("B-seed4", True), ("C-seed4", True)]
+    assert [c.status for c in result.cells] == ["failed"] * 3 and fake.calls == []
+    assert not list(ablation.folder.glob("*-seed4-*"))

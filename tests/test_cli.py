@@ -152,13 +152,19 @@ def test_a_bad_recipe_exits_1_with_the_message_on_stderr(recipe: str, overrides:
     (b"# a recipe\n\n# with only comments\n", "error: recipe.yaml: the recipe is empty (only blank lines or "
      "comments); nothing to run\n  - write the settings that differ from the defaults, starting from a shipped recipe "
      "(e.g. recipes/quickstart.yaml)\n"),
+    (b"{}\n", "error: recipe.yaml: the recipe is empty (an empty mapping, {}); nothing to run\n  - write the settings "
+     "that differ from the defaults, starting from a shipped recipe (e.g. recipes/quickstart.yaml)\n"),
+    (b"# comment\n{ }  # nothing\n", "error: recipe.yaml: the recipe is empty (an empty mapping, {}); nothing to run\n"
+     "  - write the settings that differ from the defaults, starting from a shipped recipe (e.g. "
+     "recipes/quickstart.yaml)\n"),
     (b"name: t\noptim:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n",
      "error: recipe.yaml: key 'lr' appears twice, on line 3 and line 5; keep one of them\n"),
     (b"name: t\noptim: {lr: 1}\noptim: {epochs: 2}\n",
      "error: recipe.yaml: key 'optim' appears twice, on line 2 and line 3; keep one of them\n"),
     (b"name: t\n# caf\xe9 au lait\n", "error: recipe.yaml: not UTF-8 text: byte 0xe9 at byte offset 13 (line 2) "
      "cannot be decoded\n  - save the recipe as UTF-8\n"),
-], ids=["empty", "comments-only", "duplicate-key", "duplicate-section", "latin-1"])
+], ids=["empty", "comments-only", "empty-mapping", "empty-mapping-commented", "duplicate-key", "duplicate-section",
+        "latin-1"])
 def test_recipes_that_would_run_on_defaults_or_lose_a_value_are_refused(content: bytes, message: str) -> None:
     Path("recipe.yaml").write_bytes(content)
     result = sslt("train", "recipe.yaml", "--dry-run", env=WIDE)
@@ -248,6 +254,23 @@ def test_eval_baselines_only_on_the_real_vggss_boxes(id_list: str) -> None:
     listed = csv_rows(folder / "defects.csv")
     assert len(listed) == 1 + defects and listed[0] == ["id", "xmin", "ymin", "xmax", "ymax", "defect"]
     assert ["UyCw7pCgYg8_000055", "0.00625", "0.015625", "0.00625", "0.015625", "degenerate"] in listed
+
+
+@pytest.mark.parametrize("with_bom", ["list", "boxes"])
+def test_a_list_or_a_box_file_saved_with_a_utf8_bom_reads_as_without_it(with_bom: str) -> None:
+    """Windows editors save UTF-8 with a byte-order mark: it is not part of the first id (issue 22)."""
+    from sslt_cli.catalog import RESOURCES_DIR
+
+    for name, source, kind in (("list.txt", "ssltie_test_vggss_4911.txt", "list"), ("vggss.json", "vggss.json", "boxes")):
+        Path(name).write_bytes((b"\xef\xbb\xbf" if kind == with_bom else b"") + (RESOURCES_DIR / source).read_bytes())
+    result = CliRunner().invoke(app, ["eval", "--baselines-only", "--vggss-json", "vggss.json", "--list", "list.txt",
+                                      "--out", "bom"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "· N = 4911" in words(result.stdout)
+    published = {method: cells[:2] for method, cells in table_rows(result.stdout).items()
+                 if method.startswith("published")}
+    assert published["published: SSL-TIE, VGGSound-144k"] == ["38.63", "39.65"]  # SSL-TIE's own list, unmarked
+    assert json.loads((Path("bom") / "metrics.json").read_text())["published"]["list"] == "ssltie-vggss-4911"
 
 
 def test_eval_maps_of_the_centre_prior_score_as_the_centre_prior_baseline(tmp_path: Path) -> None:

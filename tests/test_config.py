@@ -26,6 +26,13 @@ RECIPES = sorted(p for p in (REPO_ROOT / "recipes").glob("**/*.yaml")
                  if "ablations" not in p.relative_to(REPO_ROOT / "recipes").parts)
 ABLATIONS = sorted((REPO_ROOT / "recipes" / "ablations").glob("**/*.yaml"))
 
+PRESETS = ("'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl', 'slavc', 'fnac_bicubic', 'slavc_rel', 'slavc_abs', 'align', "
+           "'align_lvs' or 'align_lvs_bilinear'")
+
+
+# a recipe of one key at its default: the base the override tests change (an empty mapping is refused)
+BASE = "name: run\n"
+
 
 def write_recipe(text: str, name: str = "recipe.yaml") -> str:
     """Write a recipe into the test's working folder and return its relative path (the name messages show)."""
@@ -52,11 +59,11 @@ def test_defaults_are_the_papers_settings() -> None:
     assert (recipe.loss.cl_weight, recipe.loss.geo_weight) == (0.5, 1.0)
 
 
-def test_an_empty_file_is_refused_and_an_explicit_empty_mapping_gives_the_defaults() -> None:
-    for text in ("", "# nothing yet\n\n"):
+def test_an_empty_file_or_mapping_is_refused_and_one_key_gives_the_other_defaults() -> None:
+    for text in ("", "# nothing yet\n\n", "{}\n"):
         with pytest.raises(RecipeError, match="the recipe is empty"):
             load_recipe(write_recipe(text))
-    assert load_recipe(write_recipe("{}\n")) == Recipe()
+    assert load_recipe(write_recipe(f"name: {Recipe().name}\n")) == Recipe()
 
 
 def test_recipes_are_frozen() -> None:
@@ -112,7 +119,7 @@ def test_dump_then_parse_keeps_strings_that_look_like_other_types() -> None:
 @pytest.mark.parametrize(("override", "fields"), [("name=2024", ("2024", "sslt")),
                                                   ("tracking.experiment=2024", (Recipe().name, "2024"))])
 def test_string_field_takes_a_number_as_text(override: str, fields: tuple[str, str]) -> None:
-    recipe = load_recipe(write_recipe("{}\n"), [override])
+    recipe = load_recipe(write_recipe(BASE), [override])
     assert (recipe.name, recipe.tracking.experiment) == fields
 
 
@@ -166,10 +173,10 @@ def test_the_resolved_recipe_round_trips_through_yaml() -> None:
     ("name: t\n", ["optim.lrr=3e-4"],
      "unknown key 'optim.lrr' (did you mean 'optim.lr'?) (from override 'optim.lrr=3e-4')"),
     ("optim:\n  batch_size: abc\n", [], "key 'optim.batch_size': expected an integer, got 'abc'"),
-    ("{}\n", ["optim.lr=abc"], "key 'optim.lr': expected a number, got 'abc' (from override 'optim.lr=abc')"),
+    (BASE, ["optim.lr=abc"], "key 'optim.lr': expected a number, got 'abc' (from override 'optim.lr=abc')"),
     ("eval:\n  protocol: foo\n", [],
-     "key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'"),
-    ("{}\n", ["optim.lr=-1"], "key 'optim.lr': input should be greater than 0, got -1 (from override 'optim.lr=-1')"),
+     f"key 'eval.protocol': expected {PRESETS}, got 'foo'"),
+    (BASE, ["optim.lr=-1"], "key 'optim.lr': input should be greater than 0, got -1 (from override 'optim.lr=-1')"),
 ], ids=["unknown_key", "unknown_key_no_match", "unknown_override_key", "wrong_type", "wrong_type_override",
         "bad_literal", "out_of_range"])
 def test_one_problem_is_named_with_the_file_and_key(text: str, overrides: list[str], problem: str) -> None:
@@ -186,11 +193,11 @@ def test_all_problems_are_reported_together() -> None:
         "  - recipe.yaml: key 'seed': expected an integer, got 1.5 (from override 'seed=1.5')\n"
         "  - recipe.yaml: key 'optim.batch_size': expected an integer, got 'abc'\n"
         "  - recipe.yaml: unknown key 'optim.lrr' (did you mean 'optim.lr'?)\n"
-        "  - recipe.yaml: key 'eval.protocol': expected 'ssltie', 'lvs', 'ezvsl', 'fnac', 'sspl' or 'slavc', got 'foo'")
+        f"  - recipe.yaml: key 'eval.protocol': expected {PRESETS}, got 'foo'")
 
 
 def test_malformed_override() -> None:
-    assert recipe_error(write_recipe("{}\n"), ["bad"]) == (
+    assert recipe_error(write_recipe(BASE), ["bad"]) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
         "  - override 'bad' is not of the form key=value: write overrides as dotted.key=value, "
         "e.g. optim.lr=3e-4 data.root=/data/vggsound")
@@ -219,7 +226,7 @@ def test_missing_file_folder_and_non_mapping() -> None:
 @pytest.mark.parametrize("override", ["transforms.equivariance.scales=[a]", "optimm.lr=3", "optim.lr.x=3",
                                       "audio.n_mels=300"])
 def test_every_problem_caused_by_an_override_says_so(override: str) -> None:
-    assert f"(from override '{override}')" in recipe_error(write_recipe("{}\n"), [override])
+    assert f"(from override '{override}')" in recipe_error(write_recipe(BASE), [override])
 
 
 @pytest.mark.parametrize(("bad", "closest"), [("optim.lrr", "optim.lr"), ("optimm", "optim"), ("lr", "optim.lr"),
@@ -267,7 +274,7 @@ def test_a_key_of_another_objective_is_an_error_that_names_its_objective() -> No
 
 
 def test_an_unknown_objective_and_a_misspelt_loss_key_are_clear_errors() -> None:
-    assert recipe_error(write_recipe("{}\n"), ["loss.objective=lvs"]) == (
+    assert recipe_error(write_recipe(BASE), ["loss.objective=lvs"]) == (
         "recipe.yaml: 1 problem(s) in the recipe\n"
         "  - recipe.yaml: key 'loss.objective': expected one of 'tie', 'ezvsl', got 'lvs' (from override "
         "'loss.objective=lvs')")

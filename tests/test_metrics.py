@@ -127,12 +127,14 @@ def test_a_1x1_map_gains_noise_on_upsampling():
     assert 0 < float(up.max() - up.min()) < 1e-6
 
 
-@pytest.mark.parametrize("value, expected", [(-0.3, {"ssltie": 0, "lvs": 0, "sspl": 0}),
-                                             (0.7, {"ssltie": 1, "lvs": 1, "sspl": 0})])
+@pytest.mark.parametrize("value, expected", [
+    (-0.3, {"ssltie": 0, "lvs": 0, "sspl": 0, "slavc_abs": 0, "align": 0, "align_lvs": 0, "align_lvs_bilinear": 0}),
+    (0.7, {"ssltie": 1, "lvs": 1, "sspl": 0, "slavc_abs": 1, "align": 0, "align_lvs": 0, "align_lvs_bilinear": 0})])
 def test_constant_maps_official_behaviour_depends_on_the_value(value, expected):
     """constant_maps='official': SSL-TIE/LVS predict 1 + c >= 1 (the whole frame for c >= 0, nothing below); SSPL
-    divides by a zero ptp (NaN: nothing); EZ-VSL/FNAC/SLAVC keep the value and predict >= itself (the whole frame).
-    A map already at 224 stays exactly constant, so this is the official rule itself, without upsampling noise."""
+    divides by a zero ptp (NaN: nothing); EZ-VSL/FNAC/SLAVC keep the value and predict >= itself (the whole frame);
+    SLAVC's absolute rule predicts it when the fixed-range score reaches 0.5 (c >= 0); SSLalignment's strict rule
+    predicts nothing (no value is above itself). A map already at 224 stays exactly constant, so this is the official rule itself, without upsampling noise."""
     for name, proto in M.PROTOCOLS.items():
         official = dataclasses.replace(proto, constant_maps="official")
         _, masks = M.predict_masks(torch.full((1, 224, 224), value), official)
@@ -143,13 +145,19 @@ def test_every_preset_on_hand_maps_4x4(name):
     gt = torch.zeros(3, 4, 4)
     gt[:, 2:, :] = 1  # the bottom half (values 8..15 of RAMP)
     scores = M.localisation_scores(t(np.stack([RAMP, TIES, PLATEAU])), gt, proto)
-    strict = proto.threshold == "above_median"
+    strict = proto.threshold in ("above_median", "strictly_above_median")
     # RAMP: strict 7 px all inside -> 7/8; >= rules: the 8 bottom pixels -> 1
     # TIES: strict the four 2s (bottom row) -> 4/8; >= rules: 10 px, 8 inside -> 8/(8+2)
-    # PLATEAU: 10 px, 8 inside -> 0.8 under every rule
-    expected = [7 / 8 if strict else 1.0, 0.5 if strict else 0.8, 0.8]
+    # PLATEAU: 10 px, 8 inside -> 0.8 (the strictly-above rule without the official "score 1" step: nothing, 0)
+    expected = [7 / 8 if strict else 1.0, 0.5 if strict else 0.8, 0.0 if proto.threshold == "strictly_above_median"
+                else 0.8]
+    areas = [7 / 16 if strict else 0.5, 4 / 16 if strict else 10 / 16,
+             0.0 if proto.threshold == "strictly_above_median" else 10 / 16]
+    if proto.normalise == "fixed_range":
+        # SLAVC's absolute rule: scores (v + 1/tau) / (2/tau) >= 0.5 for every v >= 0: the whole frame, half inside
+        expected, areas = [0.5] * 3, [1.0] * 3
     np.testing.assert_allclose(scores.iou, expected, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(scores.pred_area, [7 / 16 if strict else 0.5, 4 / 16 if strict else 10 / 16, 10 / 16])
+    np.testing.assert_allclose(scores.pred_area, areas)
     # pointing: RAMP max 15 inside; TIES: four 2s all inside; PLATEAU: ten 1s, eight inside
     np.testing.assert_allclose(scores.pointing, [1.0, 1.0, 0.8])
 
@@ -160,7 +168,8 @@ def test_presets_follow_the_reference_table():
 
     p = M.PROTOCOLS
     # one list of names: the presets, the recipe schema and `sslt eval --protocol` (which reads PROTOCOL_NAMES)
-    assert tuple(p) == PROTOCOL_NAMES == ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc")
+    assert tuple(p) == PROTOCOL_NAMES == ("ssltie", "lvs", "ezvsl", "fnac", "sspl", "slavc", "fnac_bicubic",
+                                          "slavc_rel", "slavc_abs", "align", "align_lvs", "align_lvs_bilinear")
     assert [EvalConfig(protocol=name).protocol for name in PROTOCOL_NAMES] == list(PROTOCOL_NAMES)
     for name in ("ssltie", "lvs"):
         assert (p[name].map_size, p[name].upsample, p[name].threshold, p[name].image_preprocessing) == (
@@ -396,11 +405,13 @@ def _naive_upsample(m: np.ndarray, mode: str, size: int) -> np.ndarray:
     def taps(dst: int, n_in: int) -> list[tuple[int, float]]:
         if mode == "opencv_linear":
             src = max((dst + 0.5) * n_in / size - 0.5, 0.0)
+        elif mode == "bicubic":  # half-pixel centres, not clamped (torch's cubic source index)
+            src = (dst + 0.5) * n_in / size - 0.5
         else:
             src = dst * (n_in - 1) / (size - 1)
         i0 = int(math.floor(src))
         frac = src - i0
-        if mode == "bicubic_align_corners":
+        if mode in ("bicubic_align_corners", "bicubic"):
             a = -0.75
 
             def k(x):
@@ -420,15 +431,18 @@ def _naive_upsample(m: np.ndarray, mode: str, size: int) -> np.ndarray:
     return out
 
 
-def _naive_normalise(values: list, normalise: str) -> list:
+def _naive_normalise(values: list, normalise: str, value_range: tuple[float, float] | None = None) -> list:
     """A preset's normalisation, one float32 value at a time, in the official operation order."""
     f32 = np.float32
+    if normalise in ("range_minmax", "fixed_range"):
+        lo, hi = value_range
+        values = [f32((v - f32(lo)) / f32(hi - lo)) for v in values]
+        if normalise == "fixed_range":
+            return values
     if normalise == "negated_minmax":
         neg = [-v for v in values]
         lo, hi = min(neg), max(neg)
         return [f32(1) - f32((v - lo) / (hi - lo)) for v in neg]
-    if normalise == "range_minmax":
-        values = [f32((v - f32(-1.0)) / f32(2.0)) for v in values]
     lo, hi = min(values), max(values)
     return [f32((v - lo) / (hi - lo)) for v in values]
 
@@ -442,10 +456,12 @@ def _naive_scores(up: np.ndarray, gt: np.ndarray, proto: M.Protocol) -> tuple[fl
     if hi == lo:
         pred = [1] * n
     else:
-        p = _naive_normalise(values, proto.normalise)
+        p = _naive_normalise(values, proto.normalise, proto.value_range)
         thr = sorted(p)[int(n / 2)]
         if proto.threshold == "above_median":
             pred = [1 if (x > thr or x >= 1) else 0 for x in p]
+        elif proto.threshold == "strictly_above_median":
+            pred = [1 if x > thr else 0 for x in p]
         elif proto.threshold == "at_least_median":
             pred = [1 if x >= thr else 0 for x in p]
         else:
@@ -483,7 +499,7 @@ def test_fast_path_equals_naive_reference_with_ties(name):
             assert (scores.iou[i], scores.pointing[i], scores.pred_area[i]) == pytest.approx(expected, abs=1e-12), i
 
 
-@pytest.mark.parametrize("mode", ["opencv_linear", "bilinear_align_corners", "bicubic_align_corners"])
+@pytest.mark.parametrize("mode", ["opencv_linear", "bilinear_align_corners", "bicubic_align_corners", "bicubic"])
 def test_upsampling_equals_naive_reference(mode):
     rng = np.random.default_rng(5)
     for shape in ((4, 4), (7, 7), (5, 9)):

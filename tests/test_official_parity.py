@@ -179,6 +179,62 @@ def slavc_loop(heatmap: torch.Tensor, gts: list[np.ndarray], av_min: float, av_m
     return ious
 
 
+def fnac_validate2_loop(heatmap: torch.Tensor, gts: list[np.ndarray]) -> list[float]:
+    """FNAC test.py validate2(): the audio-visual map upsampled bicubic, align_corners=False; then EZ-VSL's rule."""
+    heatmap_av = F.interpolate(heatmap, size=(224, 224), mode="bicubic", align_corners=False).numpy()
+    ious = []
+    for i in range(heatmap_av.shape[0]):
+        pred_av = normalize_img(heatmap_av[i, 0])
+        thr_av = np.sort(pred_av.flatten())[int(pred_av.shape[0] * pred_av.shape[1] * 0.5)]
+        ious.append(cal_ciou(pred_av, gts[i], thr_av))
+    return ious
+
+
+def slavc_absolute_loop(heatmap: torch.Tensor, gts: list[np.ndarray], av_min: float, av_max: float) -> list[float]:
+    """SLAVC test.py validate() without --relative_prediction (its scripts): pred_thr 0.5 on the fixed-range
+    scores, ``>=``."""
+    heatmap_av = F.interpolate(heatmap, size=(224, 224), mode="bicubic", align_corners=True).numpy()
+    ious = []
+    for i in range(heatmap_av.shape[0]):
+        scores_av = (heatmap_av[i, 0] - av_min) / (av_max - av_min)
+        ious.append(cal_ciou(scores_av, gts[i], 0.5))
+    return ious
+
+
+def align_ciou(infer, gtmap, thres):
+    """SSLalignment utils.Evaluator_iiou.cal_CIOU: strictly above the threshold."""
+    infer_map = np.zeros((224, 224))
+    infer_map[infer > thres] = 1
+    return np.sum(infer_map * gtmap) / (np.sum(gtmap) + np.sum(infer_map * (gtmap == 0)))
+
+
+def align_validate_loop(heatmap: torch.Tensor, gts: list[np.ndarray]) -> list[float]:
+    """SSLalignment test.py validate() (EZ-VSL, SLAVC, FNAC models): bilinear align_corners=True, min-max,
+    ``> sort[N/2]``."""
+    heatmap_av = F.interpolate(heatmap, size=(224, 224), mode="bilinear", align_corners=True).numpy()
+    ious = []
+    for i in range(heatmap_av.shape[0]):
+        pred_av = normalize_img(heatmap_av[i, 0])
+        thr_av = np.sort(pred_av.flatten())[int(pred_av.shape[0] * pred_av.shape[1] * 0.5)]
+        ious.append(align_ciou(pred_av, gts[i], thr_av))
+    return ious
+
+
+def align_lvs_loop(heatmap: torch.Tensor, gts: list[np.ndarray], opencv: bool) -> list[float]:
+    """SSLalignment test.py validate_lvs(): cv2 INTER_LINEAR (VGG-SS) or bilinear align_corners=True (other sets),
+    ``1 - normalize_img(-map)``, ``> sort[N/2]`` (no ``pred[pred < 1] = 0`` step)."""
+    arr = heatmap.numpy()
+    if not opencv:
+        up = F.interpolate(heatmap, size=(224, 224), mode="bilinear", align_corners=True).numpy()
+    ious = []
+    for i in range(arr.shape[0]):
+        now = cv2.resize(arr[i, 0], dsize=(224, 224), interpolation=cv2.INTER_LINEAR) if opencv else up[i, 0]
+        pred = 1 - normalize_img(-now)
+        threshold = np.sort(pred.flatten())[int(pred.shape[0] * pred.shape[1] / 2)]
+        ious.append(align_ciou(pred, gts[i], threshold))
+    return ious
+
+
 def sspl_loop(orig_sim_map: np.ndarray, gts: list[np.ndarray]) -> list[float]:
     """SSPL test.py eval_cal_ciou(thres=0.5): orig_sim_map (B, h, w) float32."""
     ious = []
@@ -204,6 +260,16 @@ def official_ious(name: str, maps: np.ndarray, annotations: list[Annotation]) ->
             ious = ezvsl_loop(torch.from_numpy(maps)[:, None], gts)
         elif name == "slavc":
             ious = slavc_loop(torch.from_numpy(maps)[:, None], gts, -1.0, 1.0)
+        elif name == "slavc_rel":
+            ious = slavc_loop(torch.from_numpy(maps)[:, None], gts, -1.0 / 0.03, 1.0 / 0.03)
+        elif name == "slavc_abs":
+            ious = slavc_absolute_loop(torch.from_numpy(maps)[:, None], gts, -1.0 / 0.03, 1.0 / 0.03)
+        elif name == "fnac_bicubic":
+            ious = fnac_validate2_loop(torch.from_numpy(maps)[:, None], gts)
+        elif name == "align":
+            ious = align_validate_loop(torch.from_numpy(maps)[:, None], gts)
+        elif name in ("align_lvs", "align_lvs_bilinear"):
+            ious = align_lvs_loop(torch.from_numpy(maps)[:, None], gts, opencv=name == "align_lvs")
         else:
             ious = sspl_loop(maps, gts)
     return np.asarray(ious, dtype=np.float64)

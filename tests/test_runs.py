@@ -240,6 +240,35 @@ def test_load_checkpoint_refuses_pickled_objects(tmp_path: Path) -> None:
     assert "weights_only=False" not in info.value.render() and "unsafe" not in info.value.render()
 
 
+class _RunsCode:
+    """Unpickled, this would run a shell command (and leave a file as proof)."""
+
+    def __init__(self, proof: Path):
+        self.proof = proof
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.proof}",))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
+def test_a_checkpoint_whose_pickle_calls_os_system_is_said_to_hold_code(tmp_path: Path, how: str) -> None:
+    import pickle
+
+    path, proof = tmp_path / "evil.pt", tmp_path / "it-ran"
+    if how == "torch.save":
+        torch.save({"model": _RunsCode(proof)}, path)
+    else:
+        path.write_bytes(pickle.dumps({"model": _RunsCode(proof)}, protocol=int(how[-1])))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert not proof.exists()  # nothing ran
+    assert info.value.render() == (f"{path}: a file whose pickle holds code (posix.system) that a safe load refuses: "
+                                   "it would run when loaded; nothing was run. sslt loads weights only (tensors, "
+                                   "numbers, text): use a checkpoint from a source you trust, saved as a state_dict")
+
+
 @pytest.mark.parametrize("content", [b"this is not a checkpoint at all\n" * 3, b"hello world\n"],
                          ids=["sentence", "hello"])
 def test_load_checkpoint_on_text_garbage(tmp_path: Path, content: bytes) -> None:

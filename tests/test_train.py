@@ -724,3 +724,65 @@ def test_train_records_through_the_sink_it_is_given_and_opens_no_tracking_run(be
     assert result.status == "finished" and [r["kind"] for r in run.metrics()] == ["train"]
     assert "mlflow_run_id" not in run.meta()
     assert MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("owned") is None
+
+
+# ------------------------------------------------------------------ issue 22, item 4: every input checked before work
+
+def _not_a_resnet18(path: Path) -> Path:
+    """A weights file that loads safely but is no ResNet-18 state_dict (a small linear layer's)."""
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("key, bad", [("eval.ogl_weights", "missing"), ("eval.ogl_weights", "linear"),
+                                      ("model.vision_init", "linear")])
+def test_a_bad_weights_file_stops_before_training(bench, tmp_path, key, bad) -> None:
+    path = tmp_path / "missing.pth" if bad == "missing" else _not_a_resnet18(tmp_path / "linear.pth")
+    recipe = make_recipe(tmp_path, bench, *ROW_A, f"{key}={path}")
+    with pytest.raises(CheckpointError) as info:
+        train_module.preflight(recipe)  # what sslt train and sslt ablate check before a run folder exists
+    assert info.value.message.endswith("; nothing was trained")
+    assert str(path) in info.value.message
+    if bad == "linear":
+        assert any(p.startswith("missing keys (") for p in info.value.problems), info.value.problems
+    assert info.value.problems[-1] == train_module.WEIGHTS_HINT
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sslt_train_with_bad_ogl_weights_fails_before_its_run_folder_exists(bench, tmp_path) -> None:
+    """Before: the run trained to its end, then its final evaluation failed on the missing file."""
+    overrides = [*ROW_A, "data.val=null", "optim.max_steps=2", f"eval.ogl_weights={tmp_path / 'no.pth'}"]
+    make_recipe(tmp_path, bench)
+    result = CliRunner().invoke(_cli_app(), ["train", str(tmp_path / "tiny.yaml"), *overrides])
+    assert isinstance(result.exception, CheckpointError)
+    assert result.exception.message == (f"object-guided localisation weights {str(tmp_path / 'no.pth')!r}: no such "
+                                        "file; give the path of a local torchvision resnet18 state_dict (ImageNet "
+                                        "weights), or leave it unset; nothing was trained")
+    assert not (tmp_path / "runs").exists()
+
+
+def _cli_app():
+    from sslt_cli.cli import app
+
+    return app
+
+
+def test_good_weights_files_pass_the_checks(bench, tmp_path) -> None:
+    from torchvision.models import resnet18
+
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    recipe = make_recipe(tmp_path, bench, *ROW_A, f"eval.ogl_weights={tmp_path / 'r18.pth'}",
+                         f"model.vision_init={tmp_path / 'r18.pth'}", f"model.audio_init={tmp_path / 'r18.pth'}")
+    train_module.preflight(recipe)
+
+
+def test_retrieval_inputs_are_checked_before_an_ablation_cell_trains(bench, tmp_path) -> None:
+    """An ablation with ``retrieve: true`` retrieves on the recipe's first test set after training: a set whose
+    labelled clips cannot make a gallery (8 clips here, 11 needed) is named before the first step."""
+    recipe = make_recipe(tmp_path, bench, *ROW_A)
+    train_module.preflight(recipe)  # without retrieval the same recipe passes
+    with pytest.raises(DataError) as info:
+        train_module.preflight(recipe, retrieval=True)
+    assert info.value.message == (f"retrieval after training (retrieve: true) on {bench / 'test_vggss'}, labels from "
+                                  f"{bench / 'vggsound.csv'}: retrieval needs at least "
+                                  "11 labelled clips of the chosen classes; found 8; nothing was trained")

@@ -11,14 +11,13 @@ runs come from what ``train`` and ``retrieve`` return. For cells an earlier proc
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -28,12 +27,12 @@ from sslt_cli.ablate.report import CellResult, RowSummary, describe, summarise, 
 from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
 from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
+from sslt_cli.folder_lock import LOCK, hold
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
 from sslt_cli.tracking import MetricsSink, Tracker, open_run_tracking, start_tracking, tracking_uri
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
-LOCK = ".lock"
 # set in a state once each cell's runs are recorded in it (cells.<name>.runs)
 RUNS_RECORDED = "runs_recorded"
 # the keys of a test record the ablation tabulates, and those of its centre-prior baseline (REFERENCE.md section 5)
@@ -155,43 +154,6 @@ def _check_same_ablation(ablation: Ablation, state: dict) -> None:
                      f"this command: {_setup_text(str(ablation.base_path), ablation.command_overrides)}",
                      "to continue or report on the recorded ablation, give its base= and overrides; to run this one "
                      f"beside it, give it its own folder with name=<other> ({folder.parent}/<other>)"])
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Hold the ablation folder: two `sslt ablate` processes on one folder would train the same cells twice."""
-    path = folder / LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                holder = int(path.read_text().strip() or "0")
-            except (OSError, ValueError):
-                holder = 0
-            if holder and holder != os.getpid() and _process_alive(holder):
-                raise SsltError(f"{folder}: another `sslt ablate` (process {holder}) is running this ablation; "
-                                "wait for it to finish or stop it, then run the command again") from None
-            path.unlink(missing_ok=True)  # left behind by a process that no longer runs
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
 
 
 # ------------------------------------------------------------------------------------------ finding a cell's runs
@@ -352,7 +314,7 @@ def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict, con
         from sslt_cli.train import preflight
 
         _generate_data(cell, console)
-        preflight(cell.recipe)
+        preflight(cell.recipe, retrieval=ablation.retrieve)
     if plan.action in ("resume", "retrieve"):
         assert plan.run is not None
         run = plan.run
@@ -407,8 +369,10 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
                  attempts=int(entry.get("attempts", 0)) + 1)
     run = trained = result = sink = None
+    held = ExitStack()
     try:
         run = _cell_run(cell, plan, ablation, entry, console)
+        held.enter_context(hold(run.dir, "run folder"))  # no `sslt train --resume` of the cell's run meanwhile
         _save_state(ablation.folder, state)
         sink = open_run_tracking(run, cell.recipe, parent_run_id=parent_id, tags=_cell_tags(cell, ablation),
                                  warn=lambda m: (console.print(f"warning: {escape(m)}"), run.log(f"warning: {m}")))
@@ -429,6 +393,7 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
         _save_state(ablation.folder, state)
         if sink is not None:
             sink.end({"finished": "FINISHED", "failed": "FAILED"}.get(result.status, "KILLED"))
+        held.close()
     return result.status
 
 
@@ -573,7 +538,7 @@ def run_ablation(ablation: Ablation, *, seeds: int | Sequence[int] | None = None
         raise SsltError(f"{ablation.folder}: nothing to report yet (no {STATE}); run the ablation without --report "
                         "first")
     ablation.folder.mkdir(parents=True, exist_ok=True)
-    with _locked(ablation.folder):
+    with hold(ablation.folder, "ablation folder"):
         state = load_state(ablation.folder)
         _check_same_ablation(ablation, state)
         run_seeds = _seeds_to_run(ablation, seeds, state, console)

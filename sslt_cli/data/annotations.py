@@ -135,7 +135,7 @@ def load_vggss_json(path: str | Path) -> tuple[dict[str, Annotation], DefectRepo
     """Parse the public ``vggss.json``: ``{clip id: Annotation}`` (file order kept) and the defects found."""
     path = resolve_data_file(path, "boxes")
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file (expected the VGG-SS box file vggss.json)",
                         [names_hint("boxes")]) from None
@@ -286,7 +286,7 @@ def read_id_list(path: str | Path) -> list[str]:
     """
     path = resolve_data_file(path, "list")
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM is not part of the first id
     except FileNotFoundError:
         raise DataError(f"{path}: test list not found", [names_hint("list")]) from None
     ids: list[str] = []
@@ -364,7 +364,7 @@ def read_labels(path: str | Path) -> dict[str, str]:
     conflicts: list[str] = []
     first_row = True
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
             for row in reader:
                 if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):

@@ -25,8 +25,8 @@ from sslt_cli.config import AppearanceConfig, GeometricConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EVAL_MODES = ("resize_centercrop", "resize_square")
-EvalMode = Literal["resize_centercrop", "resize_square"]
+EVAL_MODES = ("resize_centercrop", "resize_square", "tensor_resize_square")
+EvalMode = Literal["resize_centercrop", "resize_square", "tensor_resize_square"]
 
 
 def _to_normalised_tensor() -> list:
@@ -110,7 +110,10 @@ def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], tor
     """The evaluation image transform of a protocol: PIL RGB image -> (3, image_size, image_size), ImageNet-normalised.
 
     ``resize_centercrop``: Resize(image_size, bicubic) on the short side + CenterCrop (SSL-TIE, LVS);
-    ``resize_square``: Resize((image_size, image_size), bicubic), the whole frame squashed (EZ-VSL, FNAC, SSPL).
+    ``resize_square``: Resize((image_size, image_size), bicubic), the whole frame squashed (EZ-VSL, FNAC, SSPL);
+    ``tensor_resize_square``: the same squash on the float tensor (SSLalignment's ToTensor-then-Resize order).
+    The tensor conversion and normalisation are the released test loaders' own arithmetic (``ToTensor``: divide by
+    255; ``Normalize``: subtract, then divide), so a frame reaches every released model bit for bit as in its code.
     """
     from torchvision.transforms import v2
 
@@ -119,9 +122,26 @@ def build_eval_transform(image_size: int, mode: EvalMode) -> Callable[[Any], tor
         steps = [v2.Resize(image_size, interpolation=bicubic, antialias=True), v2.CenterCrop(image_size)]
     elif mode == "resize_square":
         steps = [v2.Resize((image_size, image_size), interpolation=bicubic, antialias=True)]
+    elif mode == "tensor_resize_square":
+        # SSLalignment: ToTensor first, so the bicubic resize runs on the float tensor (no rounding to 8 bits)
+        return v2.Compose([_official_to_tensor, v2.Resize((image_size, image_size), interpolation=bicubic,
+                                                          antialias=True), _official_normalise])
     else:
         raise ValueError(f"unknown eval image mode {mode!r}; expected one of {', '.join(EVAL_MODES)}")
-    return v2.Compose(steps + _to_normalised_tensor())
+    return v2.Compose(steps + [_official_to_tensor, _official_normalise])
+
+
+def _official_to_tensor(image: Any) -> torch.Tensor:
+    """torchvision's ``ToTensor`` of a PIL RGB image: (3, H, W) float32, the bytes divided by 255."""
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
+def _official_normalise(tensor: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``Normalize(ImageNet mean, std)``: subtract the mean, then divide by the std, per channel."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=tensor.dtype)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=tensor.dtype)[:, None, None]
+    return tensor.sub(mean).div(std)
 
 
 def seeded_call(transform: Callable[[Any], Any], value: Any, seed: int) -> Any:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, default_collate
 
 from sslt_cli import audio as audio_lib
+from sslt_cli import frontends
 from sslt_cli.config import AudioConfig, MaskConfig
 from sslt_cli.data.augment import (
     ImageTransform,
@@ -100,6 +101,14 @@ def collate_skip_bad(items: list[dict | BadClip]) -> dict[str, Any]:
     batch: dict[str, Any] = default_collate(good) if good else {}
     batch["skipped"] = [(item.id, item.reason) for item in items if isinstance(item, BadClip)]
     return batch
+
+
+def waveform_spectrogram(audio: AudioConfig, wave: np.ndarray) -> torch.Tensor:
+    """The recipe's audio front end on a waveform already at ``audio.sample_rate``: tiled and cut to
+    ``audio.clip_seconds``, then log-mel dB. wave: (N,) -> (1, n_mels, T)."""
+    wave = audio_lib.tile_and_cut(wave, audio.clip_seconds, audio.sample_rate)
+    return audio_lib.log_mel(wave, audio.sample_rate, n_fft=audio.n_fft, hop_length=audio.hop_length,
+                             n_mels=audio.n_mels, normalized=audio.normalized)[0]
 
 
 class AudioVisualDataset(Dataset):
@@ -245,10 +254,7 @@ class AudioVisualDataset(Dataset):
         return wave
 
     def _spectrogram_of(self, wave: np.ndarray) -> torch.Tensor:
-        a = self.audio
-        wave = audio_lib.tile_and_cut(wave, a.clip_seconds, a.sample_rate)
-        return audio_lib.log_mel(wave, a.sample_rate, n_fft=a.n_fft, hop_length=a.hop_length, n_mels=a.n_mels,
-                                 normalized=a.normalized)[0]
+        return waveform_spectrogram(self.audio, wave)
 
     def _mixed_log_mel(self, clip: Clip, partner: Clip, alpha: float) -> torch.Tensor | None:
         """The log-mel of the clip mixed with its partner, or None when the partner cannot be decoded.
@@ -264,7 +270,10 @@ class AudioVisualDataset(Dataset):
         return self._spectrogram_of(mix_waveforms(own, other, alpha))
 
     def _log_mel(self, clip: Clip) -> torch.Tensor:
-        """The clip's unmixed log-mel (1, n_mels, T), through the cache when there is one."""
+        """The clip's unmixed log-mel (1, n_mels, T), through the cache when there is one; under a released model's
+        front end (``audio.front_end``, :mod:`sslt_cli.frontends`) that front end's spectrogram of the file."""
+        if self.audio.front_end != "logmel":
+            return frontends.spectrogram_of_file(clip.audio, self.audio.front_end)
         if self.cache_dir is None:
             return self._spectrogram_of(self._waveform(clip.audio))
         path = self._cache_path(self.cache_dir, clip)

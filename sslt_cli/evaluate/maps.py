@@ -98,6 +98,34 @@ def embed_audio(model: torch.nn.Module, specs: torch.Tensor, device: str | torch
     return model.embed_audio(specs.to(device, non_blocking=True))
 
 
+def map_value_range(loaded: "LoadedModel") -> tuple[float, float]:
+    """The value range of the raw maps of ``loaded``'s family: (-1, 1) for sslt's cosine maps. Its common scale,
+    ``(A - lo) / (hi - lo)``, is (cos + 1) / 2 (what the negative-audio metrics threshold)."""
+    return tuple(getattr(loaded, "value_range", None) or (-1.0, 1.0))  # type: ignore[return-value]
+
+
+def maps_of(loaded: "LoadedModel", v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The raw map of each image with an audio of the loaded model's family: v (B, C, h, w) from
+    :func:`embed_images`, a (B, C) from :func:`embed_audio` -> (B, h, w) float32."""
+    from sslt_cli.model import localisation_map
+
+    return localisation_map(v, a)[:, 0].float()
+
+
+def audio_front_end(loaded: "LoadedModel") -> tuple[int, Callable[[np.ndarray], torch.Tensor]]:
+    """(sample rate, front end) of ``loaded``'s audio: the front end takes a mono waveform (N,) at that rate and gives
+    the spectrogram (1, F, T) :func:`embed_audio` takes (sslt: the recipe's ``audio`` section)."""
+    from sslt_cli.data.datasets import waveform_spectrogram
+
+    audio = loaded.recipe.audio
+    return int(audio.sample_rate), lambda wave: waveform_spectrogram(audio, wave)
+
+
+def audio_seconds(loaded: "LoadedModel") -> float:
+    """Seconds of audio the front end reads (the length of a generated negative waveform)."""
+    return float(loaded.recipe.audio.clip_seconds)
+
+
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
                       device: str | torch.device, progress: Callable[[int], None] | None = None,
                       on_batch: BatchHook | None = None, ogl: "ObjectGuidance | None" = None
@@ -106,20 +134,19 @@ def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[s
 
     batches yield ``(ids, images (B, 3, H, W) normalised, specs (B, 1, n_mels, T) log-mel dB)``; the map of each
     image with its own audio is ``localisation_map(model.embed_image(images), model.embed_audio(specs))``
-    (B, 1, h, w). The model is put in eval mode; ``progress`` is called with the clip count of each batch and
+    (B, 1, h, w), ``model.maps(v, a)`` for any network (a released family's map in its own scale). The model is put
+    in eval mode; ``progress`` is called with the clip count of each batch and
     ``on_batch(ids, images, v, a, maps (B, h, w))`` sees each batch's embeddings (validation's L_cl and heatmaps),
     outside autocast. ``ogl``: EZ-VSL's object-guided localisation; each map is then the combined (S, S) map
     (:mod:`sslt_cli.ogl`).
     """
-    from sslt_cli.model import localisation_map
-
     model.eval()
     maps: dict[str, np.ndarray] = {}
     with torch.inference_mode():
         for ids, images, specs in batches:
             v = embed_images(model, images, device)
             a = embed_audio(model, specs, device)
-            batch_maps = localisation_map(v, a)[:, 0].float()
+            batch_maps = model.maps(v, a)[:, 0].float()
             if ogl is not None:
                 batch_maps = ogl.apply(batch_maps, images)
             batch_maps = batch_maps.cpu().numpy()
@@ -162,8 +189,9 @@ def predict_maps(loaded: "LoadedModel", clips: Sequence[Clip], protocol: Protoco
     """The one step from a loaded model to maps: ``loaded``'s maps on ``clips`` (each frame with its own audio), or on
     ``pairs`` (key, frame clip, audio clip).
 
-    ``loaded`` (:class:`~sslt_cli.checkpoint.LoadedModel`) brings the network and the recipe that describes its
-    inputs: frames get the protocol's image pre-processing at ``recipe.data.image_size``, audio the recipe's front end,
+    ``loaded`` (:class:`~sslt_cli.checkpoint.LoadedModel`, of any family: :func:`sslt_cli.families.load_released`)
+    brings the network and the recipe that describes its inputs: frames get the protocol's image pre-processing at
+    ``recipe.data.image_size``, audio the recipe's front end (``audio.front_end``: log-mel or a released one),
     the maps are computed at ``recipe.eval.precision``. Returns ({key: (h, w) map}, [(key, reason)] for clips that
     could not be decoded); ``ogl`` as in :func:`maps_from_batches`.
     """

@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from sslt_cli.data.negatives import NegativeSettings
 from sslt_cli.errors import SsltError
 from sslt_cli.protocols import PROTOCOLS, Protocol
 from sslt_cli.ogl import DEFAULT_ALPHA
@@ -54,6 +55,24 @@ class ExtendedPairs:
 
 
 @dataclass(frozen=True)
+class NegativeOptions:
+    """Negative-audio evaluation: each frame also with silence, noise or off-screen sound (``settings``).
+
+    ``labels``: {clip id: class} from a ``--labels`` file (None: the set's manifest labels; offscreen needs one);
+    ``threshold``: the universal threshold on the common map scale (vssl_eval's 0.5); ``validation``: the set the
+    per-model threshold is chosen on (never the test set; None: not computed); ``maps``: precomputed negative maps
+    keyed ``<clip id>@<kind>@<draw>`` read from ``maps_source`` (``--maps`` input).
+    """
+
+    settings: NegativeSettings
+    labels: "Mapping[str, str] | None" = None
+    threshold: float = 0.5
+    validation: "TestSet | None" = None
+    maps: "Mapping[str, np.ndarray] | None" = None
+    maps_source: str = ""
+
+
+@dataclass(frozen=True)
 class ObjectGuidanceSetting:
     """EZ-VSL's object-guided localisation as one evaluation applies it: the weights file and alpha."""
 
@@ -68,7 +87,8 @@ class EvalOptions:
     ``protocol``: a preset name (default: the recipe's ``eval.protocol``, else ``ssltie``); ``constant_maps`` /
     ``empty_gt``: the protocol's deviation options; ``clip_boxes``: False for SSL-TIE's literal, unclipped VGG-SS
     boxes; ``ogl_weights`` / ``ogl_alpha``: EZ-VSL's object-guided localisation (``object_guidance=False`` turns it
-    off whatever the recipe says: validation); ``extended``: SLAVC's extended evaluation; ``baselines``: score the
+    off whatever the recipe says: validation); ``extended``: SLAVC's extended evaluation; ``negatives``: the
+    negative-audio evaluation (:class:`NegativeOptions`); ``baselines``: score the
     baselines beside the maps; ``save_maps``: keep ``maps.npz`` beside the outputs; ``batch_size`` /
     ``num_workers``: the loader (default: the recipe's ``eval.batch_size`` and ``data.num_workers``); ``device``:
     where the model and the metrics run (the caller picks it: ``distributed.pick_device``).
@@ -82,6 +102,7 @@ class EvalOptions:
     ogl_alpha: float | None = None
     object_guidance: bool = True
     extended: ExtendedPairs | None = None
+    negatives: NegativeOptions | None = None
     baselines: bool = True
     save_maps: bool = True
     batch_size: int | None = None

@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mappi
 
 import numpy as np
 
-from sslt_cli.checkpoint import LoadedModel, load_model
+from sslt_cli.checkpoint import LoadedModel
 from sslt_cli.data.manifest import Clip
 from sslt_cli.errors import DataError
-from sslt_cli.evaluate.maps import BatchHook, predict_maps, save_maps
+from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, save_maps
+from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshold, predict_with_negatives,
+                                         score_negatives)
 from sslt_cli.evaluate.options import EvalOptions
-from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, result_table, write_outputs
+from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, negatives_table, result_table, write_outputs
 from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
                                        test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 ProgressFactory = Callable[[str, int], ContextManager[Callable[[int], None]]]
 """(description, total clips) -> a context whose value advances a progress display by n clips."""
+PRECOMPUTED_RANGE = (-1.0, 1.0)  # precomputed maps are read as cosine maps: their common scale is (cos + 1) / 2
 SUMMARY_KEYS = ("ciou", "auc", "mean_iou", "pointing", "n", "baseline_centre/ciou", "baseline_centre/auc")
 
 
@@ -58,10 +61,20 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     the non-sounding pairs' batches included; ``on_batch`` as in :func:`~sslt_cli.evaluate.maps.maps_from_batches`.
     """
     proto = options.protocol_for(loaded.recipe.eval)
+    negatives = options.negatives
+    if negatives is not None and options.guidance_for(loaded.recipe.eval) is not None:
+        raise DataError("negative audio is scored on the raw audio-visual maps, and object-guided localisation "
+                        "mixes in a map of the image alone",
+                        ["drop --ogl-weights (or the recipe's eval.ogl_weights) to evaluate with --negatives"])
     ogl = _object_guidance(options, loaded, proto)
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
-    maps, skipped = predict_maps(loaded, clips, proto, device=options.device, batch_size=options.batch_size,
-                                 num_workers=options.num_workers, progress=progress, on_batch=on_batch, ogl=ogl)
+    if negatives is not None:
+        maps, skipped, negative_maps = predict_with_negatives(
+            loaded, clips, proto, options, negatives, set_name=test.name, scenes=test.scenes, progress=progress,
+            on_batch=on_batch)
+    else:
+        maps, skipped = predict_maps(loaded, clips, proto, device=options.device, batch_size=options.batch_size,
+                                     num_workers=options.num_workers, progress=progress, on_batch=on_batch, ogl=ogl)
     unavailable = dict(test.unavailable)
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
@@ -72,6 +85,11 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
     if options.extended is not None:
         result.extended = _extended_of_model(loaded, maps, test, proto, options, ogl, progress, result.notes)
+    if negatives is not None:
+        per_model = (per_model_threshold(loaded, negatives.validation, proto, options, negatives,
+                                         negatives.validation.scenes) if negatives.validation is not None else None)
+        result.negatives = score_negatives(maps, negative_maps, result.rows, test.annotations, proto,
+                                           map_value_range(loaded), negatives, per_model)
     if out_dir is not None:
         write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
                       defects=test.defects)
@@ -129,6 +147,13 @@ def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, prot
         result.extended, notes = score_extended_maps(maps, extended.maps or {}, extended.pairs, test.ids,
                                                      test.annotations, extended.maps_source)
         result.notes += notes
+    negatives = options.negatives
+    if negatives is not None and maps is not None:
+        if negatives.maps is None:
+            raise DataError("--negatives with --maps needs the negative maps too: give --negative-maps FILE_OR_DIR, "
+                            "maps keyed <clip id>@<kind>@<draw> (e.g. clip1@silence@0, clip1@noise@0)")
+        result.negatives = score_negatives(maps, parse_negative_maps(negatives.maps, negatives.maps_source),
+                                           result.rows, test.annotations, proto, PRECOMPUTED_RANGE, negatives)
     if out_dir is not None:
         write_outputs(result, out_dir, maps=maps, frames=test.frames, annotations=test.annotations,
                       defects=test.defects)
@@ -145,6 +170,8 @@ class Source:
 
     ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
     weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
+    ``family`` / ``branch``: a checkpoint file's model family (None: recognised from its keys) and SLAVC's branch
+    (:func:`sslt_cli.families.load_released`).
     """
 
     label: str
@@ -154,10 +181,13 @@ class Source:
     loaded: LoadedModel | None = None
     maps: Mapping[str, np.ndarray] | None = None
     maps_path: Path | None = None
+    family: str | None = None
+    branch: str | None = None
 
     @classmethod
-    def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None) -> "Source":
-        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir)
+    def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None, *,
+                        family: str | None = None, branch: str | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch)
 
     @classmethod
     def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
@@ -206,7 +236,10 @@ class SetEvaluation:
         """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
         fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
                   "folder": str(self.folder.resolve()) if self.folder is not None else None}
-        return fields, self.summary()
+        numbers = self.summary()
+        if self.result.negatives is not None:
+            numbers.update(self.result.negatives.headline())
+        return fields, numbers
 
 
 @dataclass(frozen=True)
@@ -260,7 +293,10 @@ def _no_progress(description: str, total: int) -> Iterator[None]:
 
 def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
     if source.checkpoint is not None:
-        return load_model(source.checkpoint, source.recipe, options.device)
+        from sslt_cli.families import load_released
+
+        return load_released(source.checkpoint, source.family, recipe=source.recipe, branch=source.branch,
+                             device=options.device)
     return source.loaded
 
 
@@ -322,6 +358,10 @@ def print_evaluation(evaluation: Evaluation, out: "Console", console: "Console",
             out.print(f"extended ({extended.protocol}): AP {extended.ap:.4f} (SLAVC sampling {extended.ap_slavc:.4f}), "
                       f"max-F1 {extended.max_f1:.4f} (SLAVC sampling {extended.max_f1_slavc:.4f}); "
                       f"{extended.n_sounding} sounding + {extended.n_silent} non-sounding pairs{left_out}")
+        if item.result.negatives is not None:
+            out.print(negatives_table(item.result))
+            for note in item.result.negatives.notes:
+                console.print(f"note: {note}", highlight=False)
         console.print(item.result.n_explained(), highlight=False)
         if item.folder is not None:
             console.print(f"outputs: {item.folder}", highlight=False)

@@ -25,6 +25,8 @@ from sslt_cli.runs import eval_name
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from sslt_cli.evaluate.negatives import NegativesResult
+
 MLFLOW_NAME = re.compile(r"^[/\w.\- ]*$")
 
 
@@ -50,6 +52,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
         "method": result.method,
         "baselines": result.baselines,
         "extended": result.extended.to_dict() if result.extended is not None else None,
+        "negatives": result.negatives.to_dict() if result.negatives is not None else None,
         "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
         "notes": result.notes,
         "published": result.published,
@@ -93,6 +96,8 @@ def write_outputs(result: EvalResult, out_dir: str | Path, *, maps: Mapping[str,
         atomic_write_bytes(written["defects"], _csv_bytes(
             ("id", "xmin", "ymin", "xmax", "ymax", "defect"),
             ((cid, *(repr(v) for v in box), kind) for cid, box, kind in defects.boxes())))
+    if result.negatives is not None:
+        written.update(write_negatives(result, out_dir, frames or {}))
     if maps is not None and frames and annotations is not None:
         gallery = _write_gallery(result, maps, frames, annotations, out_dir / "gallery.png", gallery_count)
         if gallery is not None:
@@ -106,7 +111,7 @@ def _load_frame(path: str, mode: str, size: int) -> np.ndarray:
 
     with Image.open(path) as image:
         image = image.convert("RGB")
-        if mode == "resize_square":
+        if mode in ("resize_square", "tensor_resize_square"):
             image = image.resize((size, size), Image.BICUBIC)
         else:
             w, h = image.size
@@ -179,6 +184,8 @@ def mlflow_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
         ext = result.extended
         out.update({f"{base}/extended/{k}": float(getattr(ext, k))
                     for k in ("ap", "ap_slavc", "max_f1", "max_f1_slavc", "n_sounding", "n_silent")})
+    if result.negatives is not None:
+        out.update(negatives_metrics(result.negatives, f"{base}/negatives"))
     out = {k: float(v) for k, v in out.items() if math.isfinite(v)}
     assert all(MLFLOW_NAME.match(k) for k in out), "metric names must match MLflow's pattern"
     return out
@@ -233,3 +240,137 @@ def eval_folder(base: Path, set_name: str, checkpoint: str, protocol: str) -> Pa
     """The folder of an evaluation under ``base``: ``<base>/<set>-<checkpoint>-<protocol>`` (:func:`runs.eval_name`,
     the one naming rule)."""
     return Path(base) / eval_name(set_name, checkpoint, protocol)
+
+
+# ------------------------------------------------------------------------------------------- negative audio
+
+NEGATIVE_LABELS = {"silence": "silence", "noise": "noise", "offscreen": "off-screen", "all": "all negatives"}
+REFERENCE_LABELS = {"centre_disc": "centre disc (always)", "nothing": "predicts nothing"}
+
+
+def write_negatives(result: EvalResult, out_dir: Path, frames: Mapping[str, str]) -> dict[str, Path]:
+    """``negatives.csv`` (one row per negative map: its draw's record, confidences, pIA and stability at each
+    threshold) and ``negatives.png`` (a few clips: the frame, the positive map and each kind's map side by side)."""
+    negatives = result.negatives
+    assert negatives is not None
+    written = {"negatives_csv": out_dir / "negatives.csv"}
+    header = ["id", "kind", "draw", "seed", "partner", "partner_class", "positive_confidence", "confidence"]
+    header += [f"{what}_{name}" for name in ("universal", "per_model") if name in negatives.thresholds
+               for what in ("pia", "stability")]
+    rows = [[_csv_value(row.get(k, "")) for k in header] + [""] for row in negatives.rows]
+    rows += [[cid, kind] + [""] * (len(header) - 2) + [reason] for cid, kind, reason in negatives.missing]
+    atomic_write_bytes(written["negatives_csv"], _csv_bytes(header + ["missing_reason"], rows))
+    picture = _write_negatives_figure(result, frames, out_dir / "negatives.png")
+    if picture is not None:
+        written["negatives_png"] = picture
+    return written
+
+
+def _csv_value(value: Any) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _write_negatives_figure(result: EvalResult, frames: Mapping[str, str], path: Path) -> Path | None:
+    """Rows of clips: frame, positive map, each negative kind's map (first draw), all on the common scale 0..1."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sslt_cli.negative_metrics import common_scale
+
+    negatives = result.negatives
+    assert negatives is not None
+    picks = list(negatives.figure.items())
+    if not picks:
+        return None
+    proto = result.protocol
+    columns = ["frame"] + list(next(iter(negatives.figure.values())))
+    figure = Figure(figsize=(2.2 * len(columns), 2.4 * len(picks)), layout="constrained")
+    FigureCanvasAgg(figure)
+    for r, (cid, maps) in enumerate(picks):
+        frame = _load_frame(frames[cid], proto.image_preprocessing, proto.size) if os.path.isfile(
+            frames.get(cid, "")) else np.zeros((proto.size, proto.size, 3), np.uint8)
+        for c, column in enumerate(columns):
+            axes = figure.add_subplot(len(picks), len(columns), r * len(columns) + c + 1)
+            axes.imshow(frame)
+            if column != "frame" and column in maps:
+                up = metrics.upsample_maps(torch.from_numpy(np.asarray(maps[column], np.float32))[None],
+                                           proto.upsample, proto.size)
+                axes.imshow(common_scale(up, negatives.value_range)[0].numpy(), cmap="jet", alpha=0.5, vmin=0.0,
+                            vmax=1.0)
+            axes.set_title(cid if column == "frame" else NEGATIVE_LABELS.get(column, column), fontsize=7)
+            axes.set_axis_off()
+    figure.suptitle(f"{result.name or 'eval'}: the frame with its own audio and with negative audio; maps on the "
+                    f"common scale (A - lo) / (hi - lo), 0 blue .. 1 red", fontsize=8)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def _flat_numbers(prefix: str, value: Any) -> dict[str, float]:
+    if isinstance(value, Mapping):
+        out: dict[str, float] = {}
+        for key, inner in value.items():
+            out.update(_flat_numbers(f"{prefix}/{key}", inner))
+        return out
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return {prefix: float(value)}
+    return {}
+
+
+def negatives_metrics(negatives: "NegativesResult", prefix: str) -> dict[str, float]:
+    """Every number of the negative-audio evaluation under ``prefix``: ``<prefix>/slavc/noise/ap``,
+    ``<prefix>/vssl/universal/types/silence/pia``, ``<prefix>/references/nothing/slavc/all/ap``, ..."""
+    out = _flat_numbers(prefix, {"slavc": negatives.slavc, "vssl": negatives.vssl,
+                                 "references": negatives.references, "n_positive": negatives.n_positive})
+    out.update(_flat_numbers(f"{prefix}/thresholds", {k: v for k, v in negatives.thresholds.items()
+                                                        if k in ("universal", "per_model", "per_model_f")}))
+    return {_metric_name(k): v for k, v in out.items()}
+
+
+def _pm(summary: Mapping[str, Any], key: str) -> str:
+    value, spread = summary.get(key), summary.get(f"{key}_std")
+    text = _pct(value)
+    return text if not spread else f"{text}±{100 * spread:.2f}"
+
+
+def negatives_table(result: EvalResult) -> "Table":
+    """The per-kind table: SLAVC's AP / max-F1 / precision and vssl_eval's pIA / AOC / F / stability at the
+    universal threshold (and F at the per-model one), the model's rows then the trivial references', in percent."""
+    from rich.table import Table
+
+    negatives = result.negatives
+    assert negatives is not None
+    th = negatives.thresholds
+    per_model = "per_model" in negatives.vssl
+    table = Table(title=f"{result.name or 'evaluation'} · negative audio · {negatives.n_positive} positive clips, "
+                        f"{negatives.settings['draws']} draw(s)", caption_justify="left")
+    for title in ("model / kind", "AP", "max-F1", "precision", f"pIA@{th['universal']:g}", "AOC",
+                  f"F@{th['universal']:g}", "stability") + ((f"F@{th['per_model']:g} (per model)",)
+                                                               if per_model else ()):
+        table.add_column(title, justify="left" if title == "model / kind" else "right")
+
+    def add(label: str, slavc: Mapping, vssl: Mapping, kind: str, style: str | None = None) -> None:
+        universal = vssl["universal"]["types"].get(kind) if kind != "all" else vssl["universal"]["mean"]
+        cells = [_pm(slavc[kind], k) for k in ("ap", "max_f1", "precision")]
+        cells += [_pm(universal, k) for k in ("pia", "aoc", "f", "stability")] if universal else ["-"] * 4
+        if per_model:
+            model_kind = (vssl["per_model"]["types"].get(kind) if kind != "all" else vssl["per_model"]["mean"])
+            cells.append(_pm(model_kind, "f") if model_kind else "-")
+        table.add_row(label, *cells, style=style)
+
+    kinds = [k for k in negatives.slavc if k != "all"] + ["all"]
+    for kind in kinds:
+        add(f"{result.name or 'model'}: {NEGATIVE_LABELS.get(kind, kind)}", negatives.slavc, negatives.vssl, kind)
+    for name, ref in negatives.references.items():
+        add(f"{REFERENCE_LABELS[name]}: all", ref["slavc"], ref["vssl"], "all", style="dim")
+    method = result.method or {}
+    table.caption = (
+        f"positive maps: cIoU {_pct(method.get('ciou'))}, AUC {_pct(method.get('auc'))} ({result.protocol.name}); "
+        f"at the threshold, mean IoU {_pct(negatives.vssl['universal']['ciou'])}\n"
+        f"AP / max-F1 / precision: SLAVC's, over the positives and each kind's negatives (confidence = mean of the top "
+        f"quarter of the map on the common scale); pIA / AOC / F / stability: vssl_eval's at the universal threshold "
+        f"{th['universal']:g}" + (f" and the per-model threshold {th['per_model']:g} chosen on {th['per_model_set']}"
+                                  if per_model else " (no per-model threshold: no validation set)") +
+        "; ± is the spread over draws")
+    return table

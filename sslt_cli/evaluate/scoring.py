@@ -96,6 +96,7 @@ class EvalResult:
     extended: ExtendedResult | None = None
     published: dict[str, Any] | None = None  # the papers' numbers when the requested set is a published list
     object_guidance: dict[str, Any] | None = None  # EZ-VSL's OGL when the scored maps are its combination
+    negatives: Any = None  # evaluate.negatives.NegativesResult (options.negatives), set by the orchestrator
 
     @property
     def n(self) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.data.annotations import Annotation, DefectReport, load_vggss_json, read_annotation, read_id_list
 from sslt_cli.data.manifest import Clip, layout_paths, read_set
+from sslt_cli.data.negatives import SCENES, read_scenes
 from sslt_cli.errors import DataError
 
 
@@ -36,6 +37,7 @@ class TestSet:
     annotation_problems: dict[str, str] = field(default_factory=dict)
     defects: DefectReport = field(default_factory=DefectReport)
     notes: list[str] = field(default_factory=list)
+    scenes: dict[str, frozenset[str]] = field(default_factory=dict)  # on-screen classes (scenes.csv), if known
 
     @property
     def frames(self) -> dict[str, str]:
@@ -89,6 +91,8 @@ def load_test_set(root: str | Path, list_path: str | Path | None = None) -> Test
             test.clips[cid] = clip
     test.defects = report
     test.notes += report.summary()
+    if (clip_set.root / SCENES).is_file():
+        test.scenes = read_scenes(clip_set.root / SCENES)
     return test
 
 
@@ -146,7 +150,7 @@ def read_silent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """The non-sounding pairs of a SLAVC ``*_plus_silent.csv`` (``video,audio,label`` rows, label ``non-sounding``)."""
     path = resolve_data_file(path, "pairs")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: non-sounding pairs list not found", [names_hint("pairs")]) from None
     rows = list(csv.reader(io.StringIO(text)))
