@@ -15,7 +15,8 @@ Draws are seeded: draw d of a run with seed s uses ``SeedSequence([s, d, kind])`
 clip order) and ``SeedSequence([s, d, kind, clip index])`` (noise: each clip's own generator, whose first state word
 is recorded), so a result can be reproduced from ``negatives.csv`` alone. Silence is the same in every draw.
 
-``scenes.csv`` (in a prepared set's folder, optional): ``id,on_screen`` with the classes on screen joined by ``;``.
+``scenes.csv`` (in a prepared set's folder, optional): ``id,on_screen`` with the classes on screen joined by ``;``, or
+the synthetic benchmark's per-clip record (``clip_id, split, on_screen_classes, sounding_class, ...``).
 """
 from __future__ import annotations
 
@@ -114,6 +115,9 @@ def read_scenes(path: str | Path) -> dict[str, frozenset[str]]:
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
     except OSError as exc:
         raise DataError(f"{path}: cannot read the on-screen classes ({exc.strerror})") from None
+    if rows and {"clip_id", "on_screen_classes"} <= set(rows[0]):  # what `sslt prepare synthetic` records per clip
+        return {row["clip_id"]: frozenset(c for c in (row["on_screen_classes"] or "").split(";") if c)
+                for row in rows}
     if rows and not {"id", "on_screen"} <= set(rows[0]):
         raise DataError(f"{path}: expected the columns id,on_screen, got {','.join(rows[0])}")
     return {row["id"]: frozenset(c for c in (row["on_screen"] or "").split(";") if c) for row in rows}
