@@ -117,3 +117,18 @@ def test_a_run_that_cannot_learn_says_so_and_a_learning_one_does_not(bench, tmp_
     off, _ = run_quietly(tiny_recipe(tmp_path / "off", bench, "optim.lr=1e-12", "optim.max_steps=1",
                                      "train.learning_check=false", "data.val=null"))
     assert off.learning_check is None and "learning_check" not in off.run.meta()
+
+
+def test_learning_curves_script_draws_a_runs_metrics(tmp_path: Path, repo_root: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_curves", repo_root / "scripts" / "learning_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    records = [{"kind": "train", "step": s, "l_cl1": 3.5 - 0.1 * s} for s in range(1, 11)]
+    records += [{"kind": "val", "step": 5, "auc": 0.36}, {"kind": "val", "step": 10, "auc": 0.40},
+                {"kind": "learning_check", "step": 5, "chance": 3.53, "centre_auc": 0.35},
+                {"kind": "test", "step": 10, "set": "vggss", "checkpoint": "best", "auc": 0.41}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = module.draw(tmp_path, tmp_path / "curves.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000

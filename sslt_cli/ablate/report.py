@@ -350,10 +350,14 @@ def plan_table(ablation: Ablation, results: list[CellResult]) -> Table:
     table.add_column("status")
     table.add_column("next", overflow="fold")
     table.add_column("row overrides", overflow="fold")
+    if ablation.synthetic is not None:
+        table.add_column("generated data", overflow="fold")
     rows = {r.name: r for r in ablation.rows}
     for r in results:
-        values = (r.cell.name, r.status, describe(r) + (f" ({r.note})" if r.note else ""),
-                  " ".join(rows[r.cell.row].overrides))
+        values = [r.cell.name, r.status, describe(r) + (f" ({r.note})" if r.note else ""),
+                  " ".join(rows[r.cell.row].overrides)]
+        if ablation.synthetic is not None and r.cell.data is not None:
+            values.append(f"{r.cell.data.knobs_text} -> {r.cell.data.root}")
         table.add_row(*(escape(v) for v in values))
     return table
 

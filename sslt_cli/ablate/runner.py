@@ -501,7 +501,8 @@ def _dry_run(ablation: Ablation, seeds: int | Sequence[int] | None, console: Con
     cells = expand_cells(ablation, _seeds_to_run(ablation, seeds, state, console))
     results = [inspect_cell(c, ablation, state) for c in cells]
     out.print(report.plan_table(ablation, results))
-    command = " ".join([str(ablation.base_path), *ablation.file_overrides, "<row overrides>",
+    data = ["data.root=<generated data>"] if ablation.synthetic is not None else []
+    command = " ".join([str(ablation.base_path), *ablation.file_overrides, *data, "<row overrides>",
                         *ablation.command_overrides, "name=<row>-seed<k>", "seed=<k>", f"runs_dir={ablation.folder}"])
     console.print(f"ablation folder: {ablation.folder}\neach cell is: sslt train {command}", highlight=False,
                   markup=False)
