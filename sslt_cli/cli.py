@@ -682,9 +682,11 @@ def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | N
 @app.command(epilog=_example("sslt ablate paper_transformations base=quickstart"))
 def ablate(
     file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds), "
-                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
-                                                    "applied to every cell."),
+                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight, "
+                                "baselines, hard_factors)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, synthetic.KEY= (the "
+                                                    "generated data's sizes and knobs), or recipe overrides applied "
+                                                    "to every cell."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "
                                         "recorded in the ablation folder, else the file's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and print the plan; train nothing."),
@@ -876,6 +878,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     """A table of runs (name, recipe, status, key metrics) read from the run folders."""
     from rich.table import Table
 
+    from sslt_cli.learning_check import verdict
     from sslt_cli.runs import list_runs
 
     found = list_runs(runs_dir)
@@ -883,9 +886,10 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         err.print(f"no runs under {runs_dir}")
         return
     table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
+    for col in ("run", "recipe", "status", "step", "learning", "val cIoU (best)", "test set", "test cIoU",
+                "test AUC"):
         table.add_column(col)
-    stale = []
+    stale, not_learning = [], []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -901,10 +905,14 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         state = run.state()
         if state.startswith("stale"):
             stale.append(run)
+        if verdict(meta) == "NOT LEARNING":
+            not_learning.append((run, meta["learning_check"].get("message", "")))
         table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
-                      str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
+                      str(max(steps) if steps else 0), verdict(meta), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run, message in not_learning:
+        err.print(f"{run.dir.name}: {message}", highlight=False, markup=False)
     for run in stale:
         err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
                   highlight=False)

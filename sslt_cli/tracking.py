@@ -566,6 +566,11 @@ class MetricsSink:
         if self.tracker is not None and Path(path).exists():
             self.tracker.log_artifacts(path, folder)
 
+    def tag(self, tags: dict[str, str]) -> None:
+        """Set tags on the MLflow run (the run folder keeps the same facts in meta.json)."""
+        if self.tracker is not None:
+            self.tracker.set_tags(tags)
+
     def catch_up(self) -> None:
         """Send the numbers of the run folder's metrics.jsonl that the MLflow run lacks (a store that failed earlier
         in the run); training calls it on resume, once the replayed steps are cut from the file."""

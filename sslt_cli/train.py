@@ -32,6 +32,7 @@ import math
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +52,7 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.distributed import Dist, Shard
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.evaluate import TestSet
+from sslt_cli.learning_check import LearningCheck, chance_loss
 from sslt_cli.losses import OBJECTIVES, build_objective, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model
 from sslt_cli.runs import EVAL, SKIPPED, Run
@@ -109,6 +111,7 @@ class TrainResult:
     protocol: str | None
     test: dict[str, dict[str, dict[str, float]]]
     continue_with: str | None = None
+    learning_check: dict | None = None  # LearningCheck.record() (None: not checked in this call)
 
 
 def train(recipe: Recipe, run: Run, *, sink: MetricsSink, resume: bool = False, console: Console | None = None,
@@ -192,6 +195,8 @@ class Training:
         self.state = TrainState()
         self.last_logs: dict[str, float] = {}
         self.skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
+        self.check_losses: deque[float] = deque(maxlen=CHECK_WINDOW)  # l_cl1 of the steps before the learning check
+        self.learning_check: dict | None = None
 
     def say(self, message: str) -> None:
         """A line on the console and in train.log (rank 0)."""
@@ -220,6 +225,9 @@ class Training:
                             f"{recipe.optim.batch_size}", ["lower optim.batch_size or prepare more clips"])
         self.total_steps = recipe.optim.max_steps or recipe.optim.epochs * self.steps_per_epoch
         self.val = load_validation_set(recipe, self.run if env.main else None)
+        checked = "learning_check" in self.run.meta() if env.main else True
+        self.check_at = (recipe.train.learning_check_steps or self.steps_per_epoch
+                         if recipe.train.learning_check and env.main and not checked else None)
 
     # -- 2. model, optimiser, resume -----------------------------------------------------------------------------
 
@@ -402,6 +410,11 @@ class Training:
         s.step += 1
         s.batch_in_epoch += 1
         self.steps_this_call += 1
+        if self.check_at is not None and s.step <= self.check_at:
+            if s.step > min(self.check_at, self.total_steps) - CHECK_WINDOW:
+                self.check_losses.append(float(logs["l_cl1"]))
+            if s.step == self.check_at and recipe.train.learning_check_steps:
+                self.check_learning()
         self.window = (self.window[0], self.window[1] + (shard.total if shard else rows))
         if s.step % recipe.train.log_every == 0 or s.step == self.total_steps:
             self.log_step(logs)
@@ -454,7 +467,36 @@ class Training:
         if self.val is not None and (s.epoch % recipe.train.val_every == 0 or s.step >= self.total_steps):
             with self.stops.phase("validation", defer=True):
                 self.validate()
+        # by steps: at that step (train_step); else here, once the first whole epoch is done (a run that ends
+        # sooner is too short to judge); skipped batches count towards the epoch
+        if (self.check_at is not None and not recipe.train.learning_check_steps
+                and s.step + s.skipped_steps >= self.check_at):
+            self.check_learning()
         self.save_checkpoint(f"last-{s.step:08d}")
+
+    def check_learning(self) -> None:
+        """The learning check (``learning_check.LearningCheck``), once per run, on rank 0: the mean L_cl of the last
+        steps against chance, the latest validation AUC against the centre prior's; a run that is not learning
+        prints one warning line. Recorded in meta.json, metrics.jsonl and MLflow (metrics and a tag)."""
+        s, recipe = self.state, self.recipe
+        self.check_at = None
+        if not self.check_losses:
+            return
+        global_negatives = self.env.world > 1 and negatives_of(recipe) == "global"
+        candidates = recipe.optim.batch_size if global_negatives else self.batch_size
+        latest = s.history[-1] if s.history else None
+        check = LearningCheck(step=s.step, epoch=s.epoch, loss=sum(self.check_losses) / len(self.check_losses),
+                              chance=chance_loss(recipe.loss.objective, candidates),
+                              tolerance=recipe.train.learning_check_tolerance,
+                              val_auc=latest["auc"] if latest else None,
+                              centre_auc=centre_prior_auc(self.val, recipe) if latest else None)
+        self.run.log(check.message())
+        if not check.learning:
+            self.console.print(check.message(), style="yellow", highlight=False, markup=False, soft_wrap=True)
+        self.learning_check = check.record()
+        self.run.update_meta(learning_check=self.learning_check)
+        self.sink.log("learning_check", s.step, check.metrics(), fields={"epoch": s.epoch})
+        self.sink.tag({"learning_check": "learning" if check.learning else "not learning"})
 
     def validate(self) -> None:
         """Validation metrics into the sink and the history; a new best validation cIoU saves ``best.pt``."""
@@ -509,7 +551,8 @@ class Training:
         # nothing left to do (torchrun waits for every process)
         return TrainResult(run=run, status=status, best=run.best_checkpoint(), last=run.latest_checkpoint(),
                            history=list(s.history), protocol=protocol, test=test,
-                           continue_with=run.resume_hint() if status == "interrupted" else None)
+                           continue_with=run.resume_hint() if status == "interrupted" else None,
+                           learning_check=self.learning_check)
 
     def interrupted(self, stopped: interrupts.Interrupted) -> TrainResult:
         """A signal that stopped a phase at once (the set-up, the final evaluation; a second signal anywhere): rank 0
@@ -528,7 +571,8 @@ class Training:
                             step=s.step, epoch=s.epoch)
             self.say(f"stopped by {stopped.signal_name} during the {stopped.phase} at step {s.step}; {hint}")
         return TrainResult(run=run, status="interrupted", best=run.best_checkpoint(), last=run.latest_checkpoint(),
-                           history=list(s.history), protocol=None, test={}, continue_with=hint)
+                           history=list(s.history), protocol=None, test={}, continue_with=hint,
+                           learning_check=self.learning_check)
 
     def test_evaluation(self):
         """The run's last and best checkpoints on every test set of the recipe, under its ``eval`` section, through
@@ -570,6 +614,16 @@ def test_negatives(recipe: Recipe):
 # ------------------------------------------------------------------------------------------------ set-up helpers
 
 FIRST_REASONS = 5
+CHECK_WINDOW = 20  # the learning check averages L_cl over this many steps before it
+
+
+def centre_prior_auc(val: TestSet, recipe: Recipe) -> float:
+    """The centre prior's AUC on the validation clips under the recipe's protocol (what validation at chance
+    scores; ``evaluate.score_maps``'s baseline, the same one every evaluation reports)."""
+    from sslt_cli.evaluate import score_maps
+
+    result = score_maps(None, val.annotations, recipe.eval.protocol, val.ids, baselines=True, random_seeds=())
+    return float(result.baselines["centre"]["auc"])
 VGGSS_XML_FORM = ("<annotation><bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box>"
                   "</bbox></annotation>, one <box> per box, coordinates in [0, 1]")
 

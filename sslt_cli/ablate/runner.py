@@ -38,7 +38,7 @@ STATE_FORMAT = "sslt-ablation/1"
 # set in a state once each cell's runs are recorded in it (cells.<name>.runs)
 RUNS_RECORDED = "runs_recorded"
 # the keys of a test record the ablation tabulates, and those of its centre-prior baseline (REFERENCE.md section 5)
-TEST_KEYS = ("ciou", "auc", "mean_iou", "n")
+TEST_KEYS = ("ciou", "auc", "mean_iou", "pointing", "n")
 CENTRE_KEYS = ("baseline_centre/ciou", "baseline_centre/auc")
 
 
@@ -220,7 +220,8 @@ def read_cell_metrics(run: Run, cell: Cell, ablation: Ablation) -> dict[str, flo
     if summary is None:
         return {}
     retrieval = next((r for r in reversed(run.metrics()) if r.get("kind") == "retrieve"), None)
-    return pick_test_metrics(summary) | (_retrieval_numbers(retrieval) if retrieval is not None else {})
+    return (pick_test_metrics(summary) | _learning_numbers(run.meta())
+            | (_retrieval_numbers(retrieval) if retrieval is not None else {}))
 
 
 def _retrieval_numbers(flat: dict[str, Any]) -> dict[str, float]:
@@ -289,13 +290,34 @@ def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, conso
     return _retrieval_numbers(R.mlflow_metrics(report))
 
 
-def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> Run:
+def _generate_data(cell: Cell, console: Console) -> None:
+    """The cell's generated benchmark (``synthetic:`` in the ablation file), made once: a finished folder made with
+    the same parameters is trusted as it is (``synthetic.generate``), so cells sharing knobs share it."""
+    if cell.data is None:
+        return
+    from sslt_cli.data.synthetic import generate
+
+    data = cell.data
+    ready = (data.root / "benchmark.json").is_file()
+    console.print(f"cell {cell.name}: data {data.root} ({data.knobs_text}){'' if ready else ', generating'}",
+                  highlight=False, markup=False)
+    generate(data.root, **data.sets, difficulty=data.difficulty, progress=not ready)
+
+
+def _learning_numbers(meta: dict) -> dict[str, float]:
+    """The learning check's verdict as a number the table averages (1: not learning), when the run made one."""
+    check = meta.get("learning_check")
+    return {"not_learning": float(not check["learning"])} if isinstance(check, dict) and "learning" in check else {}
+
+
+def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict, console: Console) -> Run:
     """The run folder the cell works in: the planned one to resume or retrieve with, else a new one, recorded in the
     state before any work starts so that a kill leaves it findable. The checks before a run
     (:func:`~sslt_cli.train.preflight`) come first for a cell that trains."""
     if plan.action != "retrieve":
         from sslt_cli.train import preflight
 
+        _generate_data(cell, console)
         preflight(cell.recipe, retrieval=ablation.retrieve)
     if plan.action in ("resume", "retrieve"):
         assert plan.run is not None
@@ -325,7 +347,7 @@ def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, sink: M
     if not record:
         raise SsltError(f"{run.dir}: training finished but metrics.jsonl has no test record for set "
                         f"{ablation.evaluate_set!r}, checkpoint {ablation.checkpoint!r}")
-    return CellResult(cell, "finished", run, pick_test_metrics(record), None, "skip")
+    return CellResult(cell, "finished", run, pick_test_metrics(record) | _learning_numbers(run.meta()), None, "skip")
 
 
 def _interrupted(cell: Cell, run: Run | None, trained: CellResult | None) -> CellResult:
@@ -353,7 +375,7 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     run = trained = result = sink = None
     held = ExitStack()
     try:
-        run = _cell_run(cell, plan, ablation, entry)
+        run = _cell_run(cell, plan, ablation, entry, console)
         held.enter_context(hold(run.dir, "run folder"))  # no `sslt train --resume` of the cell's run meanwhile
         _save_state(ablation.folder, state)
         sink = open_run_tracking(run, cell.recipe, parent_run_id=parent_id, tags=_cell_tags(cell, ablation),
@@ -488,7 +510,8 @@ def _dry_run(ablation: Ablation, seeds: int | Sequence[int] | None, console: Con
     cells = expand_cells(ablation, _seeds_to_run(ablation, seeds, state, console))
     results = [inspect_cell(c, ablation, state) for c in cells]
     out.print(report.plan_table(ablation, results))
-    command = " ".join([str(ablation.base_path), *ablation.file_overrides, "<row overrides>",
+    data = ["data.root=<generated data>"] if ablation.synthetic is not None else []
+    command = " ".join([str(ablation.base_path), *ablation.file_overrides, *data, "<row overrides>",
                         *ablation.command_overrides, "name=<row>-seed<k>", "seed=<k>", f"runs_dir={ablation.folder}"])
     console.print(f"ablation folder: {ablation.folder}\neach cell is: sslt train {command}", highlight=False,
                   markup=False)
