@@ -253,21 +253,20 @@ _RECORD_FIELDS = ("kind", "step", "epoch", "set", "checkpoint", "protocol", "cla
 
 def record_metrics(record: dict) -> dict[str, float]:
     """The MLflow metrics a ``metrics.jsonl`` record was logged as (the names train, eval and retrieve use):
-    ``train/<k>``, ``val/<k>``, ``eval/<set>-<checkpoint>-<protocol>/<k>`` for an evaluation (``test``: training's
-    final one, ``eval``: ``sslt eval``'s; :func:`runs.eval_name`), and retrieval's names as they are."""
+    ``eval/<set>-<checkpoint>-<protocol>/<k>`` for an evaluation (``test``: training's final one, ``eval``:
+    ``sslt eval``'s; :func:`runs.eval_name`), retrieval's names as they are, and ``<kind>/<k>`` for every other kind
+    (``train``, ``val``, ``learning_check``: :meth:`MetricsSink.log`'s default names)."""
     from sslt_cli.runs import eval_name
 
     kind = record.get("kind")
     values = {k: v for k, v in record.items() if k not in _RECORD_FIELDS and isinstance(v, numbers.Real)
               and not isinstance(v, bool)}
-    if kind in ("train", "val"):
-        return {f"{kind}/{k}": v for k, v in values.items()}
     if kind in ("test", "eval"):
         name = eval_name(str(record.get("set")), str(record.get("checkpoint")), str(record.get("protocol")))
         return {f"eval/{metric_name(name)}/{k}": v for k, v in values.items()}
     if kind == "retrieve":
         return values
-    return {}
+    return {f"{kind}/{k}": v for k, v in values.items()} if isinstance(kind, str) and kind else {}
 
 
 class Tracker:

@@ -204,7 +204,7 @@ def test_an_unwritable_store_is_said_at_once_and_the_run_goes_on_untracked(
     finally:
         if folder is not None:
             make_writable(folder)
-    assert warnings == [f"MLflow tracking is off: the store {tracking.tracking_uri()} is not writable ({reason}); the "
+    assert warnings == [f"MLflow tracking is off: the store {tracking.absolute_uri(tracking.tracking_uri())} is not writable ({reason}); the "
                         "run goes on and keeps every number in its run folder (set MLFLOW_TRACKING_URI to a writable "
                         "place, then send them to the store later with: sslt sync RUN_DIR)"]
 # --------------------------------------- issue 22, item 9: `sslt sync` sends all of a run, once per store, from anywhere
