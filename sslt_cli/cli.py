@@ -187,6 +187,23 @@ def prepare_vggss_annotations(
         err.print(f"defect: {line}", highlight=False)
 
 
+@prepare_app.command("is3", epilog=_example("sslt prepare is3 ~/IS3 --out data/is3 && sslt eval RUN --data data/is3"))
+def prepare_is3(
+    root: Path = typer.Argument(..., help="IS3 as released: images/, audio_wav/, IS3_annotation.json, "
+                                          "gt_segmentation/."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder of the prepared set (default: ROOT itself); the "
+                                       "media are read where they are."),
+    gt: str = typer.Option("boxes", "--gt", help="boxes (the annotation's boxes) or masks (gt_segmentation/)."),
+) -> None:
+    """Read the IS3 benchmark (two-object images, one sample per object) into a prepared set: boxes or masks as the
+    ground truth, each sample's category as its label, both objects' classes on screen (scenes.csv)."""
+    from sslt_cli.data.is3 import prepare_is3 as read_is3
+
+    target = out or root
+    writable_dir(target, "--out" if out else "ROOT", why="sslt prepare is3 writes the set's manifest.csv there")
+    _print_prepare(read_is3(root, out, gt=gt), indexed=True)
+
+
 @prepare_app.command("index", epilog=_example(
     "sslt prepare index ~/vggss_test --layout vggss_test --list ssltie-vggss-4911"))
 def prepare_index(
@@ -317,16 +334,19 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
-    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
-    from sslt_cli import distributed
+    sees that it did not finish (its checkpoint and the resume hint are written by then). SIGINT / SIGTERM are
+    heard from the start (:mod:`sslt_cli.interrupts`), so a stop in any phase (set-up, steps, validation, the final
+    evaluation) ends the same way, with the command that continues the run. Rank 0 holds the run folder
+    (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
+    from sslt_cli import distributed, interrupts
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
-    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    with ExitStack() as held:
+    with interrupts.listening(), ExitStack() as held:
+        env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
         if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
             held.enter_context(_held(make_run(env.world).dir, "run folder"))
+            make_run(env.world).check_resumable()
         preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
         run = distributed.share_run(env, lambda: make_run(env.world))
         if not resume:
@@ -335,8 +355,8 @@ def _run_training(recipe, make_run, resume: bool) -> None:
             result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
             sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
-        err.print(f"not finished: {run.resume_hint()}", highlight=False)
-        raise typer.Exit(130)
+        err.print(f"not finished: {result.continue_with or run.resume_hint()}", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -377,24 +397,17 @@ def eval_cmd(
                                                "recipe's eval.ogl_weights (off)."),
     ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
                                               "weight of the audio-visual map (default: the recipe's, else 0.4)."),
-    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio, a comma list of silence, "
-                                            "noise, offscreen (and optionally one SLAVC non-sounding list by name or "
-                                            "path, e.g. slavc-vggss-plus-silent): each frame is also scored with "
-                                            "audio whose source is not in it (AP, max-F1, precision, pIA, AOC, F)."),
-    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio, "
-                              "averaged (with their spread)."),
-    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives noise: the noise waveform's "
-                                      "standard deviation (vssl_eval: 1.0)."),
-    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives noise: white or pink."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: clip classes "
-                                          "(vggsound.csv, id,label CSV, vggss.json; default: the set's labels)."),
-    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold on the "
-                                    "common map scale (vssl_eval: 0.5)."),
+    negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio: silence,noise,offscreen (and "
+                                            "optionally a SLAVC non-sounding list by name); README 'Negative audio'."),
+    draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio."),
+    noise_level: float = typer.Option(1.0, "--noise-level", help="With --negatives: the noise's std (1.0)."),
+    noise_colour: str = typer.Option("white", "--noise-colour", help="With --negatives: white or pink noise."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="With --negatives offscreen: a clip label file."),
+    threshold: float = typer.Option(0.5, "--threshold", help="With --negatives: the universal threshold (0.5)."),
     negatives_val: Optional[Path] = typer.Option(None, "--negatives-val", help="With --negatives: the set the "
-                                                 "per-model threshold is chosen on (default: the recipe's data.val "
-                                                 "when it has boxes; never the test set)."),
-    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: the "
-                                                 "negative maps, keyed <clip id>@<kind>@<draw>."),
+                                                 "per-model threshold is chosen on (default: the recipe's data.val)."),
+    negative_maps: Optional[Path] = typer.Option(None, "--negative-maps", help="With --negatives and --maps: maps "
+                                                 "keyed <clip id>@<kind>@<draw>."),
     seed: int = typer.Option(0, "--seed", help="With --negatives: the seed of the noise and off-screen draws."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -490,11 +503,14 @@ def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, ba
 def _with_negatives(options, recipe, negatives, *, target, maps, baselines_only, extended, settings, labels,
                     threshold, validation, negative_maps):
     """``options`` with the negative-audio evaluation of ``--negatives`` (kinds, and a SLAVC list by name: the
-    extended evaluation), checked before any work; the per-model threshold's set defaults to the recipe's data.val."""
+    extended evaluation; default: the run recipe's ``eval.negatives``), checked before any work; the per-model
+    threshold's set defaults to the recipe's data.val."""
     from sslt_cli import evaluate as ev
     from sslt_cli.data.annotations import read_labels
     from sslt_cli.data.negatives import NEGATIVE_TYPES, NegativeSettings
 
+    if negatives is None and target is not None and recipe is not None and recipe.eval.negatives:
+        negatives = ",".join(recipe.eval.negatives)  # the run's recipe asks for them (eval.negatives)
     if negatives is None:
         if negative_maps is not None or validation is not None or labels is not None:
             raise SsltError("--negative-maps, --negatives-val and --labels go with --negatives KINDS")
@@ -666,9 +682,11 @@ def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | N
 @app.command(epilog=_example("sslt ablate paper_transformations base=quickstart"))
 def ablate(
     file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds), "
-                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
-                                                    "applied to every cell."),
+                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight, "
+                                "baselines, hard_factors)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, synthetic.KEY= (the "
+                                                    "generated data's sizes and knobs), or recipe overrides applied "
+                                                    "to every cell."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "
                                         "recorded in the ablation folder, else the file's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and print the plan; train nothing."),
@@ -676,15 +694,23 @@ def ablate(
                                 "runs, without training."),
 ) -> None:
     """Run an ablation (each cell an ordinary run and an MLflow child run), resumable, with a table and a chart."""
+    from sslt_cli import interrupts
     from sslt_cli.ablate import load_ablation, run_ablation
 
     if dry_run and report:
         raise SsltError("--dry-run and --report do not go together: --report rebuilds from finished runs")
-    result = run_ablation(load_ablation(file, list(overrides or [])), seeds=seeds, dry_run=dry_run,
-                          report_only=report, console=err, out=out)
+    ablation = load_ablation(file, list(overrides or []))
+    try:
+        with interrupts.listening():
+            result = run_ablation(ablation, seeds=seeds, dry_run=dry_run, report_only=report, console=err, out=out)
+    except interrupts.Interrupted as stopped:
+        err.print(f"interrupted by {stopped.signal_name} during the {stopped.phase}; run the same command again to "
+                  "continue (finished cells are kept; the interrupted cell resumes from its last checkpoint, or "
+                  "retrieves again)", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE) from None
     if result.interrupted:
         err.print("interrupted; run the same command again to continue (finished cells are kept)")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupts.EXIT_CODE)
     if result.failed:
         raise SsltError(f"{len(result.failed)} cell(s) failed; the others finished; run the same command again to "
                         "retry the failed ones",
@@ -852,6 +878,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     """A table of runs (name, recipe, status, key metrics) read from the run folders."""
     from rich.table import Table
 
+    from sslt_cli.learning_check import verdict
     from sslt_cli.runs import list_runs
 
     found = list_runs(runs_dir)
@@ -859,9 +886,10 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         err.print(f"no runs under {runs_dir}")
         return
     table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
+    for col in ("run", "recipe", "status", "step", "learning", "val cIoU (best)", "test set", "test cIoU",
+                "test AUC"):
         table.add_column(col)
-    stale = []
+    stale, not_learning = [], []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -877,10 +905,14 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         state = run.state()
         if state.startswith("stale"):
             stale.append(run)
+        if verdict(meta) == "NOT LEARNING":
+            not_learning.append((run, meta["learning_check"].get("message", "")))
         table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
-                      str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
+                      str(max(steps) if steps else 0), verdict(meta), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run, message in not_learning:
+        err.print(f"{run.dir.name}: {message}", highlight=False, markup=False)
     for run in stale:
         err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
                   highlight=False)
@@ -888,39 +920,16 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
 
 @app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
 def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
-    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
-    from sslt_cli.config import flatten, recipe_dict
+    """Send what the MLflow store lacks of a run folder: every metric (evaluations and baselines included),
+    parameters, tags and artifacts (after a store failure, or to another store); a second sync sends nothing."""
     from sslt_cli.runs import Run
-    from sslt_cli.tracking import start_tracking, tracking_uri
+    from sslt_cli.tracking import sync_run
 
-    run = Run.open(run_dir)
-    meta, recipe = run.meta(), run.recipe()
-    problems: list[str] = []
-    uri = tracking_uri()
-    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
-    tracker = start_tracking(run.dir.name, experiment=recipe.tracking.experiment,
-                             params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
-                             tags=None if run_id else {"sslt.run_dir": str(run.dir.resolve()),
-                                                       "sslt.recipe": recipe.name},
-                             warn=problems.append)
-    if tracker.run_id is None or problems:
-        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
-    if run_id is None:
-        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
-    try:
-        sent = tracker.push_missing(run.metrics())
-    except Exception as exc:
-        from sslt_cli.tracking import describe
-
-        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
-                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
-    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
-    if status:
-        tracker.end(status)
-    if problems:
-        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
-    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
-              + (f"; marked {status}" if status else ""), highlight=False)
+    report = sync_run(Run.open(run_dir))
+    err.print(f"{run_dir}: {report.metrics} values, {report.params} parameters, {report.tags} tags and "
+              f"{report.artifacts} artifact files sent to MLflow run {report.run_id} "
+              f"({'created' if report.created else 'already there'}) at {report.uri}"
+              + (f"; marked {report.status}" if report.status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui

@@ -14,6 +14,7 @@ centre-prior baseline's cIoU and AUC), and every finite number under one MLflow 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, sav
 from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshold, predict_with_negatives,
                                          score_negatives)
 from sslt_cli.evaluate.options import EvalOptions
-from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, negatives_table, result_table, write_outputs
-from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps, score_maps,
-                                       test_summary)
+from sslt_cli.evaluate.outputs import (_metric_name, eval_folder, mlflow_metrics, negatives_table, result_table,
+                                       write_outputs)
+from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps,
+                                       score_interactive, score_maps, test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
 from sslt_cli.metrics import Protocol
 from sslt_cli.runs import EVAL, eval_name
@@ -85,9 +87,10 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
     if options.extended is not None:
         result.extended = _extended_of_model(loaded, maps, test, proto, options, ogl, progress, result.notes)
+    if test.images:
+        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
     if negatives is not None:
-        per_model = (per_model_threshold(loaded, negatives.validation, proto, options, negatives,
-                                         negatives.validation.scenes) if negatives.validation is not None else None)
+        per_model = negatives.per_model or _model_threshold(loaded, negatives, proto, options)
         result.negatives = score_negatives(maps, negative_maps, result.rows, test.annotations, proto,
                                            map_value_range(loaded), negatives, per_model)
     if out_dir is not None:
@@ -152,6 +155,8 @@ def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, prot
         result.extended, notes = score_extended_maps(maps, extended.maps or {}, extended.pairs, test.ids,
                                                      test.annotations, extended.maps_source)
         result.notes += notes
+    if test.images and maps is not None:
+        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
     negatives = options.negatives
     if negatives is not None and maps is not None:
         if negatives.maps is None:
@@ -241,13 +246,22 @@ class SetEvaluation:
         return test_summary(self.result)
 
     def record(self) -> tuple[dict[str, Any], dict[str, float]]:
-        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
+        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back. The numbers
+        are every one MLflow gets (:func:`mlflow_metrics` under ``eval/<name>/``, named without that prefix: the
+        baselines, the oracle, N requested, the extended evaluation), so no number lives only in MLflow and
+        ``sslt sync`` sends them all from the file."""
         fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
                   "folder": str(self.folder.resolve()) if self.folder is not None else None}
-        numbers = self.summary()
+        prefix = _metric_name(f"{EVAL}/{self.name}")
+        numbers = {name[len(prefix) + 1:]: value for name, value in self.mlflow_numbers().items()}
+        numbers.update(self.summary())
         if self.result.negatives is not None:
             numbers.update(self.result.negatives.headline())
         return fields, numbers
+
+    def mlflow_numbers(self) -> dict[str, float]:
+        """Its numbers as MLflow names them: ``eval/<name>/<metric>``."""
+        return mlflow_metrics(self.result, f"{EVAL}/{self.name}")
 
 
 @dataclass(frozen=True)
@@ -283,15 +297,32 @@ def run_evaluation(sources: Sequence[Source], sets: Sequence[tuple[str, TestSet]
                         f"{len(sources)} sources, which would overwrite each other there",
                         ["give one test set, or leave --out out (each result gets eval/<set>-<what>-<protocol>)"])
     models = {source.label: _loaded(source, options) for source in sources}
+    chosen = {label: _with_model_threshold(options, loaded) for label, loaded in models.items()}
     items: list[SetEvaluation] = []
     for set_name, test in sets:
         done: dict[tuple[Path, int], SetEvaluation] = {}
         for source in sources:
-            item = _evaluate_source(source, models[source.label], set_name, test, options, out, exact_folder,
-                                    progress or _no_progress, done)
+            item = _evaluate_source(source, models[source.label], set_name, test, chosen[source.label], out,
+                                    exact_folder, progress or _no_progress, done)
             log_evaluation(item, sink, kind)
             items.append(item)
     return Evaluation(tuple(items))
+
+
+def _model_threshold(loaded: LoadedModel, negatives: Any, proto: Protocol, options: EvalOptions) -> dict | None:
+    """The per-model threshold of ``loaded`` on the negatives' validation set (None without one)."""
+    if negatives.validation is None:
+        return None
+    return per_model_threshold(loaded, negatives.validation, proto, options, negatives, negatives.validation.scenes)
+
+
+def _with_model_threshold(options: EvalOptions, loaded: LoadedModel | None) -> EvalOptions:
+    """``options`` with the model's per-model threshold chosen once (not once per test set)."""
+    negatives = options.negatives
+    if loaded is None or negatives is None or negatives.validation is None or negatives.per_model is not None:
+        return options
+    threshold = _model_threshold(loaded, negatives, options.protocol_for(loaded.recipe.eval), options)
+    return dataclasses.replace(options, negatives=dataclasses.replace(negatives, per_model=threshold))
 
 
 @contextlib.contextmanager
@@ -342,7 +373,9 @@ def log_evaluation(item: SetEvaluation, sink: Any, kind: str = "test") -> None:
     """Record ``item`` through ``sink``: its ``kind`` record in metrics.jsonl, every finite number of it under
     ``eval/<name>/`` in MLflow, its folder as the artifacts ``eval/<name>``."""
     fields, numbers = item.record()
-    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=mlflow_metrics(item.result, f"{EVAL}/{item.name}"))
+    prefix = _metric_name(f"{EVAL}/{item.name}")
+    # MLflow gets exactly the record's numbers, so `sslt sync` of the record gives a store what logging gave it
+    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow={f"{prefix}/{k}": v for k, v in numbers.items()})
     if item.folder is not None:
         sink.artifact(item.folder, f"{EVAL}/{item.name}")
 
@@ -360,6 +393,12 @@ def print_evaluation(evaluation: Evaluation, out: "Console", console: "Console",
         table = result_table(item.result)
         table.title = title(item)
         out.print(table)
+        interactive = item.result.interactive
+        if interactive is not None:
+            out.print(f"IS3 ({interactive['n']} samples of {interactive['n_images']} images): cIoU "
+                      f"{100 * interactive['ciou']:.2f}, adaptive cIoU {100 * interactive['ciou_adaptive']:.2f}, IIoU "
+                      f"{100 * interactive['iiou']:.2f} (adaptive {100 * interactive['iiou_adaptive']:.2f}), IAUC "
+                      f"{100 * interactive['iauc']:.2f} (adaptive {100 * interactive['iauc_adaptive']:.2f})")
         extended = item.result.extended
         if extended is not None:
             left_out = f"; {len(extended.excluded)} pairs left out (excluded.csv)" if extended.excluded else ""
