@@ -41,12 +41,14 @@ def draw(run_dir: Path, out: Path, title: str | None = None) -> Path:
     auc_ax.plot([r["step"] for r in val], [100 * r["auc"] for r in val], marker="o", color="#4c72b0",
                 label="validation AUC")
     centre = check.get("centre_auc") if check else None
-    centre = centre if centre is not None else (tests[0].get("baseline_centre/auc") if tests else None)
     if centre is not None:
-        auc_ax.axhline(100 * centre, color="grey", linestyle="--", linewidth=1, label="centre prior")
+        auc_ax.axhline(100 * centre, color="grey", linestyle="--", linewidth=1, label="centre prior (validation)")
     for r in tests:
         auc_ax.scatter([r["step"]], [100 * r["auc"]], marker="D", color="#c44e52", zorder=3,
                        label=f"test {r.get('set', '')} (best)")
+        if "baseline_centre/auc" in r:
+            auc_ax.scatter([r["step"]], [100 * r["baseline_centre/auc"]], marker="_", s=300, color="grey", zorder=3,
+                           label="centre prior (test)")
     auc_ax.set_xlabel("step")
     auc_ax.set_ylabel("AUC (x100)")
     auc_ax.legend(fontsize=7)
