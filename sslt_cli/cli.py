@@ -391,12 +391,14 @@ def eval_cmd(
     empty_gt: Optional[str] = typer.Option(None, "--empty-gt", help="exclude (a clip whose ground truth is empty, "
                                            "e.g. after clipping, is listed, not scored) or zero (scored 0 and counted "
                                            "in N, as the official code). Default: the recipe's, else exclude."),
-    ogl_weights: Optional[Path] = typer.Option(None, "--ogl-weights", help="EZ-VSL's object-guided localisation: a "
-                                               "local torchvision resnet18 state_dict (ImageNet weights); the maps "
-                                               "scored are alpha * AV + (1 - alpha) * object map. Default: the "
-                                               "recipe's eval.ogl_weights (off)."),
+    ogl_weights: Optional[Path] = typer.Option(None, "--ogl-weights", help="Object-guided localisation: a local "
+                                               "torchvision resnet18 state_dict (ImageNet weights); the maps scored "
+                                               "are alpha * AV + (1 - alpha) * object map (EZ-VSL's rule; SLAVC's "
+                                               "fixed-range mix under the slavc presets). Default: the recipe's "
+                                               "eval.ogl_weights (off)."),
     ogl_alpha: Optional[float] = typer.Option(None, "--ogl-alpha", min=0.0, max=1.0, help="With object guidance: the "
-                                              "weight of the audio-visual map (default: the recipe's, else 0.4)."),
+                                              "weight of the audio-visual map (default: the recipe's, else the "
+                                              "preset's: 0.4, slavc presets 0.9)."),
     negatives: Optional[str] = typer.Option(None, "--negatives", help="Negative audio: silence,noise,offscreen (and "
                                             "optionally a SLAVC non-sounding list by name); README 'Negative audio'."),
     draws: int = typer.Option(1, "--draws", min=1, help="With --negatives: draws of noise and off-screen audio."),
@@ -441,12 +443,25 @@ def eval_cmd(
     tests = _eval_sets(recipe, data, vggss_json, media, id_list)
     run = Run.open(run_dir) if run_dir is not None else None
     with _tracking(run, recipe, f"eval-{target.stem if target is not None else 'maps'}",
-                   params={"eval.protocol": options.protocol_for(getattr(recipe, "eval", None)).name}) as sink:
+                   params={"eval.protocol": _protocols_used(options, recipe, sources)}) as sink:
         evaluation = ev.run_evaluation(sources, tests, options, sink, out=where, kind="eval",
                                        exact_folder=target is None and out_dir is not None,
                                        progress=lambda what, total: ClipProgress(err, what, total))
     ev.print_evaluation(evaluation, out, err, title=lambda item: f"{item.result.name}: {item.described} · protocol "
                                                                   f"{item.protocol} · N = {item.result.n}")
+
+
+def _protocols_used(options, recipe, sources) -> str:
+    """The preset `sslt eval` scores ``sources`` under (comma-separated when they differ), as the evaluation picks
+    it: ``--protocol``, else the run's recipe, else each checkpoint file's own (a released family's preset, an sslt
+    checkpoint's saved recipe), else ssltie."""
+    from sslt_cli.families import recipe_of
+
+    if options.protocol is not None or recipe is not None:
+        return options.protocol_for(getattr(recipe, "eval", None)).name
+    names = [options.protocol_for(recipe_of(s.checkpoint, s.family, front_end=s.front_end).eval).name
+             for s in sources if s.checkpoint is not None]
+    return ",".join(dict.fromkeys(names)) or options.protocol_for(None).name
 
 
 def _check_family(family: str | None, branch: str | None, target: Path | None, front_end: str | None = None) -> None:

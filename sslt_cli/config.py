@@ -248,8 +248,9 @@ class EvalConfig(_Strict):
     precision: Literal["fp32", "bf16"] = "fp32"
     # EZ-VSL's object-guided localisation for the test evaluation (not validation): the path of a local torchvision
     # resnet18 state_dict (ImageNet weights); the scored map is normalize_img(ogl_alpha * AV + (1 - ogl_alpha) * object)
+    # (EZ-VSL's rule), or SLAVC's fixed-range mix under the slavc presets; ogl_alpha unset: the preset's (0.4, SLAVC 0.9)
     ogl_weights: str | None = None
-    ogl_alpha: float = Field(0.4, ge=0.0, le=1.0)
+    ogl_alpha: float | None = Field(None, ge=0.0, le=1.0)
     # negative audio in the final test evaluation (`sslt eval --negatives`): each test frame also with silence, noise
     # or the sound of a class not on screen, scored beside cIoU (AP, max-F1, pIA, F; README "Negative audio"), the
     # per-model threshold chosen on data.val; [] = off

@@ -16,6 +16,7 @@ ThresholdRule = Literal["above_median", "at_least_median", "at_least_half", "str
 ConstantMaps = Literal["whole_frame", "official"]
 EmptyGroundTruth = Literal["exclude", "zero"]
 ImagePreprocessing = Literal["resize_centercrop", "resize_square", "tensor_resize_square"]
+ObjectGuidanceRule = Literal["ezvsl", "slavc"]
 SLAVC_RANGE = (-1.0 / 0.03, 1.0 / 0.03)  # SLAVC's fixed score range for its own maps, (cos1 + cos2) / 2 / tau
 
 
@@ -35,7 +36,9 @@ class Protocol:
     ``image_preprocessing``: how the model path prepares a test frame (``resize_centercrop``: Resize(224, bicubic) +
     CenterCrop(224); ``resize_square``: Resize((224, 224), bicubic); ``tensor_resize_square``: ToTensor, then
     Resize((224, 224), bicubic, antialias) on the float tensor, SSLalignment's order); ``clip_boxes``: VGG-SS box coordinates are
-    clipped to [0, 1] before ``int(x * size)``.
+    clipped to [0, 1] before ``int(x * size)``; ``ogl`` / ``ogl_alpha``: how object-guided localisation, when on,
+    mixes the object map in (``ezvsl``: EZ-VSL's ``normalize_img(alpha * norm(AV) + (1 - alpha) * norm(obj))``;
+    ``slavc``: SLAVC's fixed-range mix, :mod:`sslt_cli.ogl`) and the preset's alpha when none is given.
 
     Two documented deviations from the official loops, each with the official behaviour available:
     ``constant_maps`` (``whole_frame``: a map constant before upsampling predicts the whole frame under every preset;
@@ -56,6 +59,8 @@ class Protocol:
     constant_maps: ConstantMaps = "whole_frame"
     empty_gt: EmptyGroundTruth = "exclude"
     size: int = EVAL_SIZE
+    ogl: ObjectGuidanceRule = "ezvsl"
+    ogl_alpha: float = 0.4
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -75,17 +80,18 @@ PROTOCOLS: dict[str, Protocol] = {
         Protocol("slavc", 7, "bicubic_align_corners", "at_least_median", "resize_square",
                  "SLAVC test.py --relative_prediction: bicubic align_corners=True, fixed-range scores "
                  "(A - lo) / (hi - lo), min-max, >= sorted[N/2]; confidence = mean of the top 25% of the scores",
-                 normalise="range_minmax", value_range=(-1.0, 1.0)),
+                 normalise="range_minmax", value_range=(-1.0, 1.0), ogl="slavc", ogl_alpha=0.9),
         Protocol("fnac_bicubic", 7, "bicubic", "at_least_median", "resize_square",
                  "FNAC test.py validate2: F.interpolate bicubic align_corners=False, min-max, >= sorted[N/2] (object "
                  "guidance, when on, bilinear align_corners=True)"),
         Protocol("slavc_rel", 7, "bicubic_align_corners", "at_least_median", "resize_square",
                  "SLAVC test.py --relative_prediction (its README) on SLAVC's own maps (cos / 0.03): bicubic "
                  "align_corners=True, (A + 1/tau) / (2/tau), min-max, >= sorted[N/2]",
-                 normalise="range_minmax", value_range=SLAVC_RANGE),
+                 normalise="range_minmax", value_range=SLAVC_RANGE, ogl="slavc", ogl_alpha=0.9),
         Protocol("slavc_abs", 7, "bicubic_align_corners", "at_least_half", "resize_square",
                  "SLAVC test.py as its scripts run it (pred_thr 0.5) on SLAVC's own maps: bicubic align_corners=True, "
-                 "(A + 1/tau) / (2/tau) >= 0.5", normalise="fixed_range", value_range=SLAVC_RANGE),
+                 "(A + 1/tau) / (2/tau) >= 0.5", normalise="fixed_range", value_range=SLAVC_RANGE, ogl="slavc",
+                 ogl_alpha=0.9),
         Protocol("align", 7, "bilinear_align_corners", "strictly_above_median", "tensor_resize_square",
                  "SSLalignment test.py validate (EZ-VSL, SLAVC, FNAC): bilinear align_corners=True, min-max, "
                  "> sorted[N/2]; frames ToTensor then Resize((224, 224)) on the tensor"),

@@ -8,6 +8,8 @@ its test loader's front end. The fidelity tests (tests/test_families_fidelity.py
 * EZ-VSL (stoneMo/EZ-VSL@95ff5bf) ``model.py`` / ``datasets.py`` / ``audio_io.py``; FNAC (OpenNLPLab/FNAC_AVL@0a0ca78)
   has the same network and front end; SLAVC (stoneMo/SLAVC@05b429c) ``model.py`` with ``mode='test'``.
 * SSLalignment (kaistmm/SSLalignment@e7ae3c5) ``datasets_lvs.py`` (its LVS models' front end).
+* SLAVC's object-guided localisation (stoneMo/SLAVC@05b429c ``test.py`` ``main`` / ``validate``, ``NormReducer``,
+  ``Unsqueeze``; ``utils.normalize_img``): :func:`slavc_object_net`, :func:`slavc_av_obj`.
 """
 from __future__ import annotations
 
@@ -359,3 +361,69 @@ def official_map(name: str, net: nn.Module, image: torch.Tensor, spec: torch.Ten
     with torch.no_grad():
         out = net.eval()(image.float(), spec.float())
     return out if name in ("lvs", "ssl_align") else out.unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------ SLAVC's object guidance
+
+
+class _NormReducer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.abs().mean(self.dim)
+
+
+class _Unsqueeze(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x):
+        return x.unsqueeze(self.dim)
+
+
+def slavc_object_net(weights: Path) -> nn.Module:
+    """SLAVC test.py's ``object_saliency_model``: an ImageNet resnet18 (here the state_dict file ``weights``) whose
+    avgpool is removed and whose fc unflattens to (512, 7, 7), takes |x|.mean over channels and unsqueezes."""
+    net = resnet18(weights=None)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    net.avgpool = nn.Identity()
+    net.fc = nn.Sequential(nn.Unflatten(1, (512, 7, 7)), _NormReducer(dim=1), _Unsqueeze(1))
+    return net.eval()
+
+
+def slavc_av_obj(heatmap_av: torch.Tensor, image: torch.Tensor, object_net: nn.Module, gt: np.ndarray, alpha: float,
+                 relative: bool, tau: float = 0.03, pred_size: float = 0.5, pred_thr: float = 0.5
+                 ) -> tuple[np.ndarray, float, float]:
+    """SLAVC test.py ``validate`` for one clip's AV+OBJ evaluator: (scores_av_obj (224, 224), its IoU, its
+    confidence). heatmap_av: the (1, 1, 7, 7) ``forward(mode='test')[1].unsqueeze(1)``; image: the (1, 3, 224, 224)
+    normalised frame; ``relative``: ``--relative_prediction`` (its README) else ``pred_thr`` (its scripts)."""
+    with torch.no_grad():
+        av = F.interpolate(heatmap_av, size=(224, 224), mode='bicubic', align_corners=True).data.cpu().numpy()
+        obj = F.interpolate(object_net(image), size=(224, 224), mode='bicubic', align_corners=True).data.cpu().numpy()
+    av_min, av_max = -1. / tau, 1. / tau
+    obj_min, obj_max = 0., 2.5
+
+    def min_max_norm(x, xmin, xmax):
+        return (x - xmin) / (xmax - xmin)
+
+    def normalize_img(value):
+        vmin, vmax = value.min(), value.max()
+        if not (vmax - vmin) == 0:
+            value = (value - vmin) / (vmax - vmin)
+        return value
+
+    n = av[0, 0].size
+    scores_av_obj = min_max_norm(av[0, 0], av_min, av_max) * alpha + min_max_norm(obj[0, 0], obj_min, obj_max) * (1 - alpha)
+    conf = np.sort(scores_av_obj.flatten())[-n // 4:].mean()
+    if relative:
+        pred = normalize_img(scores_av_obj)
+        thr = np.sort(pred.flatten())[int(n * pred_size)]
+    else:
+        pred, thr = scores_av_obj, pred_thr
+    infer = np.zeros((224, 224))
+    infer[pred >= thr] = 1
+    iou = float(np.sum(infer * gt) / (np.sum(gt) + np.sum(infer * (gt == 0))))
+    return scores_av_obj, iou, float(conf)

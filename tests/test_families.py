@@ -3,6 +3,7 @@ from random weights (the networks re-stated in tests/official_restated.py); the 
 never its name, strips ``module.``, and refuses a missing, extra or wrong-shape key by name."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,66 @@ def test_slavcs_extended_evaluation_uses_the_familys_range(tmp_path):
     extended = item.result.extended
     assert extended.protocol == "slavc_rel" and extended.value_range == (-1 / 0.03, 1 / 0.03)
     assert (extended.n_sounding, extended.n_silent) == (3, 2)
+
+
+@pytest.fixture
+def object_weights(tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    path = tmp_path / "resnet18-random.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+def test_object_guidance_follows_the_preset_slavcs_mix_at_0_9(tmp_path, object_weights):
+    """With --ogl-weights and no alpha, a slavc preset applies SLAVC's own mix at 0.9 (the sounding maps and the
+    extended evaluation on the mix's [0, 1] scale); EZ-VSL's preset keeps its rule at 0.4."""
+    from sslt_cli import evaluate as ev
+    from sslt_cli.data.synthetic import generate
+
+    generate(tmp_path / "synth", n_train=0, n_val=0, n_test=3, n_flickr=0, image_size=64, workers=1, progress=False)
+    test = ev.load_test_set(tmp_path / "synth" / "test_vggss")
+    a, b, c = test.ids
+    results = {}
+    for family in ("slavc", "ezvsl"):
+        path, _ = released_file(tmp_path, family)
+        options = ev.EvalOptions(baselines=False, save_maps=False, num_workers=0, ogl_weights=str(object_weights),
+                                 extended=ev.ExtendedPairs(((a, b), (b, c))) if family == "slavc" else None)
+        (item,) = ev.run_evaluation([ev.Source.checkpoint_file(family, path)], [("synth", test)], options, _Sink(),
+                                    out=None, kind="eval").items
+        results[family] = item
+    slavc, ezvsl = results["slavc"].result, results["ezvsl"].result
+    assert slavc.object_guidance["alpha"] == 0.9 and ezvsl.object_guidance["alpha"] == 0.4
+    assert any("SLAVC's mix" in note for note in slavc.notes) and any("EZ-VSL OGL" in n for n in ezvsl.notes)
+    assert slavc.extended.protocol == "slavc_rel" and slavc.extended.value_range == (0.0, 1.0)
+    assert (slavc.extended.n_sounding, slavc.extended.n_silent) == (3, 2)
+
+
+def test_sslt_eval_records_the_preset_it_scores_under(tmp_path):
+    """`sslt eval` of a released checkpoint logs the family's preset as eval.protocol (what its metrics and folders
+    carry), --protocol when given; an sslt checkpoint's saved recipe names its own."""
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from sslt_cli import evaluate as ev
+    from sslt_cli.cli import _protocols_used, app
+    from sslt_cli.data.synthetic import generate
+
+    generate(tmp_path / "synth", n_train=0, n_val=0, n_test=2, n_flickr=0, image_size=64, workers=1, progress=False)
+    path, _ = released_file(tmp_path, "slavc")
+    base = ["eval", str(path), "--data", str(tmp_path / "synth" / "test_vggss"), "--device", "cpu"]
+    for extra, expected in (([], "slavc_rel"), (["--protocol", "slavc_abs"], "slavc_abs")):
+        out = tmp_path / f"out-{expected}"
+        result = CliRunner().invoke(app, [*base, *extra, "--out", str(out)])
+        assert result.exit_code == 0, f"{result.exception!r} {result.output}"
+        (folder,) = out.iterdir()
+        assert folder.name.endswith(expected)
+        assert json.loads((folder / "metrics.json").read_text())["protocol"]["name"] == expected
+    client = MlflowClient()
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(run.data.params["eval.protocol"] for run in runs) == ["slavc_abs", "slavc_rel"]
+    ezvsl, _ = released_file(tmp_path, "ezvsl")
+    sources = [ev.Source.checkpoint_file("a", path), ev.Source.checkpoint_file("b", ezvsl)]
+    assert _protocols_used(ev.EvalOptions(), None, sources) == "slavc_rel,ezvsl"
+    assert _protocols_used(ev.EvalOptions(), None, [ev.Source.baselines()]) == "ssltie"

@@ -132,3 +132,45 @@ def test_sslalignments_evaluation_of_ezvsl_is_a_front_end_and_a_preset(tmp_path,
     assert {row.id: row.iou for row in result.rows} == official_ious
     with pytest.raises(CheckpointError, match="--front-end lvs: EZ-VSL is fed by ezvsl or align_ezvsl"):
         families.load_released(path, front_end="lvs")
+
+
+@pytest.fixture(scope="module")
+def object_weights(tmp_path_factory):
+    """A random-weight torchvision resnet18 state_dict file (the format of the ImageNet weights SLAVC downloads)."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("obj") / "resnet18-random.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("preset", ["slavc_rel", "slavc_abs"])
+def test_slavcs_object_guided_mix_equals_its_test_loop(tmp_path, clips, object_weights, preset):
+    """SLAVC's own OGL (its presets select it, alpha 0.9): sslt's combined maps equal SLAVC test.py's scores_av_obj
+    (re-stated) to float tolerance, and the per-clip IoUs and confidences under each preset are identical."""
+    from sslt_cli.evaluate.maps import map_value_range
+    from sslt_cli.ogl import ObjectGuidance
+
+    path, net = _released(tmp_path, "slavc")
+    loaded = families.load_released(path)
+    proto = get_protocol(preset)
+    assert (proto.ogl, proto.ogl_alpha) == ("slavc", 0.9)
+    ogl = ObjectGuidance.load(object_weights, proto.ogl_alpha, proto, "cpu", map_value_range(loaded))
+    ours, skipped = predict_maps(loaded, clips, proto, device="cpu", batch_size=2, num_workers=0, ogl=ogl)
+    assert not skipped
+    annotations = {cid: Annotation(cid, "vggss", boxes) for cid, boxes in BOXES.items()}
+    result = score_maps(ours, annotations, ogl.scoring_protocol(proto), list(BOXES), baselines=False)
+    object_net = O.slavc_object_net(object_weights)
+    theirs = _official_maps("slavc", net, clips)
+    for clip in clips:
+        image = O.image_resize_square(clip.frame)[None]
+        mix, iou, conf = O.slavc_av_obj(theirs[clip.id], image, object_net, M.gt_map(BOXES[clip.id], "vggss"), 0.9,
+                                        relative=preset == "slavc_rel")
+        np.testing.assert_allclose(ours[clip.id], mix, rtol=0, atol=1e-6, err_msg=clip.id)
+        assert {r.id: r.iou for r in result.rows}[clip.id] == iou, clip.id
+        ours_conf = float(M.slavc_confidence(torch.from_numpy(ours[clip.id])[None], ogl.value_range((0, 1)))[0])
+        assert ours_conf == pytest.approx(conf, abs=1e-6), clip.id
+    # the mix is not min-max normalised: SLAVC's fixed ranges leave it inside (0, 1) but off its ends
+    assert all(0 < float(m.min()) and float(m.max()) < 1 for m in ours.values())
+    assert "SLAVC's mix" in ogl.note() and "0.9 * (AV - lo) / (hi - lo) + 0.1 * object / 2.5" in ogl.note()

@@ -153,7 +153,7 @@ def test_recipe_keys_and_cli_options(tmp_path):
     from sslt_cli.cli import app
     from sslt_cli.config import Recipe
 
-    assert (Recipe().eval.ogl_weights, Recipe().eval.ogl_alpha) == (None, 0.4)
+    assert (Recipe().eval.ogl_weights, Recipe().eval.ogl_alpha) == (None, None)
     with pytest.raises(ValidationError):
         Recipe.model_validate({"eval": {"ogl_alpha": 1.5}})
     result = CliRunner().invoke(app, ["eval", "--baselines-only", "--vggss-json", "vggss", "--ogl-weights",

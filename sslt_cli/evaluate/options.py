@@ -119,8 +119,9 @@ class EvalOptions:
                              empty_gt=self.empty_gt or getattr(eval_config, "empty_gt", None))
         return proto if self.clip_boxes is None else dataclasses.replace(proto, clip_boxes=self.clip_boxes)
 
-    def guidance_for(self, eval_config: Any = None) -> ObjectGuidanceSetting | None:
-        """The object guidance to apply (these options' weights and alpha, else the section's), or None (off)."""
+    def guidance_for(self, eval_config: Any = None, default_alpha: float = DEFAULT_ALPHA) -> ObjectGuidanceSetting | None:
+        """The object guidance to apply (these options' weights and alpha, else the section's, else
+        ``default_alpha``: the preset's ``ogl_alpha``), or None (off)."""
         if not self.object_guidance:
             return None
         weights = self.ogl_weights or getattr(eval_config, "ogl_weights", None)
@@ -130,4 +131,4 @@ class EvalOptions:
                                 "local torchvision resnet18 state_dict) or set eval.ogl_weights in the recipe")
             return None
         alpha = self.ogl_alpha if self.ogl_alpha is not None else getattr(eval_config, "ogl_alpha", None)
-        return ObjectGuidanceSetting(str(weights), float(alpha if alpha is not None else DEFAULT_ALPHA))
+        return ObjectGuidanceSetting(str(weights), float(alpha if alpha is not None else default_alpha))

@@ -29,7 +29,7 @@ from sslt_cli.errors import DataError
 from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, save_maps
 from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshold, predict_with_negatives,
                                          score_negatives)
-from sslt_cli.evaluate.options import EvalOptions
+from sslt_cli.evaluate.options import EvalOptions, get_protocol
 from sslt_cli.evaluate.outputs import (_metric_name, eval_folder, mlflow_metrics, negatives_table, result_table,
                                        write_outputs)
 from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps,
@@ -69,6 +69,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
                         "mixes in a map of the image alone",
                         ["drop --ogl-weights (or the recipe's eval.ogl_weights) to evaluate with --negatives"])
     ogl = _object_guidance(options, loaded, proto)
+    scored_proto = proto if ogl is None else ogl.scoring_protocol(proto)
     clips = [test.clips[i] for i in test.ids if i in test.clips and i in test.annotations]
     if negatives is not None:
         maps, skipped, negative_maps = predict_with_negatives(
@@ -79,7 +80,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
                                      num_workers=options.num_workers, progress=progress, on_batch=on_batch, ogl=ogl)
     unavailable = dict(test.unavailable)
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
-    result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
+    result = score_maps(maps, test.annotations, scored_proto, test.ids, unavailable=unavailable,
                         annotation_problems=test.annotation_problems, baselines=options.baselines, name=test.name,
                         notes=[*test.notes, *loaded.notes], device=options.device)
     if ogl is not None:
@@ -88,7 +89,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     if options.extended is not None:
         result.extended = _extended_of_model(loaded, maps, test, proto, options, ogl, progress, result.notes)
     if test.images:
-        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, proto)
+        result.interactive = score_interactive(maps, result.rows, test.annotations, test.images, scored_proto)
     if negatives is not None:
         per_model = negatives.per_model or _model_threshold(loaded, negatives, proto, options)
         result.negatives = score_negatives(maps, negative_maps, result.rows, test.annotations, proto,
@@ -102,12 +103,12 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
 
 
 def _object_guidance(options: EvalOptions, loaded: LoadedModel, proto: Protocol) -> "ObjectGuidance | None":
-    setting = options.guidance_for(loaded.recipe.eval)
+    setting = options.guidance_for(loaded.recipe.eval, proto.ogl_alpha)
     if setting is None:
         return None
     from sslt_cli.ogl import ObjectGuidance
 
-    return ObjectGuidance.load(setting.weights, setting.alpha, proto, options.device)
+    return ObjectGuidance.load(setting.weights, setting.alpha, proto, options.device, map_value_range(loaded))
 
 
 def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test: TestSet, proto: Protocol,
@@ -138,8 +139,11 @@ def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test
                      f"frame/audio in {media.name} and were left out (listed in excluded.csv)")
     value_range = map_value_range(loaded)
     # SLAVC's evaluator on the family's own maps: its fixed range; the slavc_rel / slavc_abs preset when chosen
-    extended_proto = proto.name if proto.name in ("slavc_rel", "slavc_abs") else (
+    extended_proto: str | Protocol = proto.name if proto.name in ("slavc_rel", "slavc_abs") else (
         "slavc" if tuple(value_range) == (-1.0, 1.0) else "slavc_rel")
+    if ogl is not None and ogl.rule == "slavc":  # SLAVC's own mix is scored on its [0, 1] scale
+        extended_proto = ogl.scoring_protocol(get_protocol(extended_proto))
+        value_range = ogl.value_range(value_range)
     return score_extended(maps, silent_maps, test.annotations, protocol=extended_proto, value_range=value_range,
                           dropped=dropped)
 

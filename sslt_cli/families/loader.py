@@ -55,6 +55,23 @@ def recognise(state: Mapping[str, torch.Tensor], prefixed: bool) -> tuple[Family
     return chosen, note
 
 
+def recipe_of(path: str | Path, family: str | None = None, *, recipe: Any = None,
+              front_end: str | None = None) -> Any:
+    """The recipe :func:`load_released` gives the model of ``path`` (its ``eval.protocol`` is the preset the model is
+    scored under by default), without building the network: an sslt checkpoint's saved recipe (else ``recipe``,
+    else the defaults), ``recipe`` for an official SSL-TIE file, else the family's own."""
+    from sslt_cli.config import Recipe, load_saved_recipe
+
+    path = Path(path)
+    obj = read_file(path)
+    if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
+        if recipe is None and isinstance(obj.get("recipe"), dict):
+            recipe = load_saved_recipe(obj["recipe"], f"{path} (saved recipe)")
+        return recipe or Recipe()
+    chosen = get_family(family) if family is not None else recognise(*_weights_in(obj, path))[0]
+    return recipe if recipe is not None and chosen.name == "ssltie" else chosen.recipe(front_end)
+
+
 def load_released(path: str | Path, family: str | None = None, *, recipe: Any = None, branch: str | None = None,
                   device: str | torch.device = "cpu", front_end: str | None = None) -> LoadedModel:
     """Any model file -> a :class:`~sslt_cli.checkpoint.LoadedModel`: an sslt checkpoint (SSL-TIE's network and the
