@@ -14,8 +14,10 @@ Limits: both are only as good as the validation set's resemblance to the user's 
 little about street recordings), mismatched pairs stand in for off-screen sound, and the distributions are those of
 the window the validation clips were cut to (the recipe's clip length).
 
-The distributions are stored in ``<run>/calibration.json`` keyed by the checkpoint's step and the set, so they are
-computed once per checkpoint.
+When the set has boxes, the negative-audio evaluation of ``sslt eval --negatives`` runs on it too
+(:func:`negative_figures`: AP, max-F1, pIA and F per kind of negative audio), what ``sslt localize``'s page shows
+beside each frame's confidence. The distributions and figures are stored in ``<run>/calibration.json`` keyed by the
+checkpoint's step and the set, so they are computed once per checkpoint.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class Calibration:
     mismatched: np.ndarray
     set_path: str
     step: int | None
+    negatives: dict[str, Any] | None = None  # the negative-audio figures of the set (negative_figures)
 
     def scores(self, max_cos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(visible, matched_percentile) of each map maximum, both in [0, 1]: max_cos (N,) -> two (N,) arrays."""
@@ -52,13 +55,26 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return {"set": self.set_path, "step": self.step, "n": int(len(self.matched)),
                 "matched": [round(float(v), 6) for v in self.matched],
-                "mismatched": [round(float(v), 6) for v in self.mismatched]}
+                "mismatched": [round(float(v), 6) for v in self.mismatched], "negatives": self.negatives}
 
     def summary(self) -> dict[str, Any]:
-        """Medians and size, for reports (the full distributions stay in calibration.json)."""
+        """Medians and size, for reports (the full distributions stay in calibration.json), and the negative-audio
+        figures of the set."""
         return {"set": self.set_path, "step": self.step, "n_pairs": int(len(self.matched)),
                 "matched_median": float(np.median(self.matched)),
-                "mismatched_median": float(np.median(self.mismatched))}
+                "mismatched_median": float(np.median(self.mismatched)), "negatives": self.negatives}
+
+    def negatives_line(self) -> str:
+        """The negative-audio figures in one sentence (for the page), or why there are none."""
+        figures = self.negatives
+        if not figures:
+            return ("negative audio on the calibration set: not computed (the set has no boxes, or the calibration "
+                    "was stored by an earlier sslt)")
+        kinds = "; ".join(f"{k}: AP {100 * v['ap']:.1f}, max-F1 {100 * v['max_f1']:.1f}, pIA {100 * v['pia']:.1f}, "
+                          f"F {100 * v['f']:.1f}" for k, v in figures["kinds"].items())
+        return (f"negative audio on the calibration set ({figures['n']} clips with boxes, cIoU "
+                f"{100 * figures['ciou']:.1f}; threshold {figures['threshold']:g}; confidence = mean of the top "
+                f"quarter of the map on the common scale, as sslt eval --negatives scores it): {kinds}")
 
 
 def _mid_rank(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -106,7 +122,33 @@ def compute_calibration(loaded: Any, set_path: str | Path, device: Any, *, batch
                         f"{len(skipped)} could not be decoded)")
     return Calibration(np.sort([float(m.max()) for m in matched.values()]),
                        np.sort([float(m.max()) for m in mismatched.values()]), str(Path(set_path).resolve()),
-                       loaded.step)
+                       loaded.step, negative_figures(loaded, clip_set, device, batch_size=batch_size))
+
+
+def negative_figures(loaded: Any, clip_set: Any, device: Any, *, batch_size: int | None = None
+                     ) -> dict[str, Any] | None:
+    """The negative-audio evaluation (``sslt eval --negatives``) of the model on the calibration set's first
+    ``MAX_CLIPS`` clips with boxes: per kind (silence, noise, and off-screen when the clips have labels) SLAVC's AP,
+    max-F1, precision and vssl_eval's pIA and F at the universal threshold; None for a set without boxes."""
+    from sslt_cli.data.negatives import NegativeSettings
+    from sslt_cli.evaluate import EvalOptions, NegativeOptions, evaluate_model, load_test_set
+
+    if not clip_set.anno_kind:
+        return None
+    test = load_test_set(clip_set.root)
+    test.ids = [cid for cid in test.ids if cid in test.clips and cid in test.annotations][:MAX_CLIPS]
+    kinds = ("silence", "noise") + (("offscreen",) if any(test.clips[c].label for c in test.ids) else ())
+    options = EvalOptions(negatives=NegativeOptions(NegativeSettings(kinds)), baselines=False, save_maps=False,
+                          object_guidance=False, batch_size=batch_size, num_workers=0, device=str(device))
+    result = evaluate_model(loaded, test, options)
+    negatives = result.negatives
+    universal = negatives.vssl["universal"]
+    return {"n": negatives.n_positive, "ciou": float(result.method["ciou"]),
+            "threshold": float(negatives.thresholds["universal"]),
+            "kinds": {kind: {"ap": negatives.slavc[kind]["ap"], "max_f1": negatives.slavc[kind]["max_f1"],
+                             "precision": negatives.slavc[kind]["precision"],
+                             "pia": universal["types"][kind]["pia"], "f": universal["types"][kind]["f"]}
+                      for kind in kinds if kind in universal["types"]}}
 
 
 def _entry_key(step: int | None, set_path: str) -> str:
@@ -124,7 +166,7 @@ def cached_calibration(folder: Path, step: int | None, set_path: str | Path) -> 
     if not entry:
         return None
     return Calibration(np.sort(np.asarray(entry["matched"], float)), np.sort(np.asarray(entry["mismatched"], float)),
-                       entry["set"], entry["step"])
+                       entry["set"], entry["step"], entry.get("negatives"))
 
 
 def store_calibration(folder: Path, calibration: Calibration) -> Path:

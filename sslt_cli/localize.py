@@ -40,7 +40,7 @@ from sslt_cli.media import (VIDEO_SUFFIXES, AudioChunks, Mp4Writer, aac_rate, fr
 T = TypeVar("T")
 MIN_AUDIO_S = 0.1
 CSV_HEADER = ("frame", "time_s", "peak_x", "peak_y", "max_cos", "mean_cos", "share_above_threshold", "visible",
-              "matched_percentile")
+              "matched_percentile", "confidence")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,9 @@ class LocalizeOptions:
 
 @dataclass
 class FrameRecord:
-    """One sampled frame's result; ``visible`` / ``matched_percentile`` are None without a calibration."""
+    """One sampled frame's result; ``visible`` / ``matched_percentile`` are None without a calibration;
+    ``confidence`` is the evaluation's (SLAVC's mean of the top quarter of the map on the common scale, as
+    ``sslt eval --negatives`` ranks sounding against non-sounding pairs)."""
 
     frame: int
     time_s: float
@@ -69,6 +71,7 @@ class FrameRecord:
     share_above_threshold: float
     visible: float | None = None
     matched_percentile: float | None = None
+    confidence: float | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,12 @@ class _Context:
 
     @property
     def window(self) -> float:
-        return self.options.window or float(self.loaded.recipe.audio.clip_seconds)
+        """Seconds of audio per frame: the option, else the model's front end's window (a released model's own)."""
+        from sslt_cli.frontends import FRONT_ENDS
+
+        audio = self.loaded.recipe.audio
+        own = FRONT_ENDS[audio.front_end].window_seconds if audio.front_end in FRONT_ENDS else audio.clip_seconds
+        return self.options.window or float(own)
 
 
 # ----------------------------------------------------------------------------------------------------------- inputs
@@ -238,9 +246,14 @@ def _window_bounds(centre: float, seconds: float, sample_rate: int, length: int)
 
 
 def _window_spec_batch(pieces: Sequence[np.ndarray], sample_rate: int, seconds: float, audio: Any) -> torch.Tensor:
+    """The model's input for each window: log-mel, or under a released model's front end (``audio.front_end``)
+    that front end's spectrogram (:func:`sslt_cli.frontends.spectrogram_of_wave`)."""
     from sslt_cli.audio import log_mel, tile_and_cut
+    from sslt_cli.frontends import spectrogram_of_wave
 
     tiled = [tile_and_cut(piece, seconds, sample_rate) for piece in pieces]
+    if audio.front_end != "logmel":
+        return torch.stack([spectrogram_of_wave(piece, sample_rate, audio.front_end) for piece in tiled])
     return log_mel(np.stack(tiled), sample_rate, n_fft=audio.n_fft, hop_length=audio.hop_length,
                    n_mels=audio.n_mels, normalized=audio.normalized)
 
@@ -249,7 +262,8 @@ def window_specs(wave: np.ndarray, sample_rate: int, centres: Sequence[float], s
                  ) -> torch.Tensor:
     """Log-mel of the ``seconds`` window centred on each time: wave (N,) mono at ``sample_rate`` ->
     (B, 1, n_mels, T). A window reaching past either end keeps the part inside and tiles it to full length, as
-    training tiles a short clip (``audio.tile_and_cut``)."""
+    training tiles a short clip (``audio.tile_and_cut``). Under a released model's front end (``audio.front_end``)
+    each window is that front end's spectrogram."""
     pieces = [wave[lo:hi] for lo, hi in (_window_bounds(c, seconds, sample_rate, len(wave)) for c in centres)]
     return _window_spec_batch(pieces, sample_rate, seconds, audio)
 
@@ -369,6 +383,7 @@ def _records(ctx: _Context, maps: torch.Tensor, indices: Sequence[int], times: S
              ) -> tuple[list[FrameRecord], torch.Tensor]:
     """Per-frame records of (B, h, w) maps, and the maps upsampled to the protocol's grid (B, S, S)."""
     from sslt_cli import metrics
+    from sslt_cli.evaluate.maps import map_value_range
 
     proto = ctx.protocol
     up, masks = metrics.predict_masks(maps, proto)
@@ -379,10 +394,11 @@ def _records(ctx: _Context, maps: torch.Tensor, indices: Sequence[int], times: S
     visible = matched = [None] * len(indices)
     if ctx.calibration is not None:
         visible, matched = (list(map(float, s)) for s in ctx.calibration.scores(max_cos))
+    confidence = metrics.slavc_confidence(up, map_value_range(ctx.loaded)).numpy()
     records = [FrameRecord(int(i), round(float(t), 4), round(float(x), 4), round(float(y), 4), float(mx), float(mn),
-                           float(a), v, m)
-               for i, t, x, y, mx, mn, a, v, m in zip(indices, times, peak_x, peak_y, max_cos, mean_cos, above,
-                                                      visible, matched)]
+                           float(a), v, m, float(c))
+               for i, t, x, y, mx, mn, a, v, m, c in zip(indices, times, peak_x, peak_y, max_cos, mean_cos, above,
+                                                         visible, matched, confidence)]
     return records, up
 
 
@@ -393,7 +409,8 @@ def _overlay(picture: np.ndarray, up: torch.Tensor, original: torch.Tensor, reco
     h, w = picture.shape[:2]
     heat = F.interpolate(up[None, None], size=(h, w), mode="bilinear", align_corners=False)[0]
     heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)  # colours span this frame's range
-    caption = f"{record.time_s:6.2f} s  max cos {record.max_cos:.2f}"
+    caption = f"{record.time_s:6.2f} s  max cos {record.max_cos:.2f}" + (
+        f"  conf {record.confidence:.2f}" if record.confidence is not None else "")
     if record.visible is not None:
         caption += f"  visible {record.visible:.0%}"
     return render.overlay(picture, heat[0].numpy(), (record.peak_x, record.peak_y), float(original.min()),
@@ -459,9 +476,14 @@ def localize_pair(ctx: _Context, item: MediaInput, folder: Path) -> InputResult:
     from sslt_cli.data.datasets import read_frame
 
     image = read_frame(str(item.image))
-    wave, _ = load_waveform(item.audio, ctx.loaded.recipe.audio.sample_rate)
-    specs = window_specs(wave, ctx.loaded.recipe.audio.sample_rate, [ctx.window / 2], ctx.window,
-                         ctx.loaded.recipe.audio)
+    audio = ctx.loaded.recipe.audio
+    if audio.front_end != "logmel":  # a released model: its own front end on the file, as sslt eval reads it
+        from sslt_cli.frontends import spectrogram_of_file
+
+        specs = spectrogram_of_file(item.audio, audio.front_end)[None]
+    else:
+        wave, _ = load_waveform(item.audio, audio.sample_rate)
+        specs = window_specs(wave, audio.sample_rate, [ctx.window / 2], ctx.window, audio)
     raw = _predict(ctx, ctx.transform(image)[None], specs)
     records, up = _records(ctx, raw, [0], [0.0])
     picture = np.asarray(image.resize(render.display_size(*image.size, ctx.options.display)))
@@ -527,21 +549,27 @@ def _summary(item: InputResult) -> str:
     text = f"{len(item.records)} frame(s); highest map maximum {peak.max_cos:.3f} at {peak.time_s:.2f} s"
     if peak.visible is not None:
         text += f" (visible {peak.visible:.0%})"
+    if peak.confidence is not None:
+        text += f"; confidence {peak.confidence:.3f} there (highest {max(r.confidence or 0.0 for r in item.records):.3f})"
     return text + "".join(f"; {note}" for note in item.notes)
 
 
 def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[Path] = (),
              audios: Sequence[Path] = (), options: LocalizeOptions = LocalizeOptions(), device: Any = "cpu",
-             which: str = "best", calibrate_on: Path | None = None, recipe: Any = None,
+             which: str = "best", calibrate_on: Path | None = None, recipe: Any = None, family: str | None = None,
+             branch: str | None = None, front_end: str | None = None,
              report: Callable[[str], None] = lambda _: None) -> LocalizeResult:
     """Localise the sound in every input with one model (a run folder, an sslt or an official SSL-TIE checkpoint)
     and write the outputs and ``out/index.html``. Per-input problems are in the result, not raised.
 
     ``recipe``: the image size and audio front end the model was trained with, for an official checkpoint (which
-    does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's."""
+    does not carry them; without it, the paper's: 224 px, 10 s, 257 mels); by default the run's or checkpoint's.
+    A released model of another method is recognised from its keys (``family`` overrides; ``branch``: SLAVC's) and
+    gets its own audio front end (or ``front_end``) and protocol preset (:func:`sslt_cli.families.load_released`)."""
     from sslt_cli.calibration import calibration_for
     from sslt_cli.data.augment import build_eval_transform
-    from sslt_cli.checkpoint import load_model, resolve_checkpoints
+    from sslt_cli.checkpoint import resolve_checkpoints
+    from sslt_cli.families import load_released
     from sslt_cli.evaluate import get_protocol
 
     wall = time.perf_counter()
@@ -555,7 +583,8 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
     chosen = dict(found)
     label = which if which in chosen else found[0][0]
     path = chosen[label]
-    loaded = load_model(path, recipe or run_recipe, device)
+    loaded = load_released(path, family, recipe=recipe or run_recipe, branch=branch, device=device,
+                           front_end=front_end)
     out.mkdir(parents=True, exist_ok=True)
     calibration, note = calibration_for(loaded, run_dir, calibrate_on, out, device)
     report(note)
@@ -569,8 +598,10 @@ def localize(model: Path, media: Sequence[Path], out: Path, *, images: Sequence[
         results.append(result)
     model_text = f"{path} ({loaded.label}, {label}, step {loaded.step})" if loaded.step is not None else \
         f"{path} ({loaded.label})"
-    notes = [f"model: {model_text}", f"frames sampled at {options.fps:g} per second, each with {ctx.window:g} s of "
-             f"audio centred on it; protocol {ctx.protocol.name}", note]
+    notes = [f"model: {model_text}", *loaded.notes, f"frames sampled at {options.fps:g} per second, each with "
+             f"{ctx.window:g} s of audio centred on it; protocol {ctx.protocol.name}", note]
+    if calibration is not None:
+        notes.append(calibration.negatives_line())
     _say_added(earlier, inputs, out, report)
     page = earlier.add(notes, results).write(out)
     return LocalizeResult(results, out, page, model_text, note, ctx.timings, time.perf_counter() - wall)

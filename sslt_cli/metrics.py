@@ -545,3 +545,41 @@ def extended_max_f1(confidence: np.ndarray, iou: np.ndarray, sounding: np.ndarra
     total = precision + recall
     f1 = np.where(total > 0, 2 * precision * recall / np.where(total > 0, total, 1.0), 0.0)
     return float(f1.max()) if f1.size else math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IS3's interactive metrics (kaistmm/SSLalignment utils.py; vssl_eval Evaluator_iiou)
+
+
+def adaptive_masks(up: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The adaptive prediction: the pixels above ``sort(map)[N - k]``, k = the ground truth's area (N // 2 when it
+    is empty), as SSLalignment's and vssl_eval's ``cal_CIOU_adap`` threshold it (strictly above: k - 1 pixels of a
+    map without ties). up: (B, S, S), gt -> (B, S, S) bool.
+    """
+    flat = up.reshape(up.shape[0], -1).float()
+    n = flat.shape[1]
+    area = torch.count_nonzero(gt.reshape(gt.shape[0], -1) != 0, dim=1)
+    area = torch.where(area == 0, torch.full_like(area, n // 2), area)
+    ordered = flat.sort(dim=1).values
+    thr = ordered.gather(1, (n - area).clamp(max=n - 1)[:, None])
+    return (flat > thr).reshape(up.shape)
+
+
+def interactive_scores(ious: Sequence[float], groups: Sequence[str]) -> dict[str, float]:
+    """IIoU and IAUC over images that hold several sounding objects, one IoU per object.
+
+    ious: (N,) per-object IoU; groups: (N,) the image each object is in. IIoU = the share of images all of whose
+    objects reach IoU >= 0.5; IAUC = the 21-point trapezoid of the same share at t = 0.05 i (SSLalignment's
+    ``finalize_IAUC``). Returns ``iiou``, ``iauc``, ``n_images``.
+    """
+    by_image: dict[str, list[float]] = {}
+    for iou, group in zip(ious, groups):
+        by_image.setdefault(group, []).append(float(iou))
+    if not by_image:
+        return {"iiou": math.nan, "iauc": math.nan, "n_images": 0}
+    lowest = np.array([min(values) for values in by_image.values()])
+    shares = [float(np.mean(lowest >= t)) for t in AUC_THRESHOLDS]
+    x = np.asarray(AUC_THRESHOLDS)
+    y = np.asarray(shares)
+    return {"iiou": float(np.mean(lowest >= CIOU_THRESHOLD)), "iauc": float((np.diff(x) * (y[1:] + y[:-1]) / 2).sum()),
+            "n_images": len(by_image)}

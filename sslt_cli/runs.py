@@ -243,9 +243,10 @@ class Run:
                     continue  # a line cut by a kill: the rest of the file is still good
         return out
 
-    def truncate_metrics_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (used on resume, so a replayed step is not counted twice)."""
-        kept = [r for r in self.metrics() if int(r.get("step", 0)) <= step]
+    def truncate_metrics_after(self, step: int, drop_kinds: tuple[str, ...] = ()) -> None:
+        """Drop records logged after ``step`` (used on resume, so a replayed step is not counted twice), and every
+        record of ``drop_kinds`` (the final evaluation's ``test`` records, which a resumed run writes again)."""
+        kept = [r for r in self.metrics() if int(r.get("step", 0)) <= step and r.get("kind") not in drop_kinds]
         atomic_write_text(self.dir / METRICS, "".join(json.dumps(r, default=float) + "\n" for r in kept))
 
     # -- checkpoints -------------------------------------------------------------------------------------------

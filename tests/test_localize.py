@@ -200,6 +200,28 @@ def test_calibration_from_the_run_validation_set_is_stored_and_reused(tmp_path: 
     visible, _ = again.scores(np.array([float(r["max_cos"]) for r in rows]))
     assert [float(r["visible"]) for r in rows] == pytest.approx(list(visible))
     assert len(rows) == 2 and json.loads(Path("loc/short/localize.json").read_text())["calibration"]["n_pairs"] == 6
+    # the calibration set's negative-audio figures: stored with it, shown on the page
+    figures = entry["negatives"]
+    assert figures["n"] == 6 and set(figures["kinds"]) == {"silence", "noise", "offscreen"}
+    assert all(0.0 <= v["ap"] <= 1.0 and 0.0 <= v["pia"] <= 1.0 for v in figures["kinds"].values())
+    assert again.negatives == figures
+    page = Path("loc/index.html").read_text()
+    assert "negative audio on the calibration set (6 clips with boxes" in page
+    assert f"silence: AP {100 * figures['kinds']['silence']['ap']:.1f}" in page
+
+
+def test_each_frame_reports_the_confidence_the_evaluation_uses(assets, tmp_path: Path) -> None:
+    from sslt_cli import metrics
+    from sslt_cli.evaluate import get_protocol
+
+    localize(assets["checkpoint"], [assets["a"]], tmp_path / "loc", options=LocalizeOptions(fps=2.0, save_maps=True))
+    rows = list(csv.DictReader(open(tmp_path / "loc" / "a" / "localize.csv")))
+    maps = load_maps(tmp_path / "loc" / "a" / "maps.npz")
+    stack = torch.from_numpy(np.stack([maps[k] for k in sorted(maps)]))
+    up = metrics.upsample_maps(stack, get_protocol("ssltie").upsample)
+    expected = metrics.slavc_confidence(up, (-1.0, 1.0)).numpy()
+    assert [float(r["confidence"]) for r in rows] == pytest.approx(list(expected), abs=1e-9)
+    assert "confidence" in (tmp_path / "loc" / "index.html").read_text()
 
 
 def test_calibration_scores_are_mid_ranks_and_partners_have_another_label() -> None:

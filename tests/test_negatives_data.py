@@ -73,13 +73,14 @@ def test_offscreen_without_labels_is_one_clear_error():
     assert info.value.message == ("offscreen negatives need each clip's class, and test_vggss has none: its manifest "
                                   "has no label column values")
     assert "pass --labels FILE" in info.value.render()
-    with pytest.raises(DataError, match="the --labels file names none of its clips"):
-        NG.clip_classes(clips_of({"x": "dog"}), labels={"other": "cat"})
+    with pytest.raises(DataError, match="neither the labels file nor its manifest names a class of its clips"):
+        NG.clip_classes(clips_of({"x": ""}), labels={"other": "cat"})
 
 
-def test_a_labels_file_overrides_the_manifest_labels():
-    on_screen, audio_class = NG.clip_classes(clips_of({"x": "dog", "y": "dog"}), labels={"x": "dog", "y": "cat"})
-    assert audio_class == {"x": "dog", "y": "cat"} and on_screen["y"] == frozenset({"cat"})
+def test_a_labels_file_overrides_the_manifest_labels_and_the_manifest_fills_its_gaps():
+    on_screen, audio_class = NG.clip_classes(clips_of({"x": "dog", "y": "dog", "z": "car"}),
+                                             labels={"x": "dog", "y": "cat"})
+    assert audio_class == {"x": "dog", "y": "cat", "z": "car"} and on_screen["y"] == frozenset({"cat"})
 
 
 def test_plan_draws_records_every_draw_and_silence_once():
@@ -98,8 +99,8 @@ def test_plan_draws_records_every_draw_and_silence_once():
 
 def test_scenes_round_trip(tmp_path):
     path = NG.write_scenes(tmp_path / "scenes.csv", {"a": ["dog", "cat"], "b": ["car"]})
-    assert path.read_text() == "id,on_screen\na,cat;dog\nb,car\n"
+    assert path.read_text() == "clip_id,on_screen_classes\na,cat;dog\nb,car\n"
     assert NG.read_scenes(path) == {"a": frozenset({"dog", "cat"}), "b": frozenset({"car"})}
     (tmp_path / "bad.csv").write_text("id,classes\na,dog\n")
-    with pytest.raises(DataError, match="expected the columns id,on_screen"):
+    with pytest.raises(DataError, match="expected the columns clip_id,on_screen_classes"):
         NG.read_scenes(tmp_path / "bad.csv")

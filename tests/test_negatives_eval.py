@@ -144,7 +144,7 @@ def test_outputs_csv_picture_metrics_json_and_mlflow_names(tmp_path, labelled):
     console = Console(width=220, record=True)
     console.print(E.negatives_table(item.result))
     text = console.export_text()
-    assert "t: off-screen" in text and "predicts nothing: all" in text and "(per model)" in text
+    assert "off-screen" in text and "ref.: nothing" in text and "F/model" in text
 
 
 def test_offscreen_without_labels_is_one_clear_error(tmp_path, labelled):
@@ -238,3 +238,74 @@ def test_sslt_eval_negatives_from_the_command_line(tmp_path):
     assert "--negatives with --maps needs the negative maps too" in refused.exception.message
     unknown = CliRunner().invoke(app, args[:-8] + ["--negatives", "silence,hum"])
     assert isinstance(unknown.exception, SsltError) and "hum" in unknown.exception.render()
+
+
+# ------------------------------------------------------------------------------------------ every model family
+
+FAMILY_SPECS = {"lvs": (257, 671), "ssl_align": (257, 299), "ezvsl": (257, 200), "fnac": (257, 200),
+                "slavc": (257, 200)}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SPECS))
+def test_every_family_is_evaluated_with_negatives_through_its_own_front_end(tmp_path, write_noise_clips, family):
+    from test_families import released_file
+
+    from sslt_cli import families
+
+    path, _ = released_file(tmp_path, "ezvsl" if family == "fnac" else family)
+    loaded = families.load_released(path, family="fnac" if family == "fnac" else None)
+    assert loaded.family == family
+    clips = write_noise_clips(tmp_path, IDS[:3], size=224, seed=1)
+    clips = {cid: dataclasses.replace(c, label=label) for (cid, c), label in zip(clips.items(), LABELS)}
+    test = E.TestSet(name="t", anno_kind="vggss", ids=IDS[:3], annotations={c: box(c) for c in IDS[:3]}, clips=clips)
+    shapes = []
+    audio = loaded.model.embed_audio
+
+    def recorded(spec):
+        shapes.append(tuple(spec.shape[-2:]))
+        return audio(spec)
+
+    loaded.model.embed_audio = recorded
+    settings = NegativeSettings(("silence", "noise", "offscreen"))
+    result = E.evaluate_model(loaded, test, E.EvalOptions(negatives=E.NegativeOptions(settings)))
+    # the positive audio, the noise, the off-screen audio and the silence: all through the family's front end
+    assert set(shapes) == {FAMILY_SPECS[family]} and len(shapes) == 4
+    families_range = families.get_family(family).value_range
+    assert result.negatives.value_range == families_range
+    for row in result.negatives.rows:  # the common scale: confidences of (A - lo) / (hi - lo) lie in [0, 1]
+        assert 0.0 <= row["confidence"] <= 1.0 and 0.0 <= row["positive_confidence"] <= 1.0
+    assert result.negatives.slavc["all"]["n_silent"] == 9 and result.protocol.name == loaded.recipe.eval.protocol
+
+
+def test_the_final_test_evaluation_takes_the_recipes_negatives(tmp_path):
+    from sslt_cli.catalog import resolve_recipe
+    from sslt_cli.config import load_recipe
+    from sslt_cli.train import test_negatives
+
+    _prepared(tmp_path / "val", ["a", "b"], ["dog", "cat"])
+    (tmp_path / "labels.csv").write_text("a,dog\nb,cat\n")
+    recipe = Recipe.model_validate({"seed": 9, "data": {"root": str(tmp_path), "val": "val", "labels": "labels.csv"},
+                                    "eval": {"negatives": ["silence", "offscreen"]}})
+    options = test_negatives(recipe)
+    assert options.settings.types == ("silence", "offscreen") and options.settings.seed == 9
+    assert options.labels == {"a": "dog", "b": "cat"} and options.validation.name == "val"
+    assert test_negatives(Recipe()) is None
+    assert load_recipe(resolve_recipe("quickstart")).eval.negatives == ("silence", "noise", "offscreen")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="negatives"):
+        Recipe.model_validate({"eval": {"negatives": ["hum"]}})
+
+
+def test_the_per_model_threshold_is_chosen_once_per_model(tmp_path, labelled, monkeypatch):
+    from sslt_cli.evaluate import orchestrate
+
+    from test_evaluate import RecordingSink
+
+    calls = []
+    chosen = {"threshold": 0.61, "f": 0.4, "set": "val", "n": 6}
+    monkeypatch.setattr(orchestrate, "per_model_threshold", lambda *args, **kwargs: calls.append(1) or chosen)
+    evaluation = E.run_evaluation([E.Source.model("m", loaded_model(tmp_path))], [("a", labelled), ("b", labelled)],
+                                  options(types=("silence",), validation=labelled), RecordingSink(), out=None)
+    assert len(calls) == 1
+    assert [item.result.negatives.thresholds["per_model"] for item in evaluation.items] == [0.61, 0.61]

@@ -11,6 +11,7 @@ vggsound_train     ``total_video_frames/<id>/125.jpg``          ``total_video_3s
 vggss_test         ``frame/<id>.jpg``                           ``audio/<id>.wav`` (10 s)           ``anno/<id>.xml``
 flickr_test        ``frame/<id>.jpg``                           ``audio/<id>.wav``                  ``anno/<id>.xml``
 flickr_train       ``frames/<id>/00000003.jpg``                 ``audio/<id>.wav``                  (none)
+is3                ``images/<id>.jpg``                          ``audio_wav/<id>.wav``              ``anno/<id>.xml``
 =================  ===========================================  ==================================  ==================
 
 ``manifest.csv`` columns: ``id,label,frame,audio,anno,status,reason``. ``status`` is ``ok`` for a usable clip; any
@@ -37,6 +38,7 @@ LAYOUTS = {
     "vggss_test": ("frame/{id}.jpg", "audio/{id}.wav", "anno/{id}.xml", "vggss"),
     "flickr_test": ("frame/{id}.jpg", "audio/{id}.wav", "anno/{id}.xml", "flickr"),
     "flickr_train": ("frames/{id}/00000003.jpg", "audio/{id}.wav", None, None),
+    "is3": ("images/{id}.jpg", "audio_wav/{id}.wav", "anno/{id}.xml", "vggss"),
 }
 
 

@@ -15,7 +15,9 @@ Draws are seeded: draw d of a run with seed s uses ``SeedSequence([s, d, kind])`
 clip order) and ``SeedSequence([s, d, kind, clip index])`` (noise: each clip's own generator, whose first state word
 is recorded), so a result can be reproduced from ``negatives.csv`` alone. Silence is the same in every draw.
 
-``scenes.csv`` (in a prepared set's folder, optional): ``id,on_screen`` with the classes on screen joined by ``;``.
+``scenes.csv`` (in a prepared set's folder or the folder above it, optional): ``clip_id,on_screen_classes`` with the
+classes on screen joined by ``;`` (the synthetic benchmark writes it, with more columns, for all its sets), and
+optionally ``image``, the image a sample shows (IS3: the two samples of one two-object image).
 """
 from __future__ import annotations
 
@@ -107,27 +109,47 @@ def silence_waveform(n_samples: int) -> np.ndarray:
     return np.zeros(n_samples, dtype=np.float32)
 
 
-def read_scenes(path: str | Path) -> dict[str, frozenset[str]]:
-    """A ``scenes.csv`` (``id,on_screen``, classes joined by ``;``) -> {clip id: classes on screen}."""
-    path = Path(path)
+def _scene_rows(path: Path) -> list[dict[str, str]]:
     try:
         rows = list(csv.DictReader(io.StringIO(path.read_text())))
     except OSError as exc:
         raise DataError(f"{path}: cannot read the on-screen classes ({exc.strerror})") from None
-    if rows and not {"id", "on_screen"} <= set(rows[0]):
-        raise DataError(f"{path}: expected the columns id,on_screen, got {','.join(rows[0])}")
-    return {row["id"]: frozenset(c for c in (row["on_screen"] or "").split(";") if c) for row in rows}
+    if rows and not {"clip_id", "on_screen_classes"} <= set(rows[0]):
+        raise DataError(f"{path}: expected the columns clip_id,on_screen_classes, got {','.join(rows[0])}")
+    return rows
 
 
-def write_scenes(path: str | Path, scenes: Mapping[str, Sequence[str]]) -> Path:
-    """Write a ``scenes.csv`` atomically (rows in the mapping's order, classes sorted)."""
+def read_scenes(path: str | Path) -> dict[str, frozenset[str]]:
+    """A ``scenes.csv`` (``clip_id,on_screen_classes,...``, classes joined by ``;``; the synthetic benchmark's has
+    more columns) -> {clip id: classes on screen}."""
+    return {row["clip_id"]: frozenset(c for c in (row["on_screen_classes"] or "").split(";") if c)
+            for row in _scene_rows(Path(path))}
+
+
+def read_scene_images(path: str | Path) -> dict[str, str]:
+    """The ``image`` column of a ``scenes.csv`` (the image a sample shows, shared by the samples of one multi-object
+    image: IS3's interactive pairs) -> {clip id: image}; {} when the file has no such column."""
+    return {row["clip_id"]: row["image"] for row in _scene_rows(Path(path)) if row.get("image")}
+
+
+def write_scenes(path: str | Path, scenes: Mapping[str, Sequence[str]],
+                 images: Mapping[str, str] | None = None) -> Path:
+    """Write a ``scenes.csv`` atomically (rows in the mapping's order, classes sorted); with ``images``, a third
+    column ``image`` naming the image each sample shows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(("id", "on_screen"))
+    writer.writerow(("clip_id", "on_screen_classes") + (("image",) if images is not None else ()))
     for cid, classes in scenes.items():
-        writer.writerow((cid, ";".join(sorted(classes))))
+        writer.writerow((cid, ";".join(sorted(classes))) + ((images.get(cid, ""),) if images is not None else ()))
     atomic_write_bytes(Path(path), buffer.getvalue().encode())
     return Path(path)
+
+
+def scenes_file(root: str | Path) -> Path | None:
+    """The ``scenes.csv`` that describes a prepared set: the set's own, else its benchmark's (the synthetic
+    benchmark writes one for all its sets beside them), else None."""
+    root = Path(root)
+    return next((p for p in (root / SCENES, root.parent / SCENES) if p.is_file()), None)
 
 
 def clip_classes(clips: Sequence[Clip], labels: Mapping[str, str] | None = None,
@@ -135,18 +157,18 @@ def clip_classes(clips: Sequence[Clip], labels: Mapping[str, str] | None = None,
                  ) -> tuple[dict[str, frozenset[str]], dict[str, str]]:
     """(on-screen classes of each frame, the class of each clip's audio) for offscreen draws.
 
-    A clip's audio class is ``labels[id]`` when a label file is given, else its manifest label; its frame's on-screen
+    A clip's audio class is ``labels[id]`` when a label file gives one, else its manifest label; its frame's on-screen
     classes are its ``scenes`` row when there is one, else its audio class. Raises DataError naming what is missing
     when no clip has a class.
     """
-    audio_class = {c.id: (labels.get(c.id, "") if labels is not None else c.label) for c in clips}
+    audio_class = {c.id: (labels or {}).get(c.id) or c.label for c in clips}
     audio_class = {cid: label for cid, label in audio_class.items() if label}
     scenes = scenes or {}
     on_screen = {c.id: scenes.get(c.id) or (frozenset([audio_class[c.id]]) if c.id in audio_class else frozenset())
                  for c in clips}
     if not audio_class:
-        source = "the --labels file names none of its clips" if labels is not None else \
-            "its manifest has no label column values"
+        source = ("neither the labels file nor its manifest names a class of its clips" if labels is not None
+                  else "its manifest has no label column values")
         raise DataError(f"offscreen negatives need each clip's class, and {set_name} has none: {source}",
                         ["pass --labels FILE (VGGSound's vggsound.csv, an id,label CSV or vggss.json), or drop "
                          "offscreen from --negatives"])

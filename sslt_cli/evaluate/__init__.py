@@ -28,7 +28,8 @@ from sslt_cli.evaluate.orchestrate import (SUMMARY_KEYS, Evaluation, SetEvaluati
 from sslt_cli.evaluate.outputs import (MLFLOW_NAME, eval_folder, mlflow_metrics, negatives_metrics, negatives_table,
                                       result_dict, result_table, write_outputs)
 from sslt_cli.evaluate.scoring import (BASELINE_LABELS, CHUNK, RANDOM_SEEDS, STAGES, ClipScore, EvalResult, Exclusion,
-                                       ExtendedResult, score_extended, score_extended_maps, score_maps, test_summary)
+                                       ExtendedResult, score_extended, score_extended_maps, score_interactive, score_maps,
+                                       test_summary)
 from sslt_cli.evaluate.sets import TestSet, load_test_set, load_vggss_json_set, read_silent_pairs, silent_pair_key
 
 __all__ = ["BASELINE_LABELS", "CHUNK", "MLFLOW_NAME", "PROTOCOL_OPTIONS", "RANDOM_SEEDS", "STAGES", "SUMMARY_KEYS",
@@ -38,5 +39,5 @@ __all__ = ["BASELINE_LABELS", "CHUNK", "MLFLOW_NAME", "PROTOCOL_OPTIONS", "RANDO
            "maps_from_batches", "mlflow_metrics", "negative_key", "negatives_metrics", "negatives_table",
            "numpy_file_problem", "parse_negative_maps", "per_model_threshold", "predict_with_negatives", "predict_maps", "print_evaluation",
            "read_silent_pairs", "result_dict", "result_table", "run_evaluation", "save_maps", "saved_summaries",
-           "score_extended", "score_extended_maps", "score_maps", "score_negatives", "score_precomputed", "silent_pair_key",
+           "score_extended", "score_extended_maps", "score_interactive", "score_maps", "score_negatives", "score_precomputed", "silent_pair_key",
            "test_summary", "write_outputs"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -99,31 +100,56 @@ def embed_audio(model: torch.nn.Module, specs: torch.Tensor, device: str | torch
 
 
 def map_value_range(loaded: "LoadedModel") -> tuple[float, float]:
-    """The value range of the raw maps of ``loaded``'s family: (-1, 1) for sslt's cosine maps. Its common scale,
-    ``(A - lo) / (hi - lo)``, is (cos + 1) / 2 (what the negative-audio metrics threshold)."""
-    return tuple(getattr(loaded, "value_range", None) or (-1.0, 1.0))  # type: ignore[return-value]
+    """The value range of the raw maps of ``loaded``'s family (:data:`~sslt_cli.families.FAMILIES`): (-1, 1) for
+    cosine maps (SSL-TIE, LVS, SSL-Align), +-1/0.03 for EZ-VSL, FNAC and SLAVC's cos / tau. Its common scale,
+    ``(A - lo) / (hi - lo)``, is (cos + 1) / 2 for every family (what the negative-audio metrics threshold)."""
+    from sslt_cli.families import get_family
+
+    return tuple(get_family(loaded.family).value_range)  # type: ignore[return-value]
 
 
 def maps_of(loaded: "LoadedModel", v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """The raw map of each image with an audio of the loaded model's family: v (B, C, h, w) from
+    """The raw map of each image with an audio, in the family's own scale (``model.maps``): v (B, C, h, w) from
     :func:`embed_images`, a (B, C) from :func:`embed_audio` -> (B, h, w) float32."""
-    from sslt_cli.model import localisation_map
-
-    return localisation_map(v, a)[:, 0].float()
+    return loaded.model.maps(v, a)[:, 0].float()
 
 
-def audio_front_end(loaded: "LoadedModel") -> tuple[int, Callable[[np.ndarray], torch.Tensor]]:
-    """(sample rate, front end) of ``loaded``'s audio: the front end takes a mono waveform (N,) at that rate and gives
-    the spectrogram (1, F, T) :func:`embed_audio` takes (sslt: the recipe's ``audio`` section)."""
+@dataclass(frozen=True)
+class AudioInputs:
+    """How a loaded model's audio front end makes a spectrogram: ``of_file(path)`` (a clip's audio, as its positive
+    pass reads it) and ``of_wave(wave)`` (a mono waveform at ``sample_rate`` lasting ``seconds``, the front end's
+    window: what a generated negative audio is made as), both -> (1, F, T)."""
+
+    sample_rate: int
+    seconds: float
+    of_file: Callable[[str], torch.Tensor]
+    of_wave: Callable[[np.ndarray], torch.Tensor]
+
+
+def audio_inputs(loaded: "LoadedModel") -> AudioInputs:
+    """The audio front end of ``loaded``'s recipe (``audio.front_end``): sslt's log-mel (the recipe's ``audio``
+    section: tiled to ``clip_seconds``) or a released family's (:mod:`sslt_cli.frontends`: its window at the recipe's
+    sample rate; a generated waveform is not clipped to [-1, 1], as vssl_eval feeds its noise)."""
+    from sslt_cli import frontends
+    from sslt_cli.audio import load_waveform
     from sslt_cli.data.datasets import waveform_spectrogram
+    from sslt_cli.frontends import RELEASED_RATE, spectrogram_of_wave
 
     audio = loaded.recipe.audio
-    return int(audio.sample_rate), lambda wave: waveform_spectrogram(audio, wave)
+    rate = int(audio.sample_rate)
+    if audio.front_end == "logmel":
+        return AudioInputs(rate, float(audio.clip_seconds),
+                           lambda path: waveform_spectrogram(audio, load_waveform(path, rate)[0]),
+                           lambda wave: waveform_spectrogram(audio, wave))
+    front_end = frontends.get_front_end(audio.front_end)
+    samples = int(round(rate * front_end.window_seconds))
 
+    def of_wave(wave: np.ndarray) -> torch.Tensor:
+        tiled = frontends.tile_to(np.asarray(wave, dtype=np.float64), samples)
+        return torch.from_numpy(frontends.spectrogram(tiled, rate, front_end.noverlap)).float()[None]
 
-def audio_seconds(loaded: "LoadedModel") -> float:
-    """Seconds of audio the front end reads (the length of a generated negative waveform)."""
-    return float(loaded.recipe.audio.clip_seconds)
+    return AudioInputs(rate, front_end.window_seconds, lambda path: frontends.spectrogram_of_file(path, front_end.name),
+                       of_wave)
 
 
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],

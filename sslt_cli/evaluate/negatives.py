@@ -25,8 +25,7 @@ from sslt_cli.data.annotations import Annotation
 from sslt_cli.data.manifest import Clip
 from sslt_cli.data.negatives import NEGATIVE_TYPES, Draw, NegativeSettings, clip_classes, plan_draws
 from sslt_cli.errors import DataError
-from sslt_cli.evaluate.maps import (BatchHook, audio_front_end, audio_seconds, embed_audio, map_value_range, maps_of,
-                                    predict_maps)
+from sslt_cli.evaluate.maps import BatchHook, audio_inputs, embed_audio, map_value_range, maps_of, predict_maps
 from sslt_cli.evaluate.scoring import CHUNK, ClipScore, _gt_for, _gt_problem
 from sslt_cli.metrics import Protocol
 
@@ -84,8 +83,8 @@ class _NegativeAudio:
     def __init__(self, loaded: "LoadedModel", clips: Mapping[str, Clip], draws: Sequence[Draw],
                  settings: NegativeSettings, device: torch.device):
         self.loaded, self.clips, self.settings, self.device = loaded, clips, settings, device
-        self.rate, self.front_end = audio_front_end(loaded)
-        self.samples = int(round(audio_seconds(loaded) * self.rate))
+        self.audio = audio_inputs(loaded)
+        self.samples = int(round(self.audio.seconds * self.audio.sample_rate))
         self.by_group: dict[tuple[str, int], dict[str, Draw]] = {}
         for d in draws:
             self.by_group.setdefault((d.kind, d.draw), {})[d.clip_id] = d
@@ -107,7 +106,6 @@ class _NegativeAudio:
                     store[ids[row]] = m
 
     def _specs(self, kind: str, planned: list[tuple[int, Draw]]) -> tuple[list[int], list[torch.Tensor]]:
-        from sslt_cli.audio import load_waveform
         from sslt_cli.data.negatives import noise_waveform
 
         rows, specs = [], []
@@ -116,16 +114,15 @@ class _NegativeAudio:
                 rows.append(row)
                 continue
             if kind == "noise":
-                wave = noise_waveform(self.samples, int(draw.seed), self.settings.noise_level,
-                                      self.settings.noise_colour)
+                specs.append(self.audio.of_wave(noise_waveform(self.samples, int(draw.seed), self.settings.noise_level,
+                                                               self.settings.noise_colour)))
             else:
                 try:
-                    wave, _ = load_waveform(self.clips[draw.partner].audio, self.rate)
+                    specs.append(self.audio.of_file(self.clips[draw.partner].audio))
                 except DataError as exc:
                     self.out.missing.append((draw.clip_id, kind, f"partner {draw.partner}: {exc.message}"))
                     continue
             rows.append(row)
-            specs.append(self.front_end(wave))
         return rows, specs
 
     def _embedded(self, kind: str, specs: list[torch.Tensor], count: int) -> torch.Tensor:
@@ -134,7 +131,7 @@ class _NegativeAudio:
         if kind != "silence":
             return embed_audio(self.loaded.model, torch.stack(specs), self.device)
         if self.silence is None:
-            spec = self.front_end(silence_waveform(self.samples))[None]
+            spec = self.audio.of_wave(silence_waveform(self.samples))[None]
             self.silence = embed_audio(self.loaded.model, spec, self.device)
         return self.silence.expand(count, -1)
 

@@ -61,7 +61,8 @@ class NegativeOptions:
     ``labels``: {clip id: class} from a ``--labels`` file (None: the set's manifest labels; offscreen needs one);
     ``threshold``: the universal threshold on the common map scale (vssl_eval's 0.5); ``validation``: the set the
     per-model threshold is chosen on (never the test set; None: not computed); ``maps``: precomputed negative maps
-    keyed ``<clip id>@<kind>@<draw>`` read from ``maps_source`` (``--maps`` input).
+    keyed ``<clip id>@<kind>@<draw>`` read from ``maps_source`` (``--maps`` input); ``per_model``: the per-model
+    threshold already chosen on ``validation`` for the model evaluated (the orchestrator chooses it once per model).
     """
 
     settings: NegativeSettings
@@ -70,6 +71,7 @@ class NegativeOptions:
     validation: "TestSet | None" = None
     maps: "Mapping[str, np.ndarray] | None" = None
     maps_source: str = ""
+    per_model: "Mapping[str, Any] | None" = None  # the threshold chosen on ``validation`` for one model, once
 
 
 @dataclass(frozen=True)

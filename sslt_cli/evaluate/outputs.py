@@ -53,6 +53,7 @@ def result_dict(result: EvalResult) -> dict[str, Any]:
         "baselines": result.baselines,
         "extended": result.extended.to_dict() if result.extended is not None else None,
         "negatives": result.negatives.to_dict() if result.negatives is not None else None,
+        "interactive": result.interactive,
         "excluded_by_reason": dict(Counter(f"{e.stage}: {_reason_kind(e.reason)}" for e in result.excluded)),
         "notes": result.notes,
         "published": result.published,
@@ -186,6 +187,8 @@ def mlflow_metrics(result: EvalResult, prefix: str) -> dict[str, float]:
                     for k in ("ap", "ap_slavc", "max_f1", "max_f1_slavc", "n_sounding", "n_silent")})
     if result.negatives is not None:
         out.update(negatives_metrics(result.negatives, f"{base}/negatives"))
+    if result.interactive is not None:
+        out.update(_flat_numbers(f"{base}/interactive", result.interactive))
     out = {k: float(v) for k, v in out.items() if math.isfinite(v)}
     assert all(MLFLOW_NAME.match(k) for k in out), "metric names must match MLflow's pattern"
     return out
@@ -245,7 +248,7 @@ def eval_folder(base: Path, set_name: str, checkpoint: str, protocol: str) -> Pa
 # ------------------------------------------------------------------------------------------- negative audio
 
 NEGATIVE_LABELS = {"silence": "silence", "noise": "noise", "offscreen": "off-screen", "all": "all negatives"}
-REFERENCE_LABELS = {"centre_disc": "centre disc (always)", "nothing": "predicts nothing"}
+REFERENCE_LABELS = {"centre_disc": "ref.: centre disc", "nothing": "ref.: nothing"}
 
 
 def write_negatives(result: EvalResult, out_dir: Path, frames: Mapping[str, str]) -> dict[str, Path]:
@@ -344,11 +347,11 @@ def negatives_table(result: EvalResult) -> "Table":
     th = negatives.thresholds
     per_model = "per_model" in negatives.vssl
     table = Table(title=f"{result.name or 'evaluation'} · negative audio · {negatives.n_positive} positive clips, "
-                        f"{negatives.settings['draws']} draw(s)", caption_justify="left")
-    for title in ("model / kind", "AP", "max-F1", "precision", f"pIA@{th['universal']:g}", "AOC",
-                  f"F@{th['universal']:g}", "stability") + ((f"F@{th['per_model']:g} (per model)",)
-                                                               if per_model else ()):
-        table.add_column(title, justify="left" if title == "model / kind" else "right")
+                        f"{negatives.settings['draws']} draw(s) · threshold {th['universal']:g}"
+                        + (f", per model {th['per_model']:g}" if per_model else ""), caption_justify="left")
+    for title in ("negative audio", "AP", "max-F1", "prec.", "pIA", "AOC", "F", "stab.") + (
+            ("F/model",) if per_model else ()):
+        table.add_column(title, justify="left" if title == "negative audio" else "right")
 
     def add(label: str, slavc: Mapping, vssl: Mapping, kind: str, style: str | None = None) -> None:
         universal = vssl["universal"]["types"].get(kind) if kind != "all" else vssl["universal"]["mean"]
@@ -361,16 +364,17 @@ def negatives_table(result: EvalResult) -> "Table":
 
     kinds = [k for k in negatives.slavc if k != "all"] + ["all"]
     for kind in kinds:
-        add(f"{result.name or 'model'}: {NEGATIVE_LABELS.get(kind, kind)}", negatives.slavc, negatives.vssl, kind)
+        add(NEGATIVE_LABELS.get(kind, kind), negatives.slavc, negatives.vssl, kind)
     for name, ref in negatives.references.items():
-        add(f"{REFERENCE_LABELS[name]}: all", ref["slavc"], ref["vssl"], "all", style="dim")
+        add(REFERENCE_LABELS[name], ref["slavc"], ref["vssl"], "all", style="dim")
     method = result.method or {}
     table.caption = (
         f"positive maps: cIoU {_pct(method.get('ciou'))}, AUC {_pct(method.get('auc'))} ({result.protocol.name}); "
         f"at the threshold, mean IoU {_pct(negatives.vssl['universal']['ciou'])}\n"
-        f"AP / max-F1 / precision: SLAVC's, over the positives and each kind's negatives (confidence = mean of the top "
-        f"quarter of the map on the common scale); pIA / AOC / F / stability: vssl_eval's at the universal threshold "
-        f"{th['universal']:g}" + (f" and the per-model threshold {th['per_model']:g} chosen on {th['per_model_set']}"
-                                  if per_model else " (no per-model threshold: no validation set)") +
-        "; ± is the spread over draws")
+        f"AP / max-F1 / prec(ision): SLAVC's, the positives against each kind's negatives (confidence: mean of the top "
+        f"quarter of the map on the common scale); pIA / AOC / F / stab(ility): vssl_eval's at the universal "
+        f"threshold {th['universal']:g}" + (f"; F/model: F at the per-model threshold {th['per_model']:g}, chosen on "
+                                             f"{th['per_model_set']}" if per_model
+                                             else " (no per-model threshold: no validation set)") +
+        "; ± is the spread over draws; ref.: a model that always predicts the centre disc, one that predicts nothing")
     return table

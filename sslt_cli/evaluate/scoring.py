@@ -97,6 +97,7 @@ class EvalResult:
     published: dict[str, Any] | None = None  # the papers' numbers when the requested set is a published list
     object_guidance: dict[str, Any] | None = None  # EZ-VSL's OGL when the scored maps are its combination
     negatives: Any = None  # evaluate.negatives.NegativesResult (options.negatives), set by the orchestrator
+    interactive: dict[str, Any] | None = None  # IS3's metrics when the set's samples share images (score_interactive)
 
     @property
     def n(self) -> int:
@@ -444,6 +445,35 @@ def score_extended_maps(maps: Mapping[str, np.ndarray], silent_maps: Mapping[str
                      f"non-sounding pairs list")
     return score_extended(sounding, silent, annotations, dropped=dropped), notes
 
+
+
+def score_interactive(maps: Mapping[str, np.ndarray], rows: Sequence[ClipScore],
+                      annotations: Mapping[str, Annotation], images: Mapping[str, str], proto: Protocol
+                      ) -> dict[str, Any]:
+    """IS3's numbers over the scored samples that share an image with others (``images``: sample -> its image):
+    the protocol's cIoU and AUC, the adaptive cIoU and AUC (:func:`metrics.adaptive_masks`: the top-k pixels, k the
+    ground truth's area), IIoU and IAUC of both (:func:`metrics.interactive_scores`), the sample and image counts."""
+    scored = [r for r in rows if r.id in images]
+    adaptive: list[np.ndarray] = []
+    for start in range(0, len(scored), CHUNK):
+        chunk = [r.id for r in scored[start:start + CHUNK]]
+        gt = torch.from_numpy(np.stack([_gt_for(annotations[c], proto) for c in chunk]))
+        for keys in _chunks_by_shape(chunk, maps):
+            up = metrics.upsample_maps(torch.from_numpy(np.stack([np.asarray(maps[k], np.float32) for k in keys])),
+                                       proto.upsample, proto.size)
+            index = [chunk.index(k) for k in keys]
+            adaptive.append((np.asarray(index) + start, metrics.iou_scores(metrics.adaptive_masks(up, gt[index]),
+                                                                           gt[index]).numpy()))
+    adaptive_iou = np.zeros(len(scored))
+    for index, values in adaptive:
+        adaptive_iou[index] = np.nan_to_num(values, nan=0.0)
+    standard = np.array([r.iou for r in scored])
+    groups = [images[r.id] for r in scored]
+    plain, adapted = metrics.interactive_scores(standard, groups), metrics.interactive_scores(adaptive_iou, groups)
+    return {"n": len(scored), "n_images": plain["n_images"], "ciou": metrics.ciou(standard),
+            "auc": metrics.auc(standard), "iiou": plain["iiou"], "iauc": plain["iauc"],
+            "ciou_adaptive": metrics.ciou(adaptive_iou), "auc_adaptive": metrics.auc(adaptive_iou),
+            "iiou_adaptive": adapted["iiou"], "iauc_adaptive": adapted["iauc"]}
 
 
 def test_summary(result: EvalResult) -> dict[str, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from sslt_cli.catalog import names_hint, resolve_data_file
 from sslt_cli.data.annotations import Annotation, DefectReport, load_vggss_json, read_annotation, read_id_list
 from sslt_cli.data.manifest import Clip, layout_paths, read_set
-from sslt_cli.data.negatives import SCENES, read_scenes
+from sslt_cli.data.negatives import read_scene_images, read_scenes, scenes_file
 from sslt_cli.errors import DataError
 
 
@@ -38,6 +38,7 @@ class TestSet:
     defects: DefectReport = field(default_factory=DefectReport)
     notes: list[str] = field(default_factory=list)
     scenes: dict[str, frozenset[str]] = field(default_factory=dict)  # on-screen classes (scenes.csv), if known
+    images: dict[str, str] = field(default_factory=dict)  # the image each sample shows (scenes.csv; IS3's pairs)
 
     @property
     def frames(self) -> dict[str, str]:
@@ -91,8 +92,11 @@ def load_test_set(root: str | Path, list_path: str | Path | None = None) -> Test
             test.clips[cid] = clip
     test.defects = report
     test.notes += report.summary()
-    if (clip_set.root / SCENES).is_file():
-        test.scenes = read_scenes(clip_set.root / SCENES)
+    scenes = scenes_file(clip_set.root)
+    if scenes is not None:
+        wanted = set(ids)
+        test.scenes = {cid: s for cid, s in read_scenes(scenes).items() if cid in wanted}
+        test.images = {cid: s for cid, s in read_scene_images(scenes).items() if cid in wanted}
     return test
 
 
