@@ -13,7 +13,11 @@ protocol. That gives references a model can actually approach:
   SSL-TIE's stride-16 visual map), the resolution limit of the architecture at that frame size;
 * ``box-shaped map``: the union of the boxes ranked the same way, which reaches the oracle up to pixel rounding.
 
+The replay follows the benchmark's difficulty knobs (recorded in its benchmark.json): on a ``--preset hard`` benchmark
+the masks are the small, look-alike-surrounded, camera-cropped sounding objects that its frames show.
+
     python benchmarks/synthetic_ceiling.py --benchmark data/synthetic --set test_vggss --map-size 6
+    sslt prepare synthetic --out data/hard --preset hard && python benchmarks/synthetic_ceiling.py --benchmark data/hard
 """
 from __future__ import annotations
 

@@ -220,6 +220,7 @@ def resume_point(run: Run) -> tuple[Path, dict]:
         except CheckpointError as exc:
             tried.append(exc.message)
     if chosen is None:
+        run.check_resumable()  # no checkpoint file at all: what to do instead
         raise TrainingError(f"{run.dir}: nothing to resume (no complete checkpoint in {run.checkpoints})",
                             tried or ["no last-*.pt or best.pt: start a new run"])
     return chosen

@@ -5,6 +5,7 @@ Results go to stdout; progress and diagnostics to stderr.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from contextlib import ExitStack
@@ -19,6 +20,15 @@ from sslt_cli import PROTOCOL_NAMES
 from sslt_cli.data.difficulty import KNOB_HELP
 from sslt_cli.errors import SsltError
 from sslt_cli.preflight import readable_file, writable_dir
+
+# the model families of sslt_cli/families (named here so `sslt --help` needs no torch; a test keeps them equal)
+FAMILY_CHOICES = ("ssltie", "lvs", "ssl_align", "ezvsl", "fnac", "slavc")
+FAMILY_HELP = (f"Model family of a released checkpoint: {', '.join(FAMILY_CHOICES)} (default: recognised from its "
+               "keys).")
+BRANCH_HELP = "SLAVC's branch: online (its test code's) or momentum (use_mom_eval)."
+FRONT_END_CHOICES = ("lvs", "ezvsl", "align_lvs", "align_ezvsl")
+FRONT_END_HELP = ("A released model's audio front end other than its own: align_lvs (SSLalignment's 3.5-6.5 s slice, "
+                  "LVS models), align_ezvsl (SSLalignment's rolled first 10 s, EZ-VSL / FNAC / SLAVC), lvs, ezvsl.")
 
 out = Console()
 err = Console(stderr=True)
@@ -324,16 +334,19 @@ def _run_training(recipe, make_run, resume: bool) -> None:
     it and every rank gets it. What must stop a run before its folder exists is checked first, once
     (:func:`sslt_cli.train.preflight`). The folder's MLflow run is opened here (rank 0; the other ranks get a null
     sink) and closed with the training's status. A training stopped by SIGTERM/SIGINT exits 130, so a scheduler
-    sees that it did not finish (its checkpoint and the resume hint are written by then). Rank 0 holds the run
-    folder (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
-    from sslt_cli import distributed
+    sees that it did not finish (its checkpoint and the resume hint are written by then). SIGINT / SIGTERM are
+    heard from the start (:mod:`sslt_cli.interrupts`), so a stop in any phase (set-up, steps, validation, the final
+    evaluation) ends the same way, with the command that continues the run. Rank 0 holds the run folder
+    (:func:`sslt_cli.folder_lock.hold`) while it trains: a second process on the folder is refused."""
+    from sslt_cli import distributed, interrupts
     from sslt_cli.tracking import run_tracking
     from sslt_cli.train import preflight, train as run_training
 
-    env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    with ExitStack() as held:
+    with interrupts.listening(), ExitStack() as held:
+        env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
         if resume and env.main:  # an existing folder: held before the checks, so a second process stops at once
             held.enter_context(_held(make_run(env.world).dir, "run folder"))
+            make_run(env.world).check_resumable()
         preflight(recipe, env, distributed.pick_device(recipe.train.device, env.local_rank))
         run = distributed.share_run(env, lambda: make_run(env.world))
         if not resume:
@@ -342,8 +355,8 @@ def _run_training(recipe, make_run, resume: bool) -> None:
             result = run_training(recipe, run, sink=sink, resume=resume, console=err, out=out)
             sink.end("FINISHED" if result.status == "finished" else "KILLED")
     if result.status == "interrupted":
-        err.print(f"not finished: {run.resume_hint()}", highlight=False)
-        raise typer.Exit(130)
+        err.print(f"not finished: {result.continue_with or run.resume_hint()}", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE)
 
 
 # ------------------------------------------------------------------------------------------------------------- eval
@@ -351,7 +364,8 @@ def _run_training(recipe, make_run, resume: bool) -> None:
 @app.command("eval", epilog=_example(
     "sslt eval --baselines-only --vggss-json vggss --list ssltie-vggss-4911"))
 def eval_cmd(
-    target: Optional[Path] = typer.Argument(None, help="Run folder, or checkpoint file (sslt or official SSL-TIE)."),
+    target: Optional[Path] = typer.Argument(None, help="Run folder, or checkpoint file (sslt, or a released model: "
+                                            "SSL-TIE, LVS, SSL-Align, EZ-VSL, FNAC, SLAVC)."),
     data: Optional[List[Path]] = typer.Option(None, "--data", help="Prepared test set folder(s) (vggss_test or "
                                               "flickr_test layout). Default: the run recipe's data.test sets."),
     vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="Take VGG-SS boxes from the public JSON (vggss: the built-in copy)."),
@@ -397,6 +411,9 @@ def eval_cmd(
     seed: int = typer.Option(0, "--seed", help="With --negatives: the seed of the noise and off-screen draws."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
+    branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Evaluate a model (or precomputed maps, or only baselines) under a published protocol, with N and baselines."""
     from sslt_cli import evaluate as ev
@@ -408,9 +425,10 @@ def eval_cmd(
                         protocol=protocol, which=which, ogl=ogl_weights is not None or ogl_alpha is not None)
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_family(family, branch, target, front_end)
     _check_inputs((vggss_json, "--vggss-json", "boxes"), (id_list, "--list", "list"), (extended, "--extended", "pairs"),
                   (ogl_weights, "--ogl-weights", None))
-    recipe, sources, run_dir = _eval_sources(target, which, maps)
+    recipe, sources, run_dir = _eval_sources(target, which, maps, (family, branch, front_end))
     where = out_dir or (run_dir / "eval" if run_dir is not None else Path("eval"))
     _check_outputs(where, run_dir, "sslt eval")
     options = _eval_options(recipe, protocol=protocol, constant_maps=constant_maps, empty_gt=empty_gt,
@@ -431,9 +449,22 @@ def eval_cmd(
                                                                   f"{item.protocol} · N = {item.result.n}")
 
 
-def _eval_sources(target: Path | None, which: str, maps: Path | None):
+def _check_family(family: str | None, branch: str | None, target: Path | None, front_end: str | None = None) -> None:
+    if family is not None and family not in FAMILY_CHOICES:
+        raise SsltError(f"--family {family!r} is not one of {', '.join(FAMILY_CHOICES)}")
+    if front_end is not None and front_end not in FRONT_END_CHOICES:
+        raise SsltError(f"--front-end {front_end!r} is not one of {', '.join(FRONT_END_CHOICES)}")
+    if branch is not None and branch not in ("online", "momentum"):
+        raise SsltError(f"--branch {branch!r}: choose online or momentum (SLAVC)")
+    if (family is not None or branch is not None or front_end is not None) and target is None:
+        raise SsltError("--family / --branch / --front-end describe a checkpoint: give one (they do not apply to "
+                        "--maps or --baselines-only)")
+
+
+def _eval_sources(target: Path | None, which: str, maps: Path | None, model: tuple = (None, None, None)):
     """(the run's recipe or None, what `sslt eval` scores, the run folder or None): the checkpoints of a run folder
-    or a checkpoint file, else precomputed maps, else only the baselines."""
+    or a checkpoint file (``model``: its family, else recognised from its keys, SLAVC's branch, another front end),
+    else precomputed maps, else only the baselines."""
     from sslt_cli import checkpoint
     from sslt_cli import evaluate as ev
 
@@ -445,7 +476,9 @@ def _eval_sources(target: Path | None, which: str, maps: Path | None):
         from sslt_cli.runs import Run
 
         recipe = Run.open(run_dir).recipe()  # a checkpoint file inside a run folder: the run's recipe
-    return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir) for label, path in checkpoints], run_dir
+    family, branch, front_end = model
+    return recipe, [ev.Source.checkpoint_file(label, path, recipe, run_dir, family=family, branch=branch,
+                                              front_end=front_end) for label, path in checkpoints], run_dir
 
 
 def _eval_options(recipe, *, protocol, constant_maps, empty_gt, no_clip, ogl, batch_size, device, extended):
@@ -593,6 +626,9 @@ def retrieve(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run's retrieve/)."),
     gallery_rows: int = typer.Option(6, "--gallery-rows", min=0, help="Queries shown in each gallery PNG."),
     refresh: bool = typer.Option(False, help="Re-embed even when the cached embeddings are current."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
+    branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Audio->audio, audio->image and image->audio retrieval with A@k, P@k, R@k, mAP and the random baseline."""
     from sslt_cli import retrieve as R
@@ -601,12 +637,14 @@ def retrieve(
 
     if out_dir is not None:
         writable_dir(out_dir, "--out")
+    _check_family(family, branch, target, front_end)
     _check_inputs((labels, "--labels", "labels"))
     dev = pick_device(device, option="--device")
     options = R.RetrieveOptions.parse(task, classes=classes, cross_score=score, image_pool=image_pool,
                                       gallery_rows=gallery_rows, refresh=refresh, device=str(dev))
     model, clip_set, clip_labels = R.retrieval_inputs(target, data=data, labels=labels, which=which, device=dev,
-                                                      out_dir=out_dir)
+                                                      out_dir=out_dir, family=family, branch=branch,
+                                                      front_end=front_end)
     _check_outputs(model.out_dir, model.run.dir if model.run is not None else None, "sslt retrieve")
     with _tracking(model.run, model.recipe, f"retrieve-{model.checkpoint.stem}",
                    tags={"sslt.checkpoint": str(model.checkpoint)}) as sink, StepBars(err) as bars:
@@ -644,9 +682,11 @@ def _tracking(run, recipe, name: str, params: dict | None = None, tags: dict | N
 @app.command(epilog=_example("sslt ablate paper_transformations base=quickstart"))
 def ablate(
     file: Path = typer.Argument(..., help="Ablation file (a base recipe plus named rows or a grid, and seeds), "
-                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, or recipe overrides "
-                                                    "applied to every cell."),
+                                "or the name of a shipped one (paper_transformations, per_transform, geo_weight, "
+                                "baselines, hard_factors)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="base=NAME|PATH, name=, seeds=, synthetic.KEY= (the "
+                                                    "generated data's sizes and knobs), or recipe overrides applied "
+                                                    "to every cell."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Number of seeds per row (default: the seeds "
                                         "recorded in the ablation folder, else the file's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate every cell and print the plan; train nothing."),
@@ -654,15 +694,23 @@ def ablate(
                                 "runs, without training."),
 ) -> None:
     """Run an ablation (each cell an ordinary run and an MLflow child run), resumable, with a table and a chart."""
+    from sslt_cli import interrupts
     from sslt_cli.ablate import load_ablation, run_ablation
 
     if dry_run and report:
         raise SsltError("--dry-run and --report do not go together: --report rebuilds from finished runs")
-    result = run_ablation(load_ablation(file, list(overrides or [])), seeds=seeds, dry_run=dry_run,
-                          report_only=report, console=err, out=out)
+    ablation = load_ablation(file, list(overrides or []))
+    try:
+        with interrupts.listening():
+            result = run_ablation(ablation, seeds=seeds, dry_run=dry_run, report_only=report, console=err, out=out)
+    except interrupts.Interrupted as stopped:
+        err.print(f"interrupted by {stopped.signal_name} during the {stopped.phase}; run the same command again to "
+                  "continue (finished cells are kept; the interrupted cell resumes from its last checkpoint, or "
+                  "retrieves again)", highlight=False)
+        raise typer.Exit(interrupts.EXIT_CODE) from None
     if result.interrupted:
         err.print("interrupted; run the same command again to continue (finished cells are kept)")
-        raise typer.Exit(130)
+        raise typer.Exit(interrupts.EXIT_CODE)
     if result.failed:
         raise SsltError(f"{len(result.failed)} cell(s) failed; the others finished; run the same command again to "
                         "retry the failed ones",
@@ -670,28 +718,119 @@ def ablate(
                          for cell in result.failed])
 
 
+# ---------------------------------------------------------------------------------------------------------- compare
+
+@app.command(epilog=_example("sslt compare lvs_vggss.pth.tar ezvsl_best.pth slavc_latest.pth --data data/vggss_test "
+                             "--out compare-vggss"))
+def compare(
+    models: List[Path] = typer.Argument(..., help="Two or more checkpoint files (sslt, or released models of any "
+                                        "family: SSL-TIE, LVS, SSL-Align, EZ-VSL, FNAC, SLAVC)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Prepared test set folder (vggss_test or flickr_test "
+                                        "layout)."),
+    vggss_json: Optional[Path] = typer.Option(None, "--vggss-json", help="VGG-SS boxes from the public JSON (vggss: "
+                                              "the built-in copy), with --media."),
+    media: Optional[Path] = typer.Option(None, "--media", help="With --vggss-json: folder with frame/ and audio/."),
+    id_list: Optional[Path] = typer.Option(None, "--list", help="A published subset: a list file or a built-in name."),
+    common: str = typer.Option("ezvsl", "--common", help=f"The protocol every model is also scored under (one of "
+                               f"{', '.join(PROTOCOL_NAMES)}), on the (cos + 1) / 2 scale."),
+    family: Optional[List[str]] = typer.Option(None, "--family", help="Once per model, in order: its family "
+                                               f"({', '.join(FAMILY_CHOICES)}) or auto (recognised from its keys)."),
+    branch: Optional[List[str]] = typer.Option(None, "--branch", help="Once per model, in order: online, momentum "
+                                               "(SLAVC) or auto."),
+    front_end: Optional[List[str]] = typer.Option(None, "--front-end", help="Once per model, in order: another "
+                                                  f"evaluator's front end ({', '.join(FRONT_END_CHOICES)}) or auto "
+                                                  "(its own)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./compare-<set>)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Clips per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Several models on the same clips: each under its own protocol and one common protocol; a table, per-clip
+    agreement (CSV) and a picture of each model's maps; one MLflow run with a child per model."""
+    from sslt_cli import compare as C
+    from sslt_cli.distributed import pick_device
+    from sslt_cli.progress import ClipProgress
+
+    specs = _compare_specs(models, family, branch, front_end)
+    tests = _eval_sets(None, [data] if data is not None else None, vggss_json, media, id_list)
+    if len(tests) != 1:
+        raise SsltError("sslt compare takes one test set: --data DIR, or --vggss-json FILE --media DIR")
+    folder = out_dir or Path(f"compare-{tests[0][0]}")
+    writable_dir(folder, "--out")
+    options = C.CompareOptions(common=common, device=str(pick_device(device, option="--device")),
+                               batch_size=batch_size)
+    with _compare_tracking(tests[0][0], specs) as child_sink:
+        comparison = C.compare(specs, tests[0], options, folder, child_sink=child_sink,
+                               progress=lambda what, total: ClipProgress(err, what, total))
+    out.print(C.comparison_table(comparison))
+    for name, path in comparison.files.items():
+        err.print(f"{name}: {path}", highlight=False)
+
+
+def _compare_specs(models: List[Path], family: Optional[List[str]], branch: Optional[List[str]],
+                   front_end: Optional[List[str]] = None) -> list:
+    """The models of `sslt compare` with their --family / --branch / --front-end (each given once per model, or not
+    at all)."""
+    from sslt_cli.compare import ModelSpec
+
+    if len(models) < 2:
+        raise SsltError(f"sslt compare needs at least two models, got {len(models)}")
+    for name, values in (("--family", family), ("--branch", branch), ("--front-end", front_end)):
+        if values and len(values) != len(models):
+            raise SsltError(f"{name} is given once per model, in order ({len(models)} models, {len(values)} "
+                            f"{name}); use auto for a model whose default is right")
+    families = [None if f == "auto" else f for f in (family or ["auto"] * len(models))]
+    branches = [None if b == "auto" else b for b in (branch or ["auto"] * len(models))]
+    front_ends = [None if e == "auto" else e for e in (front_end or ["auto"] * len(models))]
+    for f, b, e in zip(families, branches, front_ends):
+        _check_family(f, b, models[0], e)
+    return [ModelSpec(path, f, b, e) for path, f, b, e in zip(models, families, branches, front_ends)]
+
+
+@contextlib.contextmanager
+def _compare_tracking(set_name: str, specs: list):
+    """One MLflow parent run for a comparison; yields ``child_sink(label, tags)``, a context giving each model's
+    sink (a child run of the parent)."""
+    from sslt_cli.tracking import child_tracking, standalone_tracking
+
+    with standalone_tracking(f"compare-{set_name}", tags={"sslt.compare": set_name},
+                             params={"models": ",".join(str(s.path) for s in specs)}) as parent:
+        yield lambda label, tags: child_tracking(label, parent_run_id=parent.run_id,
+                                                 tags={**tags, "sslt.compare": set_name})
+
+
 # ----------------------------------------------------------------------------------------------------------- export
 
 @app.command(epilog=_example("sslt export runs/quickstart-20261125-101500 --which best --out ssltie_quickstart.pth.tar"))
 def export(
-    target: Path = typer.Argument(..., help="Run folder or sslt checkpoint file."),
+    target: Path = typer.Argument(..., help="Run folder, sslt checkpoint, or a released checkpoint of any family."),
     out_file: Path = typer.Option(..., "--out", help="File to write (official SSL-TIE format, e.g. model.pth.tar)."),
     which: str = typer.Option("best", help="For a run folder: the best (validation cIoU) or the last checkpoint."),
+    family: Optional[str] = typer.Option(None, "--family", help=f"Write the released format of this family "
+                                         f"({', '.join(FAMILY_CHOICES)}; the network must be the family's: an sslt "
+                                         "model can be written as ssltie, lvs or ssl_align). Default: official "
+                                         "SSL-TIE."),
 ) -> None:
-    """Export a model to the official SSL-TIE checkpoint format (state_dict keys imgnet.*, audnet.*, conv3, norm3)."""
-    from sslt_cli.checkpoint import export_official
+    """Export a model to the official SSL-TIE checkpoint format (state_dict keys imgnet.*, audnet.*, conv3, norm3), or
+    to another family's released format (--family)."""
+    if family is None:
+        from sslt_cli.checkpoint import export_official
 
-    source, written = export_official(target, out_file, which)
-    _print_mapping("export", {"read": str(source), "written": str(written),
-                              "format": "official SSL-TIE ({'epoch', 'state_dict', 'best_miou', 'optimizer', "
-                                        "'iteration'}; 257 tensors)"})
+        source, written = export_official(target, out_file, which)
+        described = "official SSL-TIE ({'epoch', 'state_dict', 'best_miou', 'optimizer', 'iteration'}; 257 tensors)"
+    else:
+        from sslt_cli.families import describe_format, export_as
+
+        _check_family(family, None, target)
+        source, written = export_as(target, family, out_file, which)
+        described = describe_format(family)
+    _print_mapping("export", {"read": str(source), "written": str(written), "format": described})
 
 
 # --------------------------------------------------------------------------------------------------------- localize
 
 @app.command(epilog=_example("sslt localize runs/quickstart-20261125-101500 street.mp4 clips/ --out loc/"))
 def localize(
-    model: Path = typer.Argument(..., help="Run folder, sslt checkpoint or official SSL-TIE checkpoint."),
+    model: Path = typer.Argument(..., help="Run folder, sslt checkpoint, or a released checkpoint of any family."),
     media: Optional[List[Path]] = typer.Argument(None, help="Video files (mp4, mkv, webm, mov) or folders of them."),
     out_dir: Path = typer.Option(Path("localize"), "--out", help="Output folder (index.html, a folder per input)."),
     image: Optional[List[Path]] = typer.Option(None, "--image", help="A still frame; pair each with an --audio."),
@@ -707,20 +846,24 @@ def localize(
                                           "size, audio front end): for official checkpoints, which do not carry it."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Frames per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    family: Optional[str] = typer.Option(None, "--family", help=FAMILY_HELP),
+    branch: Optional[str] = typer.Option(None, "--branch", help=BRANCH_HELP),
+    front_end: Optional[str] = typer.Option(None, "--front-end", help=FRONT_END_HELP),
 ) -> None:
     """Where is the sound? Heatmap videos, contact sheets, per-frame CSV/JSON and an index.html for your own media."""
     from sslt_cli.config import load_recipe
     from sslt_cli.distributed import pick_device
     from sslt_cli.localize import LocalizeOptions, localize as run_localize
 
+    _check_family(family, branch, model, front_end)
     writable_dir(out_dir, "--out")
     _check_inputs(*[(path, "--image", None) for path in image or []], *[(path, "--audio", None) for path in audio or []],
                   (recipe, "--recipe", None))
     options = LocalizeOptions(fps=fps, window=window, batch_size=batch_size, save_maps=maps)
     result = run_localize(model, media or [], out_dir, images=image or [], audios=audio or [], options=options,
                           device=pick_device(device, option="--device"), which=which, calibrate_on=calibrate_on,
-                          recipe=load_recipe(recipe) if recipe is not None else None,
-                          report=lambda line: err.print(line, highlight=False, markup=False))
+                          recipe=load_recipe(recipe) if recipe is not None else None, family=family, branch=branch,
+                          front_end=front_end, report=lambda line: err.print(line, highlight=False, markup=False))
     done = len(result.inputs) - len(result.failed)
     out.print(f"{done} of {len(result.inputs)} input(s) localised: open {result.page}", highlight=False)
     if result.failed:
@@ -735,6 +878,7 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
     """A table of runs (name, recipe, status, key metrics) read from the run folders."""
     from rich.table import Table
 
+    from sslt_cli.learning_check import verdict
     from sslt_cli.runs import list_runs
 
     found = list_runs(runs_dir)
@@ -742,9 +886,10 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         err.print(f"no runs under {runs_dir}")
         return
     table = Table(title=f"runs in {runs_dir}")
-    for col in ("run", "recipe", "status", "step", "val cIoU (best)", "test set", "test cIoU", "test AUC"):
+    for col in ("run", "recipe", "status", "step", "learning", "val cIoU (best)", "test set", "test cIoU",
+                "test AUC"):
         table.add_column(col)
-    stale = []
+    stale, not_learning = [], []
     for run in found:
         meta = run.meta()
         records = run.metrics()
@@ -760,10 +905,14 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
         state = run.state()
         if state.startswith("stale"):
             stale.append(run)
+        if verdict(meta) == "NOT LEARNING":
+            not_learning.append((run, meta["learning_check"].get("message", "")))
         table.add_row(run.dir.name, str(meta.get("recipe_name", "")), state,
-                      str(max(steps) if steps else 0), _fmt(best_val), where, _fmt(shown.get("ciou")),
+                      str(max(steps) if steps else 0), verdict(meta), _fmt(best_val), where, _fmt(shown.get("ciou")),
                       _fmt(shown.get("auc")))
     out.print(table)
+    for run, message in not_learning:
+        err.print(f"{run.dir.name}: {message}", highlight=False, markup=False)
     for run in stale:
         err.print(f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); {run.resume_hint()}",
                   highlight=False)
@@ -771,39 +920,16 @@ def runs(runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Folder 
 
 @app.command(epilog=_example("sslt sync runs/quickstart-20261125-101500"))
 def sync(run_dir: Path = typer.Argument(..., help="Run folder whose numbers MLflow should hold.")) -> None:
-    """Send a run folder's numbers that its MLflow run is missing (after a store failure, or to a new store)."""
-    from sslt_cli.config import flatten, recipe_dict
+    """Send what the MLflow store lacks of a run folder: every metric (evaluations and baselines included),
+    parameters, tags and artifacts (after a store failure, or to another store); a second sync sends nothing."""
     from sslt_cli.runs import Run
-    from sslt_cli.tracking import start_tracking, tracking_uri
+    from sslt_cli.tracking import sync_run
 
-    run = Run.open(run_dir)
-    meta, recipe = run.meta(), run.recipe()
-    problems: list[str] = []
-    uri = tracking_uri()
-    run_id = meta.get("mlflow_run_id") if meta.get("mlflow_uri") == uri else None
-    tracker = start_tracking(run.dir.name, experiment=recipe.tracking.experiment,
-                             params=None if run_id else flatten(recipe_dict(recipe)), run_id=run_id,
-                             tags=None if run_id else {"sslt.run_dir": str(run.dir.resolve()),
-                                                       "sslt.recipe": recipe.name},
-                             warn=problems.append)
-    if tracker.run_id is None or problems:
-        raise SsltError(f"{run.dir}: could not reach the MLflow store {uri}", problems)
-    if run_id is None:
-        run.update_meta(mlflow_run_id=tracker.run_id, mlflow_uri=uri)
-    try:
-        sent = tracker.push_missing(run.metrics())
-    except Exception as exc:
-        from sslt_cli.tracking import describe
-
-        raise SsltError(f"{run.dir}: the MLflow store {uri} failed while receiving the numbers ({describe(exc)})",
-                        ["run `sslt sync` again once the store works: only what it lacks is sent"]) from None
-    status = {"finished": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}.get(str(meta.get("status")))
-    if status:
-        tracker.end(status)
-    if problems:
-        raise SsltError(f"{run.dir}: {sent} values sent, then the MLflow store {uri} failed", problems)
-    err.print(f"{run.dir}: {sent} values sent to MLflow run {tracker.run_id} at {uri}"
-              + (f"; marked {status}" if status else ""), highlight=False)
+    report = sync_run(Run.open(run_dir))
+    err.print(f"{run_dir}: {report.metrics} values, {report.params} parameters, {report.tags} tags and "
+              f"{report.artifacts} artifact files sent to MLflow run {report.run_id} "
+              f"({'created' if report.created else 'already there'}) at {report.uri}"
+              + (f"; marked {report.status}" if report.status else ""), highlight=False)
 
 
 # --------------------------------------------------------------------------------------------------------------- ui

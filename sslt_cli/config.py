@@ -68,8 +68,8 @@ class AudioConfig(_Strict):
     n_mels: int = Field(257, ge=1)
     normalized: bool = True
     # logmel: the fields above (SSL-TIE); the released front ends of other methods' models (sslt_cli/frontends.py:
-    # lvs, ezvsl, align_lvs) read the file at its own rate and ignore the fields above
-    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs"] = "logmel"
+    # lvs, ezvsl, align_lvs, align_ezvsl) read the file at its own rate and ignore the fields above
+    front_end: Literal["logmel", "lvs", "ezvsl", "align_lvs", "align_ezvsl"] = "logmel"
 
     @model_validator(mode="after")
     def _fits(self) -> "AudioConfig":
@@ -225,6 +225,12 @@ class TrainConfig(_Strict):
     keep_last: int = Field(2, ge=1)
     deterministic: bool = True
     sync_bn: bool = False
+    # the learning check (sslt_cli/learning_check.py): at step learning_check_steps (0: the end of the first epoch,
+    # after its validation) a contrastive loss within learning_check_tolerance of chance, or validation at the
+    # centre prior, prints one warning line and is recorded in meta.json and MLflow
+    learning_check: bool = True
+    learning_check_steps: int = Field(0, ge=0)
+    learning_check_tolerance: float = Field(0.05, ge=0.0, lt=1.0)
 
 
 class EvalConfig(_Strict):

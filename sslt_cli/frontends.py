@@ -13,6 +13,9 @@ Every one is ``scipy.signal.spectrogram(x, rate, nperseg=512, noverlap=N)``, ``l
 * ``align_lvs`` (SSLalignment ``datasets_lvs.py``, its LVS and "ours" models): ``soundfile``, the left channel of a
   stereo file, tiled to 10 s, then samples ``[16000 * 3.5 : 16000 * 6.5]`` (the 3.5-6.5 s slice at 16 kHz), clipped,
   noverlap 353 (257 x 299 at 16 kHz).
+* ``align_ezvsl`` (SSLalignment ``datasets.py``, how it feeds EZ-VSL and SLAVC): PyAV as ``ezvsl`` but the first
+  10 s, tiled, rolled so the file's middle sits at 5 s, noverlap 274, then the centre 200 columns
+  (``CenterCrop((257, 200))``; 257 x 200 at 16 kHz).
 
 ``logmel`` is sslt's own (SSL-TIE's) front end (:mod:`sslt_cli.audio`), not handled here.
 """
@@ -27,31 +30,37 @@ import numpy as np
 
 from sslt_cli.errors import DataError
 
-FrontEndName = Literal["logmel", "lvs", "ezvsl", "align_lvs"]
-FRONT_END_NAMES: tuple[str, ...] = ("logmel", "lvs", "ezvsl", "align_lvs")
+FrontEndName = Literal["logmel", "lvs", "ezvsl", "align_lvs", "align_ezvsl"]
+FRONT_END_NAMES: tuple[str, ...] = ("logmel", "lvs", "ezvsl", "align_lvs", "align_ezvsl")
 SPEC_SCALE = 12.0
 NPERSEG = 512
+RELEASED_RATE = 16000  # the rate of the audio every released model was trained on (VGGSound / Flickr at 16 kHz)
 
 
 @dataclass(frozen=True)
 class FrontEnd:
     """One released front end: ``reader`` (``soundfile`` or ``pyav``), ``window`` (``first``: the first ``seconds``
     after tiling; ``centre``: ``seconds`` around the middle of the file; ``slice``: tiled to ``seconds``, then
-    ``[16000 * start : 16000 * stop]``), the spectrogram's ``noverlap`` and what a page says about it."""
+    ``[16000 * start : 16000 * stop]``; ``rolled``: the first ``seconds``, tiled, the file's middle rolled to the
+    window's), the spectrogram's ``noverlap``, the spectrogram columns kept (``columns``: a centre crop) and what a
+    page says about it."""
 
     name: str
     reader: Literal["soundfile", "pyav"]
-    window: Literal["first", "centre", "slice"]
+    window: Literal["first", "centre", "slice", "rolled"]
     seconds: float
     noverlap: int
     describe: str
     slice_s: tuple[float, float] | None = None
+    columns: int | None = None
 
     @property
     def window_seconds(self) -> float:
         """Seconds of audio one spectrogram covers (``sslt localize`` centres this much on each frame)."""
         if self.slice_s is not None:
             return self.slice_s[1] - self.slice_s[0]
+        if self.columns is not None:  # the centre crop keeps about columns * hop samples
+            return 3.0
         return self.seconds
 
 
@@ -66,6 +75,9 @@ FRONT_ENDS: dict[str, FrontEnd] = {
         FrontEnd("align_lvs", "soundfile", "slice", 10.0, 353,
                  "SSLalignment (LVS models): soundfile, left channel, tiled to 10 s, samples 3.5-6.5 s at 16 kHz, "
                  "spectrogram nperseg 512 / noverlap 353, log, / 12", slice_s=(3.5, 6.5)),
+        FrontEnd("align_ezvsl", "pyav", "rolled", 10.0, 274,
+                 "SSLalignment (EZ-VSL, SLAVC models): PyAV mono s16 / 32767, first 10 s (tiled), the middle rolled to "
+                 "5 s, spectrogram nperseg 512 / noverlap 274, log, centre 200 columns, / 12", columns=200),
     )
 }
 
@@ -123,8 +135,22 @@ def _read_soundfile(path: Path, front_end: FrontEnd) -> tuple[np.ndarray, int]:
 
 
 def _read_pyav_centre(path: Path, seconds: float) -> tuple[np.ndarray, int]:
-    """EZ-VSL's ``load_audio_av``: ``seconds`` around the middle of the first audio stream, mono s16 at its own rate
-    through PyAV's resampler, ``/ 32767``, then clipped (float64)."""
+    """EZ-VSL's ``load_spectrogram`` window: ``seconds`` around the middle of the first audio stream
+    (``start = max(duration / 2 - seconds / 2, 0)``)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.audio[0]
+            duration = float(stream.duration * stream.time_base)
+    except (av.error.FFmpegError, OSError, IndexError, TypeError) as exc:
+        raise DataError(f"unreadable audio {path}: {exc}") from None
+    return _read_pyav(path, max(duration / 2 - seconds / 2, 0), seconds)
+
+
+def _read_pyav(path: Path, start: float, seconds: float) -> tuple[np.ndarray, int]:
+    """EZ-VSL's ``load_audio_av``: ``seconds`` from ``start`` of the first audio stream, mono s16 at its own rate
+    through PyAV's resampler, ``/ 32767``, then clipped to [-1, 1] (float64)."""
     import av
 
     try:
@@ -140,7 +166,6 @@ def _read_pyav_centre(path: Path, seconds: float) -> tuple[np.ndarray, int]:
         first = stream.start_time * stream.time_base if stream.start_time is not None else Fraction(0)
         end = first + stream.duration * stream.time_base
         rate = int(stream.rate)
-        start = max(float(stream.duration * stream.time_base) / 2 - seconds / 2, 0)
         duration = min(seconds, end - start)
         chunks = _decode_from(container, stream, start, start + duration, rate)
     if not chunks:
@@ -153,6 +178,22 @@ def _read_pyav_centre(path: Path, seconds: float) -> tuple[np.ndarray, int]:
         offset = 0
     audio = audio[:, offset:offset + length] / np.iinfo(audio.dtype).max
     return np.clip(audio, -1.0, 1.0).mean(0), rate
+
+
+def _read_pyav_rolled(path: Path, seconds: float) -> tuple[np.ndarray, int]:
+    """SSLalignment's ``load_spectrogram``: the first ``seconds`` of the file (PyAV mono s16 / 32767, clipped),
+    tiled, then rolled by ``int(rate * seconds / 2) - int(duration / 2 * rate)`` (the file's middle to the window's)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.audio[0]
+            duration = float(stream.duration * stream.time_base)
+    except (av.error.FFmpegError, OSError, IndexError, TypeError) as exc:
+        raise DataError(f"unreadable audio {path}: {exc}") from None
+    wave, rate = _read_pyav(path, 0.0, seconds)
+    wave = tile_to(wave, int(rate * seconds))
+    return np.roll(wave, int(rate * seconds / 2) - int(duration / 2 * rate)), rate
 
 
 def _decode_from(container, stream, start: float, stop: float, rate: int) -> list[tuple[Fraction, np.ndarray]]:
@@ -186,13 +227,26 @@ def spectrogram_of_file(path: str | Path, name: str) -> "torch.Tensor":  # noqa:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"unreadable audio {path}: file not found")
-    if front_end.reader == "pyav":
+    if front_end.window == "rolled":
+        wave, rate = _read_pyav_rolled(path, front_end.seconds)
+    elif front_end.reader == "pyav":
         wave, rate = _read_pyav_centre(path, front_end.seconds)
         wave = tile_to(wave, int(rate * front_end.seconds))
     else:
         wave, rate = _read_soundfile(path, front_end)
         wave = window_of(wave, rate, front_end)
-    return torch.from_numpy(spectrogram(wave, rate, front_end.noverlap)).float()[None]
+    return torch.from_numpy(_crop(spectrogram(wave, rate, front_end.noverlap), front_end)).float()[None]
+
+
+def _crop(spec: np.ndarray, front_end: FrontEnd) -> np.ndarray:
+    """torchvision ``CenterCrop((F, columns))`` of an (F, T) spectrogram: columns from ``round((T - columns) / 2)``."""
+    if front_end.columns is None:
+        return spec
+    if spec.shape[1] < front_end.columns:
+        raise DataError(f"a spectrogram of {spec.shape[1]} frames is narrower than the {front_end.columns} the "
+                        f"{front_end.name} front end keeps")
+    left = int(round((spec.shape[1] - front_end.columns) / 2.0))
+    return spec[:, left:left + front_end.columns]
 
 
 def spectrogram_of_wave(wave: np.ndarray, rate: int, name: str) -> "torch.Tensor":  # noqa: F821

@@ -157,6 +157,14 @@ window.addEventListener('load', function () {
 """
 
 
+def _url(path: str) -> str:
+    """A relative file path as an HTML attribute value: URL-encoded (a ``#`` or ``%`` in a file name is part of the
+    name, not a fragment or an escape), then HTML-escaped."""
+    from urllib.parse import quote
+
+    return html.escape(quote(path, safe="/"), quote=True)
+
+
 def _input_section(item: dict[str, Any]) -> str:
     name = html.escape(item["name"])
     if item.get("error"):
@@ -164,24 +172,47 @@ def _input_section(item: dict[str, Any]) -> str:
     parts = [f'<section><h2>{name}</h2><p class="source">{html.escape(item["source"])}</p>']
     files = item["files"]
     if "video" in files:
-        parts.append(f'<video controls preload="auto" src="{html.escape(files["video"])}"></video>')
+        parts.append(f'<video controls preload="auto" src="{_url(files["video"])}"></video>')
     if "overlay" in files:
-        parts.append(f'<img class="overlay" alt="overlay of {name}" src="{html.escape(files["overlay"])}">')
+        parts.append(f'<img class="overlay" alt="overlay of {name}" src="{_url(files["overlay"])}">')
     if "sheet" in files:
-        parts.append(f'<img class="sheet" alt="contact sheet of {name}" src="{html.escape(files["sheet"])}">')
+        parts.append(f'<img class="sheet" alt="contact sheet of {name}" src="{_url(files["sheet"])}">')
     if "plot" in files:
-        parts.append(f'<img class="plot" alt="map maximum over time of {name}" src="{html.escape(files["plot"])}">')
-    links = " · ".join(f'<a href="{html.escape(files[k])}">{k}</a>' for k in ("csv", "json", "maps") if k in files)
+        parts.append(f'<img class="plot" alt="map maximum over time of {name}" src="{_url(files["plot"])}">')
+    links = " · ".join(f'<a href="{_url(files[k])}">{k}</a>' for k in ("csv", "json", "maps") if k in files)
     parts.append(f"<p>{html.escape(item['summary'])} — {links}</p></section>")
     return "\n".join(parts)
 
 
-def index_html(title: str, notes: Sequence[str], items: Sequence[dict[str, Any]]) -> str:
+PAGE_DATA_ID = "sslt-localize-page"
+
+
+def page_data(page_text: str) -> Any:
+    """The JSON :func:`index_html` embedded in a page (``data``), or None where there is none."""
+    import json
+    import re
+
+    found = re.search(rf'<script type="application/json" id="{PAGE_DATA_ID}">(.*?)</script>', page_text, re.DOTALL)
+    if found is None:
+        return None
+    try:
+        return json.loads(found.group(1))
+    except ValueError:
+        return None
+
+
+def index_html(title: str, notes: Sequence[str], items: Sequence[dict[str, Any]], data: Any = None) -> str:
     """The page: one section per input (video, contact sheet, plot, record files), failed inputs with their reason.
 
     items: dicts with ``name``, ``source``, ``error`` (or None), ``files`` ({kind: path relative to the page}) and
-    ``summary`` (plain text).
+    ``summary`` (plain text). ``data``: JSON embedded in the page for the program that writes it next
+    (:func:`page_data` reads it back).
     """
+    import json
+
+    # "</" inside a script ends it: "<\/" is the same JSON string
+    embedded = json.dumps(data).replace("</", "<\\/") if data is not None else ""
+    data_block = f'<script type="application/json" id="{PAGE_DATA_ID}">{embedded}</script>' if embedded else ""
     sections = "\n".join(_input_section(item) for item in items)
     note_list = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return f"""<!doctype html>
@@ -198,5 +229,6 @@ img.sheet {{ max-width: 100%; display: block; margin-bottom: .6em; }}
 <p id="status" data-loaded="" data-total="">media loading…</p>
 {sections}
 <script>{_PAGE_SCRIPT}</script>
+{data_block}
 </body></html>
 """

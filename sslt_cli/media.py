@@ -3,8 +3,9 @@ track, and write an MP4 a browser plays (H.264 yuv420p + AAC) with audio muxed b
 
 Only the frames asked for are converted to pictures: :func:`frames_at` seeks to the key frame before a requested
 time whenever the next time is further ahead than ``SEEK_AHEAD_S`` and decodes forward from there, so a long video is
-never held in memory. The audio track is decoded whole (it is small next to the pictures: 10 minutes of 48 kHz
-stereo is 230 MB as float32).
+never held in memory. The audio track is decoded forward in chunks (:class:`AudioChunks`) as the frames need it, and
+written into the MP4 the same way, so memory does not grow with the length of the file (a 2-hour film at 48 kHz
+stereo is 2.8 GB as float32); :func:`read_audio` decodes a whole (short) track through the same reader.
 """
 from __future__ import annotations
 
@@ -136,47 +137,110 @@ def _decode(container, stream, path: Path) -> Iterator[tuple[float, object]]:
         raise DataError(f"{path}: the video stream cannot be decoded ({exc}); the file may be truncated") from None
 
 
+AUDIO_CHUNK = 1 << 16  # samples per read when a whole track is decoded
+
+
+def aac_rate(rate: int) -> int:
+    """The sample rate AAC writes for audio at ``rate``: the same where AAC supports it, else the nearest above."""
+    return min(_AAC_RATES, key=lambda r: (r < rate, abs(r - rate)))
+
+
+class AudioChunks:
+    """The first audio stream of a file, decoded forward on demand: :meth:`read` hands out the next samples as float32
+    (channels, n) at ``rate`` (default: the file's own; another rate is converted by libswresample as it streams).
+    Only the decoded frame not yet handed out is held. The sound ends where the stream's stated duration ends (AAC
+    pads its last frame to 1024 samples; the MP4 edit list states the real end). Use as a context manager.
+
+    Raises DataError for a missing or unreadable file, a file without audio or an undecodable audio stream.
+    """
+
+    def __init__(self, path: str | Path, rate: int | None = None):
+        import av
+
+        self.path = Path(path)
+        self._container = _open(self.path)
+        if not self._container.streams.audio:
+            self._container.close()
+            raise DataError(f"{self.path}: no audio stream")
+        stream = self._container.streams.audio[0]
+        self.native_rate = int(stream.codec_context.sample_rate)
+        self.rate = int(rate or self.native_rate)
+        self.channels = int(stream.codec_context.channels)
+        stated = float(stream.duration * stream.time_base) if stream.duration is not None else 0.0
+        self._limit = max(1, int(round(stated * self.rate))) if stated > 0 else None
+        self._resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout.name, rate=self.rate)
+        self._frames = self._decoded(stream)
+        self._pending = np.zeros((self.channels, 0), np.float32)
+        self.position = 0  # samples handed out
+        self.ended = False
+
+    def _decoded(self, stream) -> Iterator[np.ndarray]:
+        import av
+
+        try:
+            for frame in self._container.decode(stream):
+                for out in self._resampler.resample(frame):
+                    yield out.to_ndarray()
+            for out in self._resampler.resample(None):  # what the resampler still holds
+                yield out.to_ndarray()
+        except av.error.FFmpegError as exc:
+            raise DataError(f"{self.path}: the audio stream cannot be decoded ({exc}); the file may be truncated"
+                            ) from None
+
+    def read(self, n: int) -> np.ndarray:
+        """The next ``n`` samples, (channels, n) float32; fewer only at the end of the sound (then ``ended``)."""
+        parts, have = [self._pending], self._pending.shape[1]
+        while have < n and not self.ended:
+            chunk = next(self._frames, None)
+            if chunk is None:
+                self.ended = True
+                break
+            parts.append(chunk.astype(np.float32, copy=False))
+            have += chunk.shape[1]
+        joined = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+        take = min(n, joined.shape[1])
+        if self._limit is not None and self.position + take >= self._limit:
+            take, self.ended = self._limit - self.position, True
+        out, self._pending = joined[:, :take], joined[:, take:] if not self.ended else joined[:, :0]
+        self.position += take
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "AudioChunks":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self.close()
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """The whole first audio stream as float32 (channels, samples) at the file's own rate, and that rate.
 
     Raises DataError for a file without audio, an undecodable audio stream or one that decodes to no samples.
     """
-    import av
-
-    path = Path(path)
-    chunks: list[np.ndarray] = []
-    with _open(path) as container:
-        if not container.streams.audio:
-            raise DataError(f"{path}: no audio stream")
-        stream = container.streams.audio[0]
-        rate = int(stream.codec_context.sample_rate)
-        stated = float(stream.duration * stream.time_base) if stream.duration is not None else 0.0
-        resampler = av.AudioResampler(format="fltp", layout=stream.codec_context.layout.name, rate=rate)
-        try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray())
-        except av.error.FFmpegError as exc:
-            raise DataError(f"{path}: the audio stream cannot be decoded ({exc}); the file may be truncated") from None
-    samples = np.concatenate(chunks, axis=1) if chunks else np.zeros((1, 0), np.float32)
-    if stated > 0:
-        # AAC pads its last frame to 1024 samples; the stream's stated duration (the MP4 edit list) ends the sound
-        samples = samples[:, :max(1, int(round(stated * rate)))]
+    with AudioChunks(path) as audio:
+        chunks = [audio.read(AUDIO_CHUNK)]
+        while not audio.ended:
+            chunks.append(audio.read(AUDIO_CHUNK))
+    samples = np.concatenate(chunks, axis=1)
     if samples.shape[1] == 0:
-        raise DataError(f"{path}: the audio stream holds no samples")
-    return np.ascontiguousarray(samples, dtype=np.float32), rate
+        raise DataError(f"{Path(path)}: the audio stream holds no samples")
+    return samples, audio.rate
 
 
 class Mp4Writer:
     """Writes pictures at a fixed frame rate as H.264 (yuv420p, even size) plus the given audio as AAC, interleaved.
 
-    ``audio``: float32 (channels, samples) at ``audio_rate`` (1 or 2 channels are kept, more are downmixed to
-    stereo); it is written up to the end of the last picture, so the file's audio and video end together (the
-    encoder's priming samples are trimmed by the MP4 edit list ffmpeg writes). Use as a context manager.
+    ``audio``: float32 (channels, samples) at ``audio_rate``, or an :class:`AudioChunks` read as the pictures come
+    (at a rate AAC supports: :func:`aac_rate`); 1 or 2 channels are kept, more are downmixed to stereo. It is written
+    up to the end of the last picture, so the file's audio and video end together (the encoder's priming samples are
+    trimmed by the MP4 edit list ffmpeg writes); ``audio_written`` samples in all. Use as a context manager.
     """
 
-    def __init__(self, path: str | Path, width: int, height: int, fps: float, audio: np.ndarray | None = None,
-                 audio_rate: int = 0):
+    def __init__(self, path: str | Path, width: int, height: int, fps: float,
+                 audio: "np.ndarray | AudioChunks | None" = None, audio_rate: int = 0):
         import av
 
         if width % 2 or height % 2:
@@ -189,9 +253,16 @@ class Mp4Writer:
         self.video.options = {"preset": "veryfast", "crf": "23", "tune": "stillimage"}
         self.frames = 0
         self.audio = self.audio_stream = None
-        if audio is not None:
-            self.audio = audio if audio.shape[0] <= 2 else np.stack([audio[0::2].mean(0), audio[1::2].mean(0)])
-            self.audio_rate = min(_AAC_RATES, key=lambda r: (r < audio_rate, abs(r - audio_rate)))
+        self.audio_written = 0
+        if isinstance(audio, AudioChunks):
+            if audio.rate not in _AAC_RATES:
+                raise ValueError(f"AAC does not write {audio.rate} Hz: read the audio at {aac_rate(audio.rate)} Hz")
+            self.audio, self.audio_rate = audio, audio.rate
+            self.audio_stream = self.container.add_stream("aac", rate=self.audio_rate)
+            self.audio_stream.layout = "stereo" if audio.channels >= 2 else "mono"
+        elif audio is not None:
+            self.audio = _stereo(audio)
+            self.audio_rate = aac_rate(audio_rate)
             if self.audio_rate != audio_rate:
                 from sslt_cli.audio import resample
                 import torch
@@ -200,7 +271,6 @@ class Mp4Writer:
                                       self.audio_rate).numpy()
             self.audio_stream = self.container.add_stream("aac", rate=self.audio_rate)
             self.audio_stream.layout = "stereo" if self.audio.shape[0] == 2 else "mono"
-            self.audio_written = 0
 
     def __enter__(self) -> "Mp4Writer":
         return self
@@ -224,10 +294,15 @@ class Mp4Writer:
 
         if self.audio is None:
             return
-        end = min(self.audio.shape[1], int(round(seconds * self.audio_rate)))
+        wanted = int(round(seconds * self.audio_rate))
+        if isinstance(self.audio, AudioChunks):
+            chunk = _stereo(self.audio.read(wanted - self.audio_written)) if wanted > self.audio_written else None
+            end = self.audio_written + (chunk.shape[1] if chunk is not None else 0)
+        else:
+            end = min(self.audio.shape[1], wanted)
+            chunk = np.ascontiguousarray(self.audio[:, self.audio_written:end], dtype=np.float32)
         if end <= self.audio_written:
             return
-        chunk = np.ascontiguousarray(self.audio[:, self.audio_written:end], dtype=np.float32)
         frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout=self.audio_stream.layout.name)
         frame.sample_rate = self.audio_rate
         frame.pts = self.audio_written
@@ -244,6 +319,13 @@ class Mp4Writer:
             self.container.mux(self.audio_stream.encode(None))
         self.container.close()
         self.container = None
+
+
+def _stereo(audio: np.ndarray) -> np.ndarray:
+    """(C, N) audio as AAC gets it: 1 or 2 channels kept, more downmixed to stereo (odd and even channels)."""
+    if audio.shape[0] <= 2:
+        return np.ascontiguousarray(audio, dtype=np.float32)
+    return np.ascontiguousarray(np.stack([audio[0::2].mean(0), audio[1::2].mean(0)]), dtype=np.float32)
 
 
 def write_video(path: str | Path, frames: Sequence[np.ndarray] | np.ndarray, fps: float,

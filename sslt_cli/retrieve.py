@@ -49,7 +49,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -805,12 +805,15 @@ class Target:
 
 
 def load_target(target: str | Path, device: torch.device, out_dir: str | Path | None = None,
-                which: str = "auto") -> Target:
-    """A run folder or a checkpoint file (sslt or official SSL-TIE), resolved and loaded by ``evaluate``'s
-    :func:`~sslt_cli.checkpoint.resolve_checkpoints` and :func:`~sslt_cli.checkpoint.load_model`. which: for a run
+                which: str = "auto", family: str | None = None, branch: str | None = None,
+                front_end: str | None = None) -> Target:
+    """A run folder or a checkpoint file (sslt, or a released model of any family), resolved and loaded by
+    :func:`~sslt_cli.checkpoint.resolve_checkpoints` and :func:`~sslt_cli.families.load_released` (``family`` /
+    ``branch`` / ``front_end`` as there). which: for a run
     folder, ``best`` / ``last`` checkpoint, or ``auto`` (best when the run has one, else last). Outputs go to
     ``out_dir`` if given, else ``<run>/retrieve``, else ``<checkpoint stem>-retrieve`` beside the checkpoint."""
-    from sslt_cli.checkpoint import load_model, resolve_checkpoints
+    from sslt_cli.checkpoint import resolve_checkpoints
+    from sslt_cli.families import load_released
     from sslt_cli.runs import Run
 
     if which not in ("auto", "best", "last"):
@@ -818,7 +821,7 @@ def load_target(target: str | Path, device: torch.device, out_dir: str | Path | 
     recipe, found, run_dir = resolve_checkpoints(target, "both" if which == "auto" else which)
     by_label = dict(found)
     checkpoint = by_label.get("best") or by_label.get("last") or found[0][1]
-    loaded = load_model(checkpoint, recipe, device)
+    loaded = load_released(checkpoint, family, recipe=recipe, branch=branch, device=device, front_end=front_end)
     run = Run(run_dir) if run_dir is not None else None
     if out_dir is not None:
         where = Path(out_dir)
@@ -891,14 +894,15 @@ class ClipLabels:
 
 
 def retrieval_inputs(target: str | Path, *, data: str | Path | None = None, labels: str | Path | None = None,
-                     which: str = "auto", device: str | torch.device = "cpu", out_dir: str | Path | None = None
+                     which: str = "auto", device: str | torch.device = "cpu", out_dir: str | Path | None = None,
+                     family: str | None = None, branch: str | None = None, front_end: str | None = None
                      ) -> tuple[Target, "ClipSet", ClipLabels]:
     """What ``sslt retrieve`` (and an ablation with ``retrieve: true``) resolves before retrieving: the model of a run
     folder or checkpoint (:func:`load_target`), the set (``data``, default: the recipe's first test set) and its
     labels (``labels``, default: the recipe's ``data.labels`` when it exists, else the manifest's)."""
     from sslt_cli.data.manifest import read_set
 
-    loaded = load_target(target, torch.device(device), out_dir, which)
+    loaded = load_target(target, torch.device(device), out_dir, which, family, branch, front_end)
     recipe = loaded.recipe
     clip_set = read_set(Path(data) if data is not None else recipe.data.set_path(next(iter(recipe.data.test.values()))))
     label_file = Path(labels) if labels is not None else recipe.data.labels_file()
@@ -981,10 +985,11 @@ def _embeddings(model: Target, clip_set: "ClipSet", options: RetrieveOptions,
     recipe = model.recipe
     if options.needs_maps:
         check_map_memory(len(clip_set.clips), recipe.data.image_size, available_memory_bytes())
+    image_mode = _image_mode(recipe)
     cache = model.out_dir / f"embeddings_{clip_set.name}.pt"
     key = {"checkpoint_sha256": model.checkpoint_sha256, "step": model.step, "set": str(clip_set.root.resolve()),
            "manifest_sha256": file_sha256(clip_set.root / "manifest.csv"), "image_size": recipe.data.image_size,
-           "audio": recipe.audio.model_dump(), "image_mode": "resize_centercrop"}
+           "audio": recipe.audio.model_dump(), "image_mode": image_mode}
     embeddings = None if options.refresh else load_embeddings(cache, key, options.needs_maps)
     if embeddings is not None:
         say(f"embeddings from the cache {cache} (same checkpoint, set and settings)")
@@ -997,11 +1002,20 @@ def _embeddings(model: Target, clip_set: "ClipSet", options: RetrieveOptions,
             progress("embed clips", done[0], len(clip_set.clips))
 
     device = torch.device(options.device)
-    # SSL-TIE's test pre-processing (Resize + CenterCrop); retrieval does not depend on an eval protocol
-    loader = eval_loader(clip_set.clips, recipe, device, "resize_centercrop")
+    loader = eval_loader(clip_set.clips, recipe, device, image_mode)
     embeddings = embed_clips(model.model, loader, device, keep_maps=options.needs_maps, progress=advance)
     save_embeddings(cache, embeddings, key)
     return embeddings
+
+
+def _image_mode(recipe: Any) -> str:
+    """How retrieval prepares frames: SSL-TIE's test pre-processing (Resize + CenterCrop; retrieval does not depend
+    on an eval protocol), or a released model's own (its preset's), for which its features were trained."""
+    from sslt_cli.protocols import PROTOCOLS
+
+    if recipe.audio.front_end == "logmel":
+        return "resize_centercrop"
+    return PROTOCOLS[recipe.eval.protocol].image_preprocessing
 
 
 def _write_outputs(report: RetrievalReport, model: Target, clip_set: "ClipSet", labels: ClipLabels,

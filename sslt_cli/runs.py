@@ -243,9 +243,10 @@ class Run:
                     continue  # a line cut by a kill: the rest of the file is still good
         return out
 
-    def truncate_metrics_after(self, step: int) -> None:
-        """Drop records logged after ``step`` (used on resume, so a replayed step is not counted twice)."""
-        kept = [r for r in self.metrics() if int(r.get("step", 0)) <= step]
+    def truncate_metrics_after(self, step: int, drop_kinds: tuple[str, ...] = ()) -> None:
+        """Drop records logged after ``step`` (used on resume, so a replayed step is not counted twice), and every
+        record of ``drop_kinds`` (the final evaluation's ``test`` records, which a resumed run writes again)."""
+        kept = [r for r in self.metrics() if int(r.get("step", 0)) <= step and r.get("kind") not in drop_kinds]
         atomic_write_text(self.dir / METRICS, "".join(json.dumps(r, default=float) + "\n" for r in kept))
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -257,24 +258,49 @@ class Run:
     def save_checkpoint(self, state: dict, name: str, keep_last: int | None = None) -> Path:
         """Atomically save ``state`` as ``checkpoints/<name>.pt``; prune ``last-*.pt`` to ``keep_last``.
 
-        The disk must first have room for a checkpoint as large as the newest one (:func:`check_checkpoint_space`);
+        The disk must first have room for a checkpoint as large as the newest one, or for the first one as large as
+        the tensors of ``state`` (model and optimiser state: :func:`check_checkpoint_space`);
         a full disk is a TrainingError naming the folder, and every earlier checkpoint stays as it was (the new one
         is written beside them and only then takes its name, and older ones are pruned only after that)."""
-        check_checkpoint_space(self.checkpoints)
+        self.remove_torn_checkpoints()
+        check_checkpoint_space(self.checkpoints, first_size=state_bytes(state))
         try:
             path = atomic_torch_save(state, self.checkpoints / f"{name}.pt")
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
+            kept = (f"the previous checkpoint is intact: {self.resume_hint()}" if self.has_checkpoint() else
+                    f"no checkpoint was written yet, so the run starts again: {self.start_again_command()}")
             raise TrainingError(f"{self.checkpoints}: the disk is full; checkpoint {name}.pt was not written",
-                                [f"the previous checkpoint is intact: {self.resume_hint()}",
-                                 "free disk space, or move runs_dir to a larger disk"]) from None
+                                [kept, "free disk space, or move runs_dir to a larger disk"]) from None
         self.beat()
         if keep_last is not None and name.startswith("last-"):
             lasts = sorted(self.checkpoints.glob("last-*.pt"), key=checkpoint_step)
             for old in lasts[:-keep_last]:
                 old.unlink()
         return path
+
+    def remove_torn_checkpoints(self) -> tuple[int, int]:
+        """Remove the temporary files (``.<name>.pt.<random>.tmp``) that a kill during a save left in
+        ``checkpoints/``; returns (files, bytes) removed. Only the process holding the run folder saves there
+        (``folder_lock``), so no such file belongs to a save in progress."""
+        files = size = 0
+        for torn in self.checkpoints.glob(".*.tmp"):
+            try:
+                bytes_ = torn.stat().st_size
+                torn.unlink()
+            except FileNotFoundError:
+                continue
+            files, size = files + 1, size + bytes_
+        return files, size
+
+    def check_resumable(self) -> None:
+        """A TrainingError saying what to do when the run has no checkpoint to resume from (it was stopped before
+        its first one): start it again with the same recipe."""
+        if not self.has_checkpoint():
+            raise TrainingError(f"{self.dir}: nothing to resume: the run was stopped before its first checkpoint",
+                                [f"start it again with the same recipe: {self.start_again_command()}",
+                                 f"(then delete {self.dir}, which holds no trained weights)"])
 
     def latest_checkpoint(self) -> Path | None:
         lasts = sorted(self.checkpoints.glob("last-*.pt"), key=checkpoint_step)
@@ -285,7 +311,28 @@ class Run:
         return path if path.is_file() else None
 
     def resume_hint(self) -> str:
+        """What continues this run: ``--resume`` from its checkpoint or, before its first one, a new run of the same
+        recipe (:meth:`start_again_command`)."""
+        if not self.has_checkpoint():
+            return f"it has no checkpoint yet, so nothing to resume: start it again with: {self.start_again_command()}"
         return f"continue with: sslt train --resume {self.dir}"
+
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint file (``last-*.pt`` or ``best.pt``) exists in the run (complete or not)."""
+        return any(self.checkpoints.glob("last-*.pt")) or (self.checkpoints / "best.pt").is_file()
+
+    def start_again_command(self) -> str:
+        """The command that starts a new run of this run's recipe: the recipe file and overrides it was started with
+        (``meta.json``), else the resolved recipe saved in the folder."""
+        import shlex
+
+        try:
+            meta = self.meta()
+        except (OSError, ValueError):
+            meta = {}
+        if meta.get("recipe_path"):
+            return shlex.join(["sslt", "train", str(meta["recipe_path"]), *map(str, meta.get("overrides") or [])])
+        return shlex.join(["sslt", "train", str(self.dir / CONFIG)])
 
     def state(self, now: _dt.datetime | None = None) -> str:
         """meta.json's status, except that a 'running' run whose process is gone reads ``stale (last heard at
@@ -336,24 +383,40 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def check_checkpoint_space(folder: Path, margin: float = SPACE_MARGIN) -> None:
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in ``state`` (nested dicts, lists and tuples: a checkpoint's model, optimiser and
+    schedule state), what a checkpoint of it holds, less the pickle's few kilobytes."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if hasattr(state, "element_size") and hasattr(state, "nelement"):  # a tensor (torch is imported lazily)
+        return int(state.element_size() * state.nelement())
+    return 0
+
+
+def check_checkpoint_space(folder: Path, margin: float = SPACE_MARGIN, first_size: int = 0) -> None:
     """Before writing a checkpoint into ``folder``: the disk's free space must hold ``margin`` times the newest
-    checkpoint there (a new one is about as large); a TrainingError naming the folder otherwise. Nothing to compare
-    with before the first checkpoint."""
+    checkpoint there (a new one is about as large), or, before the first one, ``margin`` times ``first_size`` (the
+    bytes of the state to save: :func:`state_bytes`); a TrainingError naming the folder otherwise."""
     import shutil
 
     existing = [p for p in folder.glob("*.pt") if p.is_file()]
-    if not existing:
-        return
-    newest = max(existing, key=lambda p: p.stat().st_mtime_ns)
-    needed = int(newest.stat().st_size * margin)
+    newest = max(existing, key=lambda p: p.stat().st_mtime_ns) if existing else None
+    needed = int((newest.stat().st_size if newest is not None else first_size) * margin)
     free = shutil.disk_usage(folder).free
-    if free < needed:
-        mib = 2**20
-        raise TrainingError(f"{folder}: not enough disk space for the next checkpoint ({free / mib:.1f} MiB free, "
-                            f"about {needed / mib:.1f} MiB needed: the size of {newest.name} and a margin)",
-                            ["free disk space, or move runs_dir to a larger disk; the previous checkpoints are "
-                             f"intact: continue with: sslt train --resume {folder.parent}"])
+    if free >= needed:
+        return
+    mib = 2**20
+    if newest is None:
+        raise TrainingError(f"{folder}: not enough disk space for the first checkpoint ({free / mib:.1f} MiB free, "
+                            f"about {needed / mib:.1f} MiB needed: the model and optimiser state and a margin)",
+                            ["free disk space, or move runs_dir to a larger disk; no checkpoint was written yet, so "
+                             f"the run starts again: {Run(folder.parent).start_again_command()}"])
+    raise TrainingError(f"{folder}: not enough disk space for the next checkpoint ({free / mib:.1f} MiB free, "
+                        f"about {needed / mib:.1f} MiB needed: the size of {newest.name} and a margin)",
+                        ["free disk space, or move runs_dir to a larger disk; the previous checkpoints are "
+                         f"intact: continue with: sslt train --resume {folder.parent}"])
 
 
 def checkpoint_step(path: Path) -> int:

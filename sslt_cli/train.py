@@ -31,8 +31,8 @@ import dataclasses
 import math
 import os
 import random
-import signal
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from sslt_cli import checkpoint, distributed
+from sslt_cli import checkpoint, distributed, interrupts
 from sslt_cli.config import EquivarianceConfig, LossSection, Recipe, recipe_dict
 from sslt_cli.data import augment
 from sslt_cli.data.datasets import AudioVisualDataset, collate_skip_bad, precheck_clips
@@ -52,6 +52,7 @@ from sslt_cli.data.manifest import Clip, read_set
 from sslt_cli.distributed import Dist, Shard
 from sslt_cli.errors import DataError, TrainingError
 from sslt_cli.evaluate import TestSet
+from sslt_cli.learning_check import LearningCheck, chance_loss
 from sslt_cli.losses import OBJECTIVES, build_objective, equivariance_loss, rank_gather
 from sslt_cli.model import EMBED_DIM, autocast_for, build_model
 from sslt_cli.runs import EVAL, SKIPPED, Run
@@ -109,6 +110,8 @@ class TrainResult:
     history: list[dict]
     protocol: str | None
     test: dict[str, dict[str, dict[str, float]]]
+    continue_with: str | None = None
+    learning_check: dict | None = None  # LearningCheck.record() (None: not checked in this call)
 
 
 def train(recipe: Recipe, run: Run, *, sink: MetricsSink, resume: bool = False, console: Console | None = None,
@@ -123,14 +126,25 @@ def train(recipe: Recipe, run: Run, *, sink: MetricsSink, resume: bool = False, 
     with the same run folder (``distributed.share_run``) and rank 0's sink (``MetricsSink.null()`` on the others);
     only rank 0 prints and writes the run folder. ``stop_after_steps`` stops cleanly after that many optimiser steps
     in this call, with a checkpoint, as an interruption would (used to test exact resume).
+
+    SIGINT / SIGTERM (:mod:`sslt_cli.interrupts`) stop it in any phase with status ``interrupted``: during the steps
+    and validation at the next safe point with a checkpoint; during the set-up and the final evaluation at once. The
+    run's meta.json says in which phase (``interrupted_in``) and ``TrainResult.continue_with`` says how to continue
+    (``sslt train --resume RUN``: after the final evaluation was interrupted it goes straight to the evaluation).
     """
     env = distributed.init_distributed(distributed.device_kind(recipe.train.device))
-    training = Training(recipe, run, env, sink, console=console, out=out, stop_after_steps=stop_after_steps)
-    training.setup_data(resume)
-    training.setup_model(resume)
-    training.announce()
-    status = training.run_epochs()
-    return training.finish(status, evaluate_at_end)
+    with interrupts.listening() as stops:
+        training = Training(recipe, run, env, sink, console=console, out=out, stop_after_steps=stop_after_steps,
+                            stops=stops)
+        try:
+            with stops.phase("setup"):
+                training.setup_data(resume)
+                training.setup_model(resume)
+                training.announce()
+            status = training.run_epochs()
+            return training.finish(status, evaluate_at_end)
+        except interrupts.Interrupted as stopped:
+            return training.interrupted(stopped)
 
 
 def preflight(recipe: Recipe, env: Dist | None = None, device: torch.device | None = None, *,
@@ -163,7 +177,8 @@ class Training:
     """One training run: the phases of the module docstring, over ``self.state`` (a :class:`TrainState`)."""
 
     def __init__(self, recipe: Recipe, run: Run, env: Dist, sink: MetricsSink, *, console: Console | None = None,
-                 out: Console | None = None, stop_after_steps: int | None = None):
+                 out: Console | None = None, stop_after_steps: int | None = None,
+                 stops: interrupts.StopListener | None = None):
         self.recipe, self.run, self.env, self.sink = recipe, run, env, sink
         self.console = console or Console(stderr=True)
         self.out = out or Console()
@@ -176,10 +191,12 @@ class Training:
         self.step_setup = StepSetup.of(recipe, self.device, self.channels_last, self.amp)
         self.objective = self.step_setup.objective
         self.stop_after_steps = stop_after_steps
-        self.stop_signal: int | None = None
+        self.stops = stops or interrupts.StopListener()
         self.state = TrainState()
         self.last_logs: dict[str, float] = {}
         self.skipped_elsewhere: list[tuple[str, str, str]] = []  # (id, reason, stage) of clips ranks > 0 dropped
+        self.check_losses: deque[float] = deque(maxlen=CHECK_WINDOW)  # l_cl1 of the steps before the learning check
+        self.learning_check: dict | None = None
 
     def say(self, message: str) -> None:
         """A line on the console and in train.log (rank 0)."""
@@ -208,6 +225,9 @@ class Training:
                             f"{recipe.optim.batch_size}", ["lower optim.batch_size or prepare more clips"])
         self.total_steps = recipe.optim.max_steps or recipe.optim.epochs * self.steps_per_epoch
         self.val = load_validation_set(recipe, self.run if env.main else None)
+        checked = "learning_check" in self.run.meta() if env.main else True
+        self.check_at = (recipe.train.learning_check_steps or self.steps_per_epoch
+                         if recipe.train.learning_check and env.main and not checked else None)
 
     # -- 2. model, optimiser, resume -----------------------------------------------------------------------------
 
@@ -236,6 +256,11 @@ class Training:
 
     def load_checkpoint(self) -> None:
         """Continue from the run's newest complete checkpoint (``checkpoint.resume_point``)."""
+        if self.env.main:
+            torn, size = self.run.remove_torn_checkpoints()
+            if torn:
+                self.say(f"removed {torn} torn temporary checkpoint file(s) ({size / 2**20:.1f} MiB) left by a stop "
+                         "during a save")
         last, saved = checkpoint.resume_point(self.run)
         checkpoint.load_weights(self.model, checkpoint.model_weights(saved, last), last)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -244,7 +269,8 @@ class Training:
         self.state = TrainState.from_checkpoint(saved)
         checkpoint.set_rng_state(saved["rng"])
         if self.env.main:
-            self.run.truncate_metrics_after(self.state.step)
+            # a final evaluation cut short left some test records; the resumed run evaluates again, in full
+            self.run.truncate_metrics_after(self.state.step, drop_kinds=("test",))
             self.sink.catch_up()  # the numbers a store that failed earlier in the run missed, replayed steps cut
         s, world = self.state, saved.get("world_size", 1)
         self.say(f"resuming {self.run.dir} from {last.name}: step {s.step}, epoch {s.epoch}, batch {s.batch_in_epoch}"
@@ -282,50 +308,42 @@ class Training:
     # -- 3. epochs and steps -------------------------------------------------------------------------------------
 
     def run_epochs(self) -> str:
-        """Epochs until the last step, each followed by its end; ``finished``, or ``interrupted`` after a signal or
-        ``stop_after_steps`` (with a last checkpoint). A failure is recorded in meta.json, then raised (the caller
-        closes the MLflow run as failed)."""
+        """Epochs until the last step, each followed by its end; ``finished``, or ``interrupted`` after a signal (in
+        the steps or a validation: both finish first) or ``stop_after_steps`` (with a last checkpoint). A failure is
+        recorded in meta.json, then raised (the caller closes the MLflow run as failed); a second signal raises
+        :class:`~sslt_cli.interrupts.Interrupted` at once."""
         self.steps_this_call = 0
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[rate]}"),
                                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[losses]}"), console=self.console, disable=not self.env.main,
                                  transient=False)
-        previous = self._listen_for_signals()
         status = "finished"
         try:
-            with self.progress:
+            # every rank listens (under torchrun a signal may reach any of them, and they agree on stopping each step)
+            with self.stops.phase("training", defer=True), self.progress:
                 self.task = self.progress.add_task("train", total=self.total_steps, completed=self.state.step,
                                                    rate="", losses="")
                 while self.state.step < self.total_steps and status == "finished":
                     status = self.train_epoch()
                     if status == "finished":
                         self.end_epoch()
+                        if self.env.world == 1 and self.stops.requested:
+                            status = "interrupted"  # a signal during the end of the epoch: its checkpoint is written
+            if status == "finished" and self.env.world == 1 and self.stops.requested:
+                status = "interrupted"  # during the last validation: stop before the final evaluation
+            # (several processes: rank 0 stops as its final evaluation starts; the others have nothing left to do)
             if status != "finished":
-                self.stop()
+                with self.stops.phase("training", defer=True):
+                    self.stop()
+        except interrupts.Interrupted:
+            raise
         except BaseException as exc:
             if self.env.main:
                 self.run.update_meta(status="failed", error=f"{type(exc).__name__}: {exc}", step=self.state.step)
                 self.run.log(f"failed at step {self.state.step}: {type(exc).__name__}: {exc}")
             raise
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         return status
-
-    def _listen_for_signals(self) -> dict:
-        """SIGINT / SIGTERM finish the current step, checkpoint and stop; every rank listens (under torchrun a signal
-        may reach any of them, and they agree on stopping each step). Returns the handlers to restore."""
-        def on_signal(signum, frame):
-            self.stop_signal = signum
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, on_signal)
-            except ValueError:  # not the main thread
-                pass
-        return previous
 
     def train_epoch(self) -> str:
         """The rest of epoch ``state.epoch`` (from ``state.batch_in_epoch``); ``finished`` or ``interrupted``."""
@@ -347,7 +365,7 @@ class Training:
             rows = batch["images"].shape[0] if "images" in batch else 0
             shard = None
             if self.env.world > 1:
-                sizes, stop_anywhere = distributed.exchange_step_state(rows, self.stop_signal is not None,
+                sizes, stop_anywhere = distributed.exchange_step_state(rows, self.stops.requested,
                                                                        self.device)
                 if stop_anywhere:
                     return "interrupted"
@@ -360,7 +378,7 @@ class Training:
                 continue
             self.train_step(batch, shard, rows)
             # several processes stop on a signal together, at the next step's exchange
-            if ((self.env.world == 1 and self.stop_signal is not None)
+            if ((self.env.world == 1 and self.stops.requested)
                     or (self.stop_after_steps and self.steps_this_call >= self.stop_after_steps)):
                 return "interrupted"
             if s.step >= self.total_steps:
@@ -392,6 +410,11 @@ class Training:
         s.step += 1
         s.batch_in_epoch += 1
         self.steps_this_call += 1
+        if self.check_at is not None and s.step <= self.check_at:
+            if s.step > min(self.check_at, self.total_steps) - CHECK_WINDOW:
+                self.check_losses.append(float(logs["l_cl1"]))
+            if s.step == self.check_at and recipe.train.learning_check_steps:
+                self.check_learning()
         self.window = (self.window[0], self.window[1] + (shard.total if shard else rows))
         if s.step % recipe.train.log_every == 0 or s.step == self.total_steps:
             self.log_step(logs)
@@ -442,8 +465,38 @@ class Training:
             s.mix_neighbours = refresh_mix_neighbours(self.model, self.clips, recipe, self.device, self.amp,
                                                       self.env, self.cache_dir, s.epoch)
         if self.val is not None and (s.epoch % recipe.train.val_every == 0 or s.step >= self.total_steps):
-            self.validate()
+            with self.stops.phase("validation", defer=True):
+                self.validate()
+        # by steps: at that step (train_step); else here, once the first whole epoch is done (a run that ends
+        # sooner is too short to judge); skipped batches count towards the epoch
+        if (self.check_at is not None and not recipe.train.learning_check_steps
+                and s.step + s.skipped_steps >= self.check_at):
+            self.check_learning()
         self.save_checkpoint(f"last-{s.step:08d}")
+
+    def check_learning(self) -> None:
+        """The learning check (``learning_check.LearningCheck``), once per run, on rank 0: the mean L_cl of the last
+        steps against chance, the latest validation AUC against the centre prior's; a run that is not learning
+        prints one warning line. Recorded in meta.json, metrics.jsonl and MLflow (metrics and a tag)."""
+        s, recipe = self.state, self.recipe
+        self.check_at = None
+        if not self.check_losses:
+            return
+        global_negatives = self.env.world > 1 and negatives_of(recipe) == "global"
+        candidates = recipe.optim.batch_size if global_negatives else self.batch_size
+        latest = s.history[-1] if s.history else None
+        check = LearningCheck(step=s.step, epoch=s.epoch, loss=sum(self.check_losses) / len(self.check_losses),
+                              chance=chance_loss(recipe.loss.objective, candidates),
+                              tolerance=recipe.train.learning_check_tolerance,
+                              val_auc=latest["auc"] if latest else None,
+                              centre_auc=centre_prior_auc(self.val, recipe) if latest else None)
+        self.run.log(check.message())
+        if not check.learning:
+            self.console.print(check.message(), style="yellow", highlight=False, markup=False, soft_wrap=True)
+        self.learning_check = check.record()
+        self.run.update_meta(learning_check=self.learning_check)
+        self.sink.log("learning_check", s.step, check.metrics(), fields={"epoch": s.epoch})
+        self.sink.tag({"learning_check": "learning" if check.learning else "not learning"})
 
     def validate(self) -> None:
         """Validation metrics into the sink and the history; a new best validation cIoU saves ``best.pt``."""
@@ -466,7 +519,7 @@ class Training:
         if self.env.world > 1:
             self.collect_skipped()
         path = self.save_checkpoint(f"last-{self.state.step:08d}")
-        how = f"signal {self.stop_signal}" if self.stop_signal else "as asked"
+        how = f"{self.stops.signal_name} during the {self.stops.heard_in}" if self.stops.requested else "as asked"
         self.say(f"stopped at step {self.state.step} ({how}); checkpoint {path}; "
                  f"continue with: sslt train --resume {self.run.dir}")
 
@@ -479,10 +532,12 @@ class Training:
         protocol = None
         if self.env.main:
             run.update_meta(status=status if status != "finished" else "trained", step=s.step, epoch=s.epoch,
-                            best=s.best)
+                            best=s.best, **({"interrupted_in": self.stops.heard_in or "training"}
+                                           if status == "interrupted" else {}))
             if status == "finished" and evaluate_at_end:
                 protocol = self.recipe.eval.protocol
-                test = self.test_evaluation().summaries()
+                with self.stops.phase("final evaluation"):
+                    test = self.test_evaluation().summaries()
                 run.update_meta(status="finished", test={name: {label: {k: v for k, v in values.items()
                                                                         if k in ("ciou", "auc", "mean_iou", "pointing")}
                                                                 for label, values in by_label.items()}
@@ -495,7 +550,29 @@ class Training:
         # no closing barrier: rank 0's final evaluation can outlast the collective timeout, and the other ranks have
         # nothing left to do (torchrun waits for every process)
         return TrainResult(run=run, status=status, best=run.best_checkpoint(), last=run.latest_checkpoint(),
-                           history=list(s.history), protocol=protocol, test=test)
+                           history=list(s.history), protocol=protocol, test=test,
+                           continue_with=run.resume_hint() if status == "interrupted" else None,
+                           learning_check=self.learning_check)
+
+    def interrupted(self, stopped: interrupts.Interrupted) -> TrainResult:
+        """A signal that stopped a phase at once (the set-up, the final evaluation; a second signal anywhere): rank 0
+        records status ``interrupted`` and the phase in meta.json and says how to continue."""
+        run, s = self.run, self.state
+        has_checkpoint = run.latest_checkpoint() is not None
+        if not has_checkpoint:
+            hint = "nothing was trained yet: start it again with the same command (a new run folder)"
+        elif stopped.phase == "final evaluation":
+            hint = (f"{run.resume_hint()} (its training is complete: it goes straight to the final evaluation; or "
+                    f"evaluate it with: sslt eval {run.dir})")
+        else:
+            hint = run.resume_hint()
+        if self.env.main:
+            run.update_meta(status="interrupted", interrupted_in=stopped.phase, signal=stopped.signal_name,
+                            step=s.step, epoch=s.epoch)
+            self.say(f"stopped by {stopped.signal_name} during the {stopped.phase} at step {s.step}; {hint}")
+        return TrainResult(run=run, status="interrupted", best=run.best_checkpoint(), last=run.latest_checkpoint(),
+                           history=list(s.history), protocol=None, test={}, continue_with=hint,
+                           learning_check=self.learning_check)
 
     def test_evaluation(self):
         """The run's last and best checkpoints on every test set of the recipe, under its ``eval`` section, through
@@ -537,6 +614,16 @@ def test_negatives(recipe: Recipe):
 # ------------------------------------------------------------------------------------------------ set-up helpers
 
 FIRST_REASONS = 5
+CHECK_WINDOW = 20  # the learning check averages L_cl over this many steps before it
+
+
+def centre_prior_auc(val: TestSet, recipe: Recipe) -> float:
+    """The centre prior's AUC on the validation clips under the recipe's protocol (what validation at chance
+    scores; ``evaluate.score_maps``'s baseline, the same one every evaluation reports)."""
+    from sslt_cli.evaluate import score_maps
+
+    result = score_maps(None, val.annotations, recipe.eval.protocol, val.ids, baselines=True, random_seeds=())
+    return float(result.baselines["centre"]["auc"])
 VGGSS_XML_FORM = ("<annotation><bbox><box><xmin>..</xmin><ymin>..</ymin><xmax>..</xmax><ymax>..</ymax></box>"
                   "</bbox></annotation>, one <box> per box, coordinates in [0, 1]")
 

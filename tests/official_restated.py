@@ -262,6 +262,31 @@ def ezvsl_spectrogram(path: Path, dur: float = 3.) -> torch.Tensor:
     return _spectrogram(audio, samplerate, 274)
 
 
+def align_ezvsl_spectrogram(path: Path, dur: float = 10.) -> torch.Tensor:
+    """SSLalignment datasets.load_spectrogram (how its test feeds EZ-VSL and SLAVC) and its audio transform
+    (ToTensor, CenterCrop((257, 200)), Normalize(0, 12))."""
+    import av
+    from torchvision import transforms
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        audio_dur = stream.duration * stream.time_base
+    audio, samplerate = _load_audio_av(path, 0, dur)
+    audio = np.clip(audio, -1., 1.).mean(0)
+    if audio.shape[0] < samplerate * dur:
+        audio = np.tile(audio, int(samplerate * dur / audio.shape[0]) + 1)
+    audio = audio[:int(samplerate * dur)]
+    audio_center = int(float(audio_dur) / 2 * samplerate)
+    audio = np.roll(audio, int(samplerate * dur / 2) - audio_center)
+    from scipy import signal
+
+    _, _, spectrogram = signal.spectrogram(audio, samplerate, nperseg=512, noverlap=274)
+    spectrogram = np.log(spectrogram + 1e-7)
+    t = transforms.Compose([transforms.ToTensor(), transforms.CenterCrop((257, 200)),
+                            transforms.Normalize(mean=[0.0], std=[12.0])])
+    return t(spectrogram).float()
+
+
 def image_resize_centercrop(path: Path) -> torch.Tensor:
     """LVS test transform: Resize(224, BICUBIC), CenterCrop(224), ToTensor, Normalize(ImageNet)."""
     from PIL import Image
@@ -315,9 +340,10 @@ def upsample_and_score(heatmap: torch.Tensor, gt: np.ndarray, preset: str) -> fl
         pred[pred > thr] = 1
         pred[pred < 1] = 0
         return ciou((pred >= 0.5).astype(np.float64))
-    if preset in ("ezvsl", "fnac"):
+    if preset in ("ezvsl", "fnac", "align"):
         pred = normalize_img(F.interpolate(heatmap, size=(224, 224), mode="bilinear", align_corners=True)[0, 0].numpy())
-        return ciou((pred >= np.sort(pred.flatten())[int(224 * 224 * 0.5)]).astype(np.float64))
+        thr = np.sort(pred.flatten())[int(224 * 224 * 0.5)]
+        return ciou(((pred > thr) if preset == "align" else (pred >= thr)).astype(np.float64))
     if preset in ("slavc_rel", "slavc_abs"):
         up = F.interpolate(heatmap, size=(224, 224), mode="bicubic", align_corners=True)[0, 0].numpy()
         scores = (up - (-1. / 0.03)) / (1. / 0.03 - (-1. / 0.03))

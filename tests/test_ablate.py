@@ -20,7 +20,7 @@ from sslt_cli.errors import RecipeError, TrainingError
 from sslt_cli.runs import Run
 from sslt_cli.train import TrainResult
 
-SHIPPED = ("paper_transformations", "per_transform", "geo_weight", "baselines")
+SHIPPED = ("paper_transformations", "per_transform", "geo_weight", "baselines", "hard_factors")
 # REFERENCE.md section 7: row -> (T_app, T_geo, T_mask, T_mix, L_cl, L_geo), cIoU, AUC
 PAPER_TABLE = {
     "A": ((False, False, False, False, True, False), 0.3292, 0.3744),

@@ -12,13 +12,14 @@ DOC = PACKAGE.parent / "docs" / "architecture.md"
 # docs/architecture.md's picture, bottom (0) to top; a package (ablate) covers its modules
 LAYERS = {
     "sslt_cli": 0, "errors": 0, "catalog": 0, "protocols": 0,
-    "config": 1, "preflight": 1, "folder_lock": 1, "data.difficulty": 1,
+    "config": 1, "preflight": 1, "interrupts": 1, "folder_lock": 1, "data.difficulty": 1,
     "runs": 2, "tracking": 2, "progress": 2, "model": 2, "losses": 2, "metrics": 2, "negative_metrics": 2,
-    "distributed": 2, "audio": 2, "data.manifest": 2, "data.augment": 2, "data.workers": 2,
-    "data.datasets": 3, "data.annotations": 3, "data.negatives": 3, "data.is3": 3, "data.synthetic": 3, "data.prepare": 3, "data": 3,
+    "distributed": 2, "audio": 2, "data.manifest": 2, "data.augment": 2, "data.workers": 2, "learning_check": 2,
+    "data.datasets": 3, "data.annotations": 3, "data.negatives": 3, "data.is3": 3, "data.synthetic": 3,
+    "data.prepare": 3, "data": 3,
     "checkpoint": 4, "published": 4, "ogl": 4, "families": 4, "frontends": 2,
     "evaluate": 5,
-    "train": 6, "retrieve": 6, "calibration": 6, "localize": 6, "localize_render": 2, "media": 3,
+    "train": 6, "retrieve": 6, "compare": 6, "calibration": 6, "localize": 6, "localize_render": 2, "media": 3,
     "ablate": 7,
     "cli": 8, "__main__": 8,
 }

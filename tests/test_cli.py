@@ -374,7 +374,7 @@ def test_runs_table() -> None:
     row = next(line for line in result.stdout.splitlines() if run.dir.name in line)
     # the best checkpoint (chosen on validation) on the first test set
     assert [cell.strip() for cell in row.strip("│┃| ").split("│")] == [
-        run.dir.name, "t", "finished", "20", "0.3000", "vggss (best)", "0.5000", "0.4500"]
+        run.dir.name, "t", "finished", "20", "-", "0.3000", "vggss (best)", "0.5000", "0.4500"]
 
     result = CliRunner().invoke(app, ["runs", "--runs-dir", "nothing-here"])
     assert (result.exit_code, result.stdout, result.stderr) == (0, "", "no runs under nothing-here\n")

@@ -631,10 +631,14 @@ def test_the_orchestrator_records_what_it_returns_and_reads_it_back(tmp_path):
     assert maps_item.folder == run.dir / "eval" / "vggss-maps-ezvsl" and (maps_item.folder / "metrics.json").is_file()
     direct = E.score_maps(HAND_MAPS, HAND_ANNOTATIONS, "ezvsl")
     assert maps_item.result.method == direct.method and maps_item.result.baselines == direct.baselines
-    # one record per set and source: the numbers a run keeps, with the centre-prior baseline, under eval/<name>/
+    # one record per set and source: the numbers a run keeps, with the centre-prior baseline, under eval/<name>/;
+    # (issue 22) the record holds every number MLflow gets too, named without the prefix, so `sslt sync` can send all
     kind, step, values, fields, mlflow = sink.logged[0]
     assert (kind, step, fields["set"], fields["checkpoint"], fields["protocol"]) == ("test", 0, "vggss", "maps", "ezvsl")
-    assert values == maps_item.summary() and values["baseline_centre/ciou"] == direct.baselines["centre"]["ciou"]
+    assert values == {**{k.removeprefix("eval/vggss-maps-ezvsl/"): v for k, v in mlflow.items()},
+                      **maps_item.summary()}
+    assert maps_item.summary().items() <= values.items()
+    assert values["baseline_centre/ciou"] == direct.baselines["centre"]["ciou"]
     assert mlflow["eval/vggss-maps-ezvsl/ciou"] == direct.method["ciou"]
     assert mlflow["eval/vggss-maps-ezvsl/oracle/ciou"] == direct.baselines["oracle"]["ciou"]
     assert sink.artifacts[0] == (maps_item.folder, "eval/vggss-maps-ezvsl")

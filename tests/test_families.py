@@ -138,7 +138,7 @@ def test_an_sslt_checkpoint_is_the_ssltie_family(tmp_path):
     assert loaded.family == "ssltie" and loaded.front_end == "logmel" and loaded.recipe.eval.protocol == "ssltie"
     written = families.export_released(loaded, "lvs", tmp_path / "as_lvs.pth")
     assert families.load_released(written).family == "lvs"
-    with pytest.raises(CheckpointError, match="a SSL-TIE network cannot be written as EZ-VSL"):
+    with pytest.raises(CheckpointError, match="the SSL-TIE network cannot be written as EZ-VSL"):
         families.export_released(loaded, "ezvsl", tmp_path / "no.pth")
 
 
@@ -153,3 +153,49 @@ def test_predict_maps_goes_through_the_family(tmp_path, write_noise_clips):
                                      num_workers=0)
         side = 14 if family == "lvs" else 7
         assert not skipped and {k: m.shape for k, m in maps.items()} == {"a": (side, side), "b": (side, side)}
+
+
+class _Sink:
+    def __init__(self):
+        self.records = []
+
+    def log(self, kind, step, values, *, fields=None, mlflow=None):
+        self.records.append((kind, dict(fields or {}), dict(values)))
+
+    def artifact(self, path, folder=None):
+        pass
+
+
+def test_the_orchestrator_evaluates_a_family_as_one_more_source(tmp_path):
+    from sslt_cli import evaluate as ev
+    from sslt_cli.data.synthetic import generate
+
+    generate(tmp_path / "synth", n_train=0, n_val=0, n_test=3, n_flickr=0, image_size=64, workers=1, progress=False)
+    test = ev.load_test_set(tmp_path / "synth" / "test_vggss")
+    path, _ = released_file(tmp_path, "ezvsl")
+    sink = _Sink()
+    evaluation = ev.run_evaluation([ev.Source.checkpoint_file("released", path, family="fnac")], [("synth", test)],
+                                   ev.EvalOptions(baselines=False, save_maps=False, num_workers=0), sink,
+                                   out=tmp_path / "eval", kind="eval")
+    (item,) = evaluation.items
+    assert item.protocol == "fnac" and item.result.n == 3 and item.name == "synth-released-fnac"
+    assert item.described == "released (FNAC, ezvsl.pth)"
+    assert any(note.startswith("family fnac: FNAC (--family fnac)") for note in item.result.notes)
+    assert sink.records[0][1]["protocol"] == "fnac" and sink.records[0][2]["n"] == 3
+
+
+def test_slavcs_extended_evaluation_uses_the_familys_range(tmp_path):
+    from sslt_cli import evaluate as ev
+    from sslt_cli.data.synthetic import generate
+
+    generate(tmp_path / "synth", n_train=0, n_val=0, n_test=3, n_flickr=0, image_size=64, workers=1, progress=False)
+    test = ev.load_test_set(tmp_path / "synth" / "test_vggss")
+    path, _ = released_file(tmp_path, "slavc")
+    a, b, c = test.ids
+    options = ev.EvalOptions(baselines=False, save_maps=False, num_workers=0,
+                             extended=ev.ExtendedPairs(((a, b), (b, c))))
+    (item,) = ev.run_evaluation([ev.Source.checkpoint_file("slavc", path)], [("synth", test)], options, _Sink(),
+                                out=None, kind="eval").items
+    extended = item.result.extended
+    assert extended.protocol == "slavc_rel" and extended.value_range == (-1 / 0.03, 1 / 0.03)
+    assert (extended.n_sounding, extended.n_silent) == (3, 2)

@@ -12,6 +12,7 @@ import official_restated as O
 from sslt_cli import families
 from sslt_cli import metrics as M
 from sslt_cli.data.annotations import Annotation
+from sslt_cli.errors import CheckpointError
 from sslt_cli.evaluate import get_protocol, predict_maps, score_maps
 from sslt_cli.frontends import spectrogram_of_file
 
@@ -56,21 +57,24 @@ def _released(tmp_path, family: str, seed: int = 1, **network_options):
     return O.save_released(state, tmp_path / f"{family}.pth", container, prefix, epoch=0), net.eval()
 
 
-@pytest.mark.parametrize("family", ["lvs", "ssl_align", "ezvsl"])
-def test_the_front_end_equals_the_released_loader(clips, family):
-    front_end = families.FAMILIES[family].front_end
-    official = CASES[family][3]
+FRONT_ENDS = {"lvs": (O.lvs_spectrogram, 671), "align_lvs": (O.align_lvs_spectrogram, 299),
+              "ezvsl": (O.ezvsl_spectrogram, 200), "align_ezvsl": (O.align_ezvsl_spectrogram, 200)}
+
+
+@pytest.mark.parametrize("front_end", list(FRONT_ENDS))
+def test_the_front_end_equals_the_released_loader(clips, front_end):
+    official, width = FRONT_ENDS[front_end]
     for clip in clips:
         ours = spectrogram_of_file(clip.audio, front_end)
         theirs = official(clip.audio)
         assert ours.dtype == torch.float32 and ours.shape == theirs.shape, clip.id
         assert torch.equal(ours, theirs), clip.id
-    width = {"lvs": 671, "ssl_align": 299, "ezvsl": 200}[family]
     assert tuple(spectrogram_of_file(clips[0].audio, front_end).shape) == (1, 257, width)
 
 
-def _official_maps(family: str, net, clips) -> dict[str, torch.Tensor]:
-    _, _, _, spectrogram, image = CASES[family]
+def _official_maps(family: str, net, clips, spectrogram=None, image=None) -> dict[str, torch.Tensor]:
+    spectrogram = spectrogram or CASES[family][3]
+    image = image or CASES[family][4]
     return {c.id: O.official_map(family, net, image(c.frame)[None], spectrogram(c.audio)[None]) for c in clips}
 
 
@@ -110,3 +114,21 @@ def test_common_scale_brings_every_family_to_the_cosine_scale():
     maps = torch.tensor([[-1 / 0.03, 0.0, 1 / 0.03]])
     assert torch.allclose(families.to_common(maps, "ezvsl"), torch.tensor([[0.0, 0.5, 1.0]]))
     assert torch.allclose(families.to_common(torch.tensor([[-1.0, 0.0, 1.0]]), "lvs"), torch.tensor([[0.0, 0.5, 1.0]]))
+
+
+def test_sslalignments_evaluation_of_ezvsl_is_a_front_end_and_a_preset(tmp_path, clips):
+    """SSLalignment feeds EZ-VSL its rolled first 10 s and ToTensor-then-resize frames, and scores with a strict
+    median: --front-end align_ezvsl with --protocol align."""
+    path, net = _released(tmp_path, "ezvsl")
+    loaded = families.load_released(path, front_end="align_ezvsl")
+    assert loaded.front_end == "align_ezvsl" and "SSLalignment (EZ-VSL, SLAVC models)" in loaded.notes[1]
+    ours, _ = predict_maps(loaded, clips, get_protocol("align"), device="cpu", batch_size=1, num_workers=0)
+    theirs = _official_maps("ezvsl", net, clips, O.align_ezvsl_spectrogram, O.image_tensor_resize)
+    for cid, official in theirs.items():
+        np.testing.assert_allclose(ours[cid], official[0, 0].numpy(), rtol=0, atol=2e-6 / 0.03, err_msg=cid)
+    annotations = {cid: Annotation(cid, "vggss", boxes) for cid, boxes in BOXES.items()}
+    result = score_maps(ours, annotations, get_protocol("align"), list(BOXES), baselines=False)
+    official_ious = {cid: O.upsample_and_score(theirs[cid], M.gt_map(BOXES[cid], "vggss"), "align") for cid in BOXES}
+    assert {row.id: row.iou for row in result.rows} == official_ious
+    with pytest.raises(CheckpointError, match="--front-end lvs: EZ-VSL is fed by ezvsl or align_ezvsl"):
+        families.load_released(path, front_end="lvs")

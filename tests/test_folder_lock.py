@@ -15,14 +15,21 @@ from sslt_cli.folder_lock import FolderBusy, hold, read_holder
 
 from holders import LOCK_ONLY, start_holder, stop
 
-def _try_to_hold(folder: str, barrier, winners, refusals) -> None:
+def _try_to_hold(folder: str, barrier, winners, refusals, tried) -> None:
     barrier.wait()
     try:
         with hold(folder, "run folder"):
             winners.put(os.getpid())
-            time.sleep(0.5)  # long enough for every other starter to find the folder held
+            # hold until every other starter has tried (however slowly a loaded machine schedules them): a second
+            # winner then can only mean two holders at once, never one after the other
+            deadline = time.monotonic() + 60
+            while tried.value < barrier.parties - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
     except FolderBusy as exc:
         refusals.put(exc.message)
+    finally:
+        with tried.get_lock():
+            tried.value += 1
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
@@ -30,8 +37,8 @@ def test_exactly_one_of_many_simultaneous_starts_holds_the_folder(tmp_path: Path
     ctx = multiprocessing.get_context("fork")
     starters = 20
     for trial in range(3):
-        barrier, winners, refusals = ctx.Barrier(starters), ctx.Queue(), ctx.Queue()
-        processes = [ctx.Process(target=_try_to_hold, args=(str(tmp_path), barrier, winners, refusals))
+        barrier, winners, refusals, tried = ctx.Barrier(starters), ctx.Queue(), ctx.Queue(), ctx.Value("i", 0)
+        processes = [ctx.Process(target=_try_to_hold, args=(str(tmp_path), barrier, winners, refusals, tried))
                      for _ in range(starters)]
         for p in processes:
             p.start()

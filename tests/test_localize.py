@@ -238,3 +238,113 @@ def test_image_without_audio_is_a_usage_error(assets) -> None:
     result = CliRunner().invoke(app, ["localize", str(assets["checkpoint"]), "--image", "x.png"], env=WIDE)
     assert result.exit_code == 1
     assert result.exception.render() == "--image and --audio come in pairs: got 1 --image and 0 --audio"
+
+
+# --- the page: file names that are not plain, a second run into the same folder (issue 22) ------------------------
+
+def page_links(page: Path) -> list[str]:
+    """Every src and href on the page, as the browser reads them (HTML entities decoded)."""
+    from html.parser import HTMLParser
+
+    links: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            links.extend(value for name, value in attrs if name in ("src", "href") and value is not None)
+
+    Links().feed(page.read_text())
+    return links
+
+
+def test_page_links_to_files_named_with_hash_percent_spaces_and_quotes_resolve_to_the_files(
+        assets, tmp_path: Path) -> None:
+    import shutil
+    from urllib.parse import unquote, urlsplit
+
+    hostile = []
+    for name in ("take #1.mp4", "100% \"loud\" it's.mp4", "a&b%23c.mp4"):
+        hostile.append(tmp_path / name)
+        shutil.copy(assets["a"], hostile[-1])
+    result = localize(assets["checkpoint"], hostile, tmp_path / "loc", options=LocalizeOptions(save_maps=True))
+    assert [item.error for item in result.inputs] == [None, None, None]
+    links = page_links(result.page)
+    assert len(links) == 3 * 6  # per input: the video, contact sheet, plot, and the csv, json and maps links
+    for link in links:
+        parts = urlsplit(link)  # how a browser resolves it against the page: no fragment, no query cut off
+        assert (parts.scheme, parts.netloc, parts.query, parts.fragment) == ("", "", "", ""), link
+        assert (tmp_path / "loc" / unquote(parts.path)).is_file(), link
+    targets = {unquote(urlsplit(link).path) for link in links}
+    assert targets == {path for item in result.inputs for path in item.files.values()}
+
+
+def test_a_second_localize_into_the_same_folder_adds_to_the_page_and_numbers_a_taken_name(
+        assets, tmp_path: Path) -> None:
+    out = tmp_path / "loc"
+    first = localize(assets["checkpoint"], [assets["a"]], out)
+    kept = (out / "a" / "localize.json").read_bytes()
+    said: list[str] = []
+    second = localize(assets["checkpoint"], [assets["a"], assets["b"]], out, report=said.append)
+    assert [item.name for item in second.inputs] == ["a-2", "b"]
+    assert (out / "a" / "localize.json").read_bytes() == kept  # the first run's outputs are untouched
+    assert {p.name for p in out.iterdir() if p.is_dir()} >= {"a", "a-2", "b"}
+    assert (f"{out} already holds the outputs of 1 input(s) of 1 earlier `sslt localize` run(s): this run's are "
+            "added to its page (index.html), nothing is overwritten") in said
+    assert f"{assets['a']}: written as a-2/ (a/ is taken)" in said
+    page = second.page.read_text()
+    assert [h for h in ("<h2>a</h2>", "<h2>a-2</h2>", "<h2>b</h2>") if h in page] == ["<h2>a</h2>", "<h2>a-2</h2>",
+                                                                                      "<h2>b</h2>"]
+    assert f"{assets['a']} (run 1)" in page and f"{assets['a']} (run 2)" in page
+    assert page.count("run 1: model: ") == page.count("run 2: model: ") == 1
+    assert {link.split("/")[0] for link in page_links(second.page)} == {"a", "a-2", "b"}
+    assert first.page == second.page
+
+
+# --- the sound decoded as the frames need it (issue 22: memory bounded by the batch, whatever the length) ----------
+
+def write_noise_video(path: Path, seconds: float, rate: int, channels: int, tone: bool = False) -> Path:
+    """A 32 px video at 2 frames/s with ``seconds`` of noise (or of a 440 Hz tone whose loudness changes every
+    second, which AAC keeps) at ``rate`` Hz, ``channels`` channels."""
+    frames = np.zeros((int(seconds * 2), 32, 32, 3), np.uint8)
+    n = int(seconds * rate)
+    if tone:
+        t = np.arange(n) / rate
+        sound = np.tile((0.1 + 0.05 * (np.floor(t) % 5)) * np.sin(2 * np.pi * 440 * t), (channels, 1))
+    else:
+        sound = np.random.default_rng(1).uniform(-0.5, 0.5, (channels, n))
+    return write_video(path, frames, 2.0, sound.astype(np.float32), rate)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(48000, 2), (44100, 1), (16000, 1)])
+def test_windows_decoded_as_the_frames_need_them_equal_those_of_the_whole_track(tmp_path: Path, rate: int,
+                                                                                channels: int) -> None:
+    from sslt_cli.audio import resample
+    from sslt_cli.localize import StreamingWave
+    from sslt_cli.media import AudioChunks
+
+    audio = Recipe.model_validate(TINY).audio  # 16 kHz, 1 s windows
+    path = write_noise_video(tmp_path / "noise.mp4", 20.0, rate, channels)
+    samples, native = read_audio(path)
+    whole = resample(torch.from_numpy(samples.mean(axis=0)), native, 16000).numpy()
+    times = sample_times(20.0, 2.0) + [20.2, 21.0]  # the last two: after the sound ends
+    with AudioChunks(path) as chunks:
+        wave = StreamingWave(chunks, 16000)
+        for first in range(0, len(times), 8):
+            batch = times[first:first + 8]
+            streamed = wave.specs(batch, 1.0, audio)
+            expected = window_specs(whole, 16000, batch, 1.0, audio)
+            assert torch.allclose(streamed, expected, atol=1e-3, rtol=1e-4), f"frames at {batch}"
+    assert chunks.ended and chunks.position == samples.shape[1]
+    # at most a decoded block with its resampling context and the windows of a batch, never the whole track
+    bound = StreamingWave.BLOCK + 2 * wave.context + (8 * 0.5 + 1.0) * 16000 * 2
+    assert wave.held_max <= bound < samples.shape[1] * channels
+
+
+def test_the_overlay_video_carries_the_whole_sound_written_as_it_streams(tmp_path: Path, assets) -> None:
+    path = write_noise_video(tmp_path / "long.mp4", 12.0, 48000, 2, tone=True)
+    result = localize(assets["checkpoint"], [path], tmp_path / "loc", options=LocalizeOptions(fps=1.0))
+    assert result.inputs[0].error is None and result.inputs[0].notes == []
+    written, rate = read_audio(tmp_path / "loc" / "long" / "overlay.mp4")
+    original, _ = read_audio(path)
+    assert rate == 48000 and written.shape == original.shape == (2, 12 * 48000)
+    envelope = [np.sqrt(np.mean(s.reshape(2, 24, -1) ** 2, axis=2)) for s in (written, original)]
+    assert np.allclose(*envelope, rtol=0.05)

@@ -349,8 +349,9 @@ def test_resume_point_is_the_newest_complete_checkpoint(recipe) -> None:
     run = Run.create(recipe, argv=[])
     with pytest.raises(runs_module.TrainingError) as info:
         resume_point(run)
-    assert info.value.message == f"{run.dir}: nothing to resume (no complete checkpoint in {run.checkpoints})"
-    assert info.value.problems == ["no last-*.pt or best.pt: start a new run"]
+    assert info.value.message == f"{run.dir}: nothing to resume: the run was stopped before its first checkpoint"
+    assert info.value.problems == [f"start it again with the same recipe: sslt train {run.dir / 'config.yaml'}",
+                                   f"(then delete {run.dir}, which holds no trained weights)"]
 
     run.save_checkpoint({"step": 4}, "best")  # a full disk stopped the run before its last checkpoint
     path, state = resume_point(run)
@@ -385,6 +386,7 @@ def test_a_killed_run_reads_stale_and_sslt_runs_says_how_to_resume(recipe, tmp_p
     from sslt_cli.cli import app
 
     run = Run.create(recipe, argv=[], runs_dir=tmp_path / "runs")
+    run.save_checkpoint({"step": 1, "w": torch.ones(3)}, "last-00000001")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     meta = run.update_meta(status="running")
@@ -416,3 +418,79 @@ def test_a_pid_reused_by_another_process_reads_stale(recipe) -> None:
     assert run.state() == "running"
     run.update_meta(pid_started=meta["pid_started"] - 1)  # this pid, but a process that started at another time
     assert run.state() == f"stale (last heard at {meta['heartbeat']})"
+
+
+# --- the first checkpoint, torn temporary files, a run killed before its first checkpoint (issue 22) ---------------
+
+def _model_and_optimiser_state() -> tuple[dict, int]:
+    """A checkpoint's state after one Adam step of the real model, and the model's parameter bytes."""
+    from sslt_cli.model import build_model
+
+    model = build_model()
+    optimizer = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}, params
+
+
+def test_the_first_checkpoint_needs_room_for_the_model_and_optimiser_state(recipe, monkeypatch) -> None:
+    import shutil
+
+    state, params = _model_and_optimiser_state()
+    tensors = [*state["model"].values(), *(t for per in state["optimizer"]["state"].values() for t in per.values())]
+    estimate = sum(t.numel() * t.element_size() for t in tensors)
+    assert 3 * params <= estimate < 3.1 * params  # weights, and Adam's two moments per weight (+ BN buffers)
+    run = Run.create(recipe, argv=["sslt", "train", "recipe.yaml"],
+                     extra_meta={"recipe_path": "recipe.yaml"}, overrides=["optim.lr=1e-4"])
+    usage = shutil.disk_usage(run.dir)
+    free = int(estimate * 0.9)  # room for the model, not for its optimiser state: a torch.save would fail midway
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+    with pytest.raises(runs_module.TrainingError) as info:
+        run.save_checkpoint(state, "last-00000001")
+    mib = 2**20
+    assert info.value.message == (f"{run.checkpoints}: not enough disk space for the first checkpoint "
+                                  f"({free / mib:.1f} MiB free, about {estimate * 1.2 / mib:.1f} MiB needed: the model "
+                                  "and optimiser state and a margin)")
+    assert info.value.problems == ["free disk space, or move runs_dir to a larger disk; no checkpoint was written yet, "
+                                   "so the run starts again: sslt train recipe.yaml optim.lr=1e-4"]
+    assert list(run.checkpoints.iterdir()) == []
+
+
+def test_a_save_removes_the_torn_temporary_checkpoints_of_a_killed_save(recipe) -> None:
+    run = Run.create(recipe, argv=[])
+    run.save_checkpoint({"step": 1, "w": torch.ones(3)}, "last-00000001")
+    for torn in (".last-00000002.pt.k1x9_a.tmp", ".best.pt.3j2l_q.tmp"):
+        (run.checkpoints / torn).write_bytes(b"PK\x03\x04" + bytes(1000))
+    run.save_checkpoint({"step": 2, "w": torch.ones(3)}, "last-00000002")
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["last-00000001.pt", "last-00000002.pt"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_to_start_again(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from sslt_cli.cli import app
+
+    Path("recipe.yaml").write_text("name: t\n")
+    run = Run.create(load_recipe("recipe.yaml"), argv=[], runs_dir=tmp_path / "runs", overrides=["seed=3"],
+                     extra_meta={"recipe_path": "recipe.yaml"})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run.update_meta(status="running")
+    run.update_meta(pid=gone.pid)
+    start_again = "sslt train recipe.yaml seed=3"
+
+    listed = CliRunner().invoke(app, ["runs", "--runs-dir", str(tmp_path / "runs")], env={"COLUMNS": "300"})
+    assert listed.exit_code == 0
+    assert (f"{run.dir.name}: its process is gone (killed, out of memory or a lost node); it has no checkpoint yet, "
+            f"so nothing to resume: start it again with: {start_again}") in listed.stderr
+    resumed = CliRunner().invoke(app, ["train", "--resume", str(run.dir)])
+    assert resumed.exit_code == 1
+    assert resumed.exception.render() == (
+        f"{run.dir}: nothing to resume: the run was stopped before its first checkpoint\n"
+        f"  - start it again with the same recipe: {start_again}\n"
+        f"  - (then delete {run.dir}, which holds no trained weights)")
+    with pytest.raises(runs_module.TrainingError, match="stopped before its first checkpoint"):
+        resume_point(run)

@@ -294,7 +294,7 @@ def test_rerun_writes_nothing(bench: Path) -> None:
     after = {p: p.stat().st_mtime_ns for p in bench.rglob("*")}
     after[bench] = bench.stat().st_mtime_ns
     assert after == before
-    assert summary["files"] == {"written": 0, "unchanged": 12 * 2 + 4 * 3 + 6 * 3 + 4 * 3 + 8 + 4, "removed": 0}
+    assert summary["files"] == {"written": 0, "unchanged": 12 * 2 + 4 * 3 + 6 * 3 + 4 * 3 + 12 + 3, "removed": 0}
     assert summary["clips"] == {"train": 12, "val": 4, "test_vggss": 6, "test_flickr": 4}
     assert summary["sets"]["test_flickr"] == str(bench / "test_flickr")
 
@@ -327,8 +327,9 @@ def test_force_regenerates_and_removes_stale_files(tmp_path: Path) -> None:
     train = read_set(out / "train").clips
     # A shorter set starts with the clips of the longer one, so only the bookkeeping files change.
     assert [c.id for c in train] == [c.id for c in old_train[:5]]
-    assert summary["files"]["written"] == 4  # benchmark.json, vggsound.csv, scenes.csv and train/manifest.csv
-    assert summary["files"]["removed"] == 7 * 2 + 4 * 3 + 2
+    # benchmark.json, vggsound.csv, train/manifest.csv and train/scenes.csv
+    assert summary["files"]["written"] == 4
+    assert summary["files"]["removed"] == 7 * 2 + 4 * 3 + 3  # and test_flickr's set.json, manifest, scenes.csv
     assert sorted(p.name for p in (out / "train" / "total_video_frames").iterdir()) == sorted(c.id for c in train)
     assert not (out / "test_flickr").exists() and "test_flickr" not in summary["sets"]
 
@@ -358,11 +359,11 @@ def test_foreign_folder_and_bad_params_are_refused(tmp_path: Path) -> None:
 DEFAULT_TREE_DIGEST = "8a6897ef37a75580cac4eeef4a31e98e2d9bdd168e2239dd051e5f1b4e80a238"
 DEFAULT_MASKS_DIGEST = "5ca3f1cb339ac67804e1bc939852f169b0d9313f83b34fbdf31d1e6cb9caa21e"
 DEFAULT_MOVING_DIGEST = "83619a7b28974c90f01f2dcb62fac8d09e2444a88195c9c9e55a469bf1277dcf"
-FILES_BEFORE_KNOBS = 77  # scenes.csv, added with the knobs, is the only file beside them
+FILES_BEFORE_KNOBS = 77  # each set's scenes.csv, added with the knobs, are the only files beside them
 
 
 def test_default_output_is_byte_identical_to_the_pinned_benchmark(bench: Path) -> None:
-    hashes = {k: v for k, v in tree_hashes(bench).items() if k != "scenes.csv"}
+    hashes = {k: v for k, v in tree_hashes(bench).items() if Path(k).name != "scenes.csv"}
     assert len(hashes) == FILES_BEFORE_KNOBS
     assert hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest() == DEFAULT_TREE_DIGEST
     masks = synthetic.sounding_masks(bench, "test_vggss", 64)

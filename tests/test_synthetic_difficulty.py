@@ -24,8 +24,13 @@ SMALL = dict(n_train=0, n_val=0, n_flickr=0, image_size=128, workers=1, progress
 
 
 def scenes_csv(root: Path) -> list[dict[str, str]]:
-    with open(root / "scenes.csv", newline="") as f:
-        return list(csv.DictReader(f))
+    """Every set's scenes.csv rows, sets in the generator's order."""
+    rows = []
+    for name in ("train", "val", "test_vggss", "test_flickr"):
+        if (root / name / "scenes.csv").is_file():
+            with open(root / name / "scenes.csv", newline="") as f:
+                rows += list(csv.DictReader(f))
+    return rows
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -262,6 +267,17 @@ def test_hard_scenes_csv_has_a_row_per_clip(hard: Path) -> None:
     counts = [len(r["on_screen_classes"].split(";")) for r in rows]
     assert min(counts) >= 2 and max(counts) <= 6 and np.mean(counts) > 3.0
     assert all(r["background"] == "cluttered" and -5.0 <= float(r["snr_db"]) <= 10.0 for r in rows)
+
+
+def test_negative_evaluation_reads_the_on_screen_classes_of_scenes_csv(hard: Path) -> None:
+    from sslt_cli.data.negatives import read_scenes
+    from sslt_cli.evaluate import load_test_set
+
+    rows = {r["clip_id"]: r for r in scenes_csv(hard) if r["split"] == "test_vggss"}
+    on_screen = read_scenes(hard / "test_vggss" / "scenes.csv")
+    assert on_screen == {cid: frozenset(r["on_screen_classes"].split(";")) for cid, r in rows.items()}
+    assert load_test_set(hard / "test_vggss").scenes == on_screen
+    assert any(len(classes) > 3 for classes in on_screen.values())
 
 
 def test_hard_benchmark_is_deterministic_whatever_the_workers(hard: Path, tmp_path: Path) -> None:

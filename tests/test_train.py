@@ -250,6 +250,18 @@ def test_cli_resume_ends_with_the_uninterrupted_weights(reference_run, interrupt
     assert_same_tensors(model_of(run.checkpoints / final), model_of(reference_run.checkpoints / final))
 
 
+def test_resume_removes_the_torn_temporary_checkpoints_of_a_killed_save(interrupted, tmp_path) -> None:
+    run = clone_run(interrupted.run.dir, tmp_path / "resumed")
+    torn = run.checkpoints / ".last-00000006.pt.q8z1r0.tmp"  # kill -9 in the middle of torch.save
+    torn.write_bytes(b"PK\x03\x04" + bytes(2**20))
+    console = Console(file=io.StringIO(), width=200)
+    with one_thread():
+        train_on(run, stop_after_steps=1, evaluate_at_end=False, console=console, out=console)
+    assert not torn.exists() and not list(run.checkpoints.glob(".*.tmp"))
+    assert ("removed 1 torn temporary checkpoint file(s) (1.0 MiB) left by a stop during a save"
+            in console.file.getvalue())
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------------
 
 def test_checkpoint_is_self_describing_and_loads_weights_only(reference_run) -> None:
@@ -599,9 +611,10 @@ def test_a_full_disk_stops_with_a_clear_error_and_resume_continues_from_best(ben
     recipe = make_recipe(tmp_path, bench, *FULL_DISK_RUN)
     real_usage = shutil.disk_usage
 
-    def nearly_full(path):
+    def nearly_full(path):  # the disk fills up once the first checkpoint is written (issue 22: it is checked too)
         usage = real_usage(path)
-        return usage._replace(free=1000) if Path(path).name == "checkpoints" else usage
+        filled = Path(path).name == "checkpoints" and any(Path(path).glob("*.pt"))
+        return usage._replace(free=1000) if filled else usage
 
     monkeypatch.setattr(shutil, "disk_usage", nearly_full)
     with pytest.raises(TrainingError) as info:

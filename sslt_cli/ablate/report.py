@@ -310,10 +310,15 @@ def chart_png(ablation: Ablation, summaries: list[RowSummary], results: list[Cel
         if paper:
             ax.scatter([p[0] for p in paper], [p[1] for p in paper], marker="D", s=40, color="#c44e52", zorder=4,
                        label="paper")
-        centre = next((r.metrics[f"baseline_centre/{key}"] for r in results
-                       if f"baseline_centre/{key}" in r.metrics), None)
-        if centre is not None:
-            ax.axhline(100 * centre, color="grey", linestyle="--", linewidth=1, label="centre prior")
+        centres = [(i, 100 * values[0]) for i, s in enumerate(summaries)
+                   if (values := [c.metrics[f"baseline_centre/{key}"] for c in s.cells
+                                  if f"baseline_centre/{key}" in c.metrics])]
+        if centres and max(c for _, c in centres) - min(c for _, c in centres) > 1e-6:
+            # rows on different data (generated per row): each row's own centre prior
+            ax.scatter([c[0] for c in centres], [c[1] for c in centres], marker="_", s=400, color="grey", zorder=4,
+                       label="centre prior")
+        elif centres:
+            ax.axhline(centres[0][1], color="grey", linestyle="--", linewidth=1, label="centre prior")
         ax.set_xticks(x, labels, rotation=0 if ablation.mode == "rows" and max(map(len, labels)) <= 6 else 30,
                       ha="center" if ablation.mode == "rows" and max(map(len, labels)) <= 6 else "right", fontsize=8)
         ax.set_ylabel(f"{header} (x100)")
@@ -345,10 +350,14 @@ def plan_table(ablation: Ablation, results: list[CellResult]) -> Table:
     table.add_column("status")
     table.add_column("next", overflow="fold")
     table.add_column("row overrides", overflow="fold")
+    if ablation.synthetic is not None:
+        table.add_column("generated data", overflow="fold")
     rows = {r.name: r for r in ablation.rows}
     for r in results:
-        values = (r.cell.name, r.status, describe(r) + (f" ({r.note})" if r.note else ""),
-                  " ".join(rows[r.cell.row].overrides))
+        values = [r.cell.name, r.status, describe(r) + (f" ({r.note})" if r.note else ""),
+                  " ".join(rows[r.cell.row].overrides)]
+        if ablation.synthetic is not None and r.cell.data is not None:
+            values.append(f"{r.cell.data.knobs_text} -> {r.cell.data.root}")
         table.add_row(*(escape(v) for v in values))
     return table
 

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from rich.console import Console
 from rich.markup import escape
 
+from sslt_cli import interrupts
 from sslt_cli.ablate import report
 from sslt_cli.ablate.report import CellResult, RowSummary, describe, summarise, x100
 from sslt_cli.ablate.spec import Ablation, Cell, expand_cells, resolve_seeds
@@ -29,14 +30,15 @@ from sslt_cli.config import flatten, parse_override, recipe_dict
 from sslt_cli.errors import SsltError
 from sslt_cli.folder_lock import LOCK, hold
 from sslt_cli.runs import CONFIG, META, Run, atomic_write_text
-from sslt_cli.tracking import MetricsSink, Tracker, open_run_tracking, start_tracking, tracking_uri
+from sslt_cli.tracking import (MetricsSink, Tracker, absolute_uri, open_run_tracking, recorded_run_id, start_tracking,
+                               tracking_uri)
 
 STATE = "ablation.json"
 STATE_FORMAT = "sslt-ablation/1"
 # set in a state once each cell's runs are recorded in it (cells.<name>.runs)
 RUNS_RECORDED = "runs_recorded"
 # the keys of a test record the ablation tabulates, and those of its centre-prior baseline (REFERENCE.md section 5)
-TEST_KEYS = ("ciou", "auc", "mean_iou", "n")
+TEST_KEYS = ("ciou", "auc", "mean_iou", "pointing", "n")
 CENTRE_KEYS = ("baseline_centre/ciou", "baseline_centre/auc")
 
 
@@ -218,7 +220,8 @@ def read_cell_metrics(run: Run, cell: Cell, ablation: Ablation) -> dict[str, flo
     if summary is None:
         return {}
     retrieval = next((r for r in reversed(run.metrics()) if r.get("kind") == "retrieve"), None)
-    return pick_test_metrics(summary) | (_retrieval_numbers(retrieval) if retrieval is not None else {})
+    return (pick_test_metrics(summary) | _learning_numbers(run.meta())
+            | (_retrieval_numbers(retrieval) if retrieval is not None else {}))
 
 
 def _retrieval_numbers(flat: dict[str, Any]) -> dict[str, float]:
@@ -272,26 +275,49 @@ def _cell_tags(cell: Cell, ablation: Ablation) -> dict[str, str]:
 
 def _retrieve(run: Run, cell: Cell, ablation: Ablation, sink: MetricsSink, console: Console) -> dict[str, float]:
     """Retrieve with the cell's run (its ablation checkpoint, the recipe's first test set, all classes) through the
-    cell's sink and return its numbers."""
+    cell's sink and return its numbers; a signal stops it at once (phase ``retrieval``: a re-run retrieves again)."""
     from sslt_cli import retrieve as R
     from sslt_cli.distributed import pick_device
     from sslt_cli.progress import StepBars
 
     device = pick_device(cell.recipe.train.device)
-    model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
-    with StepBars(console) as bars:
-        report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink, progress=bars.update,
-                            say=lambda line: console.print(line, highlight=False, markup=False))
+    with interrupts.listening() as stops, stops.phase("retrieval"):
+        model, clip_set, labels = R.retrieval_inputs(run.dir, which=ablation.checkpoint, device=device)
+        with StepBars(console) as bars:
+            report = R.retrieve(model, clip_set, labels, R.RetrieveOptions(device=str(device)), sink,
+                                progress=bars.update, say=lambda line: console.print(line, highlight=False,
+                                                                                      markup=False))
     return _retrieval_numbers(R.mlflow_metrics(report))
 
 
-def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict) -> Run:
+def _generate_data(cell: Cell, console: Console) -> None:
+    """The cell's generated benchmark (``synthetic:`` in the ablation file), made once: a finished folder made with
+    the same parameters is trusted as it is (``synthetic.generate``), so cells sharing knobs share it."""
+    if cell.data is None:
+        return
+    from sslt_cli.data.synthetic import generate
+
+    data = cell.data
+    ready = (data.root / "benchmark.json").is_file()
+    console.print(f"cell {cell.name}: data {data.root} ({data.knobs_text}){'' if ready else ', generating'}",
+                  highlight=False, markup=False)
+    generate(data.root, **data.sets, difficulty=data.difficulty, progress=not ready)
+
+
+def _learning_numbers(meta: dict) -> dict[str, float]:
+    """The learning check's verdict as a number the table averages (1: not learning), when the run made one."""
+    check = meta.get("learning_check")
+    return {"not_learning": float(not check["learning"])} if isinstance(check, dict) and "learning" in check else {}
+
+
+def _cell_run(cell: Cell, plan: CellResult, ablation: Ablation, entry: dict, console: Console) -> Run:
     """The run folder the cell works in: the planned one to resume or retrieve with, else a new one, recorded in the
     state before any work starts so that a kill leaves it findable. The checks before a run
     (:func:`~sslt_cli.train.preflight`) come first for a cell that trains."""
     if plan.action != "retrieve":
         from sslt_cli.train import preflight
 
+        _generate_data(cell, console)
         preflight(cell.recipe, retrieval=ablation.retrieve)
     if plan.action in ("resume", "retrieve"):
         assert plan.run is not None
@@ -321,7 +347,7 @@ def _trained(cell: Cell, plan: CellResult, run: Run, ablation: Ablation, sink: M
     if not record:
         raise SsltError(f"{run.dir}: training finished but metrics.jsonl has no test record for set "
                         f"{ablation.evaluate_set!r}, checkpoint {ablation.checkpoint!r}")
-    return CellResult(cell, "finished", run, pick_test_metrics(record), None, "skip")
+    return CellResult(cell, "finished", run, pick_test_metrics(record) | _learning_numbers(run.meta()), None, "skip")
 
 
 def _interrupted(cell: Cell, run: Run | None, trained: CellResult | None) -> CellResult:
@@ -345,11 +371,11 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
     """
     entry = state["cells"].setdefault(cell.name, {})
     entry.update(row=cell.row, seed=cell.seed, status="running", error=None, traceback=None, started=_now(),
-                 attempts=int(entry.get("attempts", 0)) + 1)
+                 attempts=int(entry.get("attempts", 0)) + 1, interrupted_in=None)
     run = trained = result = sink = None
     held = ExitStack()
     try:
-        run = _cell_run(cell, plan, ablation, entry)
+        run = _cell_run(cell, plan, ablation, entry, console)
         held.enter_context(hold(run.dir, "run folder"))  # no `sslt train --resume` of the cell's run meanwhile
         _save_state(ablation.folder, state)
         sink = open_run_tracking(run, cell.recipe, parent_run_id=parent_id, tags=_cell_tags(cell, ablation),
@@ -361,12 +387,15 @@ def _run_cell(cell: Cell, plan: CellResult, ablation: Ablation, state: dict, par
             _say_finished(result, ablation, console)
     except Exception as exc:  # one cell's failure, whatever it is, must not stop the others
         result = _failed(cell, run, exc, trained, entry, console, ablation.folder)
-    except BaseException:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
+    except BaseException as exc:  # KeyboardInterrupt (or SystemExit) in training or retrieval: recorded, raised on
         result = _interrupted(cell, run, trained)
+        entry["interrupted_in"] = getattr(exc, "phase", None)
         raise
     finally:
         assert result is not None
         done[cell.name] = result
+        if result.status == "interrupted" and run is not None and not entry.get("interrupted_in"):
+            entry["interrupted_in"] = run.meta().get("interrupted_in")  # where training stopped
         entry.update(status=result.status, updated=_now())
         _save_state(ablation.folder, state)
         if sink is not None:
@@ -439,7 +468,9 @@ def _parent_tracker(ablation: Ablation, seeds: list[int], state: dict,
     warn = (lambda m: console.print(f"warning: {escape(m)}"))
     tags = {"sslt.ablation": ablation.name, "sslt.ablation_dir": str(ablation.folder.resolve()),
             "sslt.ablation_file": str(ablation.path), "sslt.base": str(ablation.base_path)}
-    previous = state.get("parent_run_id") if state.get("mlflow_uri") == tracking_uri() else None
+    recorded_in = state.get("mlflow_uri")
+    same_store = recorded_in is not None and absolute_uri(str(recorded_in)) == absolute_uri(tracking_uri())
+    previous = state.get("parent_run_id") if same_store else None
     same_seeds = state.get("seeds") == seeds
     if previous and same_seeds:
         tracker = start_tracking(f"ablation-{ablation.name}", enabled=tracking.enabled,
@@ -466,7 +497,7 @@ def _adopt(plans: list[CellResult], tracker: Tracker, replaced: str, console: Co
     console.print(f"MLflow parent run {tracker.run_id} replaces {replaced} (other seeds; MLflow keeps a run's "
                   "parameters); the finished cells' runs are now its children", highlight=False, markup=False)
     for plan in plans:
-        child = plan.run.meta().get("mlflow_run_id") if plan.run is not None else None
+        child = recorded_run_id(plan.run.meta(), tracker.uri) if plan.run is not None else None
         if child and plan.action in ("skip", "resume", "retrieve"):
             tracker.tag_run(child, {"mlflow.parentRunId": tracker.run_id})
 
@@ -479,7 +510,8 @@ def _dry_run(ablation: Ablation, seeds: int | Sequence[int] | None, console: Con
     cells = expand_cells(ablation, _seeds_to_run(ablation, seeds, state, console))
     results = [inspect_cell(c, ablation, state) for c in cells]
     out.print(report.plan_table(ablation, results))
-    command = " ".join([str(ablation.base_path), *ablation.file_overrides, "<row overrides>",
+    data = ["data.root=<generated data>"] if ablation.synthetic is not None else []
+    command = " ".join([str(ablation.base_path), *ablation.file_overrides, *data, "<row overrides>",
                         *ablation.command_overrides, "name=<row>-seed<k>", "seed=<k>", f"runs_dir={ablation.folder}"])
     console.print(f"ablation folder: {ablation.folder}\neach cell is: sslt train {command}", highlight=False,
                   markup=False)

@@ -5,6 +5,7 @@ Nothing here touches the ablation's folder or MLflow: :mod:`sslt_cli.ablate.runn
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sslt_cli.catalog import RECIPES_DIR, resolve_recipe
 from sslt_cli.config import Recipe, apply_overrides, load_tree, parse_override, parse_yaml, validate_tree
-from sslt_cli.errors import RecipeError
+from sslt_cli.data.difficulty import Difficulty, parse_difficulty
+from sslt_cli.errors import DataError, RecipeError
 
 
 # The paper's switches (REFERENCE.md section 7) and the recipe keys they set.
@@ -43,8 +45,11 @@ TICKS: dict[str, Callable[[Recipe], bool]] = {
 LOCALISATION_METRICS = (("cIoU", "ciou"), ("AUC", "auc"), ("mean IoU", "mean_iou"))
 RETRIEVAL_METRICS = (("a2a P@1", "retrieve/a2a/p_at_1"), ("a2i P@1", "retrieve/a2i/p_at_1"))
 PAPER_METRICS = (("cIoU", "ciou"), ("AUC", "auc"))
+# With generated data the centre prior differs from cell to cell, so the table shows it, the pointing game and the
+# share of the row's seeds whose learning check failed (sslt_cli/learning_check.py).
+SYNTHETIC_METRICS = (("pointing", "pointing"), ("centre AUC", "baseline_centre/auc"), ("not learning", "not_learning"))
 
-# Command-line keys that change the ablation itself; every other key is a recipe override.
+# Command-line keys that change the ablation itself (and any ``synthetic.<key>``); every other key is a recipe override.
 ABLATION_KEYS = ("base", "name", "seeds", "evaluate.set", "evaluate.checkpoint", "retrieve")
 _FOLDER_NAME = re.compile(r"[\w.\-]+")
 
@@ -63,11 +68,28 @@ class PaperValues(_FileModel):
 
 
 class RowSpec(_FileModel):
-    """One named row: the paper's switches (shorthand for ``SWITCHES``' keys), overrides, the paper's values."""
+    """One named row: the paper's switches (shorthand for ``SWITCHES``' keys), overrides, the paper's values, and
+    the difficulty knobs of its generated data (``preset`` and knobs over the file's ``synthetic`` section)."""
 
     overrides: list[str] = Field(default_factory=list)
     switches: dict[str, bool] = Field(default_factory=dict)
     paper: PaperValues | None = None
+    synthetic: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyntheticSpec(_FileModel):
+    """Generated data for every cell (``sslt prepare synthetic``): the preset and knobs (``sslt_cli.data.difficulty``)
+    and the set sizes; each distinct benchmark is generated once into ``<runs_dir>/.synthetic/<preset>-<digest>``
+    and the cell's ``data.root`` points there."""
+
+    preset: str = "easy"
+    knobs: dict[str, Any] = Field(default_factory=dict)
+    n_train: int = Field(2000, ge=1)
+    n_val: int = Field(200, ge=1)
+    n_test: int = Field(500, ge=1)
+    n_flickr: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(128, ge=32, le=1024)
 
 
 class EvaluateSpec(_FileModel):
@@ -88,9 +110,38 @@ class AblationSpec(_FileModel):
     seeds: Any = None
     evaluate: EvaluateSpec = EvaluateSpec()
     retrieve: bool = False
+    synthetic: SyntheticSpec | None = None
 
 
 # ------------------------------------------------------------------------------------------ loaded ablation
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """A cell's generated benchmark: where it lives, its difficulty and ``generate``'s other arguments."""
+
+    root: Path
+    difficulty: Difficulty
+    sets: dict[str, int]
+
+    @property
+    def knobs_text(self) -> str:
+        """The knobs that differ from the easy benchmark, as ``name=value`` (``easy`` when none does)."""
+        easy = Difficulty().as_dict()
+        changed = [f"{k}={v}" for k, v in self.difficulty.as_dict().items() if easy[k] != v]
+        return " ".join(changed) or "easy"
+
+
+def synthetic_data(spec: SyntheticSpec, row_knobs: dict[str, Any], runs_dir: str | Path,
+                   where: str) -> SyntheticData:
+    """The benchmark a row trains and tests on: the file's preset and knobs, the row's over them (a row's
+    ``preset`` replaces the file's). Raises DataError naming ``where`` and every bad knob."""
+    knobs = {**spec.knobs, **{k: v for k, v in row_knobs.items() if k != "preset"}}
+    difficulty = parse_difficulty(str(row_knobs.get("preset", spec.preset)), knobs, where=where)
+    sets = spec.model_dump(exclude={"preset", "knobs"})
+    identity = json.dumps({"difficulty": difficulty.as_dict(), **sets}, sort_keys=True)
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:10]
+    label = "easy" if difficulty.is_default else "knobs"
+    return SyntheticData(Path(runs_dir) / ".synthetic" / f"{label}-{digest}", difficulty, sets)
 
 @dataclass(frozen=True)
 class Row:
@@ -102,6 +153,7 @@ class Row:
     overrides: tuple[str, ...]
     paper: PaperValues | None = None
     values: dict[str, Any] = field(default_factory=dict)
+    synthetic: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,11 +181,21 @@ class Ablation:
     checkpoint: Literal["best", "last"]
     retrieve: bool
     folder: Path
+    synthetic: SyntheticSpec | None = None
 
     @property
     def metrics(self) -> tuple[tuple[str, str], ...]:
-        """(header, key) of the metrics tabulated: localisation, and retrieval when the cells retrieve."""
-        return LOCALISATION_METRICS + (RETRIEVAL_METRICS if self.retrieve else ())
+        """(header, key) of the metrics tabulated: localisation, with generated data its pointing game, centre prior
+        and learning check, and retrieval when the cells retrieve."""
+        return (LOCALISATION_METRICS + (SYNTHETIC_METRICS if self.synthetic else ())
+                + (RETRIEVAL_METRICS if self.retrieve else ()))
+
+    def data_of(self, row: Row) -> SyntheticData | None:
+        """The generated benchmark of ``row``'s cells (None: the recipe's own data)."""
+        if self.synthetic is None:
+            return None
+        return synthetic_data(self.synthetic, row.synthetic, self.base.runs_dir, _where(str(self.path), self.mode,
+                                                                                         row))
 
 
 @dataclass(frozen=True)
@@ -146,7 +208,7 @@ class Cell:
     seed: int
     recipe: Recipe
     overrides: tuple[str, ...]
-
+    data: SyntheticData | None = None
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -264,7 +326,7 @@ def _parse_row(name: str, body: Any, source: str, problems: list[str]) -> Row | 
     if found:
         return None
     return Row(name=name, label=name, overrides=tuple(_switch_overrides(spec.switches) + spec.overrides),
-               paper=spec.paper)
+               paper=spec.paper, synthetic=dict(spec.synthetic))
 
 
 def _parse_rows(rows: dict[str, Any], source: str, problems: list[str]) -> list[Row]:
@@ -331,8 +393,12 @@ def _validate(tree: dict, overrides: Sequence[str], source: str) -> tuple[Recipe
 
 
 def _cell_overrides(ablation_file: Sequence[str], row: Row, command: Sequence[str], name: str, seed: int,
-                    folder: str) -> list[str]:
-    return [*ablation_file, *row.overrides, *command, f"name={name}", f"seed={seed}", f"runs_dir={_yaml_value(folder)}"]
+                    folder: str, data: SyntheticData | None = None) -> list[str]:
+    """The cell's overrides; a generated benchmark's ``data.root`` comes after the file's overrides (a row's or the
+    command line's own ``data.root`` still wins)."""
+    root = [f"data.root={_yaml_value(str(data.root))}"] if data is not None else []
+    return [*ablation_file, *root, *row.overrides, *command, f"name={name}", f"seed={seed}",
+            f"runs_dir={_yaml_value(folder)}"]
 
 
 def cell_name(row: str, seed: int) -> str:
@@ -350,7 +416,7 @@ def _split_command_overrides(overrides: Sequence[str], problems: list[str]) -> t
         except RecipeError as exc:
             problems.append(exc.message if not exc.problems else f"{exc.message}: {exc.problems[0]}")
             continue
-        if key in ABLATION_KEYS:
+        if key in ABLATION_KEYS or key.startswith("synthetic."):
             ablation_texts.append(text)
         elif key == "seed":
             problems.append(f"override {text!r}: {_per_cell_key_problem(key, in_row=False)}")
@@ -457,7 +523,9 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
     name = spec.name or path.stem
     folder = Path(base.runs_dir) / "ablations" / name
     for row in rows:
-        texts = _cell_overrides(spec.overrides, row, command, cell_name(row.name, seeds[0]), seeds[0], str(folder))
+        data = _row_data(spec, row, base.runs_dir, _where(source, mode, row), problems)
+        texts = _cell_overrides(spec.overrides, row, command, cell_name(row.name, seeds[0]), seeds[0], str(folder),
+                                data)
         recipe, found = _validate(base_tree, texts, _where(source, mode, row))
         problems += [p for p in found if p not in problems]
         if recipe is not None and spec.evaluate.set not in recipe.data.test:
@@ -470,7 +538,21 @@ def load_ablation(path: str | Path, overrides: Sequence[str] | None = None) -> A
                     rows=tuple(rows), grid_keys=tuple(spec.grid or ()), seeds=tuple(seeds),
                     seeds_from_command=any(parse_override(t)[0] == "seeds" for t in ablation_texts),
                     evaluate_set=spec.evaluate.set, checkpoint=spec.evaluate.checkpoint, retrieve=spec.retrieve,
-                    folder=folder)
+                    folder=folder, synthetic=spec.synthetic)
+
+
+def _row_data(spec: AblationSpec, row: Row, runs_dir: str, where: str, problems: list[str]) -> SyntheticData | None:
+    """The row's generated benchmark (None without a ``synthetic`` section), its problems added to ``problems``."""
+    if spec.synthetic is None:
+        if row.synthetic:
+            problems.append(f"{where}: synthetic knobs need the file's synthetic: section (the sets to generate), "
+                            "e.g. synthetic: {preset: easy, n_train: 2000}")
+        return None
+    try:
+        return synthetic_data(spec.synthetic, row.synthetic, runs_dir, where)
+    except DataError as exc:
+        problems.extend([f"{exc.message}: {p}" for p in exc.problems] or [exc.message])
+        return None
 
 
 def resolve_seeds(ablation: Ablation, seeds: int | Sequence[int] | None,
@@ -503,11 +585,12 @@ def expand_cells(ablation: Ablation, seeds: int | Sequence[int] | None = None) -
     for seed in resolve_seeds(ablation, seeds):
         for row in ablation.rows:
             name = cell_name(row.name, seed)
+            data = ablation.data_of(row)
             texts = _cell_overrides(ablation.file_overrides, row, ablation.command_overrides, name, seed,
-                                    str(ablation.folder))
+                                    str(ablation.folder), data)
             recipe, problems = _validate(ablation.base_tree, texts, _where(str(ablation.path), ablation.mode, row))
             if recipe is None:
                 raise RecipeError(f"{ablation.path}: {len(problems)} problem(s) in the ablation", problems)
-            cells.append(Cell(name=name, row=row.name, seed=seed, recipe=recipe, overrides=tuple(texts)))
+            cells.append(Cell(name=name, row=row.name, seed=seed, recipe=recipe, overrides=tuple(texts), data=data))
     return cells
 

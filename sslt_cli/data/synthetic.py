@@ -36,6 +36,7 @@ import numpy as np
 from sslt_cli.data.difficulty import Difficulty, from_params
 from sslt_cli.data.annotations import (FLICKR_GRID, Annotation, annotations_to_vggss_json, flickr_xml_text,
                                       vggss_xml_text)
+from sslt_cli.data.negatives import SCENES
 from sslt_cli.data.manifest import MANIFEST, SET_INFO, Clip, atomic_write_bytes, layout_paths, read_set, write_set
 from sslt_cli.data.workers import die_with_parent
 from sslt_cli.errors import DataError
@@ -881,13 +882,13 @@ def _scene_row(scene: _Scene, clip_id: str, split: str, drawn: dict, difficulty:
     }
 
 
-def _scenes_csv(records: dict[str, list[dict]]) -> bytes:
-    """scenes.csv: one row per clip of every set (``SCENE_COLUMNS``), sets in order, clips by index."""
+def _scenes_csv(records: list[dict]) -> bytes:
+    """A set's scenes.csv: one row per clip (``SCENE_COLUMNS``), by index; ``data.negatives.read_scenes`` reads its
+    on-screen classes (the off-screen negatives of ``sslt eval --negatives`` exclude them)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=SCENE_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for name, _, _, _ in _SETS:
-        writer.writerows(rec["scene"] for rec in records[name])
+    writer.writerows(rec["scene"] for rec in records)
     return buf.getvalue().encode()
 
 
@@ -1126,7 +1127,7 @@ def _finish_set(root: Path, layout: str, name: str, records: dict[str, list[dict
     new_files = {root / r[key] for r in recs for key in ("frame", "audio", "anno") if r[key]}
     removed = _remove_stale(root, old_files - new_files)
     if not recs:
-        for meta in (SET_INFO, MANIFEST):
+        for meta in (SET_INFO, MANIFEST, SCENES):
             if (root / meta).is_file():
                 (root / meta).unlink()
                 removed += 1
@@ -1137,7 +1138,8 @@ def _finish_set(root: Path, layout: str, name: str, records: dict[str, list[dict
     info = {"source": "sslt synthetic benchmark", "split": name, "seed": params["seed"],
             "classes": list(CLASSES[:params["n_classes"]]), "audio_seconds": _AUDIO_SECONDS[name],
             "sample_rate": params["sample_rate"], "image_size": doc["sets"][name]["image_size"]}
-    return written + _write_set_files(root, layout, clips, info), files + 2, removed
+    written += _write_if_changed(root / SCENES, _scenes_csv(recs))
+    return written + _write_set_files(root, layout, clips, info), files + 3, removed
 
 
 def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_existing: bool, workers: int,
@@ -1158,11 +1160,10 @@ def _generate(out: Path, doc: dict, params: dict, counts: dict[str, int], trust_
 
     vggss = annotations_to_vggss_json(r["annotation"] for r in records["test_vggss"])
     top = {"vggsound_csv": (out / "vggsound.csv", _vggsound_csv(records)),
-           "vggss_json": (out / "vggss.json", (json.dumps(vggss) + "\n").encode()),
-           "scenes_csv": (out / "scenes.csv", _scenes_csv(records))}
+           "vggss_json": (out / "vggss.json", (json.dumps(vggss) + "\n").encode())}
     for path, data in top.values():
         written += _write_if_changed(path, data)
-    total_files += 4
+    total_files += 3
     return {
         "out": str(out),
         "benchmark": str(out / "benchmark.json"),

@@ -133,6 +133,7 @@ def audio_inputs(loaded: "LoadedModel") -> AudioInputs:
     from sslt_cli import frontends
     from sslt_cli.audio import load_waveform
     from sslt_cli.data.datasets import waveform_spectrogram
+    from sslt_cli.frontends import RELEASED_RATE, spectrogram_of_wave
 
     audio = loaded.recipe.audio
     rate = int(audio.sample_rate)

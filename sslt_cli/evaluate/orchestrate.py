@@ -30,7 +30,8 @@ from sslt_cli.evaluate.maps import BatchHook, map_value_range, predict_maps, sav
 from sslt_cli.evaluate.negatives import (parse_negative_maps, per_model_threshold, predict_with_negatives,
                                          score_negatives)
 from sslt_cli.evaluate.options import EvalOptions
-from sslt_cli.evaluate.outputs import eval_folder, mlflow_metrics, negatives_table, result_table, write_outputs
+from sslt_cli.evaluate.outputs import (_metric_name, eval_folder, mlflow_metrics, negatives_table, result_table,
+                                       write_outputs)
 from sslt_cli.evaluate.scoring import (EvalResult, Exclusion, score_extended, score_extended_maps,
                                        score_interactive, score_maps, test_summary)
 from sslt_cli.evaluate.sets import TestSet, silent_pair_key
@@ -80,7 +81,7 @@ def evaluate_model(loaded: LoadedModel, test: TestSet, options: EvalOptions, *, 
     unavailable.update({cid: f"decode error: {reason}" for cid, reason in skipped})
     result = score_maps(maps, test.annotations, proto, test.ids, unavailable=unavailable,
                         annotation_problems=test.annotation_problems, baselines=options.baselines, name=test.name,
-                        notes=test.notes, device=options.device)
+                        notes=[*test.notes, *loaded.notes], device=options.device)
     if ogl is not None:
         result.notes = [*result.notes, ogl.note()]
         result.object_guidance = {"alpha": ogl.alpha, "weights": ogl.weights}
@@ -135,7 +136,12 @@ def _extended_of_model(loaded: LoadedModel, maps: Mapping[str, np.ndarray], test
     if dropped:
         notes.append(f"extended evaluation: {len(dropped)} of {len(extended.pairs)} non-sounding pairs have no usable "
                      f"frame/audio in {media.name} and were left out (listed in excluded.csv)")
-    return score_extended(maps, silent_maps, test.annotations, dropped=dropped)
+    value_range = map_value_range(loaded)
+    # SLAVC's evaluator on the family's own maps: its fixed range; the slavc_rel / slavc_abs preset when chosen
+    extended_proto = proto.name if proto.name in ("slavc_rel", "slavc_abs") else (
+        "slavc" if tuple(value_range) == (-1.0, 1.0) else "slavc_rel")
+    return score_extended(maps, silent_maps, test.annotations, protocol=extended_proto, value_range=value_range,
+                          dropped=dropped)
 
 
 def score_precomputed(maps: Mapping[str, np.ndarray] | None, test: TestSet, proto: Protocol, options: EvalOptions, *,
@@ -174,8 +180,8 @@ class Source:
 
     ``run_dir``: the run folder a checkpoint belongs to; two checkpoints of one run at the same step hold the same
     weights (the best checkpoint of the last validation), so the second one's results are copied, not recomputed.
-    ``family`` / ``branch``: a checkpoint file's model family (None: recognised from its keys) and SLAVC's branch
-    (:func:`sslt_cli.families.load_released`).
+    ``family`` / ``branch`` / ``front_end``: a checkpoint file's model family (None: recognised from its keys),
+    SLAVC's branch and another evaluator's front end (:func:`sslt_cli.families.load_released`).
     """
 
     label: str
@@ -187,11 +193,14 @@ class Source:
     maps_path: Path | None = None
     family: str | None = None
     branch: str | None = None
+    front_end: str | None = None
 
     @classmethod
     def checkpoint_file(cls, label: str, path: Path, recipe: Any = None, run_dir: Path | None = None, *,
-                        family: str | None = None, branch: str | None = None) -> "Source":
-        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch)
+                        family: str | None = None, branch: str | None = None,
+                        front_end: str | None = None) -> "Source":
+        return cls(label, checkpoint=Path(path), recipe=recipe, run_dir=run_dir, family=family, branch=branch,
+                   front_end=front_end)
 
     @classmethod
     def model(cls, label: str, loaded: LoadedModel, run_dir: Path | None = None) -> "Source":
@@ -237,13 +246,22 @@ class SetEvaluation:
         return test_summary(self.result)
 
     def record(self) -> tuple[dict[str, Any], dict[str, float]]:
-        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back."""
+        """(fields, numbers) of its ``metrics.jsonl`` record; :func:`saved_summaries` reads them back. The numbers
+        are every one MLflow gets (:func:`mlflow_metrics` under ``eval/<name>/``, named without that prefix: the
+        baselines, the oracle, N requested, the extended evaluation), so no number lives only in MLflow and
+        ``sslt sync`` sends them all from the file."""
         fields = {"set": self.set_name, "checkpoint": self.checkpoint, "protocol": self.protocol,
                   "folder": str(self.folder.resolve()) if self.folder is not None else None}
-        numbers = self.summary()
+        prefix = _metric_name(f"{EVAL}/{self.name}")
+        numbers = {name[len(prefix) + 1:]: value for name, value in self.mlflow_numbers().items()}
+        numbers.update(self.summary())
         if self.result.negatives is not None:
             numbers.update(self.result.negatives.headline())
         return fields, numbers
+
+    def mlflow_numbers(self) -> dict[str, float]:
+        """Its numbers as MLflow names them: ``eval/<name>/<metric>``."""
+        return mlflow_metrics(self.result, f"{EVAL}/{self.name}")
 
 
 @dataclass(frozen=True)
@@ -317,7 +335,7 @@ def _loaded(source: Source, options: EvalOptions) -> LoadedModel | None:
         from sslt_cli.families import load_released
 
         return load_released(source.checkpoint, source.family, recipe=source.recipe, branch=source.branch,
-                             device=options.device)
+                             device=options.device, front_end=source.front_end)
     return source.loaded
 
 
@@ -355,7 +373,9 @@ def log_evaluation(item: SetEvaluation, sink: Any, kind: str = "test") -> None:
     """Record ``item`` through ``sink``: its ``kind`` record in metrics.jsonl, every finite number of it under
     ``eval/<name>/`` in MLflow, its folder as the artifacts ``eval/<name>``."""
     fields, numbers = item.record()
-    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow=mlflow_metrics(item.result, f"{EVAL}/{item.name}"))
+    prefix = _metric_name(f"{EVAL}/{item.name}")
+    # MLflow gets exactly the record's numbers, so `sslt sync` of the record gives a store what logging gave it
+    sink.log(kind, item.step or 0, numbers, fields=fields, mlflow={f"{prefix}/{k}": v for k, v in numbers.items()})
     if item.folder is not None:
         sink.artifact(item.folder, f"{EVAL}/{item.name}")
 

@@ -13,8 +13,8 @@ A file's family is recognised from its keys, never its name; ``family=`` overrid
 family with a missing, extra or wrong-shape key, are one CheckpointError naming the keys; nothing is loaded with
 ``strict=False``.
 """
-from sslt_cli.families.loader import export_released, load_released, recognise
+from sslt_cli.families.loader import describe_format, export_as, export_released, load_released, recognise
 from sslt_cli.families.registry import FAMILIES, FAMILY_NAMES, Family, get_family, to_common
 
-__all__ = ["FAMILIES", "FAMILY_NAMES", "Family", "export_released", "get_family", "load_released", "recognise",
-           "to_common"]
+__all__ = ["FAMILIES", "FAMILY_NAMES", "Family", "describe_format", "export_as", "export_released", "get_family",
+           "load_released", "recognise", "to_common"]

@@ -56,11 +56,12 @@ def recognise(state: Mapping[str, torch.Tensor], prefixed: bool) -> tuple[Family
 
 
 def load_released(path: str | Path, family: str | None = None, *, recipe: Any = None, branch: str | None = None,
-                  device: str | torch.device = "cpu") -> LoadedModel:
+                  device: str | torch.device = "cpu", front_end: str | None = None) -> LoadedModel:
     """Any model file -> a :class:`~sslt_cli.checkpoint.LoadedModel`: an sslt checkpoint (SSL-TIE's network and the
-    recipe it carries, or ``recipe``), or a released checkpoint of a family in :data:`FAMILIES`, recognised from its
+    recipe it carries, or ``recipe``; an official SSL-TIE file takes ``recipe`` too), or a released checkpoint of a family in :data:`FAMILIES`, recognised from its
     keys (``family`` overrides), ``module.`` stripped, loaded key by key (a missing, extra or wrong-shape key is a
-    CheckpointError naming it). ``branch``: SLAVC's ``online`` (default) or ``momentum`` branch. The result's
+    CheckpointError naming it). ``branch``: SLAVC's ``online`` (default) or ``momentum`` branch; ``front_end``: one
+    of the family's ``other_front_ends`` instead of its own (SSLalignment's windows). The result's
     ``family``, ``front_end`` and ``notes`` say what was used; its recipe carries the family's front end and preset.
     """
     path = Path(path)
@@ -70,6 +71,7 @@ def load_released(path: str | Path, family: str | None = None, *, recipe: Any = 
             raise CheckpointError(f"{path}: an sslt checkpoint holds SSL-TIE's network, not {family!r}; "
                                   f"write it in another family's format with `sslt export --family`")
         _check_branch(get_family("ssltie"), branch)
+        _check_front_end(get_family("ssltie"), front_end)
         return _with_notes(model_from_file(obj, path, recipe, device), get_family("ssltie"), "an sslt checkpoint")
     state, prefixed = _weights_in(obj, path)
     if family is None:
@@ -77,10 +79,14 @@ def load_released(path: str | Path, family: str | None = None, *, recipe: Any = 
     else:
         chosen, note = get_family(family), f"{get_family(family).title} (--family {family})"
     _check_branch(chosen, branch)
+    _check_front_end(chosen, front_end)
     network = chosen.network(branch or chosen.branches[0])
     network.load_state_dict(chosen.to_network(state, network, path, chosen.title))
     network.to(device).eval()
-    loaded = LoadedModel(model=network, recipe=chosen.recipe(), label=chosen.title, source=path,
+    label = "official SSL-TIE" if chosen.name == "ssltie" else chosen.title  # sslt's own checkpoints are "sslt"
+    # an official SSL-TIE file carries no recipe: the caller's (image size, log-mel settings) describes its inputs
+    own_recipe = recipe if recipe is not None and chosen.name == "ssltie" else chosen.recipe(front_end)
+    loaded = LoadedModel(model=network, recipe=own_recipe, label=label, source=path,
                          family=chosen.name, front_end=chosen.front_end)
     return _with_notes(loaded, chosen, note, branch or (chosen.branches[0] if len(chosen.branches) > 1 else None))
 
@@ -89,6 +95,12 @@ def _check_branch(family: Family, branch: str | None) -> None:
     if branch is not None and branch not in family.branches:
         raise CheckpointError(f"--branch {branch}: {family.title} has {'branches ' + ', '.join(family.branches) if len(family.branches) > 1 else 'one branch'}"
                               f"{'' if len(family.branches) > 1 else ' (--branch is for SLAVC: online or momentum)'}")
+
+
+def _check_front_end(family: Family, front_end: str | None) -> None:
+    allowed = (family.front_end, *family.other_front_ends)
+    if front_end is not None and front_end not in allowed:
+        raise CheckpointError(f"--front-end {front_end}: {family.title} is fed by {' or '.join(allowed)}")
 
 
 def _with_notes(loaded: LoadedModel, family: Family, how: str, branch: str | None = None) -> LoadedModel:
@@ -113,7 +125,7 @@ def export_released(loaded: LoadedModel, family: str, out: str | Path) -> Path:
     source = get_family(loaded.family)
     if source.network_kind != target.network_kind:
         kinds = sorted(f.name for f in FAMILIES.values() if f.network_kind == source.network_kind)
-        raise CheckpointError(f"a {source.title} network cannot be written as {target.title}: the networks differ; "
+        raise CheckpointError(f"the {source.title} network cannot be written as {target.title}: the networks differ; "
                               f"it can be written as {', '.join(kinds)}")
     weights = {f"{target.export_prefix}{key}": value for key, value in target.released(loaded.model).items()}
     payload = {target.container: weights, **target.extras}
@@ -122,3 +134,24 @@ def export_released(loaded: LoadedModel, family: str, out: str | Path) -> Path:
     out = Path(out)
     atomic_write_bytes(out, buffer.getvalue())
     return out
+
+
+def export_as(target: str | Path, family: str, out: str | Path, which: str = "best") -> tuple[Path, Path]:
+    """``sslt export --family``: the model of a run folder (its ``which`` checkpoint) or of any model file, written in
+    ``family``'s released format. Returns (the file read, the file written)."""
+    from sslt_cli.checkpoint import resolve_checkpoints
+    from sslt_cli.errors import DataError
+
+    if which not in ("best", "last"):
+        raise DataError(f"--which must be best or last for an export, got {which!r}")
+    _, checkpoints, _ = resolve_checkpoints(target, which)
+    (_, source), = checkpoints
+    return source, export_released(load_released(source), family, out)
+
+
+def describe_format(family: str) -> str:
+    """A family's released format in words (what ``sslt export`` prints)."""
+    target = get_family(family)
+    extras = ", ".join(repr(k) for k in target.extras)
+    prefix = f"keys prefixed {target.export_prefix!r}" if target.export_prefix else "keys without a prefix"
+    return f"{target.title} ({{'{target.container}': state_dict, {extras}}}; {prefix}; as {target.released_files})"

@@ -73,7 +73,9 @@ class Family:
     files keep the weights under; ``extras``: the other entries its files hold; ``front_end``: its audio front end;
     ``presets``: its protocol presets (the first is its own test's); ``value_range``: the range of its raw maps (what
     :func:`to_common` maps to [0, 1]); ``branches``: the networks' branches (SLAVC: online, momentum);
-    ``export_prefix``: the prefix its released files carry (``module.`` from DataParallel/DDP).
+    ``export_prefix``: the prefix its released files carry (``module.`` from DataParallel/DDP); ``published``: the
+    method's name among the papers' numbers (:mod:`sslt_cli.published`; '' when none is recorded);
+    ``other_front_ends``: front ends another evaluator feeds it (SSLalignment's), chosen with ``--front-end``.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Family:
     branches: tuple[str, ...] = ("online",)
     published: str = ""
     export_prefix: str = "module."
+    other_front_ends: tuple[str, ...] = ()
 
     @property
     def protocol(self) -> str:
@@ -106,9 +109,10 @@ class Family:
         return f"{self.name} ({self.title}): {{'{self.container}': state_dict{prefix}}} with keys " \
                f"{', '.join(self.signature)}"
 
-    def recipe(self) -> Recipe:
-        """The recipe that describes this family's inputs: its front end, its default preset, fp32 maps."""
-        return Recipe(audio=AudioConfig(front_end=self.front_end),
+    def recipe(self, front_end: str | None = None) -> Recipe:
+        """The recipe that describes this family's inputs: its front end (or ``front_end``, one of
+        ``other_front_ends``), its default preset, fp32 maps."""
+        return Recipe(audio=AudioConfig(front_end=front_end or self.front_end),
                       eval=EvalConfig(protocol=self.protocol, precision="fp32"))
 
 
@@ -116,33 +120,36 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("ssltie", "SSL-TIE", "OpenNLPLab/SSL-TIE", "SSL-TIE's released checkpoints (and every sslt checkpoint)",
            _avenet, "avenet", ("imgnet.conv1_a.weight", "audnet.conv1_a.weight", "vision_fc1.weight"),
            _ssltie_keys, to_official_state_dict, "state_dict", "logmel", ("ssltie",), (-1.0, 1.0),
-           extras={"epoch": 0, "best_miou": 0.0, "optimizer": None, "iteration": 0}, export_prefix=""),
+           extras={"epoch": 0, "best_miou": 0.0, "optimizer": None, "iteration": 0}, export_prefix="",
+           published="SSL-TIE"),
     Family("lvs", "LVS", "hche11/Localizing-Visual-Sounds-the-Hard-Way@8fe8cbb",
            "the Flickr and VGG-SS models linked from LVS's README ('model_state_dict', keys module.imgnet.*)",
            _avenet, "avenet", ("imgnet.conv1_a.weight", "audnet.conv1_a.weight"), _lvs_keys, _released_lvs,
            "model_state_dict", "lvs", ("lvs",), (-1.0, 1.0), prefixed=True, extras={"epoch": 0},
-           published="LVS (CVPR 2021)"),
+           other_front_ends=("align_lvs",),
+           published="LVS"),
     Family("ssl_align", "SSL-Align (LVS AVENet)", "kaistmm/SSLalignment@e7ae3c5",
            "ours_sup.pth.tar, ours_selfsup.pth.tar, ours_sup_previs.pth.tar ('model_state_dict', no 'module.')",
            _avenet, "avenet", ("imgnet.conv1_a.weight", "audnet.conv1_a.weight"), _lvs_keys, _released_lvs,
            "model_state_dict", "align_lvs", ("align_lvs", "align_lvs_bilinear"), (-1.0, 1.0), prefixed=False,
-           extras={"epoch": 0}, export_prefix=""),
+           other_front_ends=("lvs",),
+           extras={"epoch": 0}, export_prefix="", published="SSL-Align"),
     Family("ezvsl", "EZ-VSL", "stoneMo/EZ-VSL@95ff5bf",
            "checkpoints_release/<experiment>/best.pth ({'model': ...} saved from DDP, keys module.*)",
            _ezvsl, "ezvsl", ("img_proj.weight", "aud_proj.weight"), _own_keys, _released_own, "model", "ezvsl",
            ("ezvsl", "align"), (-1.0 / TAU, 1.0 / TAU), prefixed=None,
-           extras={"epoch": 0, "best_cIoU": 0.0, "best_Auc": 0.0, "optimizer": None}, published="EZ-VSL (ECCV 2022)"),
+           extras={"epoch": 0, "best_cIoU": 0.0, "best_Auc": 0.0, "optimizer": None}, published="EZ-VSL", other_front_ends=("align_ezvsl",)),
     Family("fnac", "FNAC", "OpenNLPLab/FNAC_AVL@0a0ca78",
            "<model_dir>/<experiment>/best.pth ({'model': ...}, keys module.*; the same keys as EZ-VSL's)",
            _ezvsl, "ezvsl", ("img_proj.weight", "aud_proj.weight"), _own_keys, _released_own, "model", "ezvsl",
            ("fnac", "fnac_bicubic", "align"), (-1.0 / TAU, 1.0 / TAU), prefixed=None,
-           extras={"epoch": 0, "best_cIoU": 0.0, "best_Auc": 0.0, "optimizer": None}, published="FNAC (CVPR 2023)"),
+           extras={"epoch": 0, "best_cIoU": 0.0, "best_Auc": 0.0, "optimizer": None}, published="FNAC", other_front_ends=("align_ezvsl",)),
     Family("slavc", "SLAVC", "stoneMo/SLAVC@05b429c",
            "checkpoints_slavc/vggss144k_slavc/latest.pth ({'model': ...}, keys module.*, with momentum_*)",
            _slavc, "slavc", ("img_proj1.weight", "img_proj2.weight", "momentum_imgnet.conv1.weight"), _own_keys,
            _released_own, "model", "ezvsl", ("slavc_rel", "slavc_abs", "align"), (-1.0 / TAU, 1.0 / TAU),
            prefixed=None, extras={"epoch": 0, "best_Precision": 0.0, "best_AP": 0.0, "best_F1": 0.0,
-                                  "optimizer": None}, branches=BRANCHES, published="SLAVC (NeurIPS 2022)"),
+                                  "optimizer": None}, branches=BRANCHES, other_front_ends=("align_ezvsl",)),
 )}
 FAMILY_NAMES: tuple[str, ...] = tuple(FAMILIES)
 
