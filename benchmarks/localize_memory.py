@@ -8,7 +8,8 @@ generator itself holds one second at a time. Then ``python -m sslt_cli localize`
 per second, default 0.5), and its peak resident memory is read from ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` by a
 fresh helper process per run (the maximum over a process's children would otherwise carry over between runs).
 
-``--sslt PATH`` measures another sslt source tree (e.g. a checkout of an older commit) through PYTHONPATH, to compare.
+``--sslt PATH`` measures another sslt source tree (e.g. a checkout of an older commit, with its ``recipes/``) through
+PYTHONPATH, to compare; its model file is saved by that tree.
 Printed: a table of minutes, sampled frames, peak RSS (MiB) and wall seconds.
 
     python benchmarks/localize_memory.py
@@ -62,23 +63,28 @@ def generate(path: Path, minutes: float) -> Path:
     return path
 
 
-def tiny_checkpoint(path: Path) -> Path:
-    """An untrained model with the quickstart recipe (its input sizes decide the cost per frame)."""
-    import torch
+CHECKPOINT = """
+import sys, torch
+from sslt_cli.config import load_recipe, recipe_dict
+from sslt_cli.model import build_model
+recipe = load_recipe("quickstart")
+torch.save({"format": "sslt-checkpoint/1", "model": build_model().state_dict(), "step": 0, "epoch": 0,
+            "recipe": recipe_dict(recipe)}, sys.argv[1])
+"""
 
-    from sslt_cli.config import load_recipe, recipe_dict
-    from sslt_cli.model import build_model
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
-    torch.save({"format": "sslt-checkpoint/1", "model": build_model().state_dict(), "step": 0, "epoch": 0,
-                "recipe": recipe_dict(recipe)}, path)
+def tiny_checkpoint(path: Path, sslt: Path) -> Path:
+    """An untrained model with the quickstart recipe (its input sizes decide the cost per frame), saved by the sslt
+    measured (its recipe schema)."""
+    subprocess.run([sys.executable, "-c", CHECKPOINT, str(path)], env={**os.environ, "PYTHONPATH": str(sslt)},
+                   cwd=path.parent, check=True)
     return path
 
 
-def measure(command: list[str], env: dict[str, str]) -> dict:
-    """Run ``command`` to the end; its peak RSS (MiB) and wall seconds (call in a fresh process)."""
+def measure(command: list[str], cwd: str, env: dict[str, str]) -> dict:
+    """Run ``command`` in ``cwd`` to the end; its peak RSS (MiB) and wall seconds (call in a fresh process)."""
     start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -89,7 +95,8 @@ def run_one(video: Path, checkpoint: Path, out: Path, fps: float, sslt: Path) ->
     command = [sys.executable, "-m", "sslt_cli", "localize", str(checkpoint), str(video), "--out", str(out),
                "--fps", str(fps), "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(sslt)}
-    helper = [sys.executable, __file__, "--measure", json.dumps(command)]
+    # run from a folder of its own: `python -m` puts the working directory first on sys.path, before PYTHONPATH
+    helper = [sys.executable, __file__, "--measure", json.dumps({"command": command, "cwd": str(out.parent)})]
     done = subprocess.run(helper, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -102,12 +109,13 @@ def main() -> None:
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(json.loads(args.measure), dict(os.environ))))
+        job = json.loads(args.measure)
+        print(json.dumps(measure(job["command"], job["cwd"], dict(os.environ))))
         return
     rows = []
     with tempfile.TemporaryDirectory(prefix="sslt-localize-memory-") as tmp:
         folder = Path(tmp)
-        checkpoint = tiny_checkpoint(folder / "model.pt")
+        checkpoint = tiny_checkpoint(folder / "model.pt", args.sslt)
         for minutes in args.minutes:
             video = generate(folder / f"video-{minutes:g}min.mp4", minutes)
             result = run_one(video, checkpoint, folder / f"out-{minutes:g}", args.fps, args.sslt)

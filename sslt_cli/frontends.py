@@ -134,17 +134,22 @@ def _read_soundfile(path: Path, front_end: FrontEnd) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(wave), int(rate)
 
 
-def _read_pyav_centre(path: Path, seconds: float) -> tuple[np.ndarray, int]:
-    """EZ-VSL's ``load_spectrogram`` window: ``seconds`` around the middle of the first audio stream
-    (``start = max(duration / 2 - seconds / 2, 0)``)."""
+def _duration(path: Path) -> float:
+    """Seconds of the first audio stream, as its header states (what the released loaders read)."""
     import av
 
     try:
         with av.open(str(path)) as container:
             stream = container.streams.audio[0]
-            duration = float(stream.duration * stream.time_base)
+            return float(stream.duration * stream.time_base)
     except (av.error.FFmpegError, OSError, IndexError, TypeError) as exc:
         raise DataError(f"unreadable audio {path}: {exc}") from None
+
+
+def _read_pyav_centre(path: Path, seconds: float) -> tuple[np.ndarray, int]:
+    """EZ-VSL's ``load_spectrogram`` window: ``seconds`` around the middle of the first audio stream
+    (``start = max(duration / 2 - seconds / 2, 0)``)."""
+    duration = _duration(path)
     return _read_pyav(path, max(duration / 2 - seconds / 2, 0), seconds)
 
 
@@ -183,14 +188,7 @@ def _read_pyav(path: Path, start: float, seconds: float) -> tuple[np.ndarray, in
 def _read_pyav_rolled(path: Path, seconds: float) -> tuple[np.ndarray, int]:
     """SSLalignment's ``load_spectrogram``: the first ``seconds`` of the file (PyAV mono s16 / 32767, clipped),
     tiled, then rolled by ``int(rate * seconds / 2) - int(duration / 2 * rate)`` (the file's middle to the window's)."""
-    import av
-
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.audio[0]
-            duration = float(stream.duration * stream.time_base)
-    except (av.error.FFmpegError, OSError, IndexError, TypeError) as exc:
-        raise DataError(f"unreadable audio {path}: {exc}") from None
+    duration = _duration(path)
     wave, rate = _read_pyav(path, 0.0, seconds)
     wave = tile_to(wave, int(rate * seconds))
     return np.roll(wave, int(rate * seconds / 2) - int(duration / 2 * rate)), rate
