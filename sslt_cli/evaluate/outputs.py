@@ -125,6 +125,14 @@ def _load_frame(path: str, mode: str, size: int) -> np.ndarray:
         return np.asarray(image)
 
 
+def _write_png(figure: Any, path: Path, dpi: int) -> Path:
+    """A matplotlib figure as a PNG written atomically at ``path``."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: Mapping[str, str],
                    annotations: Mapping[str, Annotation], path: Path, count: int) -> Path | None:
     """Best and worst clips: frame, normalised heatmap overlay, ground truth (green) and prediction (white) outlines."""
@@ -158,10 +166,7 @@ def _write_gallery(result: EvalResult, maps: Mapping[str, np.ndarray], frames: M
         axes.set_axis_off()
     figure.suptitle(f"{result.name or 'eval'} ({proto.name}): best and worst IoU; green = ground truth, "
                     f"white = prediction", fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _write_png(figure, path, dpi=110)
 
 
 def _metric_name(prefix: str) -> str:
@@ -304,10 +309,7 @@ def _write_negatives_figure(result: EvalResult, frames: Mapping[str, str], path:
             axes.set_axis_off()
     figure.suptitle(f"{result.name or 'eval'}: the frame with its own audio and with negative audio; maps on the "
                     f"common scale (A - lo) / (hi - lo), 0 blue .. 1 red", fontsize=8)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return _write_png(figure, path, dpi=100)
 
 
 def _flat_numbers(prefix: str, value: Any) -> dict[str, float]:
