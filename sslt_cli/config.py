@@ -543,12 +543,30 @@ def validate_tree(tree: dict, source: str, model: type[BaseModel] = Recipe,
 FLAT_LOSS_DEFAULTS = {"eps_pos": 0.65, "eps_neg": 0.40, "tau": 0.03, "temperature": 0.07}
 
 
+def _migrate_ogl_alpha(tree: dict) -> dict:
+    """Recipes saved before the released-model families (no ``audio.front_end``) hold ``eval.ogl_alpha: 0.4``, the
+    default then: it is today's unset alpha (the preset's) under every preset whose alpha is 0.4, so it reads as
+    unset there (an ablation or ``--resume`` then finds the run's recipe equal to today's)."""
+    from sslt_cli.protocols import PROTOCOLS
+
+    audio, evaluation = tree.get("audio"), tree.get("eval")
+    if not isinstance(evaluation, dict) or evaluation.get("ogl_alpha") != 0.4 or \
+            (isinstance(audio, dict) and "front_end" in audio):
+        return tree
+    preset = PROTOCOLS.get(str(evaluation.get("protocol") or "ssltie"))
+    if preset is None or preset.ogl_alpha != 0.4:
+        return tree
+    return {**tree, "eval": {**evaluation, "ogl_alpha": None}}
+
+
 def migrate_saved_recipe(tree: dict, source: str) -> dict:
     """A saved recipe (a run's ``config.yaml``, the recipe inside a checkpoint) as today's schema reads it.
 
     Recipes saved with the flat ``loss`` section carry keys of other objectives than their own (an ``ezvsl`` run has
     ``eps_pos``, ``eps_neg``, ``tau``): those holding the old defaults are dropped (they never had an effect); another
-    value is refused with what to do, since the recipe would say something the run did not do."""
+    value is refused with what to do, since the recipe would say something the run did not do. An old default
+    ``eval.ogl_alpha`` reads as unset (:func:`_migrate_ogl_alpha`)."""
+    tree = _migrate_ogl_alpha(tree)
     loss = tree.get("loss")
     section = LOSS_SECTIONS.get(str(loss.get("objective", DEFAULT_OBJECTIVE))) if isinstance(loss, dict) else None
     if section is None:

@@ -107,7 +107,7 @@ def test_data_list_prints_every_built_in_with_its_count_and_source() -> None:
         assert entry.name in text and entry.licence in text
     for shown in ("5158 clips (5941 boxes, 221 classes)", "4911 clips", "2575 clips", "250 pairs",
                   "SSL-TIE @ c49e6a9, metadata/test_vggss_4911.txt", "ezvsl, lvs, quickstart",
-                  "baselines, geo_weight, paper_transformations, per_transform"):
+                  "baselines, geo_weight, hard_factors, paper_transformations, per_transform"):
         assert shown in text, shown
 
 
