@@ -247,11 +247,14 @@ def _crop(spec: np.ndarray, front_end: FrontEnd) -> np.ndarray:
     return spec[:, left:left + front_end.columns]
 
 
-def spectrogram_of_wave(wave: np.ndarray, rate: int, name: str) -> "torch.Tensor":  # noqa: F821
+def spectrogram_of_wave(wave: np.ndarray, rate: int, name: str, clip: bool = True) -> "torch.Tensor":  # noqa: F821
     """The front end ``name`` applied to a mono waveform already cut to the front end's window (``sslt localize``:
-    the audio around a frame): tiled to the window, clipped -> (1, 257, T) float32."""
+    the audio around a frame): tiled to the window, clipped to [-1, 1] unless ``clip`` is False (a generated negative
+    audio, as vssl_eval feeds its noise) -> (1, 257, T) float32."""
     import torch
 
     front_end = get_front_end(name)
-    wave = np.clip(tile_to(np.asarray(wave, dtype=np.float64), int(round(rate * front_end.window_seconds))), -1, 1)
+    wave = tile_to(np.asarray(wave, dtype=np.float64), int(round(rate * front_end.window_seconds)))
+    if clip:
+        wave = np.clip(wave, -1, 1)
     return torch.from_numpy(spectrogram(wave, rate, front_end.noverlap)).float()[None]

@@ -133,7 +133,6 @@ def audio_inputs(loaded: "LoadedModel") -> AudioInputs:
     from sslt_cli import frontends
     from sslt_cli.audio import load_waveform
     from sslt_cli.data.datasets import waveform_spectrogram
-    from sslt_cli.frontends import RELEASED_RATE, spectrogram_of_wave
 
     audio = loaded.recipe.audio
     rate = int(audio.sample_rate)
@@ -142,14 +141,8 @@ def audio_inputs(loaded: "LoadedModel") -> AudioInputs:
                            lambda path: waveform_spectrogram(audio, load_waveform(path, rate)[0]),
                            lambda wave: waveform_spectrogram(audio, wave))
     front_end = frontends.get_front_end(audio.front_end)
-    samples = int(round(rate * front_end.window_seconds))
-
-    def of_wave(wave: np.ndarray) -> torch.Tensor:
-        tiled = frontends.tile_to(np.asarray(wave, dtype=np.float64), samples)
-        return torch.from_numpy(frontends.spectrogram(tiled, rate, front_end.noverlap)).float()[None]
-
     return AudioInputs(rate, front_end.window_seconds, lambda path: frontends.spectrogram_of_file(path, front_end.name),
-                       of_wave)
+                       lambda wave: frontends.spectrogram_of_wave(wave, rate, front_end.name, clip=False))
 
 
 def maps_from_batches(model: torch.nn.Module, batches: Iterable[tuple[Sequence[str], torch.Tensor, torch.Tensor]],
